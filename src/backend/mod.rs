@@ -1,0 +1,117 @@
+//! The kernel boundary: a backend implements the per-layer kernel set and nothing else. The
+//! model orchestration (`crate::model`) does the CPU glue between kernels — RMSNorm of the
+//! residual stream, residual adds, the classifier and loss — and every weight-gradient (dW)
+//! GEMM, so that on accelerator backends the dW work can overlap the next kernel. The trainer,
+//! optimizer, data and telemetry never see which backend runs.
+//!
+//! Kernel names say what they compute; the original Objective-C system's kernels map onto
+//! them as: sdpaFwd + woFwd → `attention_forward`; ffnFused → `ffn_forward`;
+//! ffnBwdW2t + ffnBwdW13t → `ffn_backward_dx`; wotBwd + sdpaBwd1 + sdpaBwd2 + qBwd + kvBwd →
+//! `attention_backward_dx`.
+
+pub mod cpu;
+
+use crate::params::LayerTensors;
+use anyhow::Result;
+
+/// Activations one layer saves in its forward pass for its backward pass. Sized once from the
+/// config and batch shape; N = B·T rows. Backends write them in the layout documented here.
+#[derive(Debug, Default)]
+pub struct LayerActs {
+    /// `[N, C]` residual stream entering the layer
+    pub x_in: Vec<f32>,
+    /// `[N]` 1/rms of x_in
+    pub rstd1: Vec<f32>,
+    /// `[N, C]` RMSNorm(x_in) ⊙ attn_norm: the attention input
+    pub xn1: Vec<f32>,
+    /// `[N, H·D]` q projection before QK-norm (QK-norm models only, else empty)
+    pub q_raw: Vec<f32>,
+    /// `[N, KV·D]` k projection before QK-norm (QK-norm models only, else empty)
+    pub k_raw: Vec<f32>,
+    /// `[N·H]` 1/rms of each q head (QK-norm only)
+    pub q_rstd: Vec<f32>,
+    /// `[N·KV]` 1/rms of each k head (QK-norm only)
+    pub k_rstd: Vec<f32>,
+    /// `[N, H·D]` queries after QK-norm and RoPE
+    pub q: Vec<f32>,
+    /// `[N, KV·D]` keys after QK-norm and RoPE
+    pub k: Vec<f32>,
+    /// `[N, KV·D]` values
+    pub v: Vec<f32>,
+    /// `[B, H, T, T]` softmax probabilities (zero above the diagonal)
+    pub probs: Vec<f32>,
+    /// `[N, H·D]` attention output before the output projection
+    pub attn: Vec<f32>,
+    /// `[N, C]` residual stream after attention: x_in + attn·Woᵀ
+    pub x_mid: Vec<f32>,
+    /// `[N]` 1/rms of x_mid
+    pub rstd2: Vec<f32>,
+    /// `[N, C]` RMSNorm(x_mid) ⊙ ffn_norm: the FFN input
+    pub xn2: Vec<f32>,
+    /// `[N, F]` xn2·W1ᵀ (gate_proj)
+    pub h1: Vec<f32>,
+    /// `[N, F]` xn2·W3ᵀ (up_proj)
+    pub h3: Vec<f32>,
+    /// `[N, F]` silu(h1) ⊙ h3 (input of W2)
+    pub gate: Vec<f32>,
+}
+
+/// Gradients of one layer's intermediate tensors that the dx kernels produce and the dW GEMMs
+/// consume. One set, reused by every layer.
+#[derive(Debug, Default)]
+pub struct LayerGrads {
+    /// `[N, H·D]` ∂/∂attn (= d_o · Wo), for dWo
+    pub dattn: Vec<f32>,
+    /// `[N, H·D]` ∂/∂(q projection output), before QK-norm, for dWq
+    pub dq: Vec<f32>,
+    /// `[N, KV·D]` ∂/∂(k projection output), for dWk
+    pub dk: Vec<f32>,
+    /// `[N, KV·D]` ∂/∂v, for dWv
+    pub dv: Vec<f32>,
+    /// `[N, F]` ∂/∂gate (= d_out · W2), for dW2's partner
+    pub dgate: Vec<f32>,
+    /// `[N, F]` ∂/∂h1, for dW1
+    pub dh1: Vec<f32>,
+    /// `[N, F]` ∂/∂h3, for dW3
+    pub dh3: Vec<f32>,
+}
+
+/// Weight-gradient slices that live inside attention kernels (QK-norm gains).
+pub struct QkNormGrads<'a> {
+    pub q_norm: Option<&'a mut [f32]>,
+    pub k_norm: Option<&'a mut [f32]>,
+}
+
+pub type Weights<'a> = LayerTensors<&'a [f32]>;
+
+/// The per-layer kernel set. Every method sees one layer; weights are inputs on every call
+/// (a compiled kernel serves all layers and all steps). Shapes (B, T) are fixed when the
+/// backend is constructed.
+pub trait Backend: Send {
+    fn name(&self) -> &'static str;
+
+    /// Reads `acts.xn1`; writes q, k, v (and the QK-norm taps), probs and attn into `acts`,
+    /// and `o` `[N, C]` = attn · Woᵀ.
+    fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()>;
+
+    /// Reads `acts.xn2`; writes h1, h3, gate into `acts` and `out` `[N, C]` = gate · W2ᵀ.
+    fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()>;
+
+    /// From `d_out` `[N, C]` (gradient of the FFN output): fills `g.dgate`, `g.dh1`, `g.dh3`
+    /// and overwrites `dxn` `[N, C]` with the gradient of the FFN input xn2.
+    fn ffn_backward_dx(&mut self, dxn: &mut [f32], g: &mut LayerGrads, d_out: &[f32], acts: &LayerActs, w: &Weights) -> Result<()>;
+
+    /// From `d_o` `[N, C]` (gradient of the attention block output): fills `g.dattn`, `g.dq`,
+    /// `g.dk`, `g.dv`, accumulates the QK-norm gain gradients, and overwrites `dxn` `[N, C]`
+    /// with the gradient of the attention input xn1.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_dx(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        norm_grads: QkNormGrads,
+        d_o: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+    ) -> Result<()>;
+}

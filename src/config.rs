@@ -1,0 +1,380 @@
+//! Model configuration: presets, HF `config.json` parsing, validation, and the derived sizes
+//! (parameter count, FLOPs per token) that the rest of the crate relies on.
+//!
+//! Dims used throughout the crate, defined once here:
+//! B batch, T positions, C model dim (`hidden_size`), H query heads, KV key/value heads,
+//! D head dim, F ffn dim (`intermediate_size`), V vocabulary, L layers, N = B·T rows.
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::path::Path;
+
+/// Shape and hyper-parameters of a Llama-family decoder (Llama 2, llama2.c Stories, Qwen3).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Free-form label: the preset name or the file it came from.
+    pub name: String,
+    /// C: residual stream width (`hidden_size`).
+    pub dim: usize,
+    /// F: SwiGLU inner width (`intermediate_size`).
+    pub ffn_dim: usize,
+    /// L: decoder layers (`num_hidden_layers`).
+    pub n_layers: usize,
+    /// H: query heads (`num_attention_heads`).
+    pub n_heads: usize,
+    /// KV: key/value heads (`num_key_value_heads`); H must be a multiple of KV.
+    pub n_kv_heads: usize,
+    /// D: per-head width (`head_dim`); need not equal C / H (Qwen3: 128 vs 1024/16 = 64).
+    pub head_dim: usize,
+    /// V: vocabulary size.
+    pub vocab_size: usize,
+    /// Longest sequence the RoPE tables and checks allow (`max_position_embeddings`).
+    pub max_seq_len: usize,
+    /// RoPE base θ (`rope_theta`).
+    pub rope_theta: f64,
+    /// RMSNorm epsilon (`rms_norm_eps`).
+    pub norm_eps: f64,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Classifier shares the embedding matrix (`tie_word_embeddings`).
+    pub tied_embeddings: bool,
+}
+
+/// Names accepted by `--model`, in the order `anetrain info` lists them.
+pub const PRESETS: &[&str] = &["stories260k", "stories15m", "stories42m", "stories110m", "qwen3-0.6b"];
+
+impl ModelConfig {
+    /// A llama2.c "Stories" shape: MHA or GQA, tied classifier, θ 10000, eps 1e-5.
+    #[allow(clippy::too_many_arguments)]
+    fn stories(name: &str, c: usize, f: usize, l: usize, h: usize, kv: usize, v: usize, t: usize) -> Self {
+        ModelConfig {
+            name: name.to_string(),
+            dim: c,
+            ffn_dim: f,
+            n_layers: l,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: c / h,
+            vocab_size: v,
+            max_seq_len: t,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            qk_norm: false,
+            tied_embeddings: true,
+        }
+    }
+
+    /// A built-in preset by name (case-insensitive), or `None`.
+    pub fn preset(name: &str) -> Option<Self> {
+        let cfg = match name.to_ascii_lowercase().as_str() {
+            "stories260k" => Self::stories("stories260k", 64, 172, 5, 8, 4, 512, 512),
+            "stories15m" => Self::stories("stories15m", 288, 768, 6, 6, 6, 32000, 256),
+            "stories42m" => Self::stories("stories42m", 512, 1376, 8, 8, 8, 32000, 1024),
+            "stories110m" => Self::stories("stories110m", 768, 2048, 12, 12, 12, 32000, 1024),
+            // Published Qwen/Qwen3-0.6B config.json; max positions capped to what we train at.
+            "qwen3-0.6b" => ModelConfig {
+                name: "qwen3-0.6b".into(),
+                dim: 1024,
+                ffn_dim: 3072,
+                n_layers: 28,
+                n_heads: 16,
+                n_kv_heads: 8,
+                head_dim: 128,
+                vocab_size: 151936,
+                max_seq_len: 40960,
+                rope_theta: 1e6,
+                norm_eps: 1e-6,
+                qk_norm: true,
+                tied_embeddings: true,
+            },
+            _ => return None,
+        };
+        Some(cfg)
+    }
+
+    /// `--model` argument: a preset name or a path to an HF-style `config.json`.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        if let Some(cfg) = Self::preset(spec) {
+            return Ok(cfg);
+        }
+        let path = Path::new(spec);
+        if path.is_file() {
+            return Self::from_hf_json_file(path);
+        }
+        if path.is_dir() && path.join("config.json").is_file() {
+            return Self::from_hf_json_file(&path.join("config.json"));
+        }
+        bail!(
+            "unknown model '{spec}': expected one of {} or a path to an HF config.json",
+            PRESETS.join(", ")
+        )
+    }
+
+    pub fn from_hf_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let mut cfg = Self::from_hf_json(&value)
+            .with_context(|| format!("invalid model config {}", path.display()))?;
+        cfg.name = path.display().to_string();
+        Ok(cfg)
+    }
+
+    /// Parse HF `config.json` field names. Defaults follow the HF class named by `model_type`
+    /// (`LlamaConfig` / `Qwen3Config`); options this crate does not implement are refused.
+    pub fn from_hf_json(v: &Value) -> Result<Self> {
+        let obj = v.as_object().context("config must be a JSON object")?;
+        let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("llama");
+        let is_qwen3 = match model_type {
+            "llama" => false,
+            "qwen3" => true,
+            other => bail!("model_type '{other}' is not supported (expected 'llama' or 'qwen3')"),
+        };
+        let req = |key: &str| -> Result<usize> {
+            let val = obj.get(key).with_context(|| format!("missing field '{key}'"))?;
+            val.as_u64()
+                .map(|x| x as usize)
+                .with_context(|| format!("field '{key}' must be a non-negative integer, got {val}"))
+        };
+        let opt_usize = |key: &str| -> Result<Option<usize>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(val) => val
+                    .as_u64()
+                    .map(|x| Some(x as usize))
+                    .with_context(|| format!("field '{key}' must be a non-negative integer, got {val}")),
+            }
+        };
+        let opt_f64 = |key: &str| -> Result<Option<f64>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(val) => val
+                    .as_f64()
+                    .map(Some)
+                    .with_context(|| format!("field '{key}' must be a number, got {val}")),
+            }
+        };
+        let opt_bool = |key: &str| -> Result<Option<bool>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(val) => val
+                    .as_bool()
+                    .map(Some)
+                    .with_context(|| format!("field '{key}' must be true or false, got {val}")),
+            }
+        };
+        // Refuse what would silently compute something else.
+        if opt_bool("attention_bias")?.unwrap_or(false) {
+            bail!("field 'attention_bias' = true is not supported (no projection biases)");
+        }
+        if opt_bool("mlp_bias")?.unwrap_or(false) {
+            bail!("field 'mlp_bias' = true is not supported");
+        }
+        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            bail!("field 'hidden_act' = '{act}' is not supported (only 'silu' / SwiGLU)");
+        }
+        if let Some(scaling) = obj.get("rope_scaling")
+            && !scaling.is_null()
+        {
+            bail!("field 'rope_scaling' is not supported (must be null)");
+        }
+        if opt_bool("use_sliding_window")?.unwrap_or(false) {
+            bail!("field 'use_sliding_window' = true is not supported");
+        }
+        let dim = req("hidden_size")?;
+        let n_heads = req("num_attention_heads")?;
+        let n_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        let head_dim = match opt_usize("head_dim")? {
+            Some(d) => d,
+            None if n_heads > 0 => dim / n_heads,
+            None => 0,
+        };
+        let cfg = ModelConfig {
+            name: model_type.to_string(),
+            dim,
+            ffn_dim: req("intermediate_size")?,
+            n_layers: req("num_hidden_layers")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size: req("vocab_size")?,
+            max_seq_len: opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            rope_theta: opt_f64("rope_theta")?.unwrap_or(10000.0),
+            norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            qk_norm: opt_bool("qk_norm")?.unwrap_or(is_qwen3),
+            tied_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Serialize with HF field names (what `from_hf_json` reads back).
+    pub fn to_hf_json(&self) -> Value {
+        let qwen = self.qk_norm;
+        serde_json::json!({
+            "architectures": [if qwen { "Qwen3ForCausalLM" } else { "LlamaForCausalLM" }],
+            "model_type": if qwen { "qwen3" } else { "llama" },
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_seq_len,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tied_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": false,
+        })
+    }
+
+    /// Refuse combinations the math cannot run, naming the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("hidden_size", self.dim),
+            ("intermediate_size", self.ffn_dim),
+            ("num_hidden_layers", self.n_layers),
+            ("num_attention_heads", self.n_heads),
+            ("num_key_value_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_seq_len),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                bail!("field '{field}' must be positive");
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            bail!(
+                "field 'num_key_value_heads' ({}) must divide num_attention_heads ({})",
+                self.n_kv_heads,
+                self.n_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!("field 'head_dim' ({}) must be even for rotate-half RoPE", self.head_dim);
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            bail!("field 'rope_theta' ({}) must be a finite number > 1", self.rope_theta);
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            bail!("field 'rms_norm_eps' ({}) must be in (0, 1)", self.norm_eps);
+        }
+        if self.vocab_size > u32::MAX as usize {
+            bail!("field 'vocab_size' ({}) exceeds u32 token ids", self.vocab_size);
+        }
+        Ok(())
+    }
+
+    /// H·D: width of the query projection output.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// KV·D: width of the key and value projection outputs.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Weights of one decoder layer (matrices and norm vectors).
+    pub fn layer_params(&self) -> usize {
+        let (c, f) = (self.dim, self.ffn_dim);
+        let attn = c * self.q_dim() * 2 + c * self.kv_dim() * 2;
+        let norms = 2 * c + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        attn + 3 * c * f + norms
+    }
+
+    /// Every trainable parameter, counting a tied embedding once.
+    pub fn param_count(&self) -> usize {
+        let embed = self.vocab_size * self.dim;
+        let head = if self.tied_embeddings { 0 } else { embed };
+        embed + self.n_layers * self.layer_params() + self.dim + head
+    }
+
+    /// Parameters that take part in a matrix product per token: every projection plus the
+    /// classifier (V·C, tied or not). The embedding lookup and norms are not products.
+    pub fn matmul_params(&self) -> usize {
+        let (c, f) = (self.dim, self.ffn_dim);
+        let layer = c * self.q_dim() * 2 + c * self.kv_dim() * 2 + 3 * c * f;
+        self.n_layers * layer + self.vocab_size * c
+    }
+
+    /// Forward FLOPs per token at context length `t`: 2 per matmul weight, plus causal
+    /// attention (q·kᵀ and P·v, 2·D each over on average t/2 keys, per head and layer).
+    pub fn forward_flops_per_token(&self, t: usize) -> f64 {
+        let matmul = 2.0 * self.matmul_params() as f64;
+        let attn = 2.0 * 2.0 * (self.n_layers * self.n_heads * self.head_dim) as f64 * (t as f64 / 2.0);
+        matmul + attn
+    }
+
+    /// Training (forward + backward) FLOPs per token: backward costs twice the forward.
+    pub fn train_flops_per_token(&self, t: usize) -> f64 {
+        3.0 * self.forward_flops_per_token(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_parameter_counts() {
+        assert_eq!(ModelConfig::preset("stories110m").unwrap().param_count(), 109_529_856);
+        assert_eq!(ModelConfig::preset("qwen3-0.6b").unwrap().param_count(), 596_049_920);
+        // llama2.c's stories15M.bin is 15,191,712 parameters (tied).
+        assert_eq!(ModelConfig::preset("stories15m").unwrap().param_count(), 15_191_712);
+    }
+
+    #[test]
+    fn qwen3_config_json_matches_preset() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/models/qwen3-0.6b.config.json");
+        if !path.is_file() {
+            eprintln!("skipping: {} not present", path.display());
+            return;
+        }
+        let cfg = ModelConfig::from_hf_json_file(&path).unwrap();
+        let mut preset = ModelConfig::preset("qwen3-0.6b").unwrap();
+        preset.name = cfg.name.clone();
+        assert_eq!(cfg, preset);
+    }
+
+    #[test]
+    fn invalid_configs_name_the_field() {
+        let base = ModelConfig::preset("stories260k").unwrap().to_hf_json();
+        let cases: &[(&str, Value, &str)] = &[
+            ("num_key_value_heads", Value::from(3), "num_key_value_heads"),
+            ("head_dim", Value::from(7), "head_dim"),
+            ("hidden_size", Value::from(0), "hidden_size"),
+            ("rms_norm_eps", Value::from(-1.0), "rms_norm_eps"),
+            ("hidden_act", Value::from("gelu"), "hidden_act"),
+            ("vocab_size", Value::from("big"), "vocab_size"),
+            ("model_type", Value::from("gpt2"), "model_type"),
+        ];
+        for (key, val, needle) in cases {
+            let mut v = base.clone();
+            v[*key] = val.clone();
+            let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+            assert!(err.contains(needle), "{key}: error '{err}' does not name '{needle}'");
+        }
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().remove("intermediate_size");
+        let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+        assert!(err.contains("intermediate_size"), "{err}");
+    }
+
+    #[test]
+    fn hf_json_round_trip() {
+        for name in PRESETS {
+            let cfg = ModelConfig::preset(name).unwrap();
+            let mut back = ModelConfig::from_hf_json(&cfg.to_hf_json()).unwrap();
+            back.name = cfg.name.clone();
+            assert_eq!(back, cfg);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! anetrain: train Llama-family decoder transformers with hand-written forward and backward
+//! passes, on the CPU everywhere (and, later, on the Apple Neural Engine through generated MIL
+//! programs). See docs/ARCHITECTURE.md for the map of the crate.
+
+pub mod backend;
+pub mod config;
+pub mod model;
+pub mod ops;
+pub mod params;
+pub mod reference;
+pub mod rng;

@@ -1,0 +1,269 @@
+//! Causal scaled-dot-product attention with grouped-query heads.
+//!
+//! q `[N, H·D]`, k and v `[N, KV·D]`, row-major with N = B·T; query head h reads kv head
+//! `h / (H / KV)` (HF `repeat_interleave`). The softmax probabilities P `[B, H, T, T]` are
+//! saved for backward (for T ≤ a few thousand they are cheaper to keep than to recompute).
+//!
+//! The work splits into one task per (batch, kv head): the task owns the contiguous P rows of
+//! its query-head group and head-major scratch, so every product is a small sequential GEMM
+//! and all writes are disjoint without locks or unsafe code. A final pass scatters head-major
+//! results back into row-major `[N, ·]`.
+
+use super::Par;
+use super::matmul::{Operand, sgemm};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub d: usize,
+}
+
+impl AttnDims {
+    fn group(&self) -> usize {
+        self.h / self.kv
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+    /// Elements of the saved probabilities `[B, H, T, T]`.
+    pub fn probs_len(&self) -> usize {
+        self.b * self.h * self.t * self.t
+    }
+}
+
+/// Sequential GEMMs inside each (batch, kv-head) task; parallelism comes from the tasks.
+fn inner(par: Par) -> Par {
+    Par { threads: 1, gemm: par.gemm }
+}
+
+/// out `[N, H·D]` = softmax(q·kᵀ/√D + causal mask) · v, probs `[B, H, T, T]` saved,
+/// out_hm `[B, H, T, D]` head-major scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    par: Par,
+    out: &mut [f32],
+    probs: &mut [f32],
+    out_hm: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: AttnDims,
+) {
+    let AttnDims { b: _, t, h, kv, d } = dims;
+    let (g, qw, kw) = (dims.group(), h * d, kv * d);
+    let seq = inner(par);
+    let scale = dims.scale();
+    let probs = &mut probs[..dims.probs_len()];
+    probs.par_chunks_mut(g * t * t).zip(out_hm.par_chunks_mut(g * t * d)).enumerate().for_each(|(task, (p, o))| {
+        let (bi, kvh) = (task / kv, task % kv);
+        let kh = &k[bi * t * kw + kvh * d..];
+        let vh = &v[bi * t * kw + kvh * d..];
+        for (gi, (p, o)) in p.chunks_exact_mut(t * t).zip(o.chunks_exact_mut(t * d)).enumerate() {
+            let qh = &q[bi * t * qw + (kvh * g + gi) * d..];
+            sgemm(seq, t, t, d, Operand::n(qh, qw), Operand::t(kh, kw), p, t, false);
+            for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                let (live, masked) = row.split_at_mut(i + 1);
+                let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let mut sum = 0.0f32;
+                for s in live.iter_mut() {
+                    *s = ((*s - max) * scale).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                live.iter_mut().for_each(|s| *s *= inv);
+                masked.fill(0.0);
+            }
+            sgemm(seq, t, d, t, Operand::n(p, t), Operand::n(vh, kw), o, d, false);
+        }
+    });
+    scatter_heads(out, out_hm, dims.b, t, h, d);
+}
+
+/// `[B, NH, T, D]` head-major → `[B·T, NH·D]` row-major.
+fn scatter_heads(dst: &mut [f32], src: &[f32], b: usize, t: usize, nh: usize, d: usize) {
+    dst[..b * t * nh * d].par_chunks_mut(nh * d).enumerate().for_each(|(row, out)| {
+        let (bi, ti) = (row / t, row % t);
+        for (hh, o) in out.chunks_exact_mut(d).enumerate() {
+            let at = ((bi * nh + hh) * t + ti) * d;
+            o.copy_from_slice(&src[at..at + d]);
+        }
+    });
+}
+
+/// Head-major scratch for `attention_backward`.
+pub struct AttnBackwardScratch<'a> {
+    /// `[B, H, T, T]`: dP, then dS in place.
+    pub ds: &'a mut [f32],
+    /// `[B, H, T, D]`
+    pub dq_hm: &'a mut [f32],
+    /// `[B, KV, T, D]`
+    pub dk_hm: &'a mut [f32],
+    /// `[B, KV, T, D]`
+    pub dv_hm: &'a mut [f32],
+}
+
+/// Backward of attention, with S = q·kᵀ/√D and P = softmax(S):
+/// `dv = Pᵀ·dout`, `dP = dout·vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`,
+/// `dq = dS·k/√D`, `dk = dSᵀ·q/√D`, summing dk and dv over the query heads of each kv group.
+/// dq `[N, H·D]`, dk and dv `[N, KV·D]` are overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    par: Par,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    scratch: AttnBackwardScratch,
+    dout: &[f32],
+    probs: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: AttnDims,
+) {
+    let AttnDims { b, t, h, kv, d } = dims;
+    let (g, qw, kw) = (dims.group(), h * d, kv * d);
+    let seq = inner(par);
+    let scale = dims.scale();
+    let AttnBackwardScratch { ds, dq_hm, dk_hm, dv_hm } = scratch;
+    let tasks = ds[..dims.probs_len()]
+        .par_chunks_mut(g * t * t)
+        .zip(dq_hm.par_chunks_mut(g * t * d))
+        .zip(dk_hm.par_chunks_mut(t * d))
+        .zip(dv_hm.par_chunks_mut(t * d));
+    tasks.enumerate().for_each(|(task, (((ds, dqh), dkh), dvh))| {
+        let (bi, kvh) = (task / kv, task % kv);
+        let kh = &k[bi * t * kw + kvh * d..];
+        let vh = &v[bi * t * kw + kvh * d..];
+        for gi in 0..g {
+            let head = kvh * g + gi;
+            let qh = &q[bi * t * qw + head * d..];
+            let doh = &dout[bi * t * qw + head * d..];
+            let p = &probs[((bi * h + head) * t) * t..][..t * t];
+            let ds = &mut ds[gi * t * t..(gi + 1) * t * t];
+            let first = gi == 0;
+            sgemm(seq, t, d, t, Operand::t(p, t), Operand::n(doh, qw), dvh, d, !first);
+            sgemm(seq, t, t, d, Operand::n(doh, qw), Operand::t(vh, kw), ds, t, false);
+            for (prow, srow) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
+                let rowsum = super::dot(prow, srow);
+                for (s, &pv) in srow.iter_mut().zip(prow) {
+                    *s = pv * (*s - rowsum) * scale;
+                }
+            }
+            sgemm(seq, t, d, t, Operand::n(ds, t), Operand::n(kh, kw), &mut dqh[gi * t * d..], d, false);
+            sgemm(seq, t, d, t, Operand::t(ds, t), Operand::n(qh, qw), dkh, d, !first);
+        }
+    });
+    scatter_heads(dq, dq_hm, b, t, h, d);
+    scatter_heads(dk, dk_hm, b, t, kv, d);
+    scatter_heads(dv, dv_hm, b, t, kv, d);
+}
+
+/// f64 reference forward; returns nothing saved (the reference recomputes everything).
+pub fn attention_forward_slow(out: &mut [f64], q: &[f64], k: &[f64], v: &[f64], dims: AttnDims) {
+    let AttnDims { b, t, h, kv, d } = dims;
+    let (qw, kw) = (h * d, kv * d);
+    let scale = 1.0 / (d as f64).sqrt();
+    for bi in 0..b {
+        for head in 0..h {
+            let kvh = head / dims.group();
+            for i in 0..t {
+                let qi = &q[(bi * t + i) * qw + head * d..][..d];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let kj = &k[(bi * t + j) * kw + kvh * d..][..d];
+                        qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>() * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..d {
+                    out[(bi * t + i) * qw + head * d + c] =
+                        (0..=i).map(|j| e[j] / z * v[(bi * t + j) * kw + kvh * d + c]).sum();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::*;
+    use crate::rng::Rng;
+
+    fn run_fast(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], dims: AttnDims, par: Par) -> [Vec<f32>; 4] {
+        let AttnDims { b, t, h, kv, d } = dims;
+        let n = b * t;
+        let mut out = vec![0.0; n * h * d];
+        let mut probs = vec![0.0; dims.probs_len()];
+        let mut hm = vec![0.0; n * h * d];
+        attention_forward(par, &mut out, &mut probs, &mut hm, q, k, v, dims);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n * h * d], vec![0.0; n * kv * d], vec![0.0; n * kv * d]);
+        let mut ds = vec![0.0; dims.probs_len()];
+        let (mut dk_hm, mut dv_hm) = (vec![0.0; n * kv * d], vec![0.0; n * kv * d]);
+        let scratch = AttnBackwardScratch { ds: &mut ds, dq_hm: &mut hm, dk_hm: &mut dk_hm, dv_hm: &mut dv_hm };
+        attention_backward(par, &mut dq, &mut dk, &mut dv, scratch, dout, &probs, q, k, v, dims);
+        [out, dq, dk, dv]
+    }
+
+    #[test]
+    fn fast_matches_naive_and_finite_differences() {
+        let mut rng = Rng::new(21);
+        let shapes = [
+            AttnDims { b: 1, t: 1, h: 1, kv: 1, d: 2 },
+            AttnDims { b: 2, t: 7, h: 4, kv: 2, d: 6 },
+            AttnDims { b: 1, t: 13, h: 3, kv: 3, d: 8 },
+            AttnDims { b: 2, t: 33, h: 6, kv: 2, d: 10 },
+        ];
+        for dims in shapes {
+            let AttnDims { b, t, h, kv, d } = dims;
+            let n = b * t;
+            let q = randn(&mut rng, n * h * d);
+            let k = randn(&mut rng, n * kv * d);
+            let v = randn(&mut rng, n * kv * d);
+            let dout = randn(&mut rng, n * h * d);
+            for threads in [1, 2] {
+                let [out, dq, dk, dv] = run_fast(&q, &k, &v, &dout, dims, Par { threads, ..Par::seq() });
+                let mut out_r = vec![0.0; out.len()];
+                attention_forward_slow(&mut out_r, &f64s(&q), &f64s(&k), &f64s(&v), dims);
+                assert_close(&out, &out_r, f32_tol(t * d), &format!("attn fwd {dims:?}"));
+                // Gradients of Σ dout ⊙ attention(q, k, v) by central differences of the f64
+                // reference (exact to ~1e-9), against the fast f32 backward.
+                let proj = f64s(&dout);
+                let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
+                let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+                    let mut o = vec![0.0; n * h * d];
+                    attention_forward_slow(&mut o, q, k, v, dims);
+                    dot64(&o, &proj)
+                };
+                // At most ~40 coordinates per tensor keep the f64 reference affordable.
+                let check = |fast: &[f32], x: &[f64], which: usize, what: &str| {
+                    let scale = fast.iter().fold(1.0f64, |m, g| m.max(g.abs() as f64));
+                    for i in (0..x.len()).step_by(x.len().div_ceil(40)) {
+                        let mut p = x.to_vec();
+                        let eval = |p: &[f64]| match which {
+                            0 => loss(p, &k64, &v64),
+                            1 => loss(&q64, p, &v64),
+                            _ => loss(&q64, &k64, p),
+                        };
+                        p[i] += 1e-6;
+                        let fp = eval(&p);
+                        p[i] -= 2e-6;
+                        let numeric = (fp - eval(&p)) / 2e-6;
+                        let err = (fast[i] as f64 - numeric).abs();
+                        let tol = 1e-5 * (t as f64).sqrt() * scale;
+                        assert!(err <= tol, "{what} {dims:?}[{i}]: fast {} vs numeric {numeric}", fast[i]);
+                    }
+                };
+                check(&dq, &q64, 0, "attn dq");
+                check(&dk, &k64, 1, "attn dk");
+                check(&dv, &v64, 2, "attn dv");
+            }
+        }
+    }
+}

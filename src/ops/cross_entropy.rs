@@ -1,0 +1,100 @@
+//! Mean token cross-entropy over logits `[N, V]`, skipping targets equal to `IGNORE`.
+
+use rayon::prelude::*;
+
+/// Target id that contributes neither loss nor gradient (HF's -100).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Per-row loss `lse(logits) − logits[target]` into losses `[N]` (0 for ignored rows).
+pub fn cross_entropy_forward(losses: &mut [f32], logits: &[f32], targets: &[u32], v: usize) {
+    losses.par_iter_mut().zip(logits.par_chunks(v)).zip(targets).for_each(|((loss, row), &tgt)| {
+        *loss = if tgt == IGNORE { 0.0 } else { log_sum_exp(row) - row[tgt as usize] };
+    });
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// Fused forward and backward, overwriting `logits` with `dlogits` to save a `[N, V]` buffer.
+/// For the mean over `count` non-ignored rows, `∂loss/∂logits = (softmax − onehot(target)) /
+/// count`; `dscale` is `loss_scale / count`. Ignored rows get zero gradient.
+pub fn cross_entropy_fused(losses: &mut [f32], logits: &mut [f32], targets: &[u32], v: usize, dscale: f32) {
+    losses.par_iter_mut().zip(logits.par_chunks_mut(v)).zip(targets).for_each(|((loss, row), &tgt)| {
+        if tgt == IGNORE {
+            *loss = 0.0;
+            row.fill(0.0);
+            return;
+        }
+        let lse = log_sum_exp(row);
+        *loss = lse - row[tgt as usize];
+        for x in row.iter_mut() {
+            *x = (*x - lse).exp() * dscale;
+        }
+        row[tgt as usize] -= dscale;
+    });
+}
+
+/// Sum of per-row losses in a fixed order (deterministic), and the number of counted rows.
+pub fn loss_sum(losses: &[f32], targets: &[u32]) -> (f64, usize) {
+    let count = targets.iter().filter(|&&t| t != IGNORE).count();
+    (losses.iter().map(|&l| l as f64).sum(), count)
+}
+
+/// f64 reference: mean cross-entropy over non-ignored rows.
+pub fn cross_entropy_slow(logits: &[f64], targets: &[u32], v: usize) -> f64 {
+    let mut total = 0.0;
+    let mut count = 0;
+    for (row, &tgt) in logits.chunks_exact(v).zip(targets) {
+        if tgt == IGNORE {
+            continue;
+        }
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        total += lse - row[tgt as usize];
+        count += 1;
+    }
+    total / count.max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn fused_matches_reference_and_finite_differences() {
+        let mut rng = Rng::new(41);
+        for &(n, v) in &[(1, 2), (7, 13), (33, 7), (5, 1000)] {
+            let logits: Vec<f32> = randn(&mut rng, n * v).iter().map(|x| 3.0 * x).collect();
+            let mut targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+            if n > 2 {
+                targets[1] = IGNORE;
+            }
+            let count = targets.iter().filter(|&&t| t != IGNORE).count();
+            let mut losses = vec![0.0; n];
+            let mut grad = logits.clone();
+            cross_entropy_fused(&mut losses, &mut grad, &targets, v, 1.0 / count as f32);
+            let (sum, cnt) = loss_sum(&losses, &targets);
+            let reference = cross_entropy_slow(&f64s(&logits), &targets, v);
+            assert!((sum / cnt as f64 - reference).abs() <= 1e-5 * reference.abs().max(1.0));
+            let mut fwd_only = vec![0.0; n];
+            cross_entropy_forward(&mut fwd_only, &logits, &targets, v);
+            assert_eq!(fwd_only, losses);
+            let x = f64s(&logits);
+            let numeric: Vec<f64> = (0..x.len())
+                .map(|i| {
+                    let mut p = x.clone();
+                    p[i] += 1e-6;
+                    let fp = cross_entropy_slow(&p, &targets, v);
+                    p[i] -= 2e-6;
+                    (fp - cross_entropy_slow(&p, &targets, v)) / 2e-6
+                })
+                .collect();
+            assert_close(&grad, &numeric, 1e-5, "cross-entropy grad");
+        }
+    }
+}

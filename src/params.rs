@@ -1,0 +1,262 @@
+//! One contiguous `f32` arena for every parameter, with named views. Gradients and the AdamW
+//! moments use the same layout, so the optimizer, the global grad norm and checkpoint I/O are
+//! each one loop over one slice.
+//!
+//! Tensor names are HF's safetensors keys exactly (`model.layers.3.self_attn.q_proj.weight`).
+//! Matrices are row-major `[out, in]` like `torch.nn.Linear.weight`.
+
+use crate::config::ModelConfig;
+use crate::rng::Rng;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// What a tensor is, which decides its init and whether weight decay applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorKind {
+    /// Token embedding `[V, C]` (also the classifier when tied).
+    Embedding,
+    /// A projection matrix `[out, in]`.
+    Matrix,
+    /// A residual output projection (Wo, W2): init scaled by 1/√(2L).
+    ResidualMatrix,
+    /// An RMSNorm gain vector, initialised to 1.
+    Norm,
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub kind: TensorKind,
+}
+
+impl TensorInfo {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+
+    /// Decoupled weight decay applies to matrices (2-D tensors) only, never to norm gains.
+    pub fn decays(&self) -> bool {
+        self.kind != TensorKind::Norm
+    }
+}
+
+/// Views of one decoder layer's tensors; `T` is `&[f32]`, `&mut [f32]` or a tensor index.
+#[derive(Debug)]
+pub struct LayerTensors<T> {
+    /// `[C]` input_layernorm
+    pub attn_norm: T,
+    /// `[H·D, C]` q_proj
+    pub wq: T,
+    /// `[KV·D, C]` k_proj
+    pub wk: T,
+    /// `[KV·D, C]` v_proj
+    pub wv: T,
+    /// `[C, H·D]` o_proj
+    pub wo: T,
+    /// `[D]` q_norm (QK-norm models only)
+    pub q_norm: Option<T>,
+    /// `[D]` k_norm (QK-norm models only)
+    pub k_norm: Option<T>,
+    /// `[C]` post_attention_layernorm
+    pub ffn_norm: T,
+    /// `[F, C]` gate_proj
+    pub w1: T,
+    /// `[F, C]` up_proj
+    pub w3: T,
+    /// `[C, F]` down_proj
+    pub w2: T,
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    pub tensors: Vec<TensorInfo>,
+    /// Per layer: the arena range holding all of its tensors (contiguous by construction).
+    layer_ranges: Vec<Range<usize>>,
+    has_qk_norm: bool,
+    /// (C, F, H·D, KV·D, D)
+    layer_dims: (usize, usize, usize, usize, usize),
+    pub embed: usize,
+    pub final_norm: usize,
+    /// Untied classifier `[V, C]`; `None` when it is the embedding.
+    pub lm_head: Option<usize>,
+    pub total: usize,
+}
+
+impl ParamLayout {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let (c, f, d) = (cfg.dim, cfg.ffn_dim, cfg.head_dim);
+        let mut tensors = Vec::new();
+        let mut offset = 0;
+        let mut push = |name: String, shape: Vec<usize>, kind: TensorKind| {
+            let info = TensorInfo { name, shape, offset, kind };
+            offset += info.len();
+            tensors.push(info);
+            tensors.len() - 1
+        };
+        let embed = push("model.embed_tokens.weight".into(), vec![cfg.vocab_size, c], TensorKind::Embedding);
+        let mut layer_ranges = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = format!("model.layers.{l}");
+            let first = push(format!("{p}.input_layernorm.weight"), vec![c], TensorKind::Norm);
+            push(format!("{p}.self_attn.q_proj.weight"), vec![cfg.q_dim(), c], TensorKind::Matrix);
+            push(format!("{p}.self_attn.k_proj.weight"), vec![cfg.kv_dim(), c], TensorKind::Matrix);
+            push(format!("{p}.self_attn.v_proj.weight"), vec![cfg.kv_dim(), c], TensorKind::Matrix);
+            push(format!("{p}.self_attn.o_proj.weight"), vec![c, cfg.q_dim()], TensorKind::ResidualMatrix);
+            if cfg.qk_norm {
+                push(format!("{p}.self_attn.q_norm.weight"), vec![d], TensorKind::Norm);
+                push(format!("{p}.self_attn.k_norm.weight"), vec![d], TensorKind::Norm);
+            }
+            push(format!("{p}.post_attention_layernorm.weight"), vec![c], TensorKind::Norm);
+            push(format!("{p}.mlp.gate_proj.weight"), vec![f, c], TensorKind::Matrix);
+            push(format!("{p}.mlp.up_proj.weight"), vec![f, c], TensorKind::Matrix);
+            let last = push(format!("{p}.mlp.down_proj.weight"), vec![c, f], TensorKind::ResidualMatrix);
+            layer_ranges.push((first, last));
+        }
+        let final_norm = push("model.norm.weight".into(), vec![c], TensorKind::Norm);
+        let lm_head = (!cfg.tied_embeddings)
+            .then(|| push("lm_head.weight".into(), vec![cfg.vocab_size, c], TensorKind::Matrix));
+        let layer_ranges = layer_ranges.into_iter().map(|(a, b)| tensors[a].offset..tensors[b].range().end).collect();
+        ParamLayout {
+            tensors,
+            layer_ranges,
+            has_qk_norm: cfg.qk_norm,
+            layer_dims: (c, f, cfg.q_dim(), cfg.kv_dim(), d), embed, final_norm, lm_head, total: offset }
+    }
+
+    pub fn find(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    pub fn view<'a>(&self, buf: &'a [f32], tensor: usize) -> &'a [f32] {
+        &buf[self.tensors[tensor].range()]
+    }
+
+    pub fn view_mut<'a>(&self, buf: &'a mut [f32], tensor: usize) -> &'a mut [f32] {
+        &mut buf[self.tensors[tensor].range()]
+    }
+
+    /// The classifier matrix `[V, C]`: `lm_head` when untied, else the embedding.
+    pub fn classifier(&self) -> usize {
+        self.lm_head.unwrap_or(self.embed)
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layer_ranges.len()
+    }
+
+    /// Layer `l`'s tensors as slices of `buf`.
+    pub fn layer<'a>(&self, buf: &'a [f32], l: usize) -> LayerTensors<&'a [f32]> {
+        let mut rest = &buf[self.layer_ranges[l].clone()];
+        self.split_layer(l, |len| {
+            let (head, tail) = rest.split_at(len);
+            rest = tail;
+            head
+        })
+    }
+
+    /// Layer `l`'s tensors as disjoint mutable slices of `buf`.
+    pub fn layer_mut<'a>(&self, buf: &'a mut [f32], l: usize) -> LayerTensors<&'a mut [f32]> {
+        let mut rest = &mut buf[self.layer_ranges[l].clone()];
+        self.split_layer(l, |len| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            head
+        })
+    }
+
+    /// Cuts a layer's range in arena order (the order `new` pushes them); no allocation.
+    fn split_layer<T>(&self, l: usize, mut take: impl FnMut(usize) -> T) -> LayerTensors<T> {
+        let (c, f, q, kv, d) = self.layer_dims;
+        let attn_norm = take(c);
+        let (wq, wk, wv, wo) = (take(q * c), take(kv * c), take(kv * c), take(c * q));
+        let (q_norm, k_norm) = if self.has_qk_norm { (Some(take(d)), Some(take(d))) } else { (None, None) };
+        let ffn_norm = take(c);
+        let (w1, w3, w2) = (take(f * c), take(f * c), take(c * f));
+        debug_assert!(l < self.n_layers());
+        LayerTensors { attn_norm, wq, wk, wv, wo, q_norm, k_norm, ffn_norm, w1, w3, w2 }
+    }
+
+    /// Seeded init: matrices ~ N(0, 0.02²), residual output projections (Wo, W2) scaled by
+    /// 1/√(2L), norm gains 1. Each tensor draws from its own stream, so the result does not
+    /// depend on thread count or on the order tensors are filled in.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut buf = vec![0.0f32; self.total];
+        let residual_scale = 1.0 / (2.0 * self.n_layers().max(1) as f64).sqrt();
+        let mut slices: Vec<(usize, &mut [f32])> = Vec::with_capacity(self.tensors.len());
+        let mut rest = buf.as_mut_slice();
+        for (i, t) in self.tensors.iter().enumerate() {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.len());
+            slices.push((i, head));
+            rest = tail;
+        }
+        slices.into_par_iter().for_each(|(i, out)| {
+            let std = match self.tensors[i].kind {
+                TensorKind::Norm => return out.fill(1.0),
+                TensorKind::ResidualMatrix => 0.02 * residual_scale,
+                TensorKind::Embedding | TensorKind::Matrix => 0.02,
+            };
+            Rng::derive(seed, i as u64 + 1).fill_normal(out, std);
+        });
+        buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_covers_arena_and_views_agree() {
+        for name in ["stories260k", "qwen3-0.6b"] {
+            let mut cfg = ModelConfig::preset(name).unwrap();
+            cfg.n_layers = 2;
+            cfg.vocab_size = 100;
+            let layout = ParamLayout::new(&cfg);
+            assert_eq!(layout.total, cfg.param_count());
+            let mut end = 0;
+            for t in &layout.tensors {
+                assert_eq!(t.offset, end, "{}", t.name);
+                end = t.range().end;
+            }
+            assert_eq!(end, layout.total);
+            let mut buf: Vec<f32> = (0..layout.total).map(|i| i as f32).collect();
+            let wo_name = "model.layers.1.self_attn.o_proj.weight";
+            let wo = layout.find(wo_name).unwrap().clone();
+            assert_eq!(layout.layer(&buf, 1).wo[0], wo.offset as f32);
+            layout.layer_mut(&mut buf, 1).w2[0] = -1.0;
+            let w2 = layout.find("model.layers.1.mlp.down_proj.weight").unwrap();
+            assert_eq!(buf[w2.offset], -1.0);
+            assert_eq!(layout.layer(&buf, 0).q_norm.is_some(), cfg.qk_norm);
+        }
+    }
+
+    #[test]
+    fn init_statistics_and_determinism() {
+        let cfg = ModelConfig::preset("stories260k").unwrap();
+        let layout = ParamLayout::new(&cfg);
+        let a = layout.init(3);
+        assert_eq!(a, layout.init(3));
+        assert_ne!(a, layout.init(4));
+        let stats = |s: &[f32]| {
+            let n = s.len() as f64;
+            let mean = s.iter().map(|&x| x as f64).sum::<f64>() / n;
+            (mean, (s.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt())
+        };
+        let (m, sd) = stats(layout.view(&a, layout.embed));
+        assert!(m.abs() < 2e-3 && (sd - 0.02).abs() < 1e-3, "embed mean {m} std {sd}");
+        let l0 = layout.layer(&a, 0);
+        let (_, sd) = stats(l0.w2);
+        assert!((sd - 0.02 / 10f64.sqrt()).abs() < 1e-3, "w2 std {sd}");
+        assert!(l0.attn_norm.iter().all(|&x| x == 1.0));
+    }
+}

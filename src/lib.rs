@@ -9,3 +9,7 @@ pub mod ops;
 pub mod params;
 pub mod reference;
 pub mod rng;
+pub mod data;
+pub mod telemetry;
+pub mod train;
+pub mod bench;

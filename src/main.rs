@@ -1,1 +1,381 @@
-fn main() {}
+//! The `anetrain` command line: train, info, bench.
+
+use anetrain::backend::Backend;
+use anetrain::backend::cpu::CpuBackend;
+use anetrain::bench::{self, GemmShape};
+use anetrain::config::ModelConfig;
+use anetrain::data::{SYNTHETIC_ENTROPY, TokenData, synthetic_tokens};
+use anetrain::ops::{GemmImpl, Par};
+use anetrain::telemetry::Telemetry;
+use anetrain::train::adamw::AdamWConfig;
+use anetrain::train::{TrainOptions, Trainer};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "anetrain", version, about = "Train Llama-family transformers with hand-written forward and backward passes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (defaults: stories260k on built-in synthetic data, a few seconds).
+    Train(TrainArgs),
+    /// Print a model's shape, parameter count and FLOPs per token.
+    Info {
+        /// Preset name or path to an HF config.json.
+        #[arg(long, default_value = "stories110m")]
+        model: String,
+        /// Context length for the attention FLOPs.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+    },
+    /// Benchmarks (commands, not tests).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Clone)]
+struct Runtime {
+    /// Worker threads (rayon pool and GEMM); default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// GEMM implementation for every matrix product.
+    #[arg(long, value_enum, default_value = "gemm")]
+    gemm: GemmImpl,
+}
+
+impl Runtime {
+    /// Builds the thread pool every op runs in; the count is explicit, never inherited.
+    fn setup(&self) -> Result<(Par, rayon::ThreadPool)> {
+        let threads = match self.threads {
+            Some(0) => bail!("--threads must be at least 1"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if !self.gemm.available() {
+            bail!("--gemm blas needs a build with `--features blas` (and libopenblas-dev on Linux)");
+        }
+        // matrixmultiply reads its thread cap from the environment, once, on first use.
+        // SAFETY: set before any other thread exists in this process.
+        unsafe { std::env::set_var("MATMUL_NUM_THREADS", threads.to_string()) };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("cannot start thread pool")?;
+        Ok((Par { threads, gemm: self.gemm }, pool))
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendKind {
+    /// Native Rust kernels and a real GEMM, f32.
+    Cpu,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Preset (stories260k, stories15m, stories42m, stories110m, qwen3-0.6b) or HF config.json.
+    #[arg(long, default_value = "stories260k")]
+    model: String,
+    /// Token file (llama2.c flat u16 .bin), or `synthetic` for built-in generated data.
+    #[arg(long, default_value = "synthetic")]
+    data: String,
+    /// Optimizer updates.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Sequences per micro-batch (B).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Positions per sequence (T).
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    /// Micro-batches accumulated per update.
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Floor of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Warmup updates (default: 5% of --steps).
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    adam_eps: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// Write one JSON line per update to this file.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Print every N-th update (the first and last always print).
+    #[arg(long, default_value_t = 10)]
+    print_every: usize,
+    /// Skip measuring the GEMM peak for the efficiency report.
+    #[arg(long)]
+    no_peak: bool,
+    #[command(flatten)]
+    rt: Runtime,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// GFLOP/s of every GEMM a training step issues, per implementation, plus a 1024³ peak.
+    Gemm {
+        #[arg(long, default_value = "stories110m")]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Benchmark only this implementation (default: all available).
+        #[arg(long = "impl", value_enum)]
+        which: Option<GemmImpl>,
+        /// Seconds of repetitions per shape and implementation.
+        #[arg(long, default_value_t = 0.5)]
+        budget: f64,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Median ms per training micro-step (forward/backward/optimizer split) and peak RSS.
+    Step {
+        #[arg(long, default_value = "stories110m")]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 10)]
+        accum: usize,
+        /// Minimum timed micro-steps after the warm-up update.
+        #[arg(long, default_value_t = 10)]
+        min_micro: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        rt: Runtime,
+    },
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Train(args) => train(args),
+        Command::Info { model, seq } => info(&model, seq),
+        Command::Bench(BenchCommand::Gemm { model, batch, seq, which, budget, threads }) => {
+            bench_gemm(&model, batch * seq, which, budget, threads)
+        }
+        Command::Bench(BenchCommand::Step { model, batch, seq, accum, min_micro, json, rt }) => {
+            bench_step(&model, batch, seq, accum, min_micro, json, rt)
+        }
+    }
+}
+
+fn info(model: &str, seq: usize) -> Result<()> {
+    let cfg = ModelConfig::resolve(model)?;
+    println!("model        {}", cfg.name);
+    println!("dim (C)      {}", cfg.dim);
+    println!("ffn (F)      {}", cfg.ffn_dim);
+    println!("layers (L)   {}", cfg.n_layers);
+    println!("heads (H)    {}  kv heads (KV) {}  head_dim (D) {}", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    println!("vocab (V)    {}", cfg.vocab_size);
+    println!("max seq      {}", cfg.max_seq_len);
+    println!("rope theta   {}  norm eps {:e}", cfg.rope_theta, cfg.norm_eps);
+    println!("qk-norm      {}", cfg.qk_norm);
+    println!("classifier   {}", if cfg.tied_embeddings { "tied to embedding" } else { "untied (lm_head)" });
+    println!("parameters   {}", group_digits(cfg.param_count()));
+    println!("FLOPs/token  forward {:.4} GFLOP, training {:.4} GFLOP (T = {seq})", cfg.forward_flops_per_token(seq) / 1e9, cfg.train_flops_per_token(seq) / 1e9);
+    Ok(())
+}
+
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let cfg = ModelConfig::resolve(&args.model)?;
+    let (par, pool) = args.rt.setup()?;
+    let data = if args.data == "synthetic" {
+        let n = 2_000_000usize.max(args.batch * (args.seq + 1) * 4);
+        TokenData::from_vec(synthetic_tokens(cfg.vocab_size, n, args.seed), cfg.vocab_size, "synthetic")?
+    } else {
+        TokenData::open_u16(std::path::Path::new(&args.data), cfg.vocab_size)?
+    };
+    let opts = TrainOptions {
+        steps: args.steps,
+        batch: args.batch,
+        seq: args.seq,
+        accum: args.accum,
+        schedule_lr: args.lr,
+        min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+        warmup: args.warmup.unwrap_or(args.steps / 20),
+        adamw: AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: args.adam_eps, weight_decay: args.weight_decay },
+        grad_clip: args.grad_clip,
+        seed: args.seed,
+    };
+    opts.validate()?;
+    let mut telemetry = match &args.log {
+        Some(path) => Telemetry::to_file(path)?,
+        None => Telemetry::none(),
+    };
+    let backend: Box<dyn Backend> = match args.backend {
+        BackendKind::Cpu => Box::new(CpuBackend::new(&cfg, args.batch, args.seq, par)),
+    };
+    println!(
+        "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?}",
+        cfg.name,
+        group_digits(cfg.param_count()),
+        data.source,
+        backend.name(),
+        par.threads,
+        par.gemm
+    );
+    println!(
+        "B={} T={} accum={} -> {} tokens/update, {} updates, lr {:.1e} -> {:.1e}, warmup {}",
+        args.batch,
+        args.seq,
+        args.accum,
+        args.batch * args.seq * args.accum,
+        args.steps,
+        opts.schedule_lr,
+        opts.min_lr,
+        opts.warmup
+    );
+    if args.data == "synthetic" {
+        println!(
+            "data: synthetic Markov chain; loss starts near ln(V) = {:.2}, floor ≈ {SYNTHETIC_ENTROPY:.2} nats",
+            (cfg.vocab_size as f64).ln()
+        );
+    }
+    let steps = args.steps;
+    let every = args.print_every.max(1);
+    let summary = pool.install(|| -> Result<_> {
+        let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
+        trainer.run(&data, &mut telemetry, |ev| {
+            if ev.step == 1 || ev.step == steps || ev.step % every == 0 || ev.skipped {
+                println!(
+                    "step {:>5}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3}{} | {:>8.0} tok/s | {:>8.1} ms",
+                    ev.step,
+                    ev.loss,
+                    ev.lr,
+                    ev.grad_norm,
+                    if ev.skipped { " (non-finite: update skipped)" } else { "" },
+                    ev.tokens_per_s,
+                    ev.ms_step
+                );
+            }
+        })
+    })?;
+    let peak = if args.no_peak { None } else { Some(pool.install(|| bench::gemm_peak_gflops(par, 0.3))) };
+    println!("--- efficiency ---");
+    println!("wall time            {:.2} s", summary.wall_s);
+    println!("median micro-step    {:.1} ms (B·T = {} tokens)", summary.median_micro_ms, args.batch * args.seq);
+    println!("throughput           {:.0} tokens/s", summary.tokens_per_s);
+    println!("achieved             {:.1} GFLOP/s ({:.3} GFLOP/token)", summary.gflops, cfg.train_flops_per_token(args.seq) / 1e9);
+    if let Some(peak) = peak {
+        println!("GEMM peak (1024³)    {peak:.1} GFLOP/s -> {:.0}% of peak over the whole run", 100.0 * summary.gflops / peak);
+    }
+    println!("peak RSS             {:.0} MB", bench::peak_rss_mb());
+    if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
+        println!("loss                 {first:.4} -> {last:.4}");
+    }
+    Ok(())
+}
+
+fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, threads: Option<usize>) -> Result<()> {
+    let cfg = ModelConfig::resolve(model)?;
+    let impls = bench::impls_to_bench(which);
+    if impls.iter().any(|g| !g.available()) {
+        bail!("--impl blas needs a build with `--features blas`");
+    }
+    let (par0, pool) = Runtime { threads, gemm: GemmImpl::Gemm }.setup()?;
+    println!("GEMM throughput at {} shapes, N = B·T = {n}, {} threads (GFLOP/s, median)", cfg.name, par0.threads);
+    let shapes = bench::model_gemm_shapes(&cfg, n);
+    print!("{:<28} {:>6} {:>6} {:>6}", "shape", "m", "n", "k");
+    for g in &impls {
+        print!(" {:>15}", format!("{g:?}").to_lowercase());
+    }
+    println!();
+    let mut step_secs = vec![0.0; impls.len()];
+    let total_flops: f64 = shapes.iter().map(|s| s.flops() * s.per_step as f64).sum();
+    for shape in &shapes {
+        print!("{:<28} {:>6} {:>6} {:>6}", shape.name, shape.m, shape.n, shape.k);
+        for (i, &gemm) in impls.iter().enumerate() {
+            let gf = pool.install(|| bench::bench_gemm_shape(shape, Par { gemm, ..par0 }, budget));
+            step_secs[i] += shape.flops() * shape.per_step as f64 / (gf * 1e9);
+            print!(" {gf:>15.1}");
+        }
+        println!();
+    }
+    print!("{:<49}", "whole-step GEMM mix (time-weighted)");
+    for secs in &step_secs {
+        print!(" {:>15.1}", total_flops / secs / 1e9);
+    }
+    println!();
+    let square = GemmShape { name: "1024^3".into(), m: 1024, n: 1024, k: 1024, trans_a: false, trans_b: false, accumulate: false, per_step: 1 };
+    print!("{:<28} {:>6} {:>6} {:>6}", "peak: square", 1024, 1024, 1024);
+    for &gemm in &impls {
+        print!(" {:>15.1}", pool.install(|| bench::bench_gemm_shape(&square, Par { gemm, ..par0 }, budget)));
+    }
+    println!();
+    Ok(())
+}
+
+fn bench_step(model: &str, batch: usize, seq: usize, accum: usize, min_micro: usize, json: bool, rt: Runtime) -> Result<()> {
+    let cfg = ModelConfig::resolve(model)?;
+    let (par, pool) = rt.setup()?;
+    let opts = TrainOptions {
+        steps: 1_000_000,
+        batch,
+        seq,
+        accum,
+        schedule_lr: 3e-4,
+        min_lr: 3e-5,
+        warmup: 0,
+        adamw: AdamWConfig::default(),
+        grad_clip: 1.0,
+        seed: 1,
+    };
+    let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1)))?;
+    let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["gemm_peak_gflops"] = peak.into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!("{} ({} params), backend {}, {} threads, B={} T={} accum={}", r.model, group_digits(r.params), r.backend, r.threads, r.batch, r.seq, r.accum);
+    println!("median micro-step    {:.1} ms over {} micro-steps (forward {:.1} ms, backward {:.1} ms)", r.median_micro_ms, r.timed_micro_steps, r.median_forward_ms, r.median_backward_ms);
+    println!("optimizer update     {:.1} ms (once per {} micro-steps)", r.median_optimizer_ms, r.accum);
+    println!("throughput           {:.1} tokens/s incl. optimizer", r.tokens_per_s);
+    println!("achieved             {:.1} GFLOP/s = {:.0}% of the 1024³ GEMM peak ({peak:.1} GFLOP/s)", r.gflops, 100.0 * r.gflops / peak);
+    println!("peak RSS             {:.0} MB", r.peak_rss_mb);
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Training: AdamW, the learning-rate schedule, and the loop that ties model, data, optimizer
+//! and telemetry together.
+
+pub mod adamw;
+pub mod schedule;
+pub mod trainer;
+
+pub use adamw::AdamW;
+pub use schedule::Schedule;
+pub use trainer::{TrainOptions, TrainSummary, Trainer};

@@ -1,0 +1,179 @@
+//! The training loop: micro-batches with gradient accumulation, global-norm clipping, AdamW
+//! over a warmup + cosine schedule, telemetry. Knows the model and its kernel trait only.
+
+use super::adamw::{AdamW, AdamWConfig, partials_len, sum_squares};
+use super::schedule::Schedule;
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::data::{Sampler, TokenData};
+use crate::model::Model;
+use crate::ops::Par;
+use crate::telemetry::{StepEvent, Telemetry};
+use anyhow::{Result, ensure};
+use rayon::prelude::*;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Optimizer updates.
+    pub steps: usize,
+    /// B: sequences per micro-batch.
+    pub batch: usize,
+    /// T: positions per sequence.
+    pub seq: usize,
+    /// Micro-batches accumulated per update.
+    pub accum: usize,
+    pub schedule_lr: f64,
+    pub min_lr: f64,
+    pub warmup: usize,
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub grad_clip: f64,
+    pub seed: u64,
+}
+
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.steps > 0, "--steps must be at least 1");
+        ensure!(self.batch > 0, "--batch must be at least 1");
+        ensure!(self.seq > 0, "--seq must be at least 1");
+        ensure!(self.accum > 0, "--accum must be at least 1");
+        ensure!(self.schedule_lr.is_finite() && self.schedule_lr > 0.0, "--lr must be a positive number");
+        ensure!(self.min_lr.is_finite() && self.min_lr >= 0.0, "--min-lr must be a non-negative number");
+        ensure!(self.grad_clip.is_finite() && self.grad_clip >= 0.0, "--grad-clip must be non-negative");
+        ensure!((0.0..1.0).contains(&self.adamw.beta1) && (0.0..1.0).contains(&self.adamw.beta2), "--beta1/--beta2 must be in [0, 1)");
+        ensure!(self.adamw.weight_decay >= 0.0, "--weight-decay must be non-negative");
+        Ok(())
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        Schedule { lr: self.schedule_lr, min_lr: self.min_lr, warmup: self.warmup, total: self.steps }
+    }
+}
+
+/// What a finished run measured.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    /// Mean loss of each update.
+    pub losses: Vec<f64>,
+    pub wall_s: f64,
+    /// Median wall time of one micro-batch forward + backward.
+    pub median_micro_ms: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    /// Training FLOPs (model count) per second of wall time.
+    pub gflops: f64,
+}
+
+pub struct Trainer {
+    pub model: Model,
+    pub params: Vec<f32>,
+    pub grads: Vec<f32>,
+    pub opt: AdamW,
+    pub sampler: Sampler,
+    pub opts: TrainOptions,
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    partials: Vec<f64>,
+    micro_ms: Vec<f64>,
+}
+
+impl Trainer {
+    /// Fresh run: seeded init, zero optimizer state. Every buffer of the loop is sized here.
+    pub fn new(cfg: &ModelConfig, opts: TrainOptions, par: Par, backend: Box<dyn Backend>) -> Result<Self> {
+        opts.validate()?;
+        let model = Model::new(cfg, opts.batch, opts.seq, par, backend)?;
+        let params = model.layout.init(opts.seed);
+        let n = opts.batch * opts.seq;
+        Ok(Trainer {
+            grads: vec![0.0; params.len()],
+            opt: AdamW::new(opts.adamw, &model.layout),
+            partials: vec![0.0; partials_len(params.len())],
+            sampler: Sampler::new(opts.seed, opts.batch, opts.seq),
+            tokens: vec![0; n],
+            targets: vec![0; n],
+            micro_ms: Vec::with_capacity(opts.steps * opts.accum),
+            params,
+            model,
+            opts,
+        })
+    }
+
+    /// One optimizer update over `accum` micro-batches drawn from `data`.
+    pub fn step(&mut self, data: &TokenData, step: usize) -> Result<StepEvent> {
+        let start = Instant::now();
+        let accum = self.opts.accum;
+        self.grads.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
+        let (mut loss, mut ms_forward, mut ms_backward) = (0.0, 0.0, 0.0);
+        for _ in 0..accum {
+            self.sampler.next_batch(data, &mut self.tokens, &mut self.targets)?;
+            let micro = Instant::now();
+            let ls = self.model.forward_backward(&self.params, &mut self.grads, &self.tokens, &self.targets, 1.0, accum)?;
+            if self.micro_ms.len() < self.micro_ms.capacity() {
+                self.micro_ms.push(micro.elapsed().as_secs_f64() * 1e3);
+            }
+            loss += ls.mean() / accum as f64;
+            ms_forward += self.model.times.forward_ms;
+            ms_backward += self.model.times.backward_ms;
+        }
+        let opt_start = Instant::now();
+        let grad_norm = sum_squares(&self.grads, &mut self.partials).sqrt();
+        let lr = self.opts.schedule().lr_at(step);
+        let skipped = !grad_norm.is_finite();
+        if !skipped {
+            let clip = self.opts.grad_clip;
+            let mult = if clip > 0.0 && grad_norm > clip { (clip / grad_norm) as f32 } else { 1.0 };
+            self.opt.update(&mut self.params, &self.grads, lr, mult);
+        }
+        let ms_optimizer = opt_start.elapsed().as_secs_f64() * 1e3;
+        let ms_step = start.elapsed().as_secs_f64() * 1e3;
+        let tokens = self.tokens.len() * accum;
+        Ok(StepEvent {
+            step: step + 1,
+            loss,
+            lr,
+            grad_norm,
+            skipped,
+            tokens,
+            tokens_per_s: tokens as f64 / (ms_step / 1e3),
+            ms_step,
+            ms_forward,
+            ms_backward,
+            ms_optimizer,
+        })
+    }
+
+    /// Runs every update, recording each to `telemetry` and handing it to `on_update`.
+    pub fn run(&mut self, data: &TokenData, telemetry: &mut Telemetry, mut on_update: impl FnMut(&StepEvent)) -> Result<TrainSummary> {
+        let start = Instant::now();
+        let mut losses = Vec::with_capacity(self.opts.steps);
+        let mut tokens = 0;
+        for step in 0..self.opts.steps {
+            let event = self.step(data, step)?;
+            telemetry.record(&event)?;
+            on_update(&event);
+            losses.push(event.loss);
+            tokens += event.tokens;
+        }
+        let wall_s = start.elapsed().as_secs_f64();
+        let flops = self.model.cfg.train_flops_per_token(self.opts.seq) * tokens as f64;
+        Ok(TrainSummary {
+            losses,
+            wall_s,
+            median_micro_ms: median(&mut self.micro_ms.clone()),
+            tokens,
+            tokens_per_s: tokens as f64 / wall_s,
+            gflops: flops / wall_s / 1e9,
+        })
+    }
+}
+
+/// Median of the values (sorts them); 0 for none.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 { values[mid] } else { 0.5 * (values[mid - 1] + values[mid]) }
+}

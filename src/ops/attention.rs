@@ -35,6 +35,12 @@ impl AttnDims {
     }
 }
 
+/// Query/key blocks for causal skipping: `[r0, r1)` ranges of at most 64 positions.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    const BLOCK: usize = 64;
+    (0..t.div_ceil(BLOCK)).map(move |i| (i * BLOCK, ((i + 1) * BLOCK).min(t)))
+}
+
 /// Sequential GEMMs inside each (batch, kv-head) task; parallelism comes from the tasks.
 fn inner(par: Par) -> Par {
     Par { threads: 1, gemm: par.gemm }
@@ -64,20 +70,25 @@ pub fn attention_forward(
         let vh = &v[bi * t * kw + kvh * d..];
         for (gi, (p, o)) in p.chunks_exact_mut(t * t).zip(o.chunks_exact_mut(t * d)).enumerate() {
             let qh = &q[bi * t * qw + (kvh * g + gi) * d..];
-            sgemm(seq, t, t, d, Operand::n(qh, qw), Operand::t(kh, kw), p, t, false);
-            for (i, row) in p.chunks_exact_mut(t).enumerate() {
-                let (live, masked) = row.split_at_mut(i + 1);
-                let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut sum = 0.0f32;
-                for s in live.iter_mut() {
-                    *s = ((*s - max) * scale).exp();
-                    sum += *s;
+            // Causal: query block [r0, r1) sees keys [0, r1) only; nothing above is computed.
+            for (r0, r1) in blocks(t) {
+                let rows = r1 - r0;
+                let p_blk = &mut p[r0 * t..r1 * t];
+                sgemm(seq, rows, r1, d, Operand::n(&qh[r0 * qw..], qw), Operand::t(kh, kw), p_blk, t, false);
+                for (i, row) in (r0..r1).zip(p_blk.chunks_exact_mut(t)) {
+                    let (live, masked) = row.split_at_mut(i + 1);
+                    let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    let mut sum = 0.0f32;
+                    for s in live.iter_mut() {
+                        *s = ((*s - max) * scale).exp();
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    live.iter_mut().for_each(|s| *s *= inv);
+                    masked.fill(0.0);
                 }
-                let inv = 1.0 / sum;
-                live.iter_mut().for_each(|s| *s *= inv);
-                masked.fill(0.0);
+                sgemm(seq, rows, d, r1, Operand::n(p_blk, t), Operand::n(vh, kw), &mut o[r0 * d..], d, false);
             }
-            sgemm(seq, t, d, t, Operand::n(p, t), Operand::n(vh, kw), o, d, false);
         }
     });
     scatter_heads(out, out_hm, dims.b, t, h, d);
@@ -145,16 +156,31 @@ pub fn attention_backward(
             let p = &probs[((bi * h + head) * t) * t..][..t * t];
             let ds = &mut ds[gi * t * t..(gi + 1) * t * t];
             let first = gi == 0;
-            sgemm(seq, t, d, t, Operand::t(p, t), Operand::n(doh, qw), dvh, d, !first);
-            sgemm(seq, t, t, d, Operand::n(doh, qw), Operand::t(vh, kw), ds, t, false);
-            for (prow, srow) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
-                let rowsum = super::dot(prow, srow);
-                for (s, &pv) in srow.iter_mut().zip(prow) {
-                    *s = pv * (*s - rowsum) * scale;
+            // Row block [r0, r1) of P, dP and dS is only live in columns [0, r1); column block
+            // [c0, c1) is only live in rows [c0, T). Entries outside are never read.
+            for (r0, r1) in blocks(t) {
+                let rows = r1 - r0;
+                let ds_blk = &mut ds[r0 * t..r1 * t];
+                sgemm(seq, rows, r1, d, Operand::n(&doh[r0 * qw..], qw), Operand::t(vh, kw), ds_blk, t, false);
+                for (prow, srow) in p[r0 * t..r1 * t].chunks_exact(t).zip(ds_blk.chunks_exact_mut(t)) {
+                    let (prow, srow) = (&prow[..r1], &mut srow[..r1]);
+                    let rowsum = super::dot(prow, srow);
+                    for (s, &pv) in srow.iter_mut().zip(prow) {
+                        *s = pv * (*s - rowsum) * scale;
+                    }
                 }
+                let dq_blk = &mut dqh[gi * t * d + r0 * d..];
+                sgemm(seq, rows, d, r1, Operand::n(ds_blk, t), Operand::n(kh, kw), dq_blk, d, false);
             }
-            sgemm(seq, t, d, t, Operand::n(ds, t), Operand::n(kh, kw), &mut dqh[gi * t * d..], d, false);
-            sgemm(seq, t, d, t, Operand::t(ds, t), Operand::n(qh, qw), dkh, d, !first);
+            for (c0, c1) in blocks(t) {
+                let (cols, rows) = (c1 - c0, t - c0);
+                let p_cols = Operand::t(&p[c0 * t + c0..], t);
+                let ds_cols = Operand::t(&ds[c0 * t + c0..], t);
+                let dv_blk = &mut dvh[c0 * d..];
+                sgemm(seq, cols, d, rows, p_cols, Operand::n(&doh[c0 * qw..], qw), dv_blk, d, !first);
+                let dk_blk = &mut dkh[c0 * d..];
+                sgemm(seq, cols, d, rows, ds_cols, Operand::n(&qh[c0 * qw..], qw), dk_blk, d, !first);
+            }
         }
     });
     scatter_heads(dq, dq_hm, b, t, h, d);
@@ -219,6 +245,7 @@ mod tests {
             AttnDims { b: 2, t: 7, h: 4, kv: 2, d: 6 },
             AttnDims { b: 1, t: 13, h: 3, kv: 3, d: 8 },
             AttnDims { b: 2, t: 33, h: 6, kv: 2, d: 10 },
+            AttnDims { b: 1, t: 150, h: 4, kv: 1, d: 8 }, // three causal blocks, the last partial
         ];
         for dims in shapes {
             let AttnDims { b, t, h, kv, d } = dims;

@@ -5,8 +5,8 @@
 use crate::backend::cpu::CpuBackend;
 use crate::config::ModelConfig;
 use crate::data::TokenData;
-use crate::ops::matmul::{GemmImpl, Operand, sgemm};
 use crate::ops::Par;
+use crate::ops::matmul::{GemmImpl, Operand, sgemm};
 use crate::rng::Rng;
 use crate::train::trainer::median;
 use crate::train::{TrainOptions, Trainer};
@@ -196,6 +196,8 @@ pub fn peak_rss_mb() -> f64 {
 pub fn impls_to_bench(choice: Option<GemmImpl>) -> Vec<GemmImpl> {
     match choice {
         Some(g) => vec![g],
-        None => [GemmImpl::Gemm, GemmImpl::Matrixmultiply, GemmImpl::Blas].into_iter().filter(|g| g.available()).collect(),
+        None => {
+            [GemmImpl::Gemm, GemmImpl::Matrixmultiply, GemmImpl::Blas].into_iter().filter(|g| g.available()).collect()
+        }
     }
 }

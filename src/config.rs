@@ -104,19 +104,15 @@ impl ModelConfig {
         if path.is_dir() && path.join("config.json").is_file() {
             return Self::from_hf_json_file(&path.join("config.json"));
         }
-        bail!(
-            "unknown model '{spec}': expected one of {} or a path to an HF config.json",
-            PRESETS.join(", ")
-        )
+        bail!("unknown model '{spec}': expected one of {} or a path to an HF config.json", PRESETS.join(", "))
     }
 
     pub fn from_hf_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let mut cfg = Self::from_hf_json(&value)
-            .with_context(|| format!("invalid model config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
+        let value: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let mut cfg = Self::from_hf_json(&value).with_context(|| format!("invalid model config {}", path.display()))?;
         cfg.name = path.display().to_string();
         Ok(cfg)
     }
@@ -149,19 +145,17 @@ impl ModelConfig {
         let opt_f64 = |key: &str| -> Result<Option<f64>> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(val) => val
-                    .as_f64()
-                    .map(Some)
-                    .with_context(|| format!("field '{key}' must be a number, got {val}")),
+                Some(val) => {
+                    val.as_f64().map(Some).with_context(|| format!("field '{key}' must be a number, got {val}"))
+                }
             }
         };
         let opt_bool = |key: &str| -> Result<Option<bool>> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(val) => val
-                    .as_bool()
-                    .map(Some)
-                    .with_context(|| format!("field '{key}' must be true or false, got {val}")),
+                Some(val) => {
+                    val.as_bool().map(Some).with_context(|| format!("field '{key}' must be true or false, got {val}"))
+                }
             }
         };
         // Refuse what would silently compute something else.
@@ -250,14 +244,14 @@ impl ModelConfig {
                 bail!("field '{field}' must be positive");
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!(
                 "field 'num_key_value_heads' ({}) must divide num_attention_heads ({})",
                 self.n_kv_heads,
                 self.n_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("field 'head_dim' ({}) must be even for rotate-half RoPE", self.head_dim);
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {

@@ -33,12 +33,16 @@ impl TokenData {
             bail!("token file {} is empty", path.display());
         }
         if bytes % 2 != 0 {
-            bail!("token file {} has an odd size ({bytes} bytes): not a flat u16 token file (truncated?)", path.display());
+            bail!(
+                "token file {} has an odd size ({bytes} bytes): not a flat u16 token file (truncated?)",
+                path.display()
+            );
         }
         // SAFETY: the file is opened read-only and we never write through the map; a file
         // truncated underneath a running process is outside what any mmap reader can guard.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
-        let data = TokenData { backing: Backing::U16(map), len: bytes as usize / 2, source: path.display().to_string() };
+        let data =
+            TokenData { backing: Backing::U16(map), len: bytes as usize / 2, source: path.display().to_string() };
         data.check_vocab(vocab_size)?;
         Ok(data)
     }
@@ -95,13 +99,7 @@ impl Sampler {
     /// Fills tokens and targets `[B·T]`.
     pub fn next_batch(&mut self, data: &TokenData, tokens: &mut [u32], targets: &mut [u32]) -> Result<()> {
         let t = self.t;
-        ensure!(
-            data.len() > t,
-            "{} holds {} tokens; --seq {t} needs at least {}",
-            data.source,
-            data.len(),
-            t + 1
-        );
+        ensure!(data.len() > t, "{} holds {} tokens; --seq {t} needs at least {}", data.source, data.len(), t + 1);
         for (toks, tgts) in tokens.chunks_exact_mut(t).zip(targets.chunks_exact_mut(t)) {
             let start = self.rng.below((data.len() - t) as u64) as usize;
             for i in 0..t {
@@ -120,15 +118,22 @@ impl Sampler {
 /// model can reach, far below the ln(V) it starts from.
 pub fn synthetic_tokens(vocab_size: usize, n_tokens: usize, seed: u64) -> Vec<u32> {
     let mut rng = Rng::derive(seed, 0x5EED);
-    let successors: Vec<[u32; 4]> = (0..vocab_size)
-        .map(|_| std::array::from_fn(|_| rng.below(vocab_size as u64) as u32))
-        .collect();
+    let successors: Vec<[u32; 4]> =
+        (0..vocab_size).map(|_| std::array::from_fn(|_| rng.below(vocab_size as u64) as u32)).collect();
     let mut out = Vec::with_capacity(n_tokens);
     let mut cur = 0u32;
     for _ in 0..n_tokens {
         out.push(cur);
         let u = rng.uniform();
-        let pick = if u < 0.55 { 0 } else if u < 0.80 { 1 } else if u < 0.95 { 2 } else { 3 };
+        let pick = if u < 0.55 {
+            0
+        } else if u < 0.80 {
+            1
+        } else if u < 0.95 {
+            2
+        } else {
+            3
+        };
         cur = successors[cur as usize][pick];
     }
     out

@@ -3,13 +3,13 @@
 //! programs). See docs/ARCHITECTURE.md for the map of the crate.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
+pub mod data;
 pub mod model;
 pub mod ops;
 pub mod params;
 pub mod reference;
 pub mod rng;
-pub mod data;
 pub mod telemetry;
 pub mod train;
-pub mod bench;

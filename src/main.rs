@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "anetrain", version, about = "Train Llama-family transformers with hand-written forward and backward passes")]
+#[command(
+    name = "anetrain",
+    version,
+    about = "Train Llama-family transformers with hand-written forward and backward passes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -225,7 +229,11 @@ fn info(model: &str, seq: usize) -> Result<()> {
     println!("qk-norm      {}", cfg.qk_norm);
     println!("classifier   {}", if cfg.tied_embeddings { "tied to embedding" } else { "untied (lm_head)" });
     println!("parameters   {}", group_digits(cfg.param_count()));
-    println!("FLOPs/token  forward {:.4} GFLOP, training {:.4} GFLOP (T = {seq})", cfg.forward_flops_per_token(seq) / 1e9, cfg.train_flops_per_token(seq) / 1e9);
+    println!(
+        "FLOPs/token  forward {:.4} GFLOP, training {:.4} GFLOP (T = {seq})",
+        cfg.forward_flops_per_token(seq) / 1e9,
+        cfg.train_flops_per_token(seq) / 1e9
+    );
     Ok(())
 }
 
@@ -233,7 +241,7 @@ fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -258,7 +266,12 @@ fn train(args: TrainArgs) -> Result<()> {
         schedule_lr: args.lr,
         min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
         warmup: args.warmup.unwrap_or(args.steps / 20),
-        adamw: AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: args.adam_eps, weight_decay: args.weight_decay },
+        adamw: AdamWConfig {
+            beta1: args.beta1,
+            beta2: args.beta2,
+            eps: args.adam_eps,
+            weight_decay: args.weight_decay,
+        },
         grad_clip: args.grad_clip,
         seed: args.seed,
     };
@@ -301,7 +314,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let summary = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
         trainer.run(&data, &mut telemetry, |ev| {
-            if ev.step == 1 || ev.step == steps || ev.step % every == 0 || ev.skipped {
+            if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped {
                 println!(
                     "step {:>5}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3}{} | {:>8.0} tok/s | {:>8.1} ms",
                     ev.step,
@@ -320,9 +333,16 @@ fn train(args: TrainArgs) -> Result<()> {
     println!("wall time            {:.2} s", summary.wall_s);
     println!("median micro-step    {:.1} ms (B·T = {} tokens)", summary.median_micro_ms, args.batch * args.seq);
     println!("throughput           {:.0} tokens/s", summary.tokens_per_s);
-    println!("achieved             {:.1} GFLOP/s ({:.3} GFLOP/token)", summary.gflops, cfg.train_flops_per_token(args.seq) / 1e9);
+    println!(
+        "achieved             {:.1} GFLOP/s ({:.3} GFLOP/token)",
+        summary.gflops,
+        cfg.train_flops_per_token(args.seq) / 1e9
+    );
     if let Some(peak) = peak {
-        println!("GEMM peak (1024³)    {peak:.1} GFLOP/s -> {:.0}% of peak over the whole run", 100.0 * summary.gflops / peak);
+        println!(
+            "GEMM peak (1024³)    {peak:.1} GFLOP/s -> {:.0}% of peak over the whole run",
+            100.0 * summary.gflops / peak
+        );
     }
     println!("peak RSS             {:.0} MB", bench::peak_rss_mb());
     if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
@@ -361,7 +381,16 @@ fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, threa
         print!(" {:>15.1}", total_flops / secs / 1e9);
     }
     println!();
-    let square = GemmShape { name: "1024^3".into(), m: 1024, n: 1024, k: 1024, trans_a: false, trans_b: false, accumulate: false, per_step: 1 };
+    let square = GemmShape {
+        name: "1024^3".into(),
+        m: 1024,
+        n: 1024,
+        k: 1024,
+        trans_a: false,
+        trans_b: false,
+        accumulate: false,
+        per_step: 1,
+    };
     print!("{:<28} {:>6} {:>6} {:>6}", "peak: square", 1024, 1024, 1024);
     for &gemm in &impls {
         print!(" {:>15.1}", pool.install(|| bench::bench_gemm_shape(&square, Par { gemm, ..par0 }, budget)));
@@ -370,7 +399,15 @@ fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, threa
     Ok(())
 }
 
-fn bench_step(model: &str, batch: usize, seq: usize, accum: usize, min_micro: usize, json: bool, rt: Runtime) -> Result<()> {
+fn bench_step(
+    model: &str,
+    batch: usize,
+    seq: usize,
+    accum: usize,
+    min_micro: usize,
+    json: bool,
+    rt: Runtime,
+) -> Result<()> {
     let cfg = ModelConfig::resolve(model)?;
     let (par, pool) = rt.setup()?;
     let opts = TrainOptions {
@@ -393,11 +430,27 @@ fn bench_step(model: &str, batch: usize, seq: usize, accum: usize, min_micro: us
         println!("{v}");
         return Ok(());
     }
-    println!("{} ({} params), backend {}, {} threads, B={} T={} accum={}", r.model, group_digits(r.params), r.backend, r.threads, r.batch, r.seq, r.accum);
-    println!("median micro-step    {:.1} ms over {} micro-steps (forward {:.1} ms, backward {:.1} ms)", r.median_micro_ms, r.timed_micro_steps, r.median_forward_ms, r.median_backward_ms);
+    println!(
+        "{} ({} params), backend {}, {} threads, B={} T={} accum={}",
+        r.model,
+        group_digits(r.params),
+        r.backend,
+        r.threads,
+        r.batch,
+        r.seq,
+        r.accum
+    );
+    println!(
+        "median micro-step    {:.1} ms over {} micro-steps (forward {:.1} ms, backward {:.1} ms)",
+        r.median_micro_ms, r.timed_micro_steps, r.median_forward_ms, r.median_backward_ms
+    );
     println!("optimizer update     {:.1} ms (once per {} micro-steps)", r.median_optimizer_ms, r.accum);
     println!("throughput           {:.1} tokens/s incl. optimizer", r.tokens_per_s);
-    println!("achieved             {:.1} GFLOP/s = {:.0}% of the 1024³ GEMM peak ({peak:.1} GFLOP/s)", r.gflops, 100.0 * r.gflops / peak);
+    println!(
+        "achieved             {:.1} GFLOP/s = {:.0}% of the 1024³ GEMM peak ({peak:.1} GFLOP/s)",
+        r.gflops,
+        100.0 * r.gflops / peak
+    );
     println!("peak RSS             {:.0} MB", r.peak_rss_mb);
     Ok(())
 }

@@ -142,7 +142,12 @@ impl Model {
 
     fn check_batch(&self, params: &[f32], tokens: &[u32], targets: &[u32]) -> Result<()> {
         let n = self.n();
-        ensure!(params.len() == self.layout.total, "parameter arena has {} values, model needs {}", params.len(), self.layout.total);
+        ensure!(
+            params.len() == self.layout.total,
+            "parameter arena has {} values, model needs {}",
+            params.len(),
+            self.layout.total
+        );
         ensure!(tokens.len() == n && targets.len() == n, "micro-batch must hold B·T = {n} tokens and targets");
         Ok(())
     }
@@ -214,7 +219,17 @@ impl Model {
         matmul_backward_dx(par, &mut self.dxn, dlogits, layout.view(params, layout.classifier()), n, c, v, false);
         matmul_backward_dw(par, layout.view_mut(grads, layout.classifier()), dlogits, &self.xf, n, c, v);
         let (final_norm, d_final_norm) = (layout.view(params, layout.final_norm), layout.final_norm);
-        rmsnorm_backward(&mut self.dx, layout.view_mut(grads, d_final_norm), &self.dxn, &self.rstd_final, &self.x_final, final_norm, n, c, false);
+        rmsnorm_backward(
+            &mut self.dx,
+            layout.view_mut(grads, d_final_norm),
+            &self.dxn,
+            &self.rstd_final,
+            &self.x_final,
+            final_norm,
+            n,
+            c,
+            false,
+        );
 
         let (f, qd, kd) = (self.cfg.ffn_dim, self.cfg.q_dim(), self.cfg.kv_dim());
         for l in (0..self.cfg.n_layers).rev() {

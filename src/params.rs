@@ -123,14 +123,19 @@ impl ParamLayout {
             layer_ranges.push((first, last));
         }
         let final_norm = push("model.norm.weight".into(), vec![c], TensorKind::Norm);
-        let lm_head = (!cfg.tied_embeddings)
-            .then(|| push("lm_head.weight".into(), vec![cfg.vocab_size, c], TensorKind::Matrix));
+        let lm_head =
+            (!cfg.tied_embeddings).then(|| push("lm_head.weight".into(), vec![cfg.vocab_size, c], TensorKind::Matrix));
         let layer_ranges = layer_ranges.into_iter().map(|(a, b)| tensors[a].offset..tensors[b].range().end).collect();
         ParamLayout {
             tensors,
             layer_ranges,
             has_qk_norm: cfg.qk_norm,
-            layer_dims: (c, f, cfg.q_dim(), cfg.kv_dim(), d), embed, final_norm, lm_head, total: offset }
+            layer_dims: (c, f, cfg.q_dim(), cfg.kv_dim(), d),
+            embed,
+            final_norm,
+            lm_head,
+            total: offset,
+        }
     }
 
     pub fn find(&self, name: &str) -> Option<&TensorInfo> {

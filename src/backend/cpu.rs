@@ -2,12 +2,12 @@
 
 use super::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
 use crate::config::ModelConfig;
+use crate::ops::Par;
 use crate::ops::attention::{AttnBackwardScratch, AttnDims, attention_backward, attention_forward};
 use crate::ops::matmul::{matmul_backward_dx, matmul_forward};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{RopeTable, rope_backward, rope_forward};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
-use crate::ops::Par;
 use anyhow::Result;
 
 pub struct CpuBackend {
@@ -93,7 +93,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn ffn_backward_dx(&mut self, dxn: &mut [f32], g: &mut LayerGrads, d_out: &[f32], acts: &LayerActs, w: &Weights) -> Result<()> {
+    fn ffn_backward_dx(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        d_out: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+    ) -> Result<()> {
         let (par, n, c, f) = (self.par, self.n, self.c, self.f);
         matmul_backward_dx(par, &mut g.dgate, d_out, w.w2, n, f, c, false);
         swiglu_backward(&mut g.dh1, &mut g.dh3, &g.dgate, &acts.h1, &acts.h3);
@@ -119,8 +126,25 @@ impl Backend for CpuBackend {
         // With QK-norm, attention's q/k gradients are post-norm; they go through the norm's
         // backward into g.dq/g.dk. Without it they land in g.dq/g.dk directly.
         let (dq, dk) = if qk_norm { (&mut self.dq_post, &mut self.dk_post) } else { (&mut g.dq, &mut g.dk) };
-        let scratch = AttnBackwardScratch { ds: &mut self.ds, dq_hm: &mut self.hm_q, dk_hm: &mut self.hm_k, dv_hm: &mut self.hm_v };
-        attention_backward(par, dq, dk, &mut g.dv, scratch, &g.dattn, &acts.probs, &acts.q, &acts.k, &acts.v, self.dims);
+        let scratch = AttnBackwardScratch {
+            ds: &mut self.ds,
+            dq_hm: &mut self.hm_q,
+            dk_hm: &mut self.hm_k,
+            dv_hm: &mut self.hm_v,
+        };
+        attention_backward(
+            par,
+            dq,
+            dk,
+            &mut g.dv,
+            scratch,
+            &g.dattn,
+            &acts.probs,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            self.dims,
+        );
         rope_backward(dq, &self.rope, n, t, h);
         rope_backward(dk, &self.rope, n, t, kv);
         if let (Some(qn), Some(kn), Some(dqn), Some(dkn)) = (w.q_norm, w.k_norm, norm_grads.q_norm, norm_grads.k_norm) {

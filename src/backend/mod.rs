@@ -99,7 +99,14 @@ pub trait Backend: Send {
 
     /// From `d_out` `[N, C]` (gradient of the FFN output): fills `g.dgate`, `g.dh1`, `g.dh3`
     /// and overwrites `dxn` `[N, C]` with the gradient of the FFN input xn2.
-    fn ffn_backward_dx(&mut self, dxn: &mut [f32], g: &mut LayerGrads, d_out: &[f32], acts: &LayerActs, w: &Weights) -> Result<()>;
+    fn ffn_backward_dx(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        d_out: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+    ) -> Result<()>;
 
     /// From `d_o` `[N, C]` (gradient of the attention block output): fills `g.dattn`, `g.dq`,
     /// `g.dk`, `g.dv`, accumulates the QK-norm gain gradients, and overwrites `dxn` `[N, C]`

@@ -56,7 +56,17 @@ impl<'a> Operand<'a> {
 /// `c[m×n] (+)= a[m×k] · b[k×n]`, with `c` row-major of leading dimension `ldc`; adds into `c`
 /// when `accumulate`, overwrites it otherwise. Panics if a slice is too short for its shape.
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm(par: Par, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn sgemm(
+    par: Par,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     assert!(a.data.len() >= a.span(m, k), "sgemm: lhs too short");
     assert!(b.data.len() >= b.span(k, n), "sgemm: rhs too short");
     assert!(c.len() >= Operand::n(c, ldc).span(m, n), "sgemm: dst too short");
@@ -80,9 +90,25 @@ pub fn sgemm(par: Par, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: 
             // gemm computes dst = alpha·dst + beta·lhs·rhs (alpha and beta swapped vs BLAS).
             unsafe {
                 gemm::gemm(
-                    m, n, k, c.as_mut_ptr(), 1, ldc as isize, accumulate,
-                    a.data.as_ptr(), acs, ars, b.data.as_ptr(), bcs, brs,
-                    1.0, 1.0, false, false, false, parallelism,
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    ldc as isize,
+                    accumulate,
+                    a.data.as_ptr(),
+                    acs,
+                    ars,
+                    b.data.as_ptr(),
+                    bcs,
+                    brs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
                 )
             }
         }
@@ -91,8 +117,20 @@ pub fn sgemm(par: Par, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: 
             // SAFETY: as above; beta = 0 means `c` is written without being read.
             unsafe {
                 matrixmultiply::sgemm(
-                    m, k, n, 1.0, a.data.as_ptr(), ars, acs, b.data.as_ptr(), brs, bcs,
-                    beta, c.as_mut_ptr(), ldc as isize, 1,
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.data.as_ptr(),
+                    ars,
+                    acs,
+                    b.data.as_ptr(),
+                    brs,
+                    bcs,
+                    beta,
+                    c.as_mut_ptr(),
+                    ldc as isize,
+                    1,
                 )
             }
         }
@@ -111,8 +149,20 @@ mod blas {
     #[cfg_attr(not(target_os = "macos"), link(name = "openblas"))]
     unsafe extern "C" {
         fn cblas_sgemm(
-            layout: i32, ta: i32, tb: i32, m: i32, n: i32, k: i32, alpha: f32,
-            a: *const f32, lda: i32, b: *const f32, ldb: i32, beta: f32, c: *mut f32, ldc: i32,
+            layout: i32,
+            ta: i32,
+            tb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
         );
     }
 
@@ -122,8 +172,20 @@ mod blas {
         // SAFETY: shapes were bounds-checked by the caller; BLAS reads/writes inside them.
         unsafe {
             cblas_sgemm(
-                ROW_MAJOR, t(&a), t(&b), m as i32, n as i32, k as i32, 1.0, a.data.as_ptr(), a.ld as i32,
-                b.data.as_ptr(), b.ld as i32, if acc { 1.0 } else { 0.0 }, c.as_mut_ptr(), ldc as i32,
+                ROW_MAJOR,
+                t(&a),
+                t(&b),
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.data.as_ptr(),
+                a.ld as i32,
+                b.data.as_ptr(),
+                b.ld as i32,
+                if acc { 1.0 } else { 0.0 },
+                c.as_mut_ptr(),
+                ldc as i32,
             )
         }
     }
@@ -145,7 +207,16 @@ pub fn matmul_forward(par: Par, out: &mut [f32], inp: &[f32], w: &[f32], m: usiz
 
 /// Input gradient of `out = inp · wᵀ`: dinp `[M, K]` (+)= dout `[M, N]` · w `[N, K]`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_backward_dx(par: Par, dinp: &mut [f32], dout: &[f32], w: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
+pub fn matmul_backward_dx(
+    par: Par,
+    dinp: &mut [f32],
+    dout: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
     sgemm(par, m, k, n, Operand::n(dout, n), Operand::n(w, k), dinp, k, accumulate);
 }
 
@@ -166,7 +237,16 @@ pub fn matmul_forward_slow(out: &mut [f64], inp: &[f64], w: &[f64], m: usize, k:
 
 /// f64 reference backward: dinp = dout · w; dw += doutᵀ · inp.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_backward_slow(dinp: &mut [f64], dw: &mut [f64], dout: &[f64], inp: &[f64], w: &[f64], m: usize, k: usize, n: usize) {
+pub fn matmul_backward_slow(
+    dinp: &mut [f64],
+    dw: &mut [f64],
+    dout: &[f64],
+    inp: &[f64],
+    w: &[f64],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     for i in 0..m {
         for p in 0..k {
             dinp[i * k + p] = (0..n).map(|j| dout[i * n + j] * w[j * k + p]).sum();

@@ -41,7 +41,8 @@ pub fn rmsnorm_backward(
 ) {
     let rows = rows_per_task(c);
     let (dinp, dout, rstd, inp) = (&mut dinp[..n * c], &dout[..n * c], &rstd[..n], &inp[..n * c]);
-    let body = |(((dx, dy), r), x): (((&mut [f32], &[f32]), &[f32]), &[f32])| {
+    type Rows<'a> = (((&'a mut [f32], &'a [f32]), &'a [f32]), &'a [f32]);
+    let body = |(((dx, dy), r), x): Rows| {
         for (((dx, dy), &r), x) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(r).zip(x.chunks_exact(c)) {
             // mean(g ⊙ x̂) = r · Σ(w ⊙ dy ⊙ x) / C
             let mut s = 0.0f32;
@@ -55,8 +56,11 @@ pub fn rmsnorm_backward(
             }
         }
     };
-    let chunks =
-        dinp.par_chunks_mut(rows * c).zip(dout.par_chunks(rows * c)).zip(rstd.par_chunks(rows)).zip(inp.par_chunks(rows * c));
+    let chunks = dinp
+        .par_chunks_mut(rows * c)
+        .zip(dout.par_chunks(rows * c))
+        .zip(rstd.par_chunks(rows))
+        .zip(inp.par_chunks(rows * c));
     chunks.for_each(body);
     // Sequential over rows: a fixed summation order keeps dw bit-reproducible; it is O(N·C).
     for ((dy, &r), x) in dout.chunks_exact(c).zip(rstd).zip(inp.chunks_exact(c)) {
@@ -80,14 +84,24 @@ pub fn rmsnorm_forward_slow(out: &mut [f64], inp: &[f64], w: &[f64], n: usize, c
 /// f64 reference backward, written from the chain rule directly (not the simplified form):
 /// ∂y_j/∂x_k = w_j (r δ_jk − x_j r³ x_k / C).
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_backward_slow(dinp: &mut [f64], dw: &mut [f64], dout: &[f64], inp: &[f64], w: &[f64], n: usize, c: usize, eps: f64) {
+pub fn rmsnorm_backward_slow(
+    dinp: &mut [f64],
+    dw: &mut [f64],
+    dout: &[f64],
+    inp: &[f64],
+    w: &[f64],
+    n: usize,
+    c: usize,
+    eps: f64,
+) {
     for i in 0..n {
         let x = &inp[i * c..(i + 1) * c];
         let dy = &dout[i * c..(i + 1) * c];
         let r = 1.0 / (x.iter().map(|v| v * v).sum::<f64>() / c as f64 + eps).sqrt();
         for k in 0..c {
-            dinp[i * c + k] =
-                (0..c).map(|j| dy[j] * w[j] * (if j == k { r } else { 0.0 } - x[j] * r * r * r * x[k] / c as f64)).sum();
+            dinp[i * c + k] = (0..c)
+                .map(|j| dy[j] * w[j] * (if j == k { r } else { 0.0 } - x[j] * r * r * r * x[k] / c as f64))
+                .sum();
         }
         for j in 0..c {
             dw[j] += dy[j] * x[j] * r;

@@ -18,8 +18,7 @@ impl RopeTable {
     /// of that f32 angle are then taken in f64 and rounded once.
     pub fn new(max_t: usize, d: usize, theta: f64) -> Self {
         let half = d / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32)).collect();
         let mut cos = Vec::with_capacity(max_t * half);
         let mut sin = Vec::with_capacity(max_t * half);
         for pos in 0..max_t {

@@ -65,7 +65,11 @@ mod tests {
             let fd = |i: usize, which: usize| {
                 let eval = |e: f64| {
                     let (mut a, mut b) = (h1[i] as f64, h3[i] as f64);
-                    if which == 0 { a += e } else { b += e }
+                    if which == 0 {
+                        a += e
+                    } else {
+                        b += e
+                    }
                     let mut out = [0.0];
                     swiglu_forward_slow(&mut out, &[a], &[b]);
                     out[0] * dg[i] as f64

@@ -56,8 +56,11 @@ impl AdamW {
             let g = &grads[range.clone()];
             let m = &mut self.m[range.clone()];
             let v = &mut self.v[range.clone()];
-            p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).for_each(
-                |(((p, g), m), v)| {
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| {
                     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                         let g = g * grad_mult;
                         *m = b1 * *m + (1.0 - b1) * g;
@@ -65,8 +68,7 @@ impl AdamW {
                         *p *= decay;
                         *p -= step_size * *m / (v.sqrt() * inv_sqrt_bc2 + eps);
                     }
-                },
-            );
+                });
         }
     }
 }
@@ -114,7 +116,8 @@ mod tests {
         let start = params.clone();
         let opt_cfg = AdamWConfig { beta1: 0.8, beta2: 0.9, eps: 1e-6, weight_decay: 0.5 };
         let mut opt = AdamW::new(opt_cfg, &layout);
-        let gseq: Vec<Vec<f32>> = (0..4).map(|s| (0..layout.total).map(|i| ((i * 7 + s * 13) % 11) as f32 * 0.1 - 0.5).collect()).collect();
+        let gseq: Vec<Vec<f32>> =
+            (0..4).map(|s| (0..layout.total).map(|i| ((i * 7 + s * 13) % 11) as f32 * 0.1 - 0.5).collect()).collect();
         for g in &gseq {
             opt.update(&mut params, g, 1e-2, 2.0);
         }

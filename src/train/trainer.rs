@@ -41,7 +41,10 @@ impl TrainOptions {
         ensure!(self.schedule_lr.is_finite() && self.schedule_lr > 0.0, "--lr must be a positive number");
         ensure!(self.min_lr.is_finite() && self.min_lr >= 0.0, "--min-lr must be a non-negative number");
         ensure!(self.grad_clip.is_finite() && self.grad_clip >= 0.0, "--grad-clip must be non-negative");
-        ensure!((0.0..1.0).contains(&self.adamw.beta1) && (0.0..1.0).contains(&self.adamw.beta2), "--beta1/--beta2 must be in [0, 1)");
+        ensure!(
+            (0.0..1.0).contains(&self.adamw.beta1) && (0.0..1.0).contains(&self.adamw.beta2),
+            "--beta1/--beta2 must be in [0, 1)"
+        );
         ensure!(self.adamw.weight_decay >= 0.0, "--weight-decay must be non-negative");
         Ok(())
     }
@@ -108,7 +111,8 @@ impl Trainer {
         for _ in 0..accum {
             self.sampler.next_batch(data, &mut self.tokens, &mut self.targets)?;
             let micro = Instant::now();
-            let ls = self.model.forward_backward(&self.params, &mut self.grads, &self.tokens, &self.targets, 1.0, accum)?;
+            let ls =
+                self.model.forward_backward(&self.params, &mut self.grads, &self.tokens, &self.targets, 1.0, accum)?;
             if self.micro_ms.len() < self.micro_ms.capacity() {
                 self.micro_ms.push(micro.elapsed().as_secs_f64() * 1e3);
             }
@@ -144,7 +148,12 @@ impl Trainer {
     }
 
     /// Runs every update, recording each to `telemetry` and handing it to `on_update`.
-    pub fn run(&mut self, data: &TokenData, telemetry: &mut Telemetry, mut on_update: impl FnMut(&StepEvent)) -> Result<TrainSummary> {
+    pub fn run(
+        &mut self,
+        data: &TokenData,
+        telemetry: &mut Telemetry,
+        mut on_update: impl FnMut(&StepEvent),
+    ) -> Result<TrainSummary> {
         let start = Instant::now();
         let mut losses = Vec::with_capacity(self.opts.steps);
         let mut tokens = 0;

@@ -192,25 +192,33 @@ impl ParamLayout {
     }
 
     /// Seeded init: matrices ~ N(0, 0.02²), residual output projections (Wo, W2) scaled by
-    /// 1/√(2L), norm gains 1. Each tensor draws from its own stream, so the result does not
-    /// depend on thread count or on the order tensors are filled in.
+    /// 1/√(2L), norm gains 1. Each block of `INIT_BLOCK` values of each tensor draws from its
+    /// own stream, so the result depends on neither the thread count nor the fill order, and
+    /// a 155M-value embedding fills in parallel.
     pub fn init(&self, seed: u64) -> Vec<f32> {
+        const INIT_BLOCK: usize = 1 << 20;
         let mut buf = vec![0.0f32; self.total];
         let residual_scale = 1.0 / (2.0 * self.n_layers().max(1) as f64).sqrt();
-        let mut slices: Vec<(usize, &mut [f32])> = Vec::with_capacity(self.tensors.len());
+        let mut jobs: Vec<(u64, f64, &mut [f32])> = Vec::new();
         let mut rest = buf.as_mut_slice();
         for (i, t) in self.tensors.iter().enumerate() {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.len());
-            slices.push((i, head));
             rest = tail;
-        }
-        slices.into_par_iter().for_each(|(i, out)| {
-            let std = match self.tensors[i].kind {
-                TensorKind::Norm => return out.fill(1.0),
+            let std = match t.kind {
+                TensorKind::Norm => 0.0,
                 TensorKind::ResidualMatrix => 0.02 * residual_scale,
                 TensorKind::Embedding | TensorKind::Matrix => 0.02,
             };
-            Rng::derive(seed, i as u64 + 1).fill_normal(out, std);
+            for (j, block) in head.chunks_mut(INIT_BLOCK).enumerate() {
+                jobs.push((((i as u64) << 32) | j as u64, std, block));
+            }
+        }
+        jobs.into_par_iter().for_each(|(stream, std, out)| {
+            if std == 0.0 {
+                out.fill(1.0);
+            } else {
+                Rng::derive(seed, stream + 1).fill_normal(out, std);
+            }
         });
         buf
     }

@@ -252,12 +252,6 @@ fn group_digits(n: usize) -> String {
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = ModelConfig::resolve(&args.model)?;
     let (par, pool) = args.rt.setup()?;
-    let data = if args.data == "synthetic" {
-        let n = 2_000_000usize.max(args.batch * (args.seq + 1) * 4);
-        TokenData::from_vec(synthetic_tokens(cfg.vocab_size, n, args.seed), cfg.vocab_size, "synthetic")?
-    } else {
-        TokenData::open_u16(std::path::Path::new(&args.data), cfg.vocab_size)?
-    };
     let opts = TrainOptions {
         steps: args.steps,
         batch: args.batch,
@@ -275,7 +269,13 @@ fn train(args: TrainArgs) -> Result<()> {
         grad_clip: args.grad_clip,
         seed: args.seed,
     };
-    opts.validate()?;
+    opts.validate(&cfg)?;
+    let data = if args.data == "synthetic" {
+        let n = 2_000_000usize.max(args.batch * (args.seq + 1) * 4);
+        TokenData::from_vec(synthetic_tokens(cfg.vocab_size, n, args.seed), cfg.vocab_size, "synthetic")?
+    } else {
+        TokenData::open_u16(std::path::Path::new(&args.data), cfg.vocab_size)?
+    };
     let mut telemetry = match &args.log {
         Some(path) => Telemetry::to_file(path)?,
         None => Telemetry::none(),

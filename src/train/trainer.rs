@@ -33,7 +33,14 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    pub fn validate(&self) -> Result<()> {
+    /// Checks every option, and the sequence length against the model, before any work starts.
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        ensure!(
+            self.seq <= cfg.max_seq_len,
+            "--seq {} exceeds the model's max_position_embeddings ({})",
+            self.seq,
+            cfg.max_seq_len
+        );
         ensure!(self.steps > 0, "--steps must be at least 1");
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.seq > 0, "--seq must be at least 1");
@@ -84,7 +91,7 @@ pub struct Trainer {
 impl Trainer {
     /// Fresh run: seeded init, zero optimizer state. Every buffer of the loop is sized here.
     pub fn new(cfg: &ModelConfig, opts: TrainOptions, par: Par, backend: Box<dyn Backend>) -> Result<Self> {
-        opts.validate()?;
+        opts.validate(cfg)?;
         let model = Model::new(cfg, opts.batch, opts.seq, par, backend)?;
         let params = model.layout.init(opts.seed);
         let n = opts.batch * opts.seq;

@@ -39,10 +39,9 @@ pub fn model_gemm_shapes(cfg: &ModelConfig, n: usize) -> Vec<GemmShape> {
     let (c, f, qd, kd, v, l) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size, cfg.n_layers);
     // (name, in K, out, count per step)
     let linears = [
-        ("q_proj", c, qd, l),
-        ("k_proj+v_proj", c, kd, 2 * l),
+        ("qkv_proj", c, qd + 2 * kd, l),
         ("o_proj", qd, c, l),
-        ("gate_proj+up_proj", c, f, 2 * l),
+        ("gate_up_proj", c, 2 * f, l),
         ("down_proj", f, c, l),
         ("classifier", c, v, 1),
     ];

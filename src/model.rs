@@ -92,20 +92,11 @@ impl Model {
                 x_mid: z(n * c),
                 rstd2: z(n),
                 xn2: z(n * c),
-                h1: z(n * f),
-                h3: z(n * f),
+                h13: z(n * 2 * f),
                 gate: z(n * f),
             })
             .collect();
-        let grads = LayerGrads {
-            dattn: z(n * qd),
-            dq: z(n * qd),
-            dk: z(n * kd),
-            dv: z(n * kd),
-            dgate: z(n * f),
-            dh1: z(n * f),
-            dh3: z(n * f),
-        };
+        let grads = LayerGrads { dattn: z(n * qd), dqkv: z(n * (qd + 2 * kd)), dgate: z(n * f), dh13: z(n * 2 * f) };
         Ok(Model {
             cfg: cfg.clone(),
             layout: ParamLayout::new(cfg),
@@ -240,16 +231,13 @@ impl Model {
             // FFN block: its output gradient is the residual gradient dx.
             self.backend.ffn_backward_dx(&mut self.dxn, g, &self.dx, acts, &w)?;
             matmul_backward_dw(par, gw.w2, &self.dx, &acts.gate, n, f, c);
-            matmul_backward_dw(par, gw.w1, &g.dh1, &acts.xn2, n, c, f);
-            matmul_backward_dw(par, gw.w3, &g.dh3, &acts.xn2, n, c, f);
+            matmul_backward_dw(par, gw.w13, &g.dh13, &acts.xn2, n, c, 2 * f);
             rmsnorm_backward(&mut self.dx, gw.ffn_norm, &self.dxn, &acts.rstd2, &acts.x_mid, w.ffn_norm, n, c, true);
             // Attention block.
             let norm_grads = QkNormGrads { q_norm: gw.q_norm, k_norm: gw.k_norm };
             self.backend.attention_backward_dx(&mut self.dxn, g, norm_grads, &self.dx, acts, &w)?;
             matmul_backward_dw(par, gw.wo, &self.dx, &acts.attn, n, qd, c);
-            matmul_backward_dw(par, gw.wq, &g.dq, &acts.xn1, n, c, qd);
-            matmul_backward_dw(par, gw.wk, &g.dk, &acts.xn1, n, c, kd);
-            matmul_backward_dw(par, gw.wv, &g.dv, &acts.xn1, n, c, kd);
+            matmul_backward_dw(par, gw.wqkv, &g.dqkv, &acts.xn1, n, c, qd + 2 * kd);
             rmsnorm_backward(&mut self.dx, gw.attn_norm, &self.dxn, &acts.rstd1, &acts.x_in, w.attn_norm, n, c, true);
         }
         embedding_backward(layout.view_mut(grads, layout.embed), &self.dx, tokens, c);

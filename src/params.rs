@@ -50,17 +50,16 @@ impl TensorInfo {
     }
 }
 
-/// Views of one decoder layer's tensors; `T` is `&[f32]`, `&mut [f32]` or a tensor index.
+/// Views of one decoder layer's weights as the kernels use them; `T` is `&[f32]` or
+/// `&mut [f32]`. Projections that read the same input are stacked views over HF tensors that
+/// the layout places next to each other.
 #[derive(Debug)]
 pub struct LayerTensors<T> {
     /// `[C]` input_layernorm
     pub attn_norm: T,
-    /// `[H·D, C]` q_proj
-    pub wq: T,
-    /// `[KV·D, C]` k_proj
-    pub wk: T,
-    /// `[KV·D, C]` v_proj
-    pub wv: T,
+    /// `[(H + 2·KV)·D, C]`: q_proj, k_proj and v_proj stacked (adjacent in the arena), so
+    /// the three projections are one GEMM.
+    pub wqkv: T,
     /// `[C, H·D]` o_proj
     pub wo: T,
     /// `[D]` q_norm (QK-norm models only)
@@ -69,10 +68,8 @@ pub struct LayerTensors<T> {
     pub k_norm: Option<T>,
     /// `[C]` post_attention_layernorm
     pub ffn_norm: T,
-    /// `[F, C]` gate_proj
-    pub w1: T,
-    /// `[F, C]` up_proj
-    pub w3: T,
+    /// `[2·F, C]`: gate_proj (W1) then up_proj (W3), stacked, one GEMM.
+    pub w13: T,
     /// `[C, F]` down_proj
     pub w2: T,
 }
@@ -183,12 +180,12 @@ impl ParamLayout {
     fn split_layer<T>(&self, l: usize, mut take: impl FnMut(usize) -> T) -> LayerTensors<T> {
         let (c, f, q, kv, d) = self.layer_dims;
         let attn_norm = take(c);
-        let (wq, wk, wv, wo) = (take(q * c), take(kv * c), take(kv * c), take(c * q));
+        let (wqkv, wo) = (take((q + 2 * kv) * c), take(c * q));
         let (q_norm, k_norm) = if self.has_qk_norm { (Some(take(d)), Some(take(d))) } else { (None, None) };
         let ffn_norm = take(c);
-        let (w1, w3, w2) = (take(f * c), take(f * c), take(c * f));
+        let (w13, w2) = (take(2 * f * c), take(c * f));
         debug_assert!(l < self.n_layers());
-        LayerTensors { attn_norm, wq, wk, wv, wo, q_norm, k_norm, ffn_norm, w1, w3, w2 }
+        LayerTensors { attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2 }
     }
 
     /// Seeded init: matrices ~ N(0, 0.02²), residual output projections (Wo, W2) scaled by

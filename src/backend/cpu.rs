@@ -9,6 +9,7 @@ use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{RopeTable, rope_backward, rope_forward};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
 use anyhow::Result;
+use rayon::prelude::*;
 
 pub struct CpuBackend {
     par: Par,
@@ -26,9 +27,47 @@ pub struct CpuBackend {
     hm_v: Vec<f32>,
     /// `[B, H, T, T]` dP → dS
     ds: Vec<f32>,
-    /// `[N, H·D]`, `[N, KV·D]`: post-norm q/k gradients before QK-norm backward (QK-norm only)
-    dq_post: Vec<f32>,
-    dk_post: Vec<f32>,
+    /// `[N, (H + 2·KV)·D]` fused projection output, split into q, k, v after the GEMM
+    qkv: Vec<f32>,
+    /// `[N, H·D]`, `[N, KV·D]`, `[N, KV·D]`: attention's q/k/v gradients (after RoPE
+    /// backward), gathered into the fused `dqkv` for one dx and one dW GEMM
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    /// `[N, H·D]`, `[N, KV·D]`: q/k gradients through QK-norm backward (QK-norm only)
+    dq_raw: Vec<f32>,
+    dk_raw: Vec<f32>,
+}
+
+/// Copies the column blocks of `src` `[N, Σ widths]` into separate `[N, width]` buffers.
+fn split_columns(src: &[f32], dsts: [(&mut [f32], usize); 3]) {
+    let w: usize = dsts.iter().map(|d| d.1).sum();
+    let mut at = 0;
+    for (dst, width) in dsts {
+        let rows = super::super::ops::rows_per_task(w);
+        dst.par_chunks_mut(rows * width).zip(src.par_chunks(rows * w)).for_each(|(d, s)| {
+            for (d, s) in d.chunks_exact_mut(width).zip(s.chunks_exact(w)) {
+                d.copy_from_slice(&s[at..at + width]);
+            }
+        });
+        at += width;
+    }
+}
+
+/// The inverse of `split_columns`: `[N, width]` buffers side by side into `dst` `[N, Σ widths]`.
+fn join_columns(dst: &mut [f32], srcs: [(&[f32], usize); 3]) {
+    let w: usize = srcs.iter().map(|s| s.1).sum();
+    let rows = super::super::ops::rows_per_task(w);
+    dst.par_chunks_mut(rows * w).enumerate().for_each(|(blk, d)| {
+        for (r, d) in d.chunks_exact_mut(w).enumerate() {
+            let row = blk * rows + r;
+            let mut at = 0;
+            for (src, width) in &srcs {
+                d[at..at + width].copy_from_slice(&src[row * width..(row + 1) * width]);
+                at += width;
+            }
+        }
+    });
 }
 
 impl CpuBackend {
@@ -49,8 +88,12 @@ impl CpuBackend {
             hm_k: vec![0.0; n * cfg.kv_dim()],
             hm_v: vec![0.0; n * cfg.kv_dim()],
             ds: vec![0.0; dims.probs_len()],
-            dq_post: vec![0.0; qk * n * cfg.q_dim()],
-            dk_post: vec![0.0; qk * n * cfg.kv_dim()],
+            qkv: vec![0.0; n * (cfg.q_dim() + 2 * cfg.kv_dim())],
+            dq: vec![0.0; n * cfg.q_dim()],
+            dk: vec![0.0; n * cfg.kv_dim()],
+            dv: vec![0.0; n * cfg.kv_dim()],
+            dq_raw: vec![0.0; qk * n * cfg.q_dim()],
+            dk_raw: vec![0.0; qk * n * cfg.kv_dim()],
         }
     }
 }
@@ -64,19 +107,15 @@ impl Backend for CpuBackend {
         let (par, n, c, eps) = (self.par, self.n, self.c, self.eps);
         let AttnDims { t, h, kv, d, .. } = self.dims;
         let (qd, kd) = (h * d, kv * d);
+        matmul_forward(par, &mut self.qkv, &acts.xn1, w.wqkv, n, c, qd + 2 * kd);
         match (w.q_norm, w.k_norm) {
             (Some(qn), Some(kn)) => {
-                matmul_forward(par, &mut acts.q_raw, &acts.xn1, w.wq, n, c, qd);
-                matmul_forward(par, &mut acts.k_raw, &acts.xn1, w.wk, n, c, kd);
+                split_columns(&self.qkv, [(&mut acts.q_raw, qd), (&mut acts.k_raw, kd), (&mut acts.v, kd)]);
                 rmsnorm_forward(&mut acts.q, &mut acts.q_rstd, &acts.q_raw, qn, n * h, d, eps);
                 rmsnorm_forward(&mut acts.k, &mut acts.k_rstd, &acts.k_raw, kn, n * kv, d, eps);
             }
-            _ => {
-                matmul_forward(par, &mut acts.q, &acts.xn1, w.wq, n, c, qd);
-                matmul_forward(par, &mut acts.k, &acts.xn1, w.wk, n, c, kd);
-            }
+            _ => split_columns(&self.qkv, [(&mut acts.q, qd), (&mut acts.k, kd), (&mut acts.v, kd)]),
         }
-        matmul_forward(par, &mut acts.v, &acts.xn1, w.wv, n, c, kd);
         rope_forward(&mut acts.q, &self.rope, n, t, h);
         rope_forward(&mut acts.k, &self.rope, n, t, kv);
         attention_forward(par, &mut acts.attn, &mut acts.probs, &mut self.hm_q, &acts.q, &acts.k, &acts.v, self.dims);
@@ -86,9 +125,8 @@ impl Backend for CpuBackend {
 
     fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
         let (par, n, c, f) = (self.par, self.n, self.c, self.f);
-        matmul_forward(par, &mut acts.h1, &acts.xn2, w.w1, n, c, f);
-        matmul_forward(par, &mut acts.h3, &acts.xn2, w.w3, n, c, f);
-        swiglu_forward(&mut acts.gate, &acts.h1, &acts.h3);
+        matmul_forward(par, &mut acts.h13, &acts.xn2, w.w13, n, c, 2 * f);
+        swiglu_forward(&mut acts.gate, &acts.h13, f);
         matmul_forward(par, out, &acts.gate, w.w2, n, f, c);
         Ok(())
     }
@@ -103,9 +141,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (par, n, c, f) = (self.par, self.n, self.c, self.f);
         matmul_backward_dx(par, &mut g.dgate, d_out, w.w2, n, f, c, false);
-        swiglu_backward(&mut g.dh1, &mut g.dh3, &g.dgate, &acts.h1, &acts.h3);
-        matmul_backward_dx(par, dxn, &g.dh1, w.w1, n, c, f, false);
-        matmul_backward_dx(par, dxn, &g.dh3, w.w3, n, c, f, true);
+        swiglu_backward(&mut g.dh13, &g.dgate, &acts.h13, f);
+        matmul_backward_dx(par, dxn, &g.dh13, w.w13, n, c, 2 * f, false);
         Ok(())
     }
 
@@ -121,22 +158,19 @@ impl Backend for CpuBackend {
         let (par, n, c) = (self.par, self.n, self.c);
         let AttnDims { t, h, kv, d, .. } = self.dims;
         let (qd, kd) = (h * d, kv * d);
-        let qk_norm = w.q_norm.is_some();
         matmul_backward_dx(par, &mut g.dattn, d_o, w.wo, n, qd, c, false);
-        // With QK-norm, attention's q/k gradients are post-norm; they go through the norm's
-        // backward into g.dq/g.dk. Without it they land in g.dq/g.dk directly.
-        let (dq, dk) = if qk_norm { (&mut self.dq_post, &mut self.dk_post) } else { (&mut g.dq, &mut g.dk) };
         let scratch = AttnBackwardScratch {
             ds: &mut self.ds,
             dq_hm: &mut self.hm_q,
             dk_hm: &mut self.hm_k,
             dv_hm: &mut self.hm_v,
         };
+        let (dq, dk) = (&mut self.dq, &mut self.dk);
         attention_backward(
             par,
             dq,
             dk,
-            &mut g.dv,
+            &mut self.dv,
             scratch,
             &g.dattn,
             &acts.probs,
@@ -147,13 +181,18 @@ impl Backend for CpuBackend {
         );
         rope_backward(dq, &self.rope, n, t, h);
         rope_backward(dk, &self.rope, n, t, kv);
-        if let (Some(qn), Some(kn), Some(dqn), Some(dkn)) = (w.q_norm, w.k_norm, norm_grads.q_norm, norm_grads.k_norm) {
-            rmsnorm_backward(&mut g.dq, dqn, &self.dq_post, &acts.q_rstd, &acts.q_raw, qn, n * h, d, false);
-            rmsnorm_backward(&mut g.dk, dkn, &self.dk_post, &acts.k_rstd, &acts.k_raw, kn, n * kv, d, false);
-        }
-        matmul_backward_dx(par, dxn, &g.dq, w.wq, n, c, qd, false);
-        matmul_backward_dx(par, dxn, &g.dk, w.wk, n, c, kd, true);
-        matmul_backward_dx(par, dxn, &g.dv, w.wv, n, c, kd, true);
+        // With QK-norm, the q/k gradients so far are post-norm; the norm's backward takes them
+        // to the raw projection outputs.
+        let (dq, dk): (&[f32], &[f32]) = match (w.q_norm, w.k_norm, norm_grads.q_norm, norm_grads.k_norm) {
+            (Some(qn), Some(kn), Some(dqn), Some(dkn)) => {
+                rmsnorm_backward(&mut self.dq_raw, dqn, &self.dq, &acts.q_rstd, &acts.q_raw, qn, n * h, d, false);
+                rmsnorm_backward(&mut self.dk_raw, dkn, &self.dk, &acts.k_rstd, &acts.k_raw, kn, n * kv, d, false);
+                (&self.dq_raw, &self.dk_raw)
+            }
+            _ => (&self.dq, &self.dk),
+        };
+        join_columns(&mut g.dqkv, [(dq, qd), (dk, kd), (&self.dv, kd)]);
+        matmul_backward_dx(par, dxn, &g.dqkv, w.wqkv, n, c, qd + 2 * kd, false);
         Ok(())
     }
 }

@@ -48,10 +48,8 @@ pub struct LayerActs {
     pub rstd2: Vec<f32>,
     /// `[N, C]` RMSNorm(x_mid) ⊙ ffn_norm: the FFN input
     pub xn2: Vec<f32>,
-    /// `[N, F]` xn2·W1ᵀ (gate_proj)
-    pub h1: Vec<f32>,
-    /// `[N, F]` xn2·W3ᵀ (up_proj)
-    pub h3: Vec<f32>,
+    /// `[N, 2·F]` xn2·[W1; W3]ᵀ: per row, gate_proj output h1 then up_proj output h3
+    pub h13: Vec<f32>,
     /// `[N, F]` silu(h1) ⊙ h3 (input of W2)
     pub gate: Vec<f32>,
 }
@@ -62,18 +60,12 @@ pub struct LayerActs {
 pub struct LayerGrads {
     /// `[N, H·D]` ∂/∂attn (= d_o · Wo), for dWo
     pub dattn: Vec<f32>,
-    /// `[N, H·D]` ∂/∂(q projection output), before QK-norm, for dWq
-    pub dq: Vec<f32>,
-    /// `[N, KV·D]` ∂/∂(k projection output), for dWk
-    pub dk: Vec<f32>,
-    /// `[N, KV·D]` ∂/∂v, for dWv
-    pub dv: Vec<f32>,
-    /// `[N, F]` ∂/∂gate (= d_out · W2), for dW2's partner
+    /// `[N, (H + 2·KV)·D]` ∂/∂(q|k|v projection outputs), before QK-norm, for dWqkv
+    pub dqkv: Vec<f32>,
+    /// `[N, F]` ∂/∂gate (= d_out · W2)
     pub dgate: Vec<f32>,
-    /// `[N, F]` ∂/∂h1, for dW1
-    pub dh1: Vec<f32>,
-    /// `[N, F]` ∂/∂h3, for dW3
-    pub dh3: Vec<f32>,
+    /// `[N, 2·F]` ∂/∂h13, for dW13
+    pub dh13: Vec<f32>,
 }
 
 /// Weight-gradient slices that live inside attention kernels (QK-norm gains).
@@ -94,10 +86,10 @@ pub trait Backend: Send {
     /// and `o` `[N, C]` = attn · Woᵀ.
     fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()>;
 
-    /// Reads `acts.xn2`; writes h1, h3, gate into `acts` and `out` `[N, C]` = gate · W2ᵀ.
+    /// Reads `acts.xn2`; writes h13, gate into `acts` and `out` `[N, C]` = gate · W2ᵀ.
     fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()>;
 
-    /// From `d_out` `[N, C]` (gradient of the FFN output): fills `g.dgate`, `g.dh1`, `g.dh3`
+    /// From `d_out` `[N, C]` (gradient of the FFN output): fills `g.dgate`, `g.dh13`
     /// and overwrites `dxn` `[N, C]` with the gradient of the FFN input xn2.
     fn ffn_backward_dx(
         &mut self,
@@ -108,8 +100,8 @@ pub trait Backend: Send {
         w: &Weights,
     ) -> Result<()>;
 
-    /// From `d_o` `[N, C]` (gradient of the attention block output): fills `g.dattn`, `g.dq`,
-    /// `g.dk`, `g.dv`, accumulates the QK-norm gain gradients, and overwrites `dxn` `[N, C]`
+    /// From `d_o` `[N, C]` (gradient of the attention block output): fills `g.dattn` and
+    /// `g.dqkv`, accumulates the QK-norm gain gradients, and overwrites `dxn` `[N, C]`
     /// with the gradient of the attention input xn1.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_dx(

@@ -1,5 +1,6 @@
 //! SwiGLU gate: `gate = silu(h1) ⊙ h3`, silu(x) = x·σ(x), with h1 = x·W1ᵀ (gate_proj) and
-//! h3 = x·W3ᵀ (up_proj); the FFN output is gate·W2ᵀ (down_proj).
+//! h3 = x·W3ᵀ (up_proj) computed by one GEMM into `h13` `[N, 2·F]` (h1 | h3 per row); the FFN
+//! output is gate·W2ᵀ (down_proj).
 
 use super::rows_per_task;
 use rayon::prelude::*;
@@ -9,26 +10,33 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// gate `[N, F]` = silu(h1) ⊙ h3; h1, h3 `[N, F]`.
-pub fn swiglu_forward(gate: &mut [f32], h1: &[f32], h3: &[f32]) {
-    let block = rows_per_task(1);
-    gate.par_chunks_mut(block).zip(h1.par_chunks(block)).zip(h3.par_chunks(block)).for_each(|((g, a), b)| {
-        for ((gi, &x), &u) in g.iter_mut().zip(a).zip(b) {
-            *gi = x * sigmoid(x) * u;
+/// gate `[N, F]` = silu(h1) ⊙ h3, with h13 `[N, 2·F]` holding h1 then h3 in each row.
+pub fn swiglu_forward(gate: &mut [f32], h13: &[f32], f: usize) {
+    let rows = rows_per_task(2 * f);
+    gate.par_chunks_mut(rows * f).zip(h13.par_chunks(rows * 2 * f)).for_each(|(g, h)| {
+        for (g, h) in g.chunks_exact_mut(f).zip(h.chunks_exact(2 * f)) {
+            let (h1, h3) = h.split_at(f);
+            for ((gi, &x), &u) in g.iter_mut().zip(h1).zip(h3) {
+                *gi = x * sigmoid(x) * u;
+            }
         }
     });
 }
 
-/// `dh1 = dgate ⊙ h3 ⊙ silu'(h1)`, silu'(x) = σ(x)·(1 + x·(1 − σ(x))); `dh3 = dgate ⊙ silu(h1)`.
-pub fn swiglu_backward(dh1: &mut [f32], dh3: &mut [f32], dgate: &[f32], h1: &[f32], h3: &[f32]) {
-    let block = rows_per_task(1);
-    let chunks =
-        dh1.par_chunks_mut(block).zip(dh3.par_chunks_mut(block)).zip(dgate.par_chunks(block)).zip(h1.par_chunks(block));
-    chunks.zip(h3.par_chunks(block)).for_each(|((((da, db), dg), a), b)| {
-        for ((((dai, dbi), &g), &x), &u) in da.iter_mut().zip(db.iter_mut()).zip(dg).zip(a).zip(b) {
-            let s = sigmoid(x);
-            *dai = g * u * s * (1.0 + x * (1.0 - s));
-            *dbi = g * x * s;
+/// `dh1 = dgate ⊙ h3 ⊙ silu'(h1)`, silu'(x) = σ(x)·(1 + x·(1 − σ(x))); `dh3 = dgate ⊙ silu(h1)`;
+/// dh13 `[N, 2·F]` laid out like h13.
+pub fn swiglu_backward(dh13: &mut [f32], dgate: &[f32], h13: &[f32], f: usize) {
+    let rows = rows_per_task(2 * f);
+    let chunks = dh13.par_chunks_mut(rows * 2 * f).zip(dgate.par_chunks(rows * f)).zip(h13.par_chunks(rows * 2 * f));
+    chunks.for_each(|((dh, dg), h)| {
+        for ((dh, dg), h) in dh.chunks_exact_mut(2 * f).zip(dg.chunks_exact(f)).zip(h.chunks_exact(2 * f)) {
+            let (d1, d3) = dh.split_at_mut(f);
+            let (h1, h3) = h.split_at(f);
+            for ((((d1, d3), &g), &x), &u) in d1.iter_mut().zip(d3.iter_mut()).zip(dg).zip(h1).zip(h3) {
+                let s = sigmoid(x);
+                *d1 = g * u * s * (1.0 + x * (1.0 - s));
+                *d3 = g * x * s;
+            }
         }
     });
 }
@@ -49,17 +57,20 @@ mod tests {
     #[test]
     fn fast_matches_naive_and_finite_differences() {
         let mut rng = Rng::new(31);
-        for n in [1, 7, 33, 20000] {
-            let h1: Vec<f32> = randn(&mut rng, n).iter().map(|x| 4.0 * x).collect();
-            let h3 = randn(&mut rng, n);
-            let dg = randn(&mut rng, n);
-            let mut g = vec![0.0; n];
-            swiglu_forward(&mut g, &h1, &h3);
-            let mut g_r = vec![0.0; n];
+        for &(n, f) in &[(1, 1), (7, 13), (33, 5), (20, 1000)] {
+            let h13: Vec<f32> = randn(&mut rng, n * 2 * f).iter().map(|x| 4.0 * x).collect();
+            let (h1, h3): (Vec<f32>, Vec<f32>) = {
+                let rows = h13.chunks_exact(2 * f);
+                (rows.clone().flat_map(|r| r[..f].to_vec()).collect(), rows.flat_map(|r| r[f..].to_vec()).collect())
+            };
+            let dg = randn(&mut rng, n * f);
+            let mut g = vec![0.0; n * f];
+            swiglu_forward(&mut g, &h13, f);
+            let mut g_r = vec![0.0; n * f];
             swiglu_forward_slow(&mut g_r, &f64s(&h1), &f64s(&h3));
             assert_close(&g, &g_r, 1e-6, "swiglu fwd");
-            let (mut d1, mut d3) = (vec![0.0; n], vec![0.0; n]);
-            swiglu_backward(&mut d1, &mut d3, &dg, &h1, &h3);
+            let mut dh13 = vec![0.0; n * 2 * f];
+            swiglu_backward(&mut dh13, &dg, &h13, f);
             // Elementwise op: the gradient of Σ dg ⊙ gate is elementwise, so one central
             // difference per element checks it.
             let fd = |i: usize, which: usize| {
@@ -76,10 +87,11 @@ mod tests {
                 };
                 (eval(1e-6) - eval(-1e-6)) / 2e-6
             };
-            let n1: Vec<f64> = (0..n).map(|i| fd(i, 0)).collect();
-            let n3: Vec<f64> = (0..n).map(|i| fd(i, 1)).collect();
-            assert_close(&d1, &n1, 1e-5, "swiglu dh1");
-            assert_close(&d3, &n3, 1e-5, "swiglu dh3");
+            let numeric: Vec<f64> = (0..n)
+                .flat_map(|r| (0..2 * f).map(move |j| (r, j)))
+                .map(|(r, j)| if j < f { fd(r * f + j, 0) } else { fd(r * f + j - f, 1) })
+                .collect();
+            assert_close(&dh13, &numeric, 1e-5, "swiglu dh13");
         }
     }
 }

@@ -1,0 +1,87 @@
+//! The `anetrain` binary end to end: the default run trains and logs, `info` reports the
+//! published parameter counts, and bad input exits non-zero with one clear message.
+
+use std::process::{Command, Output};
+
+fn anetrain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_anetrain")).args(args).output().expect("run anetrain")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn default_run_trains_and_writes_telemetry() {
+    let dir = std::env::temp_dir().join(format!("anetrain-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("run.jsonl");
+    let out = anetrain(&["train", "--steps", "60", "--no-peak", "--threads", "2", "--log", log.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("--- efficiency ---") && all.contains("tokens/s"), "{all}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 60);
+    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_forward", "ms_backward", "ms_optimizer"] {
+        assert!(lines[0].get(key).is_some(), "telemetry lacks '{key}'");
+    }
+    let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
+    assert!((loss(0) - 512f64.ln()).abs() < 0.3, "first loss {}", loss(0));
+    assert!(loss(59) < loss(0) - 1.5, "loss did not fall: {} -> {}", loss(0), loss(59));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn info_reports_published_parameter_counts() {
+    let out = anetrain(&["info", "--model", "qwen3-0.6b"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("596,049,920"), "{}", text(&out));
+    let out = anetrain(&["info", "--model", "stories110m"]);
+    assert!(text(&out).contains("109,529,856"), "{}", text(&out));
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_message() {
+    let dir = std::env::temp_dir().join(format!("anetrain-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let big_id = dir.join("big.bin");
+    std::fs::write(&big_id, [1u8, 0, 0xff, 0xff]).unwrap();
+    let odd = dir.join("odd.bin");
+    std::fs::write(&odd, [1u8, 0, 7]).unwrap();
+    let empty = dir.join("empty.bin");
+    std::fs::write(&empty, []).unwrap();
+    let bad_cfg = dir.join("config.json");
+    std::fs::write(
+        &bad_cfg,
+        r#"{"hidden_size": 64, "intermediate_size": 10, "num_hidden_layers": 1,
+        "num_attention_heads": 6, "num_key_value_heads": 4, "vocab_size": 10}"#,
+    )
+    .unwrap();
+    let p = |path: &std::path::Path| path.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["train".into(), "--model".into(), "nope".into()], "unknown model 'nope'"),
+        (
+            vec!["train".into(), "--model".into(), "stories15m".into(), "--seq".into(), "300".into()],
+            "max_position_embeddings",
+        ),
+        (vec!["train".into(), "--data".into(), "/nonexistent/tokens.bin".into()], "cannot open token file"),
+        (vec!["train".into(), "--data".into(), p(&big_id)], "outside the model's vocabulary"),
+        (vec!["train".into(), "--data".into(), p(&odd)], "odd size"),
+        (vec!["train".into(), "--data".into(), p(&empty)], "is empty"),
+        (vec!["train".into(), "--batch".into(), "0".into()], "--batch must be at least 1"),
+        (vec!["train".into(), "--steps".into(), "0".into()], "--steps must be at least 1"),
+        (vec!["train".into(), "--threads".into(), "0".into()], "--threads must be at least 1"),
+        (vec!["train".into(), "--lr=-1".into()], "--lr must be a positive number"),
+        (vec!["info".into(), "--model".into(), p(&bad_cfg)], "num_key_value_heads"),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = anetrain(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: stderr '{err}' lacks '{needle}'");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

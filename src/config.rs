@@ -43,6 +43,27 @@ pub struct ModelConfig {
 /// Names accepted by `--model`, in the order `anetrain info` lists them.
 pub const PRESETS: &[&str] = &["stories260k", "stories15m", "stories42m", "stories110m", "qwen3-0.6b"];
 
+/// RoPE θ from `rope_theta`, or from transformers 5's `rope_parameters` (which replaces it);
+/// 10000 when neither is present. Only the default (unscaled) RoPE is implemented.
+fn rope_theta(obj: &serde_json::Map<String, Value>) -> Result<f64> {
+    let top = obj.get("rope_theta").filter(|v| !v.is_null());
+    let nested = obj.get("rope_parameters").filter(|v| !v.is_null());
+    if let Some(params) = nested {
+        let kind = params.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+        if kind != "default" {
+            bail!("field 'rope_parameters.rope_type' = '{kind}' is not supported (only 'default')");
+        }
+    }
+    let value = match (top, nested.and_then(|p| p.get("rope_theta"))) {
+        (Some(t), Some(n)) if t.as_f64() != n.as_f64() => {
+            bail!("fields 'rope_theta' ({t}) and 'rope_parameters.rope_theta' ({n}) disagree")
+        }
+        (Some(v), _) | (None, Some(v)) => v,
+        (None, None) => return Ok(10000.0),
+    };
+    value.as_f64().with_context(|| format!("field 'rope_theta' must be a number, got {value}"))
+}
+
 impl ModelConfig {
     /// A llama2.c "Stories" shape: MHA or GQA, tied classifier, θ 10000, eps 1e-5.
     #[allow(clippy::too_many_arguments)]
@@ -196,7 +217,7 @@ impl ModelConfig {
             head_dim,
             vocab_size: req("vocab_size")?,
             max_seq_len: opt_usize("max_position_embeddings")?.unwrap_or(2048),
-            rope_theta: opt_f64("rope_theta")?.unwrap_or(10000.0),
+            rope_theta: rope_theta(obj)?,
             norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             qk_norm: opt_bool("qk_norm")?.unwrap_or(is_qwen3),
             tied_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
@@ -360,6 +381,19 @@ mod tests {
         v.as_object_mut().unwrap().remove("intermediate_size");
         let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
         assert!(err.contains("intermediate_size"), "{err}");
+    }
+
+    #[test]
+    fn rope_theta_from_transformers5_rope_parameters() {
+        let mut v = ModelConfig::preset("qwen3-0.6b").unwrap().to_hf_json();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        v["rope_parameters"] = serde_json::json!({"rope_theta": 1e6, "rope_type": "default"});
+        assert_eq!(ModelConfig::from_hf_json(&v).unwrap().rope_theta, 1e6);
+        v["rope_parameters"]["rope_type"] = "yarn".into();
+        assert!(format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err()).contains("rope_type"));
+        v["rope_parameters"] = serde_json::json!({"rope_theta": 1e6});
+        v["rope_theta"] = 1e4.into();
+        assert!(format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err()).contains("disagree"));
     }
 
     #[test]

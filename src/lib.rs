@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod model;

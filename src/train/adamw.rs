@@ -82,6 +82,12 @@ pub fn sum_squares(grads: &[f32], partials: &mut [f64]) -> f64 {
     partials[..grads.len().div_ceil(CHUNK)].iter().sum()
 }
 
+/// Gradient multiplier for global-norm clipping, as `torch.nn.utils.clip_grad_norm_`:
+/// `min(1, max_norm / (norm + 1e-6))`; `max_norm = 0` disables clipping.
+pub fn clip_multiplier(norm: f64, max_norm: f64) -> f32 {
+    if max_norm > 0.0 { (max_norm / (norm + 1e-6)).min(1.0) as f32 } else { 1.0 }
+}
+
 pub fn partials_len(total: usize) -> usize {
     total.div_ceil(CHUNK)
 }

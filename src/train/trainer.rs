@@ -1,7 +1,7 @@
 //! The training loop: micro-batches with gradient accumulation, global-norm clipping, AdamW
 //! over a warmup + cosine schedule, telemetry. Knows the model and its kernel trait only.
 
-use super::adamw::{AdamW, AdamWConfig, partials_len, sum_squares};
+use super::adamw::{AdamW, AdamWConfig, clip_multiplier, partials_len, sum_squares};
 use super::schedule::Schedule;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
@@ -132,8 +132,7 @@ impl Trainer {
         let lr = self.opts.schedule().lr_at(step);
         let skipped = !grad_norm.is_finite();
         if !skipped {
-            let clip = self.opts.grad_clip;
-            let mult = if clip > 0.0 && grad_norm > clip { (clip / grad_norm) as f32 } else { 1.0 };
+            let mult = clip_multiplier(grad_norm, self.opts.grad_clip);
             self.opt.update(&mut self.params, &self.grads, lr, mult);
         }
         let ms_optimizer = opt_start.elapsed().as_secs_f64() * 1e3;

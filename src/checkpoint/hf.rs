@@ -1,0 +1,194 @@
+//! HF model directories: `config.json` + `model.safetensors`, or a sharded
+//! `model.safetensors.index.json`; `LlamaForCausalLM` and `Qwen3ForCausalLM`; fp32, fp16 and
+//! bf16 tensors. Tensor names are the arena's names, which are HF's exactly.
+
+use super::safetensors::{self, Dtype, SafeTensors, TensorOut};
+use crate::config::ModelConfig;
+use crate::params::ParamLayout;
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "Qwen3ForCausalLM"];
+
+/// Reads the model's config and every parameter into a fresh arena.
+pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("{} is not an HF model directory: cannot read config.json", dir.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    if let Some(archs) = value.get("architectures").and_then(Value::as_array) {
+        for arch in archs.iter().filter_map(Value::as_str) {
+            ensure!(
+                ARCHITECTURES.contains(&arch),
+                "{}: architecture '{arch}' is not supported (expected one of {})",
+                config_path.display(),
+                ARCHITECTURES.join(", ")
+            );
+        }
+    }
+    let mut cfg =
+        ModelConfig::from_hf_json(&value).with_context(|| format!("invalid model config {}", config_path.display()))?;
+    cfg.name = dir.display().to_string();
+    let layout = ParamLayout::new(&cfg);
+    let files = open_weight_files(dir)?;
+
+    // Which file holds each tensor; every expected tensor must be present exactly once.
+    let mut owner: BTreeMap<&str, &SafeTensors> = BTreeMap::new();
+    for st in &files {
+        for name in st.tensors.keys() {
+            if owner.insert(name.as_str(), st).is_some() {
+                bail!("tensor '{name}' appears in more than one shard of {}", dir.display());
+            }
+        }
+    }
+    let missing: Vec<&str> =
+        layout.tensors.iter().map(|t| t.name.as_str()).filter(|n| !owner.contains_key(n)).collect();
+    ensure!(missing.is_empty(), "{}: missing tensors: {}", dir.display(), missing.join(", "));
+    let expected: BTreeSet<&str> = layout.tensors.iter().map(|t| t.name.as_str()).collect();
+    let unexpected: Vec<&str> = owner
+        .keys()
+        .copied()
+        .filter(|n| !expected.contains(n))
+        // Tied checkpoints sometimes carry the shared matrix twice; RoPE buffers are derived.
+        .filter(|n| !(cfg.tied_embeddings && *n == "lm_head.weight") && !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    ensure!(
+        unexpected.is_empty(),
+        "{}: tensors this architecture does not have: {} (biases or another variant?)",
+        dir.display(),
+        unexpected.join(", ")
+    );
+
+    let mut params = vec![0.0f32; layout.total];
+    for t in &layout.tensors {
+        let st = owner[t.name.as_str()];
+        let info = st.info(&t.name)?;
+        ensure!(
+            info.shape == t.shape,
+            "{}: '{}' has shape {:?}, the config implies {:?}",
+            st.path.display(),
+            t.name,
+            info.shape,
+            t.shape
+        );
+        st.read_f32(&t.name, &mut params[t.range()])?;
+    }
+    if let Some((i, _)) = params.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        let t = layout.tensors.iter().find(|t| t.range().contains(&i)).expect("in some tensor");
+        bail!("{}: tensor '{}' contains NaN or Inf", dir.display(), t.name);
+    }
+    Ok((cfg, params))
+}
+
+fn open_weight_files(dir: &Path) -> Result<Vec<SafeTensors>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![SafeTensors::open(&single)?]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path).with_context(|| {
+        format!("{} holds neither model.safetensors nor model.safetensors.index.json", dir.display())
+    })?;
+    let index: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .with_context(|| format!("{} has no weight_map", index_path.display()))?;
+    let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+    ensure!(!shards.is_empty(), "{}: weight_map is empty", index_path.display());
+    shards
+        .into_iter()
+        .map(|shard| {
+            ensure!(
+                !shard.contains('/') && !shard.contains(".."),
+                "{}: shard name '{shard}' is not a plain file name",
+                index_path.display()
+            );
+            SafeTensors::open(&dir.join(shard))
+        })
+        .collect()
+}
+
+/// Writes `dir/config.json` and `dir/model.safetensors` (f32 or bf16) that transformers loads.
+pub fn save(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> Result<()> {
+    ensure!(matches!(dtype, Dtype::F32 | Dtype::BF16), "HF export supports f32 and bf16, not {}", dtype.name());
+    let layout = ParamLayout::new(cfg);
+    ensure!(params.len() == layout.total, "parameter arena does not match the config");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: Vec<TensorOut> = layout
+        .tensors
+        .iter()
+        .map(|t| TensorOut {
+            name: t.name.clone(),
+            dtype,
+            shape: t.shape.clone(),
+            data: safetensors::encode_f32(&params[t.range()], dtype).into(),
+        })
+        .collect();
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::write(&dir.join("model.safetensors"), &tensors, &meta)?;
+    let mut config = cfg.to_hf_json();
+    config["torch_dtype"] = Value::from(if dtype == Dtype::BF16 { "bfloat16" } else { "float32" });
+    let text = serde_json::to_string_pretty(&config)?;
+    safetensors::write_atomically(&dir.join("config.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_round_trip_and_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("anetrain-hf-{}", std::process::id()));
+        let cfg = ModelConfig {
+            n_layers: 2,
+            vocab_size: 50,
+            qk_norm: true,
+            tied_embeddings: false,
+            ..ModelConfig::preset("stories260k").unwrap()
+        };
+        let params = ParamLayout::new(&cfg).init(9);
+        save(&dir, &cfg, &params, Dtype::F32).unwrap();
+        let (cfg2, params2) = load(&dir).unwrap();
+        assert_eq!(params2, params);
+        assert_eq!(ModelConfig { name: cfg.name.clone(), ..cfg2 }, cfg);
+
+        // bf16 export: every value rounds to the nearest bf16.
+        save(&dir, &cfg, &params, Dtype::BF16).unwrap();
+        let (_, p16) = load(&dir).unwrap();
+        for (a, b) in params.iter().zip(&p16) {
+            assert!((a - b).abs() <= a.abs() * 2f32.powi(-8));
+        }
+
+        // A missing tensor is named.
+        let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
+        let keep: Vec<TensorOut> = st
+            .tensors
+            .iter()
+            .filter(|(n, _)| n.as_str() != "model.layers.1.mlp.up_proj.weight")
+            .map(|(n, i)| TensorOut {
+                name: n.clone(),
+                dtype: i.dtype,
+                shape: i.shape.clone(),
+                data: st.bytes(i).to_vec().into(),
+            })
+            .collect();
+        drop(st);
+        safetensors::write(&dir.join("model.safetensors"), &keep, &BTreeMap::new()).unwrap();
+        let err = format!("{:#}", load(&dir).unwrap_err());
+        assert!(err.contains("missing tensors: model.layers.1.mlp.up_proj.weight"), "{err}");
+
+        // An unknown architecture is named.
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let err = format!("{:#}", load(&dir).unwrap_err());
+        assert!(err.contains("MistralForCausalLM"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

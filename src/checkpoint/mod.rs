@@ -1,0 +1,5 @@
+//! Model and checkpoint files: safetensors, HF model directories.
+
+pub mod hf;
+pub mod llama2c;
+pub mod safetensors;

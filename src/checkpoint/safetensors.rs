@@ -1,0 +1,381 @@
+//! The safetensors format, read through mmap and written atomically.
+//!
+//! Layout: `u64` little-endian header length H, H bytes of JSON
+//! (`{"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}}`),
+//! then the data; offsets are relative to the end of the header. Every offset, length and
+//! dtype is checked when a file is opened, so a truncated or foreign file is refused there,
+//! with its name, rather than failing later.
+
+use anyhow::{Context, Result, bail, ensure};
+use memmap2::Mmap;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::I64 => 8,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "I64" => Dtype::I64,
+            "I32" => Dtype::I32,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I64 => "I64",
+            Dtype::I32 => "I32",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the data section.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An open, validated safetensors file.
+pub struct SafeTensors {
+    map: Mmap,
+    data_start: usize,
+    pub tensors: BTreeMap<String, TensorInfo>,
+    pub metadata: BTreeMap<String, String>,
+    pub path: PathBuf,
+}
+
+/// Headers beyond this are refused (the format's reference implementation uses 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+impl SafeTensors {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: read-only map of a file we do not modify; see data.rs for the caveat.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+        Self::parse(map, path).with_context(|| format!("{} is not a valid safetensors file", path.display()))
+    }
+
+    fn parse(map: Mmap, path: &Path) -> Result<Self> {
+        ensure!(map.len() >= 8, "file is {} bytes, shorter than the 8-byte header length", map.len());
+        let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+        ensure!(header_len <= MAX_HEADER, "header length {header_len} is implausible");
+        let data_start = 8 + header_len as usize;
+        ensure!(data_start <= map.len(), "header length {header_len} runs past the end of the file (truncated?)");
+        let header: Map<String, Value> =
+            serde_json::from_slice(&map[8..data_start]).context("header is not a JSON object")?;
+        let data_len = map.len() - data_start;
+        let mut tensors = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        for (name, entry) in header {
+            if name == "__metadata__" {
+                for (k, v) in entry.as_object().context("__metadata__ must be an object")? {
+                    metadata.insert(k.clone(), v.as_str().context("__metadata__ values must be strings")?.to_string());
+                }
+                continue;
+            }
+            let obj = entry.as_object().with_context(|| format!("entry '{name}' is not an object"))?;
+            let dtype_name =
+                obj.get("dtype").and_then(Value::as_str).with_context(|| format!("'{name}' has no dtype"))?;
+            let dtype =
+                Dtype::parse(dtype_name).with_context(|| format!("'{name}' has unsupported dtype {dtype_name}"))?;
+            let shape: Vec<usize> = obj
+                .get("shape")
+                .and_then(Value::as_array)
+                .with_context(|| format!("'{name}' has no shape"))?
+                .iter()
+                .map(|d| d.as_u64().map(|x| x as usize))
+                .collect::<Option<_>>()
+                .with_context(|| format!("'{name}' has a malformed shape"))?;
+            let offsets: Vec<usize> = obj
+                .get("data_offsets")
+                .and_then(Value::as_array)
+                .with_context(|| format!("'{name}' has no data_offsets"))?
+                .iter()
+                .map(|d| d.as_u64().map(|x| x as usize))
+                .collect::<Option<_>>()
+                .with_context(|| format!("'{name}' has malformed data_offsets"))?;
+            ensure!(offsets.len() == 2, "'{name}': data_offsets must be [begin, end]");
+            let (start, end) = (offsets[0], offsets[1]);
+            ensure!(
+                start <= end && end <= data_len,
+                "'{name}': bytes {start}..{end} lie outside the {data_len}-byte data section (truncated?)"
+            );
+            let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).context("shape overflows")?;
+            ensure!(
+                numel.checked_mul(dtype.size()) == Some(end - start),
+                "'{name}': {} bytes for shape {shape:?} of {dtype_name}",
+                end - start
+            );
+            tensors.insert(name, TensorInfo { dtype, shape, start, end });
+        }
+        let mut spans: Vec<(usize, usize, &String)> = tensors.iter().map(|(n, t)| (t.start, t.end, n)).collect();
+        spans.sort();
+        for pair in spans.windows(2) {
+            ensure!(pair[0].1 <= pair[1].0, "tensors '{}' and '{}' overlap", pair[0].2, pair[1].2);
+        }
+        Ok(SafeTensors { map, data_start, tensors, metadata, path: path.to_path_buf() })
+    }
+
+    pub fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors.get(name).with_context(|| format!("{} has no tensor '{name}'", self.path.display()))
+    }
+
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.map[self.data_start + info.start..self.data_start + info.end]
+    }
+
+    /// Converts a float tensor (F32, F16 or BF16) into `out`, whose length must match.
+    pub fn read_f32(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let info = self.info(name)?;
+        ensure!(
+            info.numel() == out.len(),
+            "{}: '{name}' has {} values (shape {:?}), expected {}",
+            self.path.display(),
+            info.numel(),
+            info.shape,
+            out.len()
+        );
+        let bytes = self.bytes(info);
+        match info.dtype {
+            Dtype::F32 => {
+                bytes.chunks_exact(4).zip(out).for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            Dtype::BF16 => {
+                bytes.chunks_exact(2).zip(out).for_each(|(b, o)| *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            }
+            Dtype::F16 => {
+                bytes.chunks_exact(2).zip(out).for_each(|(b, o)| *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            }
+            other => bail!("{}: '{name}' is {}, not a float tensor", self.path.display(), other.name()),
+        }
+        Ok(())
+    }
+
+    /// An integer tensor (I64 or I32) as `i64`s.
+    pub fn read_i64(&self, name: &str) -> Result<Vec<i64>> {
+        let info = self.info(name)?;
+        let bytes = self.bytes(info);
+        Ok(match info.dtype {
+            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            Dtype::I32 => {
+                bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect()
+            }
+            other => bail!("{}: '{name}' is {}, not an integer tensor", self.path.display(), other.name()),
+        })
+    }
+}
+
+pub fn bf16_to_f32(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// Round-to-nearest-even, as torch's `.to(torch.bfloat16)`; NaN stays NaN.
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+pub fn f16_to_f32(x: u16) -> f32 {
+    let sign = ((x >> 15) as u32) << 31;
+    let exp = ((x >> 10) & 0x1F) as u32;
+    let frac = (x & 0x3FF) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: value = f · 2⁻²⁴, exactly representable in f32.
+            let magnitude = f as f32 * 2f32.powi(-24);
+            return if sign != 0 { -magnitude } else { magnitude };
+        }
+        (0x1F, 0) => sign | 0x7F80_0000,
+        (0x1F, f) => sign | 0x7FC0_0000 | (f << 13),
+        (e, f) => sign | ((e + 112) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// A tensor to write: name, dtype, shape and its little-endian bytes.
+pub struct TensorOut<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: std::borrow::Cow<'a, [u8]>,
+}
+
+/// Writes a safetensors file atomically: into `<path>.tmp`, fsync, rename, fsync the
+/// directory. A failure at any point leaves an existing file at `path` untouched.
+pub fn write(path: &Path, tensors: &[TensorOut], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let mut header = Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        ensure!(
+            t.shape.iter().product::<usize>() * t.dtype.size() == t.data.len(),
+            "tensor '{}' size mismatch",
+            t.name
+        );
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}),
+        );
+        offset += t.data.len();
+    }
+    let mut json = serde_json::to_vec(&Value::Object(header))?;
+    // The format pads the header with spaces so the data starts 8-byte aligned.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    write_atomically(path, |out| {
+        out.write_all(&(json.len() as u64).to_le_bytes())?;
+        out.write_all(&json)?;
+        for t in tensors {
+            out.write_all(&t.data)?;
+        }
+        Ok(())
+    })
+}
+
+/// Runs `fill` on a temporary sibling of `path`, then fsyncs and renames it into place.
+pub fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().map_or(String::new(), |e| e.to_string_lossy().into_owned())
+    ));
+    let result = (|| -> Result<()> {
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        fill(&mut out).with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
+        out.flush().with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
+        drop(out);
+        file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// f32 values as little-endian bytes in the requested float dtype.
+pub fn encode_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::BF16 => values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
+        other => panic!("encode_f32: unsupported dtype {}", other.name()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_conversions() {
+        assert_eq!(f16_to_f32(0x3C00), 1.0);
+        assert_eq!(f16_to_f32(0xC000), -2.0);
+        assert_eq!(f16_to_f32(0x7BFF), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x8001), -(2f32.powi(-24)));
+        assert!(f16_to_f32(0x7C00).is_infinite());
+        assert!(f16_to_f32(0x7E00).is_nan());
+        assert_eq!(bf16_to_f32(0x3F80), 1.0);
+        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        // 1 + 2⁻⁸ is halfway between bf16 neighbours 1 and 1 + 2⁻⁷: ties to even (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8)), 0x3F80);
+        assert_eq!(f32_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3F82);
+    }
+
+    #[test]
+    fn round_trip_and_corruption_is_refused() {
+        let dir = std::env::temp_dir().join(format!("anetrain-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let tensors = [
+            TensorOut {
+                name: "a".into(),
+                dtype: Dtype::F32,
+                shape: vec![2, 3],
+                data: encode_f32(&a, Dtype::F32).into(),
+            },
+            TensorOut {
+                name: "b".into(),
+                dtype: Dtype::BF16,
+                shape: vec![6],
+                data: encode_f32(&a, Dtype::BF16).into(),
+            },
+        ];
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        write(&path, &tensors, &meta).unwrap();
+        let st = SafeTensors::open(&path).unwrap();
+        assert_eq!(st.metadata["format"], "pt");
+        let mut out = vec![0.0; 6];
+        st.read_f32("a", &mut out).unwrap();
+        assert_eq!(out, a);
+        st.read_f32("b", &mut out).unwrap();
+        assert_eq!(out, a, "these values are exact in bf16");
+        assert!(st.read_f32("a", &mut [0.0; 5]).is_err());
+        assert!(st.read_f32("missing", &mut out).is_err());
+
+        let good = std::fs::read(&path).unwrap();
+        for cut in [0, 4, 8, 20, good.len() - 1] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            let err = format!("{:#}", SafeTensors::open(&path).err().expect("truncated file accepted"));
+            assert!(err.contains("not a valid safetensors file"), "cut {cut}: {err}");
+        }
+        let mut garbage = good.clone();
+        garbage[10] = b'{';
+        std::fs::write(&path, &garbage).unwrap();
+        assert!(SafeTensors::open(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

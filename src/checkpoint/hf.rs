@@ -53,7 +53,10 @@ pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
         .copied()
         .filter(|n| !expected.contains(n))
         // Tied checkpoints sometimes carry the shared matrix twice; RoPE buffers are derived.
-        .filter(|n| !(cfg.tied_embeddings && *n == "lm_head.weight") && !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| {
+            let duplicate_head = cfg.tied_embeddings && *n == "lm_head.weight";
+            !(duplicate_head || n.ends_with("rotary_emb.inv_freq"))
+        })
         .collect();
     ensure!(
         unexpected.is_empty(),

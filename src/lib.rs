@@ -7,6 +7,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod ops;
 pub mod params;

@@ -40,6 +40,58 @@ enum Command {
     /// Benchmarks (commands, not tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Convert a model between HF directories and llama2.c .bin files.
+    Convert {
+        /// HF model directory (config.json + safetensors) or llama2.c .bin.
+        #[arg(long)]
+        from: PathBuf,
+        /// Output: a directory (HF) or a file ending in .bin (llama2.c).
+        #[arg(long)]
+        to: PathBuf,
+        /// Tensor dtype of an HF export.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: ExportDtype,
+        /// llama2.c format of a .bin export.
+        #[arg(long, value_enum, default_value = "legacy")]
+        llama2c_format: Llama2cFormat,
+    },
+    /// Mean cross-entropy and perplexity over consecutive windows of a token file.
+    Eval {
+        /// HF model directory or llama2.c .bin.
+        #[arg(long)]
+        model: PathBuf,
+        /// Token file (llama2.c flat u16 .bin).
+        #[arg(long)]
+        data: PathBuf,
+        /// Window length T: window i reads tokens [i·T, i·T + T] and predicts the last T.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Windows per forward pass.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Use only the first N windows (default: all).
+        #[arg(long, default_value_t = 0)]
+        batches: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        rt: Runtime,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Llama2cFormat {
+    /// 7-int header, RoPE tables, negative vocab for an untied classifier.
+    Legacy,
+    /// `ak42` magic, version 1, 256-byte header.
+    V1,
 }
 
 #[derive(Args, Clone)]
@@ -212,6 +264,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Step { model, batch, seq, accum, min_micro, json, rt }) => {
             bench_step(&model, batch, seq, accum, min_micro, json, rt)
+        }
+        Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format),
+        Command::Eval { model, data, seq, batch, batches, json, rt } => {
+            eval(&model, &data, seq, batch, batches, json, rt)
         }
     }
 }
@@ -452,5 +508,72 @@ fn bench_step(
         100.0 * r.gflops / peak
     );
     println!("peak RSS             {:.0} MB", r.peak_rss_mb);
+    Ok(())
+}
+
+fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype, format: Llama2cFormat) -> Result<()> {
+    use anetrain::checkpoint::{ModelFormat, hf, llama2c, safetensors::Dtype};
+    let source = ModelFormat::of_path(from)?;
+    let target = if to.extension().is_some_and(|e| e == "bin") { ModelFormat::Llama2c } else { ModelFormat::Hf };
+    // A llama2.c source keeps what its file carried beyond the weights, so that converting a
+    // .bin to the same format reproduces it byte for byte.
+    let (cfg, params, carried) = match source {
+        ModelFormat::Llama2c => {
+            let m = llama2c::load(from)?;
+            (m.cfg.clone(), m.params.clone(), Some(m))
+        }
+        ModelFormat::Hf => {
+            let (cfg, params) = hf::load(from)?;
+            (cfg, params, None)
+        }
+    };
+    match target {
+        ModelFormat::Hf => {
+            let dtype = match dtype {
+                ExportDtype::F32 => Dtype::F32,
+                ExportDtype::Bf16 => Dtype::BF16,
+            };
+            hf::save(to, &cfg, &params, dtype)?;
+        }
+        ModelFormat::Llama2c => {
+            let format = match format {
+                Llama2cFormat::Legacy => llama2c::Format::Legacy,
+                Llama2cFormat::V1 => llama2c::Format::V1,
+            };
+            let rope_tables = carried.and_then(|m| if m.format == format { m.rope_tables } else { None });
+            llama2c::save(to, &llama2c::Llama2c { cfg: cfg.clone(), params, format, rope_tables })?;
+        }
+    }
+    println!("wrote {} ({} parameters) from {}", to.display(), group_digits(cfg.param_count()), from.display());
+    Ok(())
+}
+
+fn eval(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    seq: usize,
+    batch: usize,
+    batches: usize,
+    json: bool,
+    rt: Runtime,
+) -> Result<()> {
+    let (cfg, params) = anetrain::checkpoint::load_model(model)?;
+    if seq == 0 || batch == 0 {
+        bail!("--seq and --batch must be at least 1");
+    }
+    if seq > cfg.max_seq_len {
+        bail!("--seq {seq} exceeds the model's max_position_embeddings ({})", cfg.max_seq_len);
+    }
+    let tokens = TokenData::open_u16(data, cfg.vocab_size)?;
+    let (par, pool) = rt.setup()?;
+    let r = pool.install(|| anetrain::eval::evaluate(&cfg, &params, &tokens, seq, batch, batches, par))?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} windows of {seq}, {} tokens: loss {:.6}, perplexity {:.4} ({:.1} s, {:.0} tokens/s)",
+            r.windows, r.tokens, r.loss, r.perplexity, r.seconds, r.tokens_per_s
+        );
+    }
     Ok(())
 }

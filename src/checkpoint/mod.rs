@@ -3,3 +3,40 @@
 pub mod hf;
 pub mod llama2c;
 pub mod safetensors;
+
+use crate::config::ModelConfig;
+use anyhow::{Result, bail};
+use std::path::Path;
+
+/// What a model file or directory is, judged from its shape on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A directory with config.json and safetensors weights.
+    Hf,
+    /// A llama2.c `.bin`.
+    Llama2c,
+}
+
+impl ModelFormat {
+    /// A directory is an HF model; a file ending in `.bin` is llama2.c.
+    pub fn of_path(path: &Path) -> Result<Self> {
+        if path.is_dir() || path.extension().is_none() {
+            Ok(ModelFormat::Hf)
+        } else if path.extension().is_some_and(|e| e == "bin") {
+            Ok(ModelFormat::Llama2c)
+        } else {
+            bail!("{}: expected an HF model directory or a llama2.c .bin file", path.display())
+        }
+    }
+}
+
+/// Loads weights from an HF directory or a llama2.c file.
+pub fn load_model(path: &Path) -> Result<(ModelConfig, Vec<f32>)> {
+    match ModelFormat::of_path(path)? {
+        ModelFormat::Hf => hf::load(path),
+        ModelFormat::Llama2c => {
+            let m = llama2c::load(path)?;
+            Ok((m.cfg, m.params))
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Evaluation over a token file, and greedy decoding by full recomputation (the reference
+//! that KV-cache decoding will be tested against).
+
+use crate::backend::cpu::CpuBackend;
+use crate::config::ModelConfig;
+use crate::data::TokenData;
+use crate::model::Model;
+use crate::ops::Par;
+use anyhow::{Result, ensure};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalResult {
+    pub windows: usize,
+    pub tokens: usize,
+    pub loss: f64,
+    pub perplexity: f64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Mean cross-entropy over consecutive, non-overlapping windows of the token file: window i
+/// reads tokens `[i·T, i·T + T]` and predicts the last T of them. The windows, and so the
+/// result, are the same on every run; `max_windows` caps how many are used (0 = all).
+pub fn evaluate(
+    cfg: &ModelConfig,
+    params: &[f32],
+    data: &TokenData,
+    t: usize,
+    batch: usize,
+    max_windows: usize,
+    par: Par,
+) -> Result<EvalResult> {
+    ensure!(data.len() > t, "{} holds {} tokens; --seq {t} needs at least {}", data.source, data.len(), t + 1);
+    let available = (data.len() - 1) / t;
+    let windows = if max_windows == 0 { available } else { available.min(max_windows) };
+    let start = std::time::Instant::now();
+    let mut model = Model::new(cfg, batch, t, par, Box::new(CpuBackend::new(cfg, batch, t, par)))?;
+    let (mut tokens, mut targets) = (vec![0u32; batch * t], vec![0u32; batch * t]);
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    let mut w = 0;
+    while w < windows {
+        let rows = batch.min(windows - w);
+        for r in 0..batch {
+            // A short last batch repeats its final window; only the first `rows` are counted.
+            let base = (w + r.min(rows - 1)) * t;
+            for i in 0..t {
+                tokens[r * t + i] = data.get(base + i);
+                targets[r * t + i] = if r < rows { data.get(base + i + 1) } else { crate::ops::cross_entropy::IGNORE };
+            }
+        }
+        let loss = model.forward(params, &tokens, &targets)?;
+        sum += loss.sum;
+        count += loss.count;
+        w += rows;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let loss = sum / count as f64;
+    Ok(EvalResult {
+        windows,
+        tokens: count,
+        loss,
+        perplexity: loss.exp(),
+        seconds,
+        tokens_per_s: count as f64 / seconds,
+    })
+}
+
+/// Greedy continuation of `prompt` by `n_new` tokens, recomputing the whole sequence for each
+/// one. Positions after the current end hold padding that causal attention never lets the
+/// current position see.
+pub fn greedy_slow(cfg: &ModelConfig, params: &[f32], prompt: &[u32], n_new: usize, par: Par) -> Result<Vec<u32>> {
+    ensure!(!prompt.is_empty(), "the prompt needs at least one token");
+    let t = (prompt.len() + n_new).min(cfg.max_seq_len);
+    ensure!(prompt.len() < t, "the prompt already fills the model's {} positions", cfg.max_seq_len);
+    let mut model = Model::new(cfg, 1, t, par, Box::new(CpuBackend::new(cfg, 1, t, par)))?;
+    let mut seq = vec![0u32; t];
+    seq[..prompt.len()].copy_from_slice(prompt);
+    let targets = vec![crate::ops::cross_entropy::IGNORE; t];
+    let v = cfg.vocab_size;
+    for pos in prompt.len()..t {
+        model.forward(params, &seq, &targets)?;
+        let row = &model.logits()[(pos - 1) * v..pos * v];
+        let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b });
+        seq[pos] = best.0 as u32;
+    }
+    Ok(seq[prompt.len()..].to_vec())
+}

@@ -167,6 +167,32 @@ mod tests {
             assert!((a - b).abs() <= a.abs() * 2f32.powi(-8));
         }
 
+        // The same weights split over two shards with an index load identically.
+        let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
+        let mut weight_map = serde_json::Map::new();
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        for (i, (n, info)) in st.tensors.iter().enumerate() {
+            let shard =
+                if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+            weight_map.insert(n.clone(), shard.into());
+            let t = TensorOut {
+                name: n.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data: st.bytes(info).to_vec().into(),
+            };
+            if i % 2 == 0 { first.push(t) } else { second.push(t) }
+        }
+        drop(st);
+        let sharded = dir.join("sharded");
+        std::fs::create_dir_all(&sharded).unwrap();
+        std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
+        safetensors::write(&sharded.join("model-00001-of-00002.safetensors"), &first, &BTreeMap::new()).unwrap();
+        safetensors::write(&sharded.join("model-00002-of-00002.safetensors"), &second, &BTreeMap::new()).unwrap();
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        assert_eq!(load(&sharded).unwrap().1, p16);
+
         // A missing tensor is named.
         let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
         let keep: Vec<TensorOut> = st

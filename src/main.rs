@@ -182,6 +182,20 @@ struct TrainArgs {
     /// Skip measuring the GEMM peak for the efficiency report.
     #[arg(long)]
     no_peak: bool,
+    /// Write checkpoints into this directory (one always at the end of the run).
+    #[arg(long)]
+    ckpt_dir: Option<PathBuf>,
+    /// Also checkpoint every N updates.
+    #[arg(long, default_value_t = 0)]
+    ckpt_every: usize,
+    /// Keep only the newest K checkpoints (0 = all).
+    #[arg(long, default_value_t = 3)]
+    keep_last: usize,
+    /// Continue from a checkpoint: a step directory, or `latest` (in --ckpt-dir), or a
+    /// checkpoint directory. Model, token data, --batch, --seq and --accum must match; --steps
+    /// (the total), the lr schedule and logging may change.
+    #[arg(long)]
+    resume: Option<String>,
     #[command(flatten)]
     rt: Runtime,
 }
@@ -367,9 +381,28 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     let steps = args.steps;
     let every = args.print_every.max(1);
+    let resume = args.resume.clone();
+    if let Some(dir) = &args.ckpt_dir {
+        anetrain::checkpoint::native::check_writable(dir)?;
+    }
+    let ckpt = args.ckpt_dir.clone().map(|dir| anetrain::train::CheckpointPolicy {
+        dir,
+        every: args.ckpt_every,
+        keep_last: args.keep_last,
+    });
     let summary = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
-        trainer.run(&data, &mut telemetry, |ev| {
+        if let Some(spec) = &resume {
+            let path = match (spec.as_str(), &ckpt) {
+                ("latest", Some(policy)) => policy.dir.clone(),
+                ("latest", None) => bail!("--resume latest needs --ckpt-dir"),
+                (other, _) => PathBuf::from(other),
+            };
+            let checkpoint = anetrain::checkpoint::native::load(&path)?;
+            checkpoint.restore(&mut trainer, &data)?;
+            println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
+        }
+        trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
             if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped {
                 println!(
                     "step {:>5}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3}{} | {:>8.0} tok/s | {:>8.1} ms",

@@ -74,6 +74,9 @@ fn bad_input_fails_with_one_clear_message() {
         (vec!["train".into(), "--threads".into(), "0".into()], "--threads must be at least 1"),
         (vec!["train".into(), "--lr=-1".into()], "--lr must be a positive number"),
         (vec!["info".into(), "--model".into(), p(&bad_cfg)], "num_key_value_heads"),
+        (vec!["train".into(), "--ckpt-dir".into(), "/proc/anetrain-nope".into()], "checkpoint directory"),
+        (vec!["train".into(), "--resume".into(), "latest".into()], "--resume latest needs --ckpt-dir"),
+        (vec!["train".into(), "--resume".into(), p(&dir)], "is not a checkpoint"),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -158,7 +158,7 @@ fn overfits_one_fixed_batch() {
     let losses = pool(2).install(|| {
         let mut trainer =
             Trainer::new(&cfg, options(300, b, t, 1e-2, 5), par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
-        trainer.run(&data, &mut Telemetry::none(), |_| {}).unwrap().losses
+        trainer.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses
     });
     let ln_v = (64f64).ln();
     assert!((losses[0] - ln_v).abs() < 0.1, "initial loss {} should be ≈ ln(V) = {ln_v}", losses[0]);
@@ -180,7 +180,7 @@ fn same_seed_and_threads_give_bit_identical_runs() {
             opts.accum = 2;
             opts.adamw.weight_decay = 0.1;
             let mut trainer = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
-            let losses = trainer.run(&data, &mut Telemetry::none(), |_| {}).unwrap().losses;
+            let losses = trainer.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses;
             (losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), trainer.params.clone())
         })
     };

@@ -2,6 +2,7 @@
 
 pub mod hf;
 pub mod llama2c;
+pub mod native;
 pub mod safetensors;
 
 use crate::config::ModelConfig;

@@ -7,4 +7,4 @@ pub mod trainer;
 
 pub use adamw::AdamW;
 pub use schedule::Schedule;
-pub use trainer::{TrainOptions, TrainSummary, Trainer};
+pub use trainer::{CheckpointPolicy, TrainOptions, TrainSummary, Trainer};

@@ -61,6 +61,16 @@ impl TrainOptions {
     }
 }
 
+/// Where and how often to write checkpoints.
+#[derive(Clone, Debug)]
+pub struct CheckpointPolicy {
+    pub dir: std::path::PathBuf,
+    /// Every N updates (0: only at the end).
+    pub every: usize,
+    /// Keep the newest K step directories (0: all).
+    pub keep_last: usize,
+}
+
 /// What a finished run measured.
 #[derive(Clone, Debug)]
 pub struct TrainSummary {
@@ -82,6 +92,8 @@ pub struct Trainer {
     pub opt: AdamW,
     pub sampler: Sampler,
     pub opts: TrainOptions,
+    /// Updates already done (non-zero after resuming from a checkpoint).
+    pub start_step: usize,
     tokens: Vec<u32>,
     targets: Vec<u32>,
     partials: Vec<f64>,
@@ -103,6 +115,7 @@ impl Trainer {
             tokens: vec![0; n],
             targets: vec![0; n],
             micro_ms: Vec::with_capacity(opts.steps * opts.accum),
+            start_step: 0,
             params,
             model,
             opts,
@@ -153,22 +166,30 @@ impl Trainer {
         })
     }
 
-    /// Runs every update, recording each to `telemetry` and handing it to `on_update`.
+    /// Runs the remaining updates (from `start_step`), recording each to `telemetry`, handing
+    /// it to `on_update`, and checkpointing as `ckpt` says (always after the last update).
     pub fn run(
         &mut self,
         data: &TokenData,
         telemetry: &mut Telemetry,
+        ckpt: Option<&CheckpointPolicy>,
         mut on_update: impl FnMut(&StepEvent),
     ) -> Result<TrainSummary> {
         let start = Instant::now();
         let mut losses = Vec::with_capacity(self.opts.steps);
         let mut tokens = 0;
-        for step in 0..self.opts.steps {
+        for step in self.start_step..self.opts.steps {
             let event = self.step(data, step)?;
             telemetry.record(&event)?;
             on_update(&event);
             losses.push(event.loss);
             tokens += event.tokens;
+            if let Some(policy) = ckpt {
+                let done = step + 1;
+                if done == self.opts.steps || (policy.every > 0 && done.is_multiple_of(policy.every)) {
+                    crate::checkpoint::native::save(&policy.dir, self, done, data, policy.keep_last)?;
+                }
+            }
         }
         let wall_s = start.elapsed().as_secs_f64();
         let flops = self.model.cfg.train_flops_per_token(self.opts.seq) * tokens as f64;

@@ -1,0 +1,249 @@
+//! Training checkpoints: everything needed to continue a run bit for bit.
+//!
+//! `<dir>/step-00000100/` holds `model.safetensors` (the weights under their HF names),
+//! `optimizer.safetensors` (`m.<name>`, `v.<name>`: the AdamW moments) and `state.json`
+//! (format version, model config, updates done, optimizer and sampler state, training options,
+//! and a fingerprint of the token data). A checkpoint is written into `step-….tmp`, every file
+//! fsynced, then renamed into place, and only then is `<dir>/latest` (the name of the newest
+//! step directory) replaced atomically — a crash at any point leaves the previous checkpoint
+//! whole and `latest` pointing at it.
+
+use super::safetensors::{self, Dtype, SafeTensors, TensorOut};
+use crate::config::ModelConfig;
+use crate::data::TokenData;
+use crate::params::ParamLayout;
+use crate::train::Trainer;
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: &str = "anetrain-checkpoint";
+pub const VERSION: u64 = 1;
+
+/// What identifies a token file well enough to refuse resuming on another one: its length and
+/// an FNV-1a hash of up to 2²⁰ evenly spaced tokens.
+pub fn data_fingerprint(data: &TokenData) -> String {
+    let n = data.len();
+    let stride = (n >> 20).max(1);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in (0..n).step_by(stride) {
+        for b in data.get(i).to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{n}:{h:016x}")
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub cfg: ModelConfig,
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Optimizer updates completed.
+    pub step: usize,
+    pub state: Value,
+}
+
+fn hex(state: [u64; 4]) -> Vec<String> {
+    state.iter().map(|x| format!("{x:016x}")).collect()
+}
+
+/// Fails now, rather than after hours of training, if checkpoints cannot be written to `dir`.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok").with_context(|| format!("checkpoint directory {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("cannot clean up in {}", dir.display()))?;
+    Ok(())
+}
+
+/// Writes the trainer's state after `step` completed updates; returns the step directory.
+pub fn save(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData, keep_last: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    let name = format!("step-{step:08}");
+    let final_dir = dir.join(&name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot write to checkpoint directory {}", dir.display()))?;
+    let result = write_step(&tmp, trainer, step, data);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    safetensors::write_atomically(&dir.join("latest"), |out| std::io::Write::write_all(out, name.as_bytes()))?;
+    prune(dir, keep_last, &name)?;
+    Ok(final_dir)
+}
+
+fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> Result<()> {
+    let layout = &trainer.model.layout;
+    let tensors = |prefix: &str, buf: &[f32]| -> Vec<TensorOut<'static>> {
+        layout
+            .tensors
+            .iter()
+            .map(|t| TensorOut {
+                name: format!("{prefix}{}", t.name),
+                dtype: Dtype::F32,
+                shape: t.shape.clone(),
+                data: safetensors::encode_f32(&buf[t.range()], Dtype::F32).into(),
+            })
+            .collect()
+    };
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::write(&tmp.join("model.safetensors"), &tensors("", &trainer.params), &meta)?;
+    let mut opt = tensors("m.", &trainer.opt.m);
+    opt.extend(tensors("v.", &trainer.opt.v));
+    safetensors::write(&tmp.join("optimizer.safetensors"), &opt, &BTreeMap::new())?;
+    let o = &trainer.opts;
+    let state = json!({
+        "format": FORMAT,
+        "version": VERSION,
+        "config": trainer.model.cfg.to_hf_json(),
+        "step": step,
+        "optimizer": {
+            "adam_step": trainer.opt.step,
+            "beta1": o.adamw.beta1, "beta2": o.adamw.beta2, "eps": o.adamw.eps,
+            "weight_decay": o.adamw.weight_decay,
+        },
+        "sampler_rng": hex(trainer.sampler.rng.state()),
+        "train": {
+            "steps": o.steps, "batch": o.batch, "seq": o.seq, "accum": o.accum,
+            "lr": o.schedule_lr, "min_lr": o.min_lr, "warmup": o.warmup,
+            "grad_clip": o.grad_clip, "seed": o.seed,
+        },
+        "data": { "source": data.source, "fingerprint": data_fingerprint(data) },
+    });
+    let text = serde_json::to_string_pretty(&state)?;
+    safetensors::write_atomically(&tmp.join("state.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
+}
+
+/// Removes the oldest `step-*` directories beyond `keep_last` (0 keeps all), never `current`.
+fn prune(dir: &Path, keep_last: usize, current: &str) -> Result<()> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    let mut steps: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep_last);
+    for name in steps.into_iter().take(excess).filter(|n| n != current) {
+        std::fs::remove_dir_all(dir.join(&name)).with_context(|| format!("cannot remove old checkpoint {name}"))?;
+    }
+    Ok(())
+}
+
+/// `spec` is a step directory, or a checkpoint directory (then its `latest` is used).
+pub fn resolve(spec: &Path) -> Result<PathBuf> {
+    let latest = spec.join("latest");
+    if latest.is_file() {
+        let name = std::fs::read_to_string(&latest).with_context(|| format!("cannot read {}", latest.display()))?;
+        let name = name.trim();
+        ensure!(name.starts_with("step-") && !name.contains('/'), "{} is corrupt", latest.display());
+        return Ok(spec.join(name));
+    }
+    ensure!(spec.join("state.json").is_file(), "{} is not a checkpoint (no state.json and no latest)", spec.display());
+    Ok(spec.to_path_buf())
+}
+
+pub fn load(spec: &Path) -> Result<Checkpoint> {
+    let path = resolve(spec)?;
+    let state_path = path.join("state.json");
+    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
+    let state: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt (not JSON)", state_path.display()))?;
+    ensure!(
+        state["format"] == FORMAT,
+        "{} is not an anetrain checkpoint (format {})",
+        state_path.display(),
+        state["format"]
+    );
+    ensure!(
+        state["version"].as_u64() == Some(VERSION),
+        "{}: checkpoint version {} is not supported (this build reads {VERSION})",
+        state_path.display(),
+        state["version"]
+    );
+    let cfg =
+        ModelConfig::from_hf_json(&state["config"]).with_context(|| format!("{}: bad config", state_path.display()))?;
+    let step = state["step"].as_u64().with_context(|| format!("{}: no step", state_path.display()))? as usize;
+    let layout = ParamLayout::new(&cfg);
+    let read = |file: &str, prefix: &str| -> Result<Vec<f32>> {
+        let st = SafeTensors::open(&path.join(file))?;
+        let mut buf = vec![0.0f32; layout.total];
+        for t in &layout.tensors {
+            st.read_f32(&format!("{prefix}{}", t.name), &mut buf[t.range()])?;
+        }
+        Ok(buf)
+    };
+    let params = read("model.safetensors", "")?;
+    let m = read("optimizer.safetensors", "m.")?;
+    let v = read("optimizer.safetensors", "v.")?;
+    Ok(Checkpoint { path, cfg, params, m, v, step, state })
+}
+
+impl Checkpoint {
+    /// Restores the trainer to this checkpoint, refusing a different model or token data.
+    pub fn restore(&self, trainer: &mut Trainer, data: &TokenData) -> Result<()> {
+        let mut ours = trainer.model.cfg.clone();
+        ours.name = self.cfg.name.clone();
+        if ours != self.cfg {
+            let (a, b) = (self.cfg.to_hf_json(), ours.to_hf_json());
+            let diffs: Vec<String> = a
+                .as_object()
+                .expect("object")
+                .iter()
+                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k}: {v} in the checkpoint, {} now", b[k.as_str()]))
+                .collect();
+            bail!(
+                "cannot resume from {}: its model config differs from --model ({})",
+                self.path.display(),
+                diffs.join("; ")
+            );
+        }
+        let fp = data_fingerprint(data);
+        let saved = self.state["data"]["fingerprint"].as_str().unwrap_or("");
+        ensure!(
+            fp == saved,
+            "cannot resume from {}: it was trained on {} (fingerprint {saved}), not {} ({fp})",
+            self.path.display(),
+            self.state["data"]["source"],
+            data.source
+        );
+        let t = &self.state["train"];
+        for (key, ours) in [("batch", trainer.opts.batch), ("seq", trainer.opts.seq), ("accum", trainer.opts.accum)] {
+            ensure!(
+                t[key].as_u64() == Some(ours as u64),
+                "cannot resume from {}: --{key} was {} there, {ours} now",
+                self.path.display(),
+                t[key]
+            );
+        }
+        let rng: Vec<u64> = self.state["sampler_rng"]
+            .as_array()
+            .context("checkpoint has no sampler state")?
+            .iter()
+            .map(|s| s.as_str().and_then(|s| u64::from_str_radix(s, 16).ok()))
+            .collect::<Option<_>>()
+            .context("checkpoint sampler state is corrupt")?;
+        ensure!(rng.len() == 4, "checkpoint sampler state is corrupt");
+        trainer.params.copy_from_slice(&self.params);
+        trainer.opt.m.copy_from_slice(&self.m);
+        trainer.opt.v.copy_from_slice(&self.v);
+        trainer.opt.step = self.state["optimizer"]["adam_step"].as_u64().context("no optimizer step")?;
+        trainer.sampler.rng = crate::rng::Rng::from_state([rng[0], rng[1], rng[2], rng[3]]);
+        trainer.start_step = self.step;
+        Ok(())
+    }
+}

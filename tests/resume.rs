@@ -1,0 +1,111 @@
+//! Checkpoints: train 2N updates in one run, or N, save, load into a fresh trainer, N more —
+//! the losses and the final weights must be bit-identical. Resuming with another model or
+//! other token data is refused with a message that says what differs.
+
+use anetrain::backend::cpu::CpuBackend;
+use anetrain::checkpoint::native;
+use anetrain::config::ModelConfig;
+use anetrain::data::{TokenData, synthetic_tokens};
+use anetrain::ops::{GemmImpl, Par};
+use anetrain::telemetry::Telemetry;
+use anetrain::train::adamw::AdamWConfig;
+use anetrain::train::{CheckpointPolicy, TrainOptions, Trainer};
+
+fn cfg() -> ModelConfig {
+    ModelConfig {
+        n_layers: 2,
+        vocab_size: 64,
+        qk_norm: true,
+        tied_embeddings: false,
+        ..ModelConfig::preset("stories260k").unwrap()
+    }
+}
+
+fn opts() -> TrainOptions {
+    TrainOptions {
+        steps: 20,
+        batch: 2,
+        seq: 16,
+        accum: 2,
+        schedule_lr: 3e-3,
+        min_lr: 3e-4,
+        warmup: 3,
+        adamw: AdamWConfig::default(),
+        grad_clip: 0.5,
+        seed: 42,
+    }
+}
+
+fn trainer(cfg: &ModelConfig) -> Trainer {
+    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    Trainer::new(cfg, opts(), par, Box::new(CpuBackend::new(cfg, 2, 16, par))).unwrap()
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let cfg = cfg();
+    let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
+    let dir = std::env::temp_dir().join(format!("anetrain-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    pool.install(|| {
+        // One uninterrupted run of 20 updates, checkpointing every 5 (keeping 2).
+        let mut whole = trainer(&cfg);
+        let policy = CheckpointPolicy { dir: dir.join("whole"), every: 5, keep_last: 2 };
+        let all = whole.run(&data, &mut Telemetry::none(), Some(&policy), |_| {}).unwrap().losses;
+        let mut kept: Vec<String> = std::fs::read_dir(dir.join("whole"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["latest", "step-00000015", "step-00000020"]);
+
+        // 10 updates, a checkpoint, a fresh process-equivalent trainer, 10 more.
+        let mut first = trainer(&cfg);
+        let mut losses: Vec<f64> = (0..10).map(|s| first.step(&data, s).unwrap().loss).collect();
+        native::save(&dir.join("split"), &first, 10, &data, 0).unwrap();
+        drop(first);
+        let mut second = trainer(&cfg);
+        let ckpt = native::load(&dir.join("split")).unwrap();
+        assert_eq!(ckpt.step, 10);
+        ckpt.restore(&mut second, &data).unwrap();
+        losses.extend(second.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses);
+
+        assert_eq!(
+            losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+            all.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(bits(&second.params) == bits(&whole.params), "final weights differ");
+        assert!(bits(&second.opt.m) == bits(&whole.opt.m) && bits(&second.opt.v) == bits(&whole.opt.v));
+
+        // The final checkpoint of the whole run holds exactly its final state.
+        let last = native::load(&dir.join("whole")).unwrap();
+        assert_eq!(last.step, 20);
+        assert!(bits(&last.params) == bits(&whole.params));
+    });
+
+    // Refusals name what differs.
+    let other_cfg = ModelConfig { ffn_dim: 100, ..cfg.clone() };
+    let err = format!(
+        "{:#}",
+        native::load(&dir.join("split")).unwrap().restore(&mut trainer(&other_cfg), &data).unwrap_err()
+    );
+    assert!(err.contains("model config differs"), "{err}");
+    let other_data = TokenData::from_vec(synthetic_tokens(64, 20_000, 4), 64, "other.bin").unwrap();
+    let err = format!(
+        "{:#}",
+        native::load(&dir.join("split")).unwrap().restore(&mut trainer(&cfg), &other_data).unwrap_err()
+    );
+    assert!(err.contains("other.bin") && err.contains("synthetic"), "{err}");
+    // A truncated weights file is refused by name.
+    let model_file = dir.join("split/step-00000010/model.safetensors");
+    let bytes = std::fs::read(&model_file).unwrap();
+    std::fs::write(&model_file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = format!("{:#}", native::load(&dir.join("split")).err().unwrap());
+    assert!(err.contains("model.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

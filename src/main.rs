@@ -42,7 +42,7 @@ enum Command {
     Bench(BenchCommand),
     /// Convert a model between HF directories and llama2.c .bin files.
     Convert {
-        /// HF model directory (config.json + safetensors) or llama2.c .bin.
+        /// HF model directory, llama2.c .bin, or training checkpoint directory.
         #[arg(long)]
         from: PathBuf,
         /// Output: a directory (HF) or a file ending in .bin (llama2.c).
@@ -57,7 +57,7 @@ enum Command {
     },
     /// Mean cross-entropy and perplexity over consecutive windows of a token file.
     Eval {
-        /// HF model directory or llama2.c .bin.
+        /// HF model directory, llama2.c .bin, or training checkpoint directory.
         #[arg(long)]
         model: PathBuf,
         /// Token file (llama2.c flat u16 .bin).
@@ -547,7 +547,7 @@ fn bench_step(
 fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype, format: Llama2cFormat) -> Result<()> {
     use anetrain::checkpoint::{ModelFormat, hf, llama2c, safetensors::Dtype};
     let source = ModelFormat::of_path(from)?;
-    let target = if to.extension().is_some_and(|e| e == "bin") { ModelFormat::Llama2c } else { ModelFormat::Hf };
+    let to_llama2c = to.extension().is_some_and(|e| e == "bin");
     // A llama2.c source keeps what its file carried beyond the weights, so that converting a
     // .bin to the same format reproduces it byte for byte.
     let (cfg, params, carried) = match source {
@@ -555,20 +555,20 @@ fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype, for
             let m = llama2c::load(from)?;
             (m.cfg.clone(), m.params.clone(), Some(m))
         }
-        ModelFormat::Hf => {
-            let (cfg, params) = hf::load(from)?;
+        ModelFormat::Hf | ModelFormat::Native => {
+            let (cfg, params) = anetrain::checkpoint::load_model(from)?;
             (cfg, params, None)
         }
     };
-    match target {
-        ModelFormat::Hf => {
+    match to_llama2c {
+        false => {
             let dtype = match dtype {
                 ExportDtype::F32 => Dtype::F32,
                 ExportDtype::Bf16 => Dtype::BF16,
             };
             hf::save(to, &cfg, &params, dtype)?;
         }
-        ModelFormat::Llama2c => {
+        true => {
             let format = match format {
                 Llama2cFormat::Legacy => llama2c::Format::Legacy,
                 Llama2cFormat::V1 => llama2c::Format::V1,

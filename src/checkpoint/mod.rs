@@ -16,12 +16,17 @@ pub enum ModelFormat {
     Hf,
     /// A llama2.c `.bin`.
     Llama2c,
+    /// A training checkpoint (a step directory, or a checkpoint directory with `latest`).
+    Native,
 }
 
 impl ModelFormat {
-    /// A directory is an HF model; a file ending in `.bin` is llama2.c.
+    /// A directory with `state.json` or `latest` is a checkpoint, another directory an HF
+    /// model; a file ending in `.bin` is llama2.c.
     pub fn of_path(path: &Path) -> Result<Self> {
-        if path.is_dir() || path.extension().is_none() {
+        if path.join("state.json").is_file() || path.join("latest").is_file() {
+            Ok(ModelFormat::Native)
+        } else if path.is_dir() || path.extension().is_none() {
             Ok(ModelFormat::Hf)
         } else if path.extension().is_some_and(|e| e == "bin") {
             Ok(ModelFormat::Llama2c)
@@ -31,13 +36,17 @@ impl ModelFormat {
     }
 }
 
-/// Loads weights from an HF directory or a llama2.c file.
+/// Loads weights from an HF directory, a llama2.c file or a training checkpoint.
 pub fn load_model(path: &Path) -> Result<(ModelConfig, Vec<f32>)> {
     match ModelFormat::of_path(path)? {
         ModelFormat::Hf => hf::load(path),
         ModelFormat::Llama2c => {
             let m = llama2c::load(path)?;
             Ok((m.cfg, m.params))
+        }
+        ModelFormat::Native => {
+            let c = native::load(path)?;
+            Ok((c.cfg, c.params))
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use anetrain::backend::Backend;
 use anetrain::backend::cpu::CpuBackend;
-use anetrain::bench::{self, GemmShape};
+use anetrain::bench;
 use anetrain::config::ModelConfig;
 use anetrain::data::{SYNTHETIC_ENTROPY, TokenData, synthetic_tokens};
 use anetrain::ops::{GemmImpl, Par};
@@ -470,19 +470,9 @@ fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, threa
         print!(" {:>15.1}", total_flops / secs / 1e9);
     }
     println!();
-    let square = GemmShape {
-        name: "1024^3".into(),
-        m: 1024,
-        n: 1024,
-        k: 1024,
-        trans_a: false,
-        trans_b: false,
-        accumulate: false,
-        per_step: 1,
-    };
     print!("{:<28} {:>6} {:>6} {:>6}", "peak: square", 1024, 1024, 1024);
     for &gemm in &impls {
-        print!(" {:>15.1}", pool.install(|| bench::bench_gemm_shape(&square, Par { gemm, ..par0 }, budget)));
+        print!(" {:>15.1}", pool.install(|| bench::gemm_peak_gflops(Par { gemm, ..par0 }, budget)));
     }
     println!();
     Ok(())

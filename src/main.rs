@@ -8,6 +8,7 @@ use anetrain::data::{SYNTHETIC_ENTROPY, TokenData, synthetic_tokens};
 use anetrain::ops::{GemmImpl, Par};
 use anetrain::telemetry::Telemetry;
 use anetrain::train::adamw::AdamWConfig;
+use anetrain::train::loss_scale::LossScaleMode;
 use anetrain::train::{TrainOptions, Trainer};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -169,6 +170,10 @@ struct TrainArgs {
     /// Global gradient-norm clip (0 = off).
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
+    /// Loss scaling: `dynamic` (start 2^16, halve on a non-finite gradient and skip that
+    /// update, double after 2000 clean updates), `off`, or a fixed power of two.
+    #[arg(long, default_value = "dynamic")]
+    loss_scale: String,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -337,6 +342,7 @@ fn train(args: TrainArgs) -> Result<()> {
             weight_decay: args.weight_decay,
         },
         grad_clip: args.grad_clip,
+        loss_scale: LossScaleMode::parse(&args.loss_scale)?,
         seed: args.seed,
     };
     opts.validate(&cfg)?;
@@ -410,7 +416,7 @@ fn train(args: TrainArgs) -> Result<()> {
                     ev.loss,
                     ev.lr,
                     ev.grad_norm,
-                    if ev.skipped { " (non-finite: update skipped)" } else { "" },
+                    if ev.skipped { " (non-finite: update skipped, loss scale halved)" } else { "" },
                     ev.tokens_per_s,
                     ev.ms_step
                 );
@@ -499,6 +505,7 @@ fn bench_step(
         warmup: 0,
         adamw: AdamWConfig::default(),
         grad_clip: 1.0,
+        loss_scale: LossScaleMode::Dynamic,
         seed: 1,
     };
     let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1)))?;

@@ -19,6 +19,8 @@ pub struct StepEvent {
     pub grad_norm: f64,
     /// The update was skipped because a gradient was not finite.
     pub skipped: bool,
+    /// Loss scale used for this update's backward passes.
+    pub loss_scale: f64,
     /// Tokens processed in this update (B·T·accum).
     pub tokens: usize,
     pub tokens_per_s: f64,

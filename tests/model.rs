@@ -12,6 +12,7 @@ use anetrain::reference::loss_slow;
 use anetrain::rng::Rng;
 use anetrain::telemetry::Telemetry;
 use anetrain::train::adamw::AdamWConfig;
+use anetrain::train::loss_scale::LossScaleMode;
 use anetrain::train::{TrainOptions, Trainer};
 
 fn tiny(name: &str) -> ModelConfig {
@@ -143,6 +144,7 @@ fn options(steps: usize, b: usize, t: usize, lr: f64, seed: u64) -> TrainOptions
         warmup: 0,
         adamw: AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() },
         grad_clip: 1.0,
+        loss_scale: LossScaleMode::Off,
         seed,
     }
 }
@@ -193,4 +195,39 @@ fn same_seed_and_threads_give_bit_identical_runs() {
     let (one, _) = run(1, 11);
     // Reported, not required: the fixed reduction orders make one thread agree too.
     eprintln!("1-thread run bit-identical to 2-thread run: {}", one == a);
+}
+
+#[test]
+fn injected_nonfinite_gradient_skips_exactly_that_update_and_halves_the_scale() {
+    let cfg = tiny("gqa-qknorm-untied");
+    let (b, t) = (2, 8);
+    let data =
+        TokenData::from_vec(anetrain::data::synthetic_tokens(cfg.vocab_size, 5000, 2), cfg.vocab_size, "synthetic")
+            .unwrap();
+    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    pool(2).install(|| {
+        let mut opts = options(10, b, t, 3e-3, 8);
+        opts.loss_scale = LossScaleMode::Dynamic;
+        let mut trainer = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
+        trainer.inject_nonfinite_at = Some(4);
+        let mut events = Vec::new();
+        let mut before_skip = Vec::new();
+        for step in 0..10 {
+            if step == 4 {
+                before_skip = trainer.params.clone();
+            }
+            events.push(trainer.step(&data, step).unwrap());
+            if step == 4 {
+                assert!(trainer.params == before_skip, "the skipped update changed the weights");
+                assert_eq!(trainer.opt.step, 4, "the skipped update advanced AdamW");
+            }
+        }
+        for (i, ev) in events.iter().enumerate() {
+            assert_eq!(ev.skipped, i == 4, "update {i}");
+            assert!(ev.loss.is_finite(), "update {i} loss {}", ev.loss);
+            let want_scale = if i <= 4 { 65536.0 } else { 32768.0 };
+            assert_eq!(ev.loss_scale, want_scale, "update {i}");
+        }
+        assert!(events[9].loss < events[0].loss, "training did not continue after the skip");
+    });
 }

@@ -9,6 +9,7 @@ use anetrain::data::{TokenData, synthetic_tokens};
 use anetrain::ops::{GemmImpl, Par};
 use anetrain::telemetry::Telemetry;
 use anetrain::train::adamw::AdamWConfig;
+use anetrain::train::loss_scale::LossScaleMode;
 use anetrain::train::{CheckpointPolicy, TrainOptions, Trainer};
 
 fn cfg() -> ModelConfig {
@@ -32,6 +33,7 @@ fn opts() -> TrainOptions {
         warmup: 3,
         adamw: AdamWConfig::default(),
         grad_clip: 0.5,
+        loss_scale: LossScaleMode::Dynamic,
         seed: 42,
     }
 }

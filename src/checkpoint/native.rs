@@ -115,6 +115,7 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
             "weight_decay": o.adamw.weight_decay,
         },
         "sampler_rng": hex(trainer.sampler.rng.state()),
+        "loss_scale": { "scale": trainer.scaler.scale, "good_steps": trainer.scaler.good_steps },
         "train": {
             "steps": o.steps, "batch": o.batch, "seq": o.seq, "accum": o.accum,
             "lr": o.schedule_lr, "min_lr": o.min_lr, "warmup": o.warmup,
@@ -243,6 +244,9 @@ impl Checkpoint {
         trainer.opt.v.copy_from_slice(&self.v);
         trainer.opt.step = self.state["optimizer"]["adam_step"].as_u64().context("no optimizer step")?;
         trainer.sampler.rng = crate::rng::Rng::from_state([rng[0], rng[1], rng[2], rng[3]]);
+        let ls = &self.state["loss_scale"];
+        trainer.scaler.scale = ls["scale"].as_f64().context("checkpoint has no loss scale")? as f32;
+        trainer.scaler.good_steps = ls["good_steps"].as_u64().context("checkpoint has no loss-scale counter")? as u32;
         trainer.start_step = self.step;
         Ok(())
     }

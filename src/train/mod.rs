@@ -2,6 +2,7 @@
 //! and telemetry together.
 
 pub mod adamw;
+pub mod loss_scale;
 pub mod schedule;
 pub mod trainer;
 

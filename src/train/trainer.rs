@@ -2,6 +2,7 @@
 //! over a warmup + cosine schedule, telemetry. Knows the model and its kernel trait only.
 
 use super::adamw::{AdamW, AdamWConfig, clip_multiplier, partials_len, sum_squares};
+use super::loss_scale::{LossScaleMode, LossScaler};
 use super::schedule::Schedule;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
@@ -29,6 +30,7 @@ pub struct TrainOptions {
     pub adamw: AdamWConfig,
     /// Clip the global gradient norm to this value; 0 disables clipping.
     pub grad_clip: f64,
+    pub loss_scale: LossScaleMode,
     pub seed: u64,
 }
 
@@ -94,6 +96,9 @@ pub struct Trainer {
     pub opts: TrainOptions,
     /// Updates already done (non-zero after resuming from a checkpoint).
     pub start_step: usize,
+    pub scaler: LossScaler,
+    /// Test hook: make one gradient NaN in this (0-based) update, as an fp16 overflow would.
+    pub inject_nonfinite_at: Option<usize>,
     tokens: Vec<u32>,
     targets: Vec<u32>,
     partials: Vec<f64>,
@@ -116,6 +121,8 @@ impl Trainer {
             targets: vec![0; n],
             micro_ms: Vec::with_capacity(opts.steps * opts.accum),
             start_step: 0,
+            scaler: LossScaler::new(opts.loss_scale),
+            inject_nonfinite_at: None,
             params,
             model,
             opts,
@@ -128,11 +135,18 @@ impl Trainer {
         let accum = self.opts.accum;
         self.grads.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
         let (mut loss, mut ms_forward, mut ms_backward) = (0.0, 0.0, 0.0);
+        let loss_scale = self.scaler.scale;
         for _ in 0..accum {
             self.sampler.next_batch(data, &mut self.tokens, &mut self.targets)?;
             let micro = Instant::now();
-            let ls =
-                self.model.forward_backward(&self.params, &mut self.grads, &self.tokens, &self.targets, 1.0, accum)?;
+            let ls = self.model.forward_backward(
+                &self.params,
+                &mut self.grads,
+                &self.tokens,
+                &self.targets,
+                loss_scale,
+                accum,
+            )?;
             if self.micro_ms.len() < self.micro_ms.capacity() {
                 self.micro_ms.push(micro.elapsed().as_secs_f64() * 1e3);
             }
@@ -141,13 +155,18 @@ impl Trainer {
             ms_backward += self.model.times.backward_ms;
         }
         let opt_start = Instant::now();
-        let grad_norm = sum_squares(&self.grads, &mut self.partials).sqrt();
+        if self.inject_nonfinite_at == Some(step) {
+            self.grads[0] = f32::NAN;
+        }
+        // The norm of the scaled gradients, unscaled: power-of-two scales make this exact.
+        let grad_norm = sum_squares(&self.grads, &mut self.partials).sqrt() / loss_scale as f64;
         let lr = self.opts.schedule().lr_at(step);
         let skipped = !grad_norm.is_finite();
         if !skipped {
-            let mult = clip_multiplier(grad_norm, self.opts.grad_clip);
+            let mult = clip_multiplier(grad_norm, self.opts.grad_clip) / loss_scale;
             self.opt.update(&mut self.params, &self.grads, lr, mult);
         }
+        self.scaler.update(!skipped);
         let ms_optimizer = opt_start.elapsed().as_secs_f64() * 1e3;
         let ms_step = start.elapsed().as_secs_f64() * 1e3;
         let tokens = self.tokens.len() * accum;
@@ -157,6 +176,7 @@ impl Trainer {
             lr,
             grad_norm,
             skipped,
+            loss_scale: loss_scale as f64,
             tokens,
             tokens_per_s: tokens as f64 / (ms_step / 1e3),
             ms_step,

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (defaults: stories260k on built-in synthetic data, a few seconds).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Print a model's shape, parameter count and FLOPs per token.
     Info {
         /// Preset name or path to an HF config.json.
@@ -276,7 +276,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(*args),
         Command::Info { model, seq } => info(&model, seq),
         Command::Bench(BenchCommand::Gemm { model, batch, seq, which, budget, threads }) => {
             bench_gemm(&model, batch * seq, which, budget, threads)

@@ -3,6 +3,8 @@
 use anetrain::backend::Backend;
 use anetrain::backend::cpu::CpuBackend;
 use anetrain::bench;
+use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
+use anetrain::checkpoint::safetensors::Dtype;
 use anetrain::config::ModelConfig;
 use anetrain::data::{SYNTHETIC_ENTROPY, TokenData, synthetic_tokens};
 use anetrain::ops::{GemmImpl, Par};
@@ -85,14 +87,6 @@ enum Command {
 enum ExportDtype {
     F32,
     Bf16,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Llama2cFormat {
-    /// 7-int header, RoPE tables, negative vocab for an untied classifier.
-    Legacy,
-    /// `ak42` magic, version 1, 256-byte header.
-    V1,
 }
 
 #[derive(Args, Clone)]
@@ -205,16 +199,23 @@ struct TrainArgs {
     rt: Runtime,
 }
 
+/// The model and micro-batch a benchmark measures (default: the original's Stories110M setting).
+#[derive(Args)]
+struct BenchShape {
+    #[arg(long, default_value = "stories110m")]
+    model: String,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// GFLOP/s of every GEMM a training step issues, per implementation, plus a 1024³ peak.
     Gemm {
-        #[arg(long, default_value = "stories110m")]
-        model: String,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
+        #[command(flatten)]
+        shape: BenchShape,
         /// Benchmark only this implementation (default: all available).
         #[arg(long = "impl", value_enum)]
         which: Option<GemmImpl>,
@@ -226,12 +227,8 @@ enum BenchCommand {
     },
     /// Median ms per training micro-step (forward/backward/optimizer split) and peak RSS.
     Step {
-        #[arg(long, default_value = "stories110m")]
-        model: String,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
+        #[command(flatten)]
+        shape: BenchShape,
         #[arg(long, default_value_t = 10)]
         accum: usize,
         /// Minimum timed micro-steps after the warm-up update.
@@ -278,11 +275,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Train(args) => train(*args),
         Command::Info { model, seq } => info(&model, seq),
-        Command::Bench(BenchCommand::Gemm { model, batch, seq, which, budget, threads }) => {
-            bench_gemm(&model, batch * seq, which, budget, threads)
+        Command::Bench(BenchCommand::Gemm { shape, which, budget, threads }) => {
+            bench_gemm(&shape.model, shape.batch * shape.seq, which, budget, threads)
         }
-        Command::Bench(BenchCommand::Step { model, batch, seq, accum, min_micro, json, rt }) => {
-            bench_step(&model, batch, seq, accum, min_micro, json, rt)
+        Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, rt }) => {
+            bench_step(&shape.model, shape.batch, shape.seq, accum, min_micro, json, rt)
         }
         Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format),
         Command::Eval { model, data, seq, batch, batches, json, rt } => {
@@ -542,38 +539,11 @@ fn bench_step(
 }
 
 fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype, format: Llama2cFormat) -> Result<()> {
-    use anetrain::checkpoint::{ModelFormat, hf, llama2c, safetensors::Dtype};
-    let source = ModelFormat::of_path(from)?;
-    let to_llama2c = to.extension().is_some_and(|e| e == "bin");
-    // A llama2.c source keeps what its file carried beyond the weights, so that converting a
-    // .bin to the same format reproduces it byte for byte.
-    let (cfg, params, carried) = match source {
-        ModelFormat::Llama2c => {
-            let m = llama2c::load(from)?;
-            (m.cfg.clone(), m.params.clone(), Some(m))
-        }
-        ModelFormat::Hf | ModelFormat::Native => {
-            let (cfg, params) = anetrain::checkpoint::load_model(from)?;
-            (cfg, params, None)
-        }
+    let dtype = match dtype {
+        ExportDtype::F32 => Dtype::F32,
+        ExportDtype::Bf16 => Dtype::BF16,
     };
-    match to_llama2c {
-        false => {
-            let dtype = match dtype {
-                ExportDtype::F32 => Dtype::F32,
-                ExportDtype::Bf16 => Dtype::BF16,
-            };
-            hf::save(to, &cfg, &params, dtype)?;
-        }
-        true => {
-            let format = match format {
-                Llama2cFormat::Legacy => llama2c::Format::Legacy,
-                Llama2cFormat::V1 => llama2c::Format::V1,
-            };
-            let rope_tables = carried.and_then(|m| if m.format == format { m.rope_tables } else { None });
-            llama2c::save(to, &llama2c::Llama2c { cfg: cfg.clone(), params, format, rope_tables })?;
-        }
-    }
+    let cfg = anetrain::checkpoint::convert(from, to, dtype, format)?;
     println!("wrote {} ({} parameters) from {}", to.display(), group_digits(cfg.param_count()), from.display());
     Ok(())
 }

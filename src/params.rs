@@ -135,6 +135,12 @@ impl ParamLayout {
         }
     }
 
+    /// The first tensor of `buf` holding a NaN or an infinity, if any: loaders refuse such
+    /// weights by name.
+    pub fn first_nonfinite(&self, buf: &[f32]) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| buf[t.range()].iter().any(|x| !x.is_finite()))
+    }
+
     pub fn find(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }

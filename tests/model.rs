@@ -149,6 +149,18 @@ fn options(steps: usize, b: usize, t: usize, lr: f64, seed: u64) -> TrainOptions
     }
 }
 
+fn synthetic(cfg: &ModelConfig, seed: u64) -> TokenData {
+    TokenData::from_vec(anetrain::data::synthetic_tokens(cfg.vocab_size, 5000, seed), cfg.vocab_size, "synthetic")
+        .unwrap()
+}
+
+/// A trainer on the `cpu` backend; call inside a pool of `threads` threads.
+fn cpu_trainer(cfg: &ModelConfig, opts: TrainOptions, threads: usize) -> Trainer {
+    let par = Par { threads, gemm: GemmImpl::Gemm };
+    let (b, t) = (opts.batch, opts.seq);
+    Trainer::new(cfg, opts, par, Box::new(CpuBackend::new(cfg, b, t, par))).unwrap()
+}
+
 #[test]
 fn overfits_one_fixed_batch() {
     let cfg = ModelConfig { vocab_size: 64, n_layers: 2, ..tiny("gqa-qknorm-untied") };
@@ -156,10 +168,8 @@ fn overfits_one_fixed_batch() {
     let mut rng = Rng::new(99);
     // Exactly T+1 tokens: every window the sampler draws is the same batch.
     let data = TokenData::from_vec((0..=t).map(|_| rng.below(64) as u32).collect(), 64, "fixed").unwrap();
-    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
     let losses = pool(2).install(|| {
-        let mut trainer =
-            Trainer::new(&cfg, options(300, b, t, 1e-2, 5), par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
+        let mut trainer = cpu_trainer(&cfg, options(300, b, t, 1e-2, 5), 2);
         trainer.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses
     });
     let ln_v = (64f64).ln();
@@ -172,16 +182,13 @@ fn overfits_one_fixed_batch() {
 fn same_seed_and_threads_give_bit_identical_runs() {
     let cfg = tiny("gqa-qknorm-untied");
     let (b, t) = (3, 8);
-    let data =
-        TokenData::from_vec(anetrain::data::synthetic_tokens(cfg.vocab_size, 5000, 1), cfg.vocab_size, "synthetic")
-            .unwrap();
+    let data = synthetic(&cfg, 1);
     let run = |threads: usize, seed: u64| {
-        let par = Par { threads, gemm: GemmImpl::Gemm };
         pool(threads).install(|| {
             let mut opts = options(20, b, t, 3e-3, seed);
             opts.accum = 2;
             opts.adamw.weight_decay = 0.1;
-            let mut trainer = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
+            let mut trainer = cpu_trainer(&cfg, opts, threads);
             let losses = trainer.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses;
             (losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), trainer.params.clone())
         })
@@ -201,14 +208,11 @@ fn same_seed_and_threads_give_bit_identical_runs() {
 fn injected_nonfinite_gradient_skips_exactly_that_update_and_halves_the_scale() {
     let cfg = tiny("gqa-qknorm-untied");
     let (b, t) = (2, 8);
-    let data =
-        TokenData::from_vec(anetrain::data::synthetic_tokens(cfg.vocab_size, 5000, 2), cfg.vocab_size, "synthetic")
-            .unwrap();
-    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    let data = synthetic(&cfg, 2);
     pool(2).install(|| {
         let mut opts = options(10, b, t, 3e-3, 8);
         opts.loss_scale = LossScaleMode::Dynamic;
-        let mut trainer = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
+        let mut trainer = cpu_trainer(&cfg, opts, 2);
         trainer.inject_nonfinite_at = Some(4);
         let mut events = Vec::new();
         let mut before_skip = Vec::new();

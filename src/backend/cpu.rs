@@ -44,7 +44,7 @@ fn split_columns(src: &[f32], dsts: [(&mut [f32], usize); 3]) {
     let w: usize = dsts.iter().map(|d| d.1).sum();
     let mut at = 0;
     for (dst, width) in dsts {
-        let rows = super::super::ops::rows_per_task(w);
+        let rows = crate::ops::rows_per_task(w);
         dst.par_chunks_mut(rows * width).zip(src.par_chunks(rows * w)).for_each(|(d, s)| {
             for (d, s) in d.chunks_exact_mut(width).zip(s.chunks_exact(w)) {
                 d.copy_from_slice(&s[at..at + width]);
@@ -57,7 +57,7 @@ fn split_columns(src: &[f32], dsts: [(&mut [f32], usize); 3]) {
 /// The inverse of `split_columns`: `[N, width]` buffers side by side into `dst` `[N, Σ widths]`.
 fn join_columns(dst: &mut [f32], srcs: [(&[f32], usize); 3]) {
     let w: usize = srcs.iter().map(|s| s.1).sum();
-    let rows = super::super::ops::rows_per_task(w);
+    let rows = crate::ops::rows_per_task(w);
     dst.par_chunks_mut(rows * w).enumerate().for_each(|(blk, d)| {
         for (r, d) in d.chunks_exact_mut(w).enumerate() {
             let row = blk * rows + r;

@@ -79,8 +79,7 @@ pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
         );
         st.read_f32(&t.name, &mut params[t.range()])?;
     }
-    if let Some((i, _)) = params.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        let t = layout.tensors.iter().find(|t| t.range().contains(&i)).expect("in some tensor");
+    if let Some(t) = layout.first_nonfinite(&params) {
         bail!("{}: tensor '{}' contains NaN or Inf", dir.display(), t.name);
     }
     Ok((cfg, params))

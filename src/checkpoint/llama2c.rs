@@ -20,9 +20,11 @@ use std::path::Path;
 
 const MAGIC: u32 = 0x616b_3432;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// 7-int header, RoPE tables, negative vocab for an untied classifier.
     Legacy,
+    /// `ak42` magic, version 1, 256-byte header.
     V1,
 }
 
@@ -153,8 +155,7 @@ pub fn parse(bytes: &[u8]) -> Result<Llama2c> {
     }
     debug_assert_eq!(at, bytes.len());
     permute_qk(&layout, &cfg, &mut params, false);
-    if let Some(i) = params.iter().position(|x| !x.is_finite()) {
-        let t = layout.tensors.iter().find(|t| t.range().contains(&i)).expect("tensor");
+    if let Some(t) = layout.first_nonfinite(&params) {
         bail!("tensor '{}' contains NaN or Inf", t.name);
     }
     Ok(Llama2c { cfg, params, format, rope_tables })

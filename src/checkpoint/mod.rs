@@ -50,3 +50,26 @@ pub fn load_model(path: &Path) -> Result<(ModelConfig, Vec<f32>)> {
         }
     }
 }
+
+/// Converts between formats: `to` ending in `.bin` is written as llama2.c in `format`, anything
+/// else as an HF directory in `dtype`. A llama2.c source converted to its own format keeps the
+/// RoPE tables its file carried, so the output is byte-identical to the input.
+pub fn convert(from: &Path, to: &Path, dtype: safetensors::Dtype, format: llama2c::Format) -> Result<ModelConfig> {
+    let (cfg, params, rope_tables) = match ModelFormat::of_path(from)? {
+        ModelFormat::Llama2c => {
+            let m = llama2c::load(from)?;
+            let tables = if m.format == format { m.rope_tables } else { None };
+            (m.cfg, m.params, tables)
+        }
+        ModelFormat::Hf | ModelFormat::Native => {
+            let (cfg, params) = load_model(from)?;
+            (cfg, params, None)
+        }
+    };
+    if to.extension().is_some_and(|e| e == "bin") {
+        llama2c::save(to, &llama2c::Llama2c { cfg: cfg.clone(), params, format, rope_tables })?;
+    } else {
+        hf::save(to, &cfg, &params, dtype)?;
+    }
+    Ok(cfg)
+}

@@ -188,6 +188,9 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
         Ok(buf)
     };
     let params = read("model.safetensors", "")?;
+    if let Some(t) = layout.first_nonfinite(&params) {
+        bail!("{}: tensor '{}' contains NaN or Inf", path.display(), t.name);
+    }
     let m = read("optimizer.safetensors", "m.")?;
     let v = read("optimizer.safetensors", "v.")?;
     Ok(Checkpoint { path, cfg, params, m, v, step, state })

@@ -13,5 +13,6 @@ pub mod ops;
 pub mod params;
 pub mod reference;
 pub mod rng;
+pub mod signals;
 pub mod telemetry;
 pub mod train;

@@ -393,6 +393,7 @@ fn train(args: TrainArgs) -> Result<()> {
         every: args.ckpt_every,
         keep_last: args.keep_last,
     });
+    anetrain::signals::install();
     let summary = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
         if let Some(spec) = &resume {
@@ -420,6 +421,12 @@ fn train(args: TrainArgs) -> Result<()> {
             }
         })
     })?;
+    if summary.interrupted {
+        let saved = args.ckpt_dir.as_ref().map_or(String::from(" (no --ckpt-dir: nothing saved)"), |d| {
+            format!("; checkpoint in {}, continue with --resume latest", d.display())
+        });
+        println!("interrupted after {} updates{saved}", summary.losses.len());
+    }
     let peak = if args.no_peak { None } else { Some(pool.install(|| bench::gemm_peak_gflops(par, 0.3))) };
     println!("--- efficiency ---");
     println!("wall time            {:.2} s", summary.wall_s);

@@ -66,8 +66,12 @@ pub fn save(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData, keep_l
     let name = format!("step-{step:08}");
     let final_dir = dir.join(&name);
     let tmp = dir.join(format!("{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+    // Half-written directories of runs killed mid-write are never read; clear them.
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(".tmp") && entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("cannot clear {}", entry.path().display()))?;
+        }
     }
     std::fs::create_dir(&tmp).with_context(|| format!("cannot write to checkpoint directory {}", dir.display()))?;
     let result = write_step(&tmp, trainer, step, data);

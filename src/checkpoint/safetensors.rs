@@ -279,10 +279,9 @@ pub fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().map_or(String::new(), |e| e.to_string_lossy().into_owned())
-    ));
+    let mut tmp_name = path.file_name().context("atomic write needs a file name")?.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let result = (|| -> Result<()> {
         let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);

@@ -76,6 +76,8 @@ pub struct CheckpointPolicy {
 /// What a finished run measured.
 #[derive(Clone, Debug)]
 pub struct TrainSummary {
+    /// The run stopped early on a stop request (its last update was checkpointed).
+    pub interrupted: bool,
     /// Mean loss of each update.
     pub losses: Vec<f64>,
     pub wall_s: f64,
@@ -198,22 +200,30 @@ impl Trainer {
         let start = Instant::now();
         let mut losses = Vec::with_capacity(self.opts.steps);
         let mut tokens = 0;
+        let mut interrupted = false;
         for step in self.start_step..self.opts.steps {
             let event = self.step(data, step)?;
             telemetry.record(&event)?;
             on_update(&event);
             losses.push(event.loss);
             tokens += event.tokens;
+            let done = step + 1;
+            // A stop request (Ctrl-C) ends the run after this update, with a checkpoint.
+            interrupted = crate::signals::stop_requested() && done < self.opts.steps;
             if let Some(policy) = ckpt {
-                let done = step + 1;
-                if done == self.opts.steps || (policy.every > 0 && done.is_multiple_of(policy.every)) {
+                let due = policy.every > 0 && done.is_multiple_of(policy.every);
+                if done == self.opts.steps || due || interrupted {
                     crate::checkpoint::native::save(&policy.dir, self, done, data, policy.keep_last)?;
                 }
+            }
+            if interrupted {
+                break;
             }
         }
         let wall_s = start.elapsed().as_secs_f64();
         let flops = self.model.cfg.train_flops_per_token(self.opts.seq) * tokens as f64;
         Ok(TrainSummary {
+            interrupted,
             losses,
             wall_s,
             median_micro_ms: median(&mut self.micro_ms.clone()),

@@ -1,0 +1,127 @@
+//! Faults, through the binary: Ctrl-C writes a final checkpoint and exits cleanly; SIGKILL at
+//! random moments (including mid-checkpoint) always leaves a loadable latest checkpoint that a
+//! resume continues from; a write failing for lack of space leaves the previous checkpoint
+//! intact and exits with a clear message.
+
+use anetrain::checkpoint::native;
+use anetrain::rng::Rng;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_anetrain")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("anetrain-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A long training run of the tiny default model that checkpoints after every update.
+fn long_run(dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["train", "--steps", "100000", "--batch", "2", "--seq", "16", "--print-every", "100000", "--no-peak"])
+        .args(["--threads", "1", "--ckpt-dir", dir.to_str().unwrap()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn wait_for(path: &Path, limit: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < limit, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_exits_cleanly() {
+    let dir = scratch("sigint");
+    let log = dir.with_extension("jsonl");
+    let mut child = long_run(&dir, &["--ckpt-every", "1000000", "--log", log.to_str().unwrap()]).spawn().unwrap();
+    // The handler is installed before the first update; once one is logged, it is in place.
+    let start = Instant::now();
+    while std::fs::read_to_string(&log).map_or(true, |s| s.is_empty()) {
+        assert!(start.elapsed() < Duration::from_secs(30), "training did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?} after one SIGINT");
+    let ckpt = native::load(&dir).unwrap();
+    assert!(ckpt.step > 0 && ckpt.step < 100000, "checkpoint at step {}", ckpt.step);
+    let logged = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert_eq!(logged, ckpt.step, "the checkpoint is of the last completed update");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_file(&log).unwrap();
+}
+
+#[test]
+fn sigkill_at_random_moments_leaves_a_loadable_checkpoint() {
+    let dir = scratch("sigkill");
+    let mut rng = Rng::new(2026);
+    let mut last_step = 0;
+    for trial in 0..6 {
+        let resume: Vec<&str> =
+            if trial == 0 { vec!["--ckpt-every", "1"] } else { vec!["--ckpt-every", "1", "--resume", "latest"] };
+        let mut child = long_run(&dir, &resume).spawn().unwrap();
+        wait_for(&dir.join("latest"), Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(200 + rng.below(400)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let ckpt = native::load(&dir).unwrap_or_else(|e| panic!("trial {trial}: latest checkpoint unreadable: {e:#}"));
+        assert!(ckpt.step >= last_step, "trial {trial}: checkpoint went back from {last_step} to {}", ckpt.step);
+        last_step = ckpt.step;
+    }
+    // The run resumes from the last survivor and finishes cleanly.
+    let out = Command::new(bin())
+        .args(["train", "--batch", "2", "--seq", "16", "--no-peak", "--threads", "1", "--resume", "latest"])
+        .args(["--steps", &(last_step + 3).to_string(), "--ckpt-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(native::load(&dir).unwrap().step, last_step + 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_full_disk_during_a_checkpoint_loses_nothing() {
+    let dir = scratch("diskfull");
+    let first = Command::new(bin())
+        .args(["train", "--steps", "3", "--batch", "2", "--seq", "16", "--no-peak", "--threads", "1"])
+        .args(["--ckpt-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // The same run resumed under a 1.5 MB file-size limit: the 1 MB weights file fits, the
+    // 2 MB optimizer file does not (as on a disk that fills up mid-checkpoint).
+    let script = format!(
+        "ulimit -f 1500 2>/dev/null || exit 77; exec {} train --steps 6 --batch 2 --seq 16 --no-peak --threads 1 \
+         --ckpt-dir {} --resume latest",
+        bin(),
+        dir.display()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    if out.status.code() == Some(77) {
+        eprintln!("skipping: this shell cannot set a file-size limit");
+        return;
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the checkpoint write should have failed");
+    assert!(err.contains("disk full?") && !err.contains("panicked"), "{err}");
+    let ckpt = native::load(&dir).unwrap();
+    assert_eq!(ckpt.step, 3, "the previous checkpoint must still be the latest, intact");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -264,6 +264,20 @@ impl ModelConfig {
             if value == 0 {
                 bail!("field '{field}' must be positive");
             }
+            // Far beyond any model this crate can train; refusing here keeps every derived
+            // size (products of these fields) from overflowing.
+            if value > 1 << 24 {
+                bail!("field '{field}' ({value}) is implausibly large");
+            }
+        }
+        if self.n_layers > 4096 {
+            bail!("field 'num_hidden_layers' ({}) is implausibly large", self.n_layers);
+        }
+        let (c, f, l, v) = (self.dim as u128, self.ffn_dim as u128, self.n_layers as u128, self.vocab_size as u128);
+        let (q, kv) = ((self.n_heads * self.head_dim) as u128, (self.n_kv_heads * self.head_dim) as u128);
+        let params = 2 * v * c + l * (2 * c * q + 2 * c * kv + 3 * c * f + 2 * c + 2 * self.head_dim as u128) + c;
+        if params > 1 << 36 {
+            bail!("this config has ~{params} parameters, beyond what this crate can hold (2^36)");
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!(

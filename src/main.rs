@@ -309,6 +309,27 @@ fn info(model: &str, seq: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a model whose weights, gradients and AdamW moments (16 bytes per parameter) cannot
+/// fit in the memory this machine has available, instead of dying in the allocator.
+fn check_memory(cfg: &ModelConfig) -> Result<()> {
+    let need = 16 * cfg.param_count() as u64;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    });
+    if let Some(available) = available
+        && need > available
+    {
+        bail!(
+            "{} needs about {:.1} GB for weights, gradients and optimizer state; {:.1} GB is available",
+            cfg.name,
+            need as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
 fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -343,6 +364,7 @@ fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
     };
     opts.validate(&cfg)?;
+    check_memory(&cfg)?;
     let data = if args.data == "synthetic" {
         let n = 2_000_000usize.max(args.batch * (args.seq + 1) * 4);
         TokenData::from_vec(synthetic_tokens(cfg.vocab_size, n, args.seed), cfg.vocab_size, "synthetic")?

@@ -65,7 +65,8 @@ pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
         unexpected.join(", ")
     );
 
-    let mut params = vec![0.0f32; layout.total];
+    // Every shape is checked before the arena is allocated: a config that claims a huge
+    // model is refused by its files, not by the allocator.
     for t in &layout.tensors {
         let st = owner[t.name.as_str()];
         let info = st.info(&t.name)?;
@@ -77,7 +78,10 @@ pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
             info.shape,
             t.shape
         );
-        st.read_f32(&t.name, &mut params[t.range()])?;
+    }
+    let mut params = vec![0.0f32; layout.total];
+    for t in &layout.tensors {
+        owner[t.name.as_str()].read_f32(&t.name, &mut params[t.range()])?;
     }
     if let Some(t) = layout.first_nonfinite(&params) {
         bail!("{}: tensor '{}' contains NaN or Inf", dir.display(), t.name);

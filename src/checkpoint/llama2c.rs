@@ -127,14 +127,15 @@ pub fn parse(bytes: &[u8]) -> Result<Llama2c> {
         ..base
     };
     cfg.validate()?;
-    let layout = ParamLayout::new(&cfg);
+    // Sizes are bounded by validate(); check the file before building anything from them.
     let table_len = if format == Format::Legacy { seq * cfg.head_dim } else { 0 };
-    let want = data_start + 4 * (layout.total + table_len);
+    let want = data_start + 4 * (cfg.param_count() + table_len);
     ensure!(
         bytes.len() == want,
         "{} bytes where the header ({h:?}) implies {want}: truncated or not this format",
         bytes.len()
     );
+    let layout = ParamLayout::new(&cfg);
     let floats = |at: usize, n: usize| -> Vec<f32> {
         bytes[at..at + 4 * n].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     };

@@ -185,6 +185,18 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
     let layout = ParamLayout::new(&cfg);
     let read = |file: &str, prefix: &str| -> Result<Vec<f32>> {
         let st = SafeTensors::open(&path.join(file))?;
+        // Shapes first: a corrupt state.json claiming a huge model is refused, not allocated.
+        for t in &layout.tensors {
+            let info = st.info(&format!("{prefix}{}", t.name))?;
+            ensure!(
+                info.shape == t.shape,
+                "{}: '{prefix}{}' has shape {:?}, the config implies {:?}",
+                st.path.display(),
+                t.name,
+                info.shape,
+                t.shape
+            );
+        }
         let mut buf = vec![0.0f32; layout.total];
         for t in &layout.tensors {
             st.read_f32(&format!("{prefix}{}", t.name), &mut buf[t.range()])?;

@@ -70,8 +70,24 @@ impl TensorInfo {
 }
 
 /// An open, validated safetensors file.
+/// The bytes of a safetensors file: mapped from disk, or owned (parsed from memory).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 pub struct SafeTensors {
-    map: Mmap,
+    map: Bytes,
     data_start: usize,
     pub tensors: BTreeMap<String, TensorInfo>,
     pub metadata: BTreeMap<String, String>,
@@ -86,10 +102,17 @@ impl SafeTensors {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: read-only map of a file we do not modify; see data.rs for the caveat.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
-        Self::parse(map, path).with_context(|| format!("{} is not a valid safetensors file", path.display()))
+        Self::parse(Bytes::Mapped(map), path)
+            .with_context(|| format!("{} is not a valid safetensors file", path.display()))
     }
 
-    fn parse(map: Mmap, path: &Path) -> Result<Self> {
+    /// Parses a file's contents held in memory; `name` stands in for its path in messages.
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Result<Self> {
+        Self::parse(Bytes::Owned(bytes), Path::new(name))
+            .with_context(|| format!("{name} is not a valid safetensors file"))
+    }
+
+    fn parse(map: Bytes, path: &Path) -> Result<Self> {
         ensure!(map.len() >= 8, "file is {} bytes, shorter than the 8-byte header length", map.len());
         let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
         ensure!(header_len <= MAX_HEADER, "header length {header_len} is implausible");

@@ -40,6 +40,9 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
 }
 
+/// HF model classes this crate computes exactly.
+pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "Qwen3ForCausalLM"];
+
 /// Names accepted by `--model`, in the order `anetrain info` lists them.
 pub const PRESETS: &[&str] = &["stories260k", "stories15m", "stories42m", "stories110m", "qwen3-0.6b"];
 
@@ -92,7 +95,7 @@ impl ModelConfig {
             "stories15m" => Self::stories("stories15m", 288, 768, 6, 6, 6, 32000, 256),
             "stories42m" => Self::stories("stories42m", 512, 1376, 8, 8, 8, 32000, 1024),
             "stories110m" => Self::stories("stories110m", 768, 2048, 12, 12, 12, 32000, 1024),
-            // Published Qwen/Qwen3-0.6B config.json; max positions capped to what we train at.
+            // The published Qwen/Qwen3-0.6B config.json.
             "qwen3-0.6b" => ModelConfig {
                 name: "qwen3-0.6b".into(),
                 dim: 1024,
@@ -142,6 +145,13 @@ impl ModelConfig {
     /// (`LlamaConfig` / `Qwen3Config`); options this crate does not implement are refused.
     pub fn from_hf_json(v: &Value) -> Result<Self> {
         let obj = v.as_object().context("config must be a JSON object")?;
+        if let Some(archs) = obj.get("architectures").and_then(Value::as_array) {
+            for arch in archs.iter().filter_map(Value::as_str) {
+                if !ARCHITECTURES.contains(&arch) {
+                    bail!("architecture '{arch}' is not supported (expected one of {})", ARCHITECTURES.join(", "));
+                }
+            }
+        }
         let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("llama");
         let is_qwen3 = match model_type {
             "llama" => false,

@@ -1,7 +1,6 @@
 //! Evaluation over a token file, and greedy decoding by full recomputation (the reference
 //! that KV-cache decoding will be tested against).
 
-use crate::backend::cpu::CpuBackend;
 use crate::config::ModelConfig;
 use crate::data::TokenData;
 use crate::model::Model;
@@ -34,8 +33,10 @@ pub fn evaluate(
     ensure!(data.len() > t, "{} holds {} tokens; --seq {t} needs at least {}", data.source, data.len(), t + 1);
     let available = (data.len() - 1) / t;
     let windows = if max_windows == 0 { available } else { available.min(max_windows) };
+    let batch = batch.min(windows);
+    ensure!(batch.saturating_mul(t) <= 1 << 22, "--batch × --seq must be at most 4M tokens");
     let start = std::time::Instant::now();
-    let mut model = Model::new(cfg, batch, t, par, Box::new(CpuBackend::new(cfg, batch, t, par)))?;
+    let mut model = Model::cpu(cfg, batch, t, par)?;
     let (mut tokens, mut targets) = (vec![0u32; batch * t], vec![0u32; batch * t]);
     let (mut sum, mut count) = (0.0f64, 0usize);
     let mut w = 0;
@@ -73,7 +74,7 @@ pub fn greedy_slow(cfg: &ModelConfig, params: &[f32], prompt: &[u32], n_new: usi
     ensure!(!prompt.is_empty(), "the prompt needs at least one token");
     let t = (prompt.len() + n_new).min(cfg.max_seq_len);
     ensure!(prompt.len() < t, "the prompt already fills the model's {} positions", cfg.max_seq_len);
-    let mut model = Model::new(cfg, 1, t, par, Box::new(CpuBackend::new(cfg, 1, t, par)))?;
+    let mut model = Model::cpu(cfg, 1, t, par)?;
     let mut seq = vec![0u32; t];
     seq[..prompt.len()].copy_from_slice(prompt);
     let targets = vec![crate::ops::cross_entropy::IGNORE; t];

@@ -71,6 +71,13 @@ impl Model {
         if t > cfg.max_seq_len {
             bail!("--seq {t} exceeds the model's max_position_embeddings ({})", cfg.max_seq_len);
         }
+        ensure!(
+            backend.shape() == (b, t),
+            "the {} backend was built for B={}, T={}, the model for B={b}, T={t}",
+            backend.name(),
+            backend.shape().0,
+            backend.shape().1
+        );
         let n = b * t;
         let (c, f, qd, kd) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
         let qk = usize::from(cfg.qk_norm);
@@ -115,6 +122,11 @@ impl Model {
             grads,
             times: PhaseTimes::default(),
         })
+    }
+
+    /// A model on the `cpu` backend.
+    pub fn cpu(cfg: &ModelConfig, b: usize, t: usize, par: Par) -> Result<Self> {
+        Self::new(cfg, b, t, par, Box::new(crate::backend::cpu::CpuBackend::new(cfg, b, t, par)))
     }
 
     pub fn backend_name(&self) -> &'static str {

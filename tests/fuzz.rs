@@ -84,7 +84,11 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], target: impl Fn(&[u8])) {
         if result.is_err() || took > Duration::from_secs(5) {
             let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/fuzz-{name}-crash.bin"));
             std::fs::write(&path, &input).unwrap();
-            panic!("{name}: input {} {} (after {runs} runs)", path.display(), if result.is_err() { "panicked" } else { "hung" });
+            panic!(
+                "{name}: input {} {} (after {runs} runs)",
+                path.display(),
+                if result.is_err() { "panicked" } else { "hung" }
+            );
         }
         runs += 1;
     }
@@ -92,7 +96,16 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], target: impl Fn(&[u8])) {
 }
 
 fn tiny() -> ModelConfig {
-    ModelConfig { n_layers: 1, vocab_size: 32, dim: 16, ffn_dim: 24, n_heads: 2, n_kv_heads: 1, head_dim: 8, ..ModelConfig::preset("stories260k").unwrap() }
+    ModelConfig {
+        n_layers: 1,
+        vocab_size: 32,
+        dim: 16,
+        ffn_dim: 24,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 8,
+        ..ModelConfig::preset("stories260k").unwrap()
+    }
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -116,7 +129,12 @@ fn fuzz_safetensors() {
     let cfg = ModelConfig { qk_norm: true, tied_embeddings: false, ..tiny() };
     hf::save(&dir, &cfg, &ParamLayout::new(&cfg).init(1), anetrain::checkpoint::safetensors::Dtype::BF16).unwrap();
     let mut seeds = vec![std::fs::read(dir.join("model.safetensors")).unwrap()];
-    seeds.push(std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-untied/fixture.safetensors")).unwrap());
+    seeds.push(
+        std::fs::read(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-untied/fixture.safetensors"),
+        )
+        .unwrap(),
+    );
     fuzz("safetensors", &seeds, |bytes| {
         if let Ok(st) = SafeTensors::from_bytes(bytes.to_vec(), "fuzz") {
             read_everything(&st);
@@ -127,14 +145,15 @@ fn fuzz_safetensors() {
 
 #[test]
 fn fuzz_llama2c() {
-    let seeds: Vec<Vec<u8>> = [(llama2c::Format::Legacy, true), (llama2c::Format::Legacy, false), (llama2c::Format::V1, false)]
-        .into_iter()
-        .map(|(format, tied)| {
-            let cfg = ModelConfig { tied_embeddings: tied, ..tiny() };
-            let params = ParamLayout::new(&cfg).init(2);
-            llama2c::to_bytes(&llama2c::Llama2c { cfg, params, format, rope_tables: None }).unwrap()
-        })
-        .collect();
+    let seeds: Vec<Vec<u8>> =
+        [(llama2c::Format::Legacy, true), (llama2c::Format::Legacy, false), (llama2c::Format::V1, false)]
+            .into_iter()
+            .map(|(format, tied)| {
+                let cfg = ModelConfig { tied_embeddings: tied, ..tiny() };
+                let params = ParamLayout::new(&cfg).init(2);
+                llama2c::to_bytes(&llama2c::Llama2c { cfg, params, format, rope_tables: None }).unwrap()
+            })
+            .collect();
     fuzz("llama2c", &seeds, |bytes| {
         if let Ok(m) = llama2c::parse(bytes) {
             let _ = llama2c::to_bytes(&m);
@@ -207,7 +226,8 @@ fn fuzz_checkpoint() {
     let restore_into = |path: &Path| {
         if let Ok(ckpt) = native::load(path) {
             let par = Par::seq();
-            let mut fresh = Trainer::new(&cfg, trainer.opts.clone(), par, Box::new(CpuBackend::new(&cfg, 1, 8, par))).unwrap();
+            let mut fresh =
+                Trainer::new(&cfg, trainer.opts.clone(), par, Box::new(CpuBackend::new(&cfg, 1, 8, par))).unwrap();
             let _ = ckpt.restore(&mut fresh, &data);
         }
     };
@@ -226,7 +246,8 @@ fn fuzz_checkpoint() {
 fn fuzz_token_files() {
     let dir = scratch("tok");
     let path = dir.join("tokens.bin");
-    let seed: Vec<u8> = anetrain::data::synthetic_tokens(500, 300, 2).iter().flat_map(|&t| (t as u16).to_le_bytes()).collect();
+    let seed: Vec<u8> =
+        anetrain::data::synthetic_tokens(500, 300, 2).iter().flat_map(|&t| (t as u16).to_le_bytes()).collect();
     fuzz("tokens", &[seed], |bytes| {
         std::fs::write(&path, bytes).unwrap();
         if let Ok(data) = TokenData::open_u16(&path, 500) {

@@ -3,7 +3,6 @@
 //! targets, and what PyTorch computed — logits, loss, every parameter gradient, and the losses
 //! of 10 AdamW updates with weight decay and clipping engaged.
 
-use anetrain::backend::cpu::CpuBackend;
 use anetrain::checkpoint::hf;
 use anetrain::checkpoint::safetensors::SafeTensors;
 use anetrain::model::Model;
@@ -35,7 +34,7 @@ fn load(name: &str) -> Fixture {
         tensors.read_i64("targets").unwrap().iter().map(|&x| if x == -100 { IGNORE } else { x as u32 }).collect();
     assert_eq!(tokens.len(), b * t);
     let par = Par { threads: 2, gemm: GemmImpl::Gemm };
-    let model = Model::new(&cfg, b, t, par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
+    let model = Model::cpu(&cfg, b, t, par).unwrap();
     Fixture { model, params, tokens, targets, tensors, meta }
 }
 

@@ -85,7 +85,7 @@ fn gradients_match_finite_differences_of_f64_reference() {
         let cfg = tiny(name);
         let (b, t) = (2, 5);
         let par = Par { threads: 2, gemm: GemmImpl::Gemm };
-        let mut model = Model::new(&cfg, b, t, par, Box::new(CpuBackend::new(&cfg, b, t, par))).unwrap();
+        let mut model = Model::cpu(&cfg, b, t, par).unwrap();
         let params = rough_params(&model, 7);
         let mut rng = Rng::new(3);
         let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(cfg.vocab_size as u64) as u32).collect();

@@ -103,6 +103,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn shape(&self) -> (usize, usize) {
+        (self.dims.b, self.dims.t)
+    }
+
     fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
         let (par, n, c, eps) = (self.par, self.n, self.c, self.eps);
         let AttnDims { t, h, kv, d, .. } = self.dims;

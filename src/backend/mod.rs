@@ -82,6 +82,9 @@ pub type Weights<'a> = LayerTensors<&'a [f32]>;
 pub trait Backend: Send {
     fn name(&self) -> &'static str;
 
+    /// The micro-batch shape (B, T) the kernels were built for.
+    fn shape(&self) -> (usize, usize);
+
     /// Reads `acts.xn1`; writes q, k, v (and the QK-norm taps), probs and attn into `acts`,
     /// and `o` `[N, C]` = attn · Woᵀ.
     fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()>;

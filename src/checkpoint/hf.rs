@@ -2,7 +2,7 @@
 //! `model.safetensors.index.json`; `LlamaForCausalLM` and `Qwen3ForCausalLM`; fp32, fp16 and
 //! bf16 tensors. Tensor names are the arena's names, which are HF's exactly.
 
-use super::safetensors::{self, Dtype, SafeTensors, TensorOut};
+use super::safetensors::{self, Dtype, SafeTensors};
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
 use anyhow::{Context, Result, bail, ensure};
@@ -10,27 +10,13 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "Qwen3ForCausalLM"];
-
 /// Reads the model's config and every parameter into a fresh arena.
 pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("{} is not an HF model directory: cannot read config.json", dir.display()))?;
-    let value: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-    if let Some(archs) = value.get("architectures").and_then(Value::as_array) {
-        for arch in archs.iter().filter_map(Value::as_str) {
-            ensure!(
-                ARCHITECTURES.contains(&arch),
-                "{}: architecture '{arch}' is not supported (expected one of {})",
-                config_path.display(),
-                ARCHITECTURES.join(", ")
-            );
-        }
+    if !config_path.is_file() {
+        bail!("{} is not an HF model directory: it has no config.json", dir.display());
     }
-    let mut cfg =
-        ModelConfig::from_hf_json(&value).with_context(|| format!("invalid model config {}", config_path.display()))?;
+    let mut cfg = ModelConfig::from_hf_json_file(&config_path)?;
     cfg.name = dir.display().to_string();
     let layout = ParamLayout::new(&cfg);
     let files = open_weight_files(dir)?;
@@ -125,16 +111,7 @@ pub fn save(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> Resu
     let layout = ParamLayout::new(cfg);
     ensure!(params.len() == layout.total, "parameter arena does not match the config");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors: Vec<TensorOut> = layout
-        .tensors
-        .iter()
-        .map(|t| TensorOut {
-            name: t.name.clone(),
-            dtype,
-            shape: t.shape.clone(),
-            data: safetensors::encode_f32(&params[t.range()], dtype).into(),
-        })
-        .collect();
+    let tensors = super::arena_tensors(&layout, params, "", dtype);
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::write(&dir.join("model.safetensors"), &tensors, &meta)?;
     let mut config = cfg.to_hf_json();
@@ -146,6 +123,7 @@ pub fn save(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::safetensors::TensorOut;
 
     #[test]
     fn save_load_round_trip_and_clear_errors() {

@@ -188,6 +188,7 @@ pub fn to_bytes(model: &Llama2c) -> Result<Vec<u8>> {
     ensure!(!cfg.qk_norm, "llama2.c files cannot hold QK-norm weights (Qwen3); export to an HF directory instead");
     ensure!(cfg.head_dim * cfg.n_heads == cfg.dim, "llama2.c requires head_dim = dim / n_heads");
     ensure!((cfg.rope_theta - 10000.0).abs() < 1e-9, "llama2.c uses RoPE θ = 10000; this model has {}", cfg.rope_theta);
+    ensure!((cfg.norm_eps - 1e-5).abs() < 1e-12, "llama2.c uses RMSNorm eps 1e-5; this model has {}", cfg.norm_eps);
     let layout = ParamLayout::new(cfg);
     let mut params = model.params.clone();
     permute_qk(&layout, cfg, &mut params, true);
@@ -265,6 +266,18 @@ mod tests {
             assert_eq!(back.cfg, model.cfg);
             assert_eq!(to_bytes(&back).unwrap(), bytes);
             assert!(parse(&bytes[..bytes.len() - 4]).is_err(), "truncated file accepted");
+        }
+        // What the format cannot hold is refused, not silently changed.
+        let base = ModelConfig { n_layers: 1, ..ModelConfig::preset("stories260k").unwrap() };
+        for (cfg, needle) in [
+            (ModelConfig { norm_eps: 1e-6, ..base.clone() }, "eps"),
+            (ModelConfig { rope_theta: 1e6, ..base.clone() }, "θ"),
+            (ModelConfig { qk_norm: true, ..base.clone() }, "QK-norm"),
+        ] {
+            let params = ParamLayout::new(&cfg).init(1);
+            let err =
+                to_bytes(&Llama2c { cfg, params, format: Format::V1, rope_tables: None }).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod native;
 pub mod safetensors;
 
 use crate::config::ModelConfig;
+use crate::params::ParamLayout;
 use anyhow::{Result, bail};
 use std::path::Path;
 
@@ -72,4 +73,24 @@ pub fn convert(from: &Path, to: &Path, dtype: safetensors::Dtype, format: llama2
         hf::save(to, &cfg, &params, dtype)?;
     }
     Ok(cfg)
+}
+
+/// Every tensor of an arena as safetensors output, named `<prefix><HF name>`, encoded to
+/// `dtype` while it is written.
+pub fn arena_tensors<'a>(
+    layout: &ParamLayout,
+    buf: &'a [f32],
+    prefix: &str,
+    dtype: safetensors::Dtype,
+) -> Vec<safetensors::TensorOut<'a>> {
+    layout
+        .tensors
+        .iter()
+        .map(|t| safetensors::TensorOut {
+            name: format!("{prefix}{}", t.name),
+            dtype,
+            shape: t.shape.clone(),
+            data: safetensors::TensorData::F32(&buf[t.range()]),
+        })
+        .collect()
 }

@@ -8,7 +8,7 @@
 //! step directory) replaced atomically — a crash at any point leaves the previous checkpoint
 //! whole and `latest` pointing at it.
 
-use super::safetensors::{self, Dtype, SafeTensors, TensorOut};
+use super::safetensors::{self, Dtype, SafeTensors};
 use crate::config::ModelConfig;
 use crate::data::TokenData;
 use crate::params::ParamLayout;
@@ -62,13 +62,21 @@ pub fn check_writable(dir: &Path) -> Result<()> {
 
 /// Writes the trainer's state after `step` completed updates; returns the step directory.
 pub fn save(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData, keep_last: usize) -> Result<PathBuf> {
+    if let Some(t) = trainer.model.layout.first_nonfinite(&trainer.params) {
+        bail!(
+            "the weights of '{}' became NaN or Inf by update {step}; not overwriting the last good checkpoint \
+             (lower --lr, or check --adam-eps and the data)",
+            t.name
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
     let name = format!("step-{step:08}");
     let final_dir = dir.join(&name);
     let tmp = dir.join(format!("{name}.tmp"));
     // Half-written directories of runs killed mid-write are never read; clear them.
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
-        if entry.file_name().to_string_lossy().ends_with(".tmp") && entry.path().is_dir() {
+        let entry_name = entry.file_name().to_string_lossy().into_owned();
+        if (entry_name.ends_with(".tmp") || entry_name.ends_with(".old")) && entry.path().is_dir() {
             std::fs::remove_dir_all(entry.path())
                 .with_context(|| format!("cannot clear {}", entry.path().display()))?;
         }
@@ -79,29 +87,23 @@ pub fn save(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData, keep_l
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    // Replacing an existing step directory (a resumed run passing the same step again): move
+    // the old one aside first, so that `latest` never names a missing directory.
+    let old = dir.join(format!("{name}.old"));
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&final_dir, &old).with_context(|| format!("cannot move {} aside", final_dir.display()))?;
     }
     std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
     safetensors::write_atomically(&dir.join("latest"), |out| std::io::Write::write_all(out, name.as_bytes()))?;
+    let _ = std::fs::remove_dir_all(&old);
     prune(dir, keep_last, &name)?;
     Ok(final_dir)
 }
 
 fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> Result<()> {
     let layout = &trainer.model.layout;
-    let tensors = |prefix: &str, buf: &[f32]| -> Vec<TensorOut<'static>> {
-        layout
-            .tensors
-            .iter()
-            .map(|t| TensorOut {
-                name: format!("{prefix}{}", t.name),
-                dtype: Dtype::F32,
-                shape: t.shape.clone(),
-                data: safetensors::encode_f32(&buf[t.range()], Dtype::F32).into(),
-            })
-            .collect()
-    };
+    let tensors = |prefix: &str, buf| super::arena_tensors(layout, buf, prefix, Dtype::F32);
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::write(&tmp.join("model.safetensors"), &tensors("", &trainer.params), &meta)?;
     let mut opt = tensors("m.", &trainer.opt.m);
@@ -119,7 +121,11 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
             "weight_decay": o.adamw.weight_decay,
         },
         "sampler_rng": hex(trainer.sampler.rng.state()),
-        "loss_scale": { "scale": trainer.scaler.scale, "good_steps": trainer.scaler.good_steps },
+        "loss_scale": {
+            "mode": format!("{:?}", trainer.scaler.mode),
+            "scale": trainer.scaler.scale,
+            "good_steps": trainer.scaler.good_steps,
+        },
         "train": {
             "steps": o.steps, "batch": o.batch, "seq": o.seq, "accum": o.accum,
             "lr": o.schedule_lr, "min_lr": o.min_lr, "warmup": o.warmup,
@@ -136,11 +142,13 @@ fn prune(dir: &Path, keep_last: usize, current: &str) -> Result<()> {
     if keep_last == 0 {
         return Ok(());
     }
-    let mut steps: Vec<String> = std::fs::read_dir(dir)?
+    // Sorted by step number: names are zero-padded to 8 digits, but steps may outgrow that.
+    let mut steps: Vec<(u64, String)> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
+        .filter_map(|n| Some((n.strip_prefix("step-")?.parse::<u64>().ok()?, n)))
         .collect();
     steps.sort();
+    let steps: Vec<String> = steps.into_iter().map(|(_, n)| n).collect();
     let excess = steps.len().saturating_sub(keep_last);
     for name in steps.into_iter().take(excess).filter(|n| n != current) {
         std::fs::remove_dir_all(dir.join(&name)).with_context(|| format!("cannot remove old checkpoint {name}"))?;
@@ -183,8 +191,7 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
         ModelConfig::from_hf_json(&state["config"]).with_context(|| format!("{}: bad config", state_path.display()))?;
     let step = state["step"].as_u64().with_context(|| format!("{}: no step", state_path.display()))? as usize;
     let layout = ParamLayout::new(&cfg);
-    let read = |file: &str, prefix: &str| -> Result<Vec<f32>> {
-        let st = SafeTensors::open(&path.join(file))?;
+    let read = |st: &SafeTensors, prefix: &str| -> Result<Vec<f32>> {
         // Shapes first: a corrupt state.json claiming a huge model is refused, not allocated.
         for t in &layout.tensors {
             let info = st.info(&format!("{prefix}{}", t.name))?;
@@ -203,12 +210,12 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
         }
         Ok(buf)
     };
-    let params = read("model.safetensors", "")?;
+    let params = read(&SafeTensors::open(&path.join("model.safetensors"))?, "")?;
     if let Some(t) = layout.first_nonfinite(&params) {
         bail!("{}: tensor '{}' contains NaN or Inf", path.display(), t.name);
     }
-    let m = read("optimizer.safetensors", "m.")?;
-    let v = read("optimizer.safetensors", "v.")?;
+    let optimizer = SafeTensors::open(&path.join("optimizer.safetensors"))?;
+    let (m, v) = (read(&optimizer, "m.")?, read(&optimizer, "v.")?);
     Ok(Checkpoint { path, cfg, params, m, v, step, state })
 }
 
@@ -263,9 +270,16 @@ impl Checkpoint {
         trainer.opt.v.copy_from_slice(&self.v);
         trainer.opt.step = self.state["optimizer"]["adam_step"].as_u64().context("no optimizer step")?;
         trainer.sampler.rng = crate::rng::Rng::from_state([rng[0], rng[1], rng[2], rng[3]]);
+        // A dynamic scale continues where it was; a run resumed with another --loss-scale mode
+        // starts that mode afresh (the mode may change on resume).
         let ls = &self.state["loss_scale"];
-        trainer.scaler.scale = ls["scale"].as_f64().context("checkpoint has no loss scale")? as f32;
-        trainer.scaler.good_steps = ls["good_steps"].as_u64().context("checkpoint has no loss-scale counter")? as u32;
+        if trainer.scaler.mode == crate::train::loss_scale::LossScaleMode::Dynamic && ls["mode"] == "Dynamic" {
+            let scale = ls["scale"].as_f64().context("checkpoint has no loss scale")?;
+            ensure!(scale.is_finite() && scale >= 1.0, "checkpoint loss scale {scale} is corrupt");
+            trainer.scaler.scale = scale as f32;
+            trainer.scaler.good_steps =
+                ls["good_steps"].as_u64().context("checkpoint has no loss-scale counter")? as u32;
+        }
         trainer.start_step = self.step;
         Ok(())
     }

@@ -259,7 +259,47 @@ pub struct TensorOut<'a> {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
-    pub data: std::borrow::Cow<'a, [u8]>,
+    pub data: TensorData<'a>,
+}
+
+/// A tensor's contents: bytes already in `dtype`, or f32 values encoded to `dtype` (F32 or
+/// BF16) as they are written — no copy of a multi-gigabyte arena is ever made.
+pub enum TensorData<'a> {
+    Bytes(std::borrow::Cow<'a, [u8]>),
+    F32(&'a [f32]),
+}
+
+impl From<Vec<u8>> for TensorData<'_> {
+    fn from(bytes: Vec<u8>) -> Self {
+        TensorData::Bytes(bytes.into())
+    }
+}
+
+impl TensorData<'_> {
+    fn byte_len(&self, dtype: Dtype) -> usize {
+        match self {
+            TensorData::Bytes(b) => b.len(),
+            TensorData::F32(v) => v.len() * dtype.size(),
+        }
+    }
+
+    fn write_to(&self, dtype: Dtype, out: &mut impl Write) -> std::io::Result<()> {
+        match self {
+            TensorData::Bytes(b) => out.write_all(b),
+            TensorData::F32(values) => {
+                let mut buf = Vec::with_capacity(4 * 4096);
+                for chunk in values.chunks(4096) {
+                    buf.clear();
+                    match dtype {
+                        Dtype::BF16 => chunk.iter().for_each(|&v| buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
+                        _ => chunk.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+                    }
+                    out.write_all(&buf)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Writes a safetensors file atomically: into `<path>.tmp`, fsync, rename, fsync the
@@ -272,15 +312,15 @@ pub fn write(path: &Path, tensors: &[TensorOut], metadata: &BTreeMap<String, Str
     let mut offset = 0usize;
     for t in tensors {
         ensure!(
-            t.shape.iter().product::<usize>() * t.dtype.size() == t.data.len(),
+            t.shape.iter().product::<usize>() * t.dtype.size() == t.data.byte_len(t.dtype),
             "tensor '{}' size mismatch",
             t.name
         );
         header.insert(
             t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.data.byte_len(t.dtype)]}),
         );
-        offset += t.data.len();
+        offset += t.data.byte_len(t.dtype);
     }
     let mut json = serde_json::to_vec(&Value::Object(header))?;
     // The format pads the header with spaces so the data starts 8-byte aligned.
@@ -291,7 +331,7 @@ pub fn write(path: &Path, tensors: &[TensorOut], metadata: &BTreeMap<String, Str
         out.write_all(&(json.len() as u64).to_le_bytes())?;
         out.write_all(&json)?;
         for t in tensors {
-            out.write_all(&t.data)?;
+            t.data.write_to(t.dtype, out)?;
         }
         Ok(())
     })
@@ -327,18 +367,18 @@ pub fn write_atomically(
     result
 }
 
-/// f32 values as little-endian bytes in the requested float dtype.
-pub fn encode_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
-        other => panic!("encode_f32: unsupported dtype {}", other.name()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// f32 values as little-endian bytes in the requested float dtype.
+    fn encode_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
+        match dtype {
+            Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Dtype::BF16 => values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
+            other => panic!("encode_f32: unsupported dtype {}", other.name()),
+        }
+    }
 
     #[test]
     fn half_conversions() {

@@ -43,12 +43,15 @@ impl<'a> Operand<'a> {
     fn strides(&self) -> (isize, isize) {
         if self.trans { (1, self.ld as isize) } else { (self.ld as isize, 1) }
     }
-    /// Elements the logical `rows × cols` matrix spans in storage.
+    /// Elements the logical `rows × cols` matrix spans in storage. Panics if stored rows
+    /// would overlap (`ld` shorter than a stored row): shared operands may alias themselves
+    /// harmlessly, but the destination must not.
     fn span(&self, rows: usize, cols: usize) -> usize {
         if rows == 0 || cols == 0 {
             return 0;
         }
         let (r, c) = if self.trans { (cols, rows) } else { (rows, cols) };
+        assert!(r == 1 || self.ld >= c, "sgemm: leading dimension {} shorter than a row of {c}", self.ld);
         (r - 1) * self.ld + c
     }
 }
@@ -75,7 +78,7 @@ pub fn sgemm(
     }
     if k == 0 {
         if !accumulate {
-            c.chunks_mut(ldc).for_each(|row| row[..n].fill(0.0));
+            (0..m).for_each(|i| c[i * ldc..i * ldc + n].fill(0.0));
         }
         return;
     }

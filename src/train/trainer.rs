@@ -54,7 +54,17 @@ impl TrainOptions {
             (0.0..1.0).contains(&self.adamw.beta1) && (0.0..1.0).contains(&self.adamw.beta2),
             "--beta1/--beta2 must be in [0, 1)"
         );
-        ensure!(self.adamw.weight_decay >= 0.0, "--weight-decay must be non-negative");
+        ensure!(self.adamw.eps.is_finite() && self.adamw.eps > 0.0, "--adam-eps must be a positive number");
+        ensure!(
+            self.adamw.weight_decay.is_finite()
+                && self.adamw.weight_decay >= 0.0
+                && self.schedule_lr * self.adamw.weight_decay < 1.0,
+            "--weight-decay must be non-negative with lr × weight decay < 1"
+        );
+        // Bounds that keep every derived size (buffers, counters) far from overflow.
+        ensure!(self.steps <= 1 << 40, "--steps {} is implausibly large", self.steps);
+        ensure!(self.accum <= 1 << 20, "--accum {} is implausibly large", self.accum);
+        ensure!(self.batch.saturating_mul(self.seq) <= 1 << 22, "--batch × --seq must be at most 4M tokens");
         Ok(())
     }
 
@@ -121,7 +131,7 @@ impl Trainer {
             sampler: Sampler::new(opts.seed, opts.batch, opts.seq),
             tokens: vec![0; n],
             targets: vec![0; n],
-            micro_ms: Vec::with_capacity(opts.steps * opts.accum),
+            micro_ms: Vec::with_capacity((opts.steps * opts.accum).min(1 << 16)),
             start_step: 0,
             scaler: LossScaler::new(opts.loss_scale),
             inject_nonfinite_at: None,
@@ -198,7 +208,7 @@ impl Trainer {
         mut on_update: impl FnMut(&StepEvent),
     ) -> Result<TrainSummary> {
         let start = Instant::now();
-        let mut losses = Vec::with_capacity(self.opts.steps);
+        let mut losses = Vec::with_capacity(self.opts.steps.saturating_sub(self.start_step).min(1 << 20));
         let mut tokens = 0;
         let mut interrupted = false;
         for step in self.start_step..self.opts.steps {
@@ -226,7 +236,7 @@ impl Trainer {
             interrupted,
             losses,
             wall_s,
-            median_micro_ms: median(&mut self.micro_ms.clone()),
+            median_micro_ms: median(&mut self.micro_ms),
             tokens,
             tokens_per_s: tokens as f64 / wall_s,
             gflops: flops / wall_s / 1e9,

@@ -1,8 +1,14 @@
 //! Token data and micro-batch sampling.
 //!
-//! Files are llama2.c's pretokenized `.bin`: a flat little-endian `u16` array, no header,
-//! read through mmap (never loaded whole). Every id is checked against the vocabulary once at
-//! open, so the hot path can index embeddings without checks.
+//! Two file kinds, read through mmap (never loaded whole):
+//! - llama2.c's pretokenized `.bin`: a flat little-endian `u16` array, no header;
+//! - this project's token file: a 64-byte header — magic `ANETOKS\0`, u32 version (1), u32
+//!   bytes per token (2 or 4), u32 vocabulary size, u32 reserved (0), u64 token count, 32 bytes
+//!   of tokenizer fingerprint (ASCII, zero-padded) — then the little-endian ids. A file made for
+//!   another vocabulary or tokenizer is refused by name.
+//!
+//! Every id is checked against the vocabulary once at open, so the hot path can index
+//! embeddings without checks.
 
 use crate::ops::cross_entropy::IGNORE;
 use crate::rng::Rng;
@@ -12,9 +18,17 @@ use std::fs::File;
 use std::path::Path;
 
 enum Backing {
-    U16(Mmap),
+    /// Ids of `width` bytes starting at byte `offset` of the map.
+    Mapped {
+        map: Mmap,
+        offset: usize,
+        width: usize,
+    },
     Owned(Vec<u32>),
 }
+
+pub const MAGIC: &[u8; 8] = b"ANETOKS\0";
+pub const HEADER_LEN: usize = 64;
 
 /// A read-only sequence of token ids, all below `vocab_size`.
 pub struct TokenData {
@@ -22,9 +36,84 @@ pub struct TokenData {
     len: usize,
     /// Where the tokens came from, for messages and telemetry.
     pub source: String,
+    /// Fingerprint of the tokenizer that made the file (headed files only).
+    pub tokenizer: Option<String>,
 }
 
 impl TokenData {
+    /// Opens a token file of either kind. `tokenizer`, when given, must match the fingerprint
+    /// in a headed file's header.
+    pub fn open(path: &Path, vocab_size: usize, tokenizer: Option<&str>) -> Result<Self> {
+        let mut head = [0u8; 8];
+        let is_headed = File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok_and(|_| &head == MAGIC);
+        if !is_headed {
+            return Self::open_u16(path, vocab_size);
+        }
+        let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+        // SAFETY: as in open_u16.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+        let bad = |what: String| anyhow::anyhow!("token file {}: {what}", path.display());
+        ensure!(map.len() >= HEADER_LEN, bad(format!("header truncated ({} bytes)", map.len())));
+        let u32_at = |at: usize| u32::from_le_bytes(map[at..at + 4].try_into().expect("4 bytes"));
+        let (version, width, vocab) = (u32_at(8), u32_at(12) as usize, u32_at(16) as usize);
+        ensure!(version == 1, bad(format!("format version {version} is not supported (this build reads 1)")));
+        ensure!(width == 2 || width == 4, bad(format!("{width} bytes per token is not 2 or 4")));
+        let count = u64::from_le_bytes(map[24..32].try_into().expect("8 bytes"));
+        let body = (map.len() - HEADER_LEN) as u64;
+        ensure!(
+            count.checked_mul(width as u64) == Some(body),
+            bad(format!("header says {count} tokens of {width} bytes, the file holds {body} bytes (truncated?)"))
+        );
+        ensure!(count > 0, bad("it holds no tokens".into()));
+        let fingerprint = String::from_utf8_lossy(&map[32..64]).trim_end_matches('\0').to_string();
+        ensure!(
+            vocab == vocab_size,
+            bad(format!(
+                "it was made for a vocabulary of {vocab}, the model has {vocab_size}; re-run prepare with the model's tokenizer"
+            ))
+        );
+        if let Some(want) = tokenizer
+            && want != fingerprint
+        {
+            bail!(bad(format!(
+                "it was made with tokenizer {fingerprint}, not {want}; re-run prepare with this tokenizer"
+            )));
+        }
+        let data = TokenData {
+            backing: Backing::Mapped { map, offset: HEADER_LEN, width },
+            len: count as usize,
+            source: path.display().to_string(),
+            tokenizer: Some(fingerprint),
+        };
+        data.check_vocab(vocab_size)?;
+        Ok(data)
+    }
+
+    /// Writes a headed token file atomically (ids must be below `vocab_size`).
+    pub fn write(path: &Path, tokens: &[u32], vocab_size: usize, tokenizer: &str) -> Result<()> {
+        ensure!(tokenizer.len() <= 32, "tokenizer fingerprint '{tokenizer}' is longer than 32 bytes");
+        ensure!(vocab_size <= u32::MAX as usize, "vocabulary too large");
+        let width = if vocab_size <= 1 << 16 { 2 } else { 4 };
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        for v in [1u32, width as u32, vocab_size as u32, 0] {
+            header.extend_from_slice(&v.to_le_bytes());
+        }
+        header.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
+        header.extend_from_slice(tokenizer.as_bytes());
+        header.resize(HEADER_LEN, 0);
+        crate::checkpoint::safetensors::write_atomically(path, |out| {
+            std::io::Write::write_all(out, &header)?;
+            for &t in tokens {
+                let bytes = t.to_le_bytes();
+                std::io::Write::write_all(out, &bytes[..width])?;
+            }
+            Ok(())
+        })
+    }
+
     /// Opens a flat `u16` token file and checks every id is below `vocab_size`.
     pub fn open_u16(path: &Path, vocab_size: usize) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
@@ -41,15 +130,24 @@ impl TokenData {
         // SAFETY: the file is opened read-only and we never write through the map; a file
         // truncated underneath a running process is outside what any mmap reader can guard.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
-        let data =
-            TokenData { backing: Backing::U16(map), len: bytes as usize / 2, source: path.display().to_string() };
+        let data = TokenData {
+            backing: Backing::Mapped { map, offset: 0, width: 2 },
+            len: bytes as usize / 2,
+            source: path.display().to_string(),
+            tokenizer: None,
+        };
         data.check_vocab(vocab_size)?;
         Ok(data)
     }
 
     pub fn from_vec(tokens: Vec<u32>, vocab_size: usize, source: &str) -> Result<Self> {
         ensure!(!tokens.is_empty(), "token data '{source}' is empty");
-        let data = TokenData { len: tokens.len(), backing: Backing::Owned(tokens), source: source.to_string() };
+        let data = TokenData {
+            len: tokens.len(),
+            backing: Backing::Owned(tokens),
+            source: source.to_string(),
+            tokenizer: None,
+        };
         data.check_vocab(vocab_size)?;
         Ok(data)
     }
@@ -77,7 +175,14 @@ impl TokenData {
     #[inline]
     pub fn get(&self, i: usize) -> u32 {
         match &self.backing {
-            Backing::U16(map) => u16::from_le_bytes([map[2 * i], map[2 * i + 1]]) as u32,
+            Backing::Mapped { map, offset, width: 2 } => {
+                let at = offset + 2 * i;
+                u16::from_le_bytes([map[at], map[at + 1]]) as u32
+            }
+            Backing::Mapped { map, offset, .. } => {
+                let at = offset + 4 * i;
+                u32::from_le_bytes([map[at], map[at + 1], map[at + 2], map[at + 3]])
+            }
             Backing::Owned(v) => v[i],
         }
     }
@@ -168,6 +273,33 @@ mod tests {
         assert!(TokenData::open_u16(&path, 50).err().unwrap().to_string().contains("odd size"));
         std::fs::write(&path, []).unwrap();
         assert!(TokenData::open_u16(&path, 50).err().unwrap().to_string().contains("empty"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn headed_files_round_trip_and_refuse_other_tokenizers() {
+        let dir = std::env::temp_dir().join(format!("anetrain-headed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (vocab, name) in [(500usize, "small.tok"), (151_936, "large.tok")] {
+            let path = dir.join(name);
+            let toks: Vec<u32> = (0..1000).map(|i| (i * 7919 % vocab) as u32).collect();
+            TokenData::write(&path, &toks, vocab, "bpe:abc123").unwrap();
+            let data = TokenData::open(&path, vocab, Some("bpe:abc123")).unwrap();
+            assert_eq!((0..1000).map(|i| data.get(i)).collect::<Vec<_>>(), toks);
+            assert_eq!(data.tokenizer.as_deref(), Some("bpe:abc123"));
+            let err = TokenData::open(&path, vocab, Some("hf:other")).err().unwrap().to_string();
+            assert!(err.contains("made with tokenizer bpe:abc123, not hf:other"), "{err}");
+            let err = TokenData::open(&path, vocab + 1, None).err().unwrap().to_string();
+            assert!(err.contains("made for a vocabulary of"), "{err}");
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+            assert!(TokenData::open(&path, vocab, None).err().unwrap().to_string().contains("truncated"));
+        }
+        // A flat llama2.c file still opens through the same entry point.
+        let flat = dir.join("flat.bin");
+        std::fs::write(&flat, [3u8, 0, 4, 0]).unwrap();
+        let data = TokenData::open(&flat, 10, Some("ignored for headerless files")).unwrap();
+        assert_eq!((data.get(0), data.get(1), data.tokenizer.clone()), (3, 4, None));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -63,7 +63,7 @@ enum Command {
         /// HF model directory, llama2.c .bin, or training checkpoint directory.
         #[arg(long)]
         model: PathBuf,
-        /// Token file (llama2.c flat u16 .bin).
+        /// Token file (headed, or llama2.c's flat u16 .bin).
         #[arg(long)]
         data: PathBuf,
         /// Window length T: window i reads tokens [i·T, i·T + T] and predicts the last T.
@@ -129,7 +129,8 @@ struct TrainArgs {
     /// Preset (stories260k, stories15m, stories42m, stories110m, qwen3-0.6b) or HF config.json.
     #[arg(long, default_value = "stories260k")]
     model: String,
-    /// Token file (llama2.c flat u16 .bin), or `synthetic` for built-in generated data.
+    /// Token file (this project's headed format, or llama2.c's flat u16 .bin), or `synthetic`
+    /// for built-in generated data.
     #[arg(long, default_value = "synthetic")]
     data: String,
     /// Optimizer updates.
@@ -369,7 +370,7 @@ fn train(args: TrainArgs) -> Result<()> {
         let n = 2_000_000usize.max(args.batch * (args.seq + 1) * 4);
         TokenData::from_vec(synthetic_tokens(cfg.vocab_size, n, args.seed), cfg.vocab_size, "synthetic")?
     } else {
-        TokenData::open_u16(std::path::Path::new(&args.data), cfg.vocab_size)?
+        TokenData::open(std::path::Path::new(&args.data), cfg.vocab_size, None)?
     };
     let mut telemetry = match &args.log {
         Some(path) => Telemetry::to_file(path)?,
@@ -593,7 +594,7 @@ fn eval(
     if seq > cfg.max_seq_len {
         bail!("--seq {seq} exceeds the model's max_position_embeddings ({})", cfg.max_seq_len);
     }
-    let tokens = TokenData::open_u16(data, cfg.vocab_size)?;
+    let tokens = TokenData::open(data, cfg.vocab_size, None)?;
     let (par, pool) = rt.setup()?;
     let r = pool.install(|| anetrain::eval::evaluate(&cfg, &params, &tokens, seq, batch, batches, par))?;
     if json {

@@ -103,6 +103,17 @@ fn resume_is_bit_exact() {
         native::load(&dir.join("split")).unwrap().restore(&mut trainer(&cfg), &other_data).unwrap_err()
     );
     assert!(err.contains("other.bin") && err.contains("synthetic"), "{err}");
+    // The same ids from another tokenizer (headed token files) are refused too.
+    let ids = synthetic_tokens(64, 20_000, 3);
+    let (a, b) = (dir.join("a.tok"), dir.join("b.tok"));
+    TokenData::write(&a, &ids, 64, "bpe:one").unwrap();
+    TokenData::write(&b, &ids, 64, "bpe:two").unwrap();
+    let (da, db) = (TokenData::open(&a, 64, None).unwrap(), TokenData::open(&b, 64, None).unwrap());
+    let mut first = trainer(&cfg);
+    first.step(&da, 0).unwrap();
+    native::save(&dir.join("tok"), &first, 1, &da, 0).unwrap();
+    let err = format!("{:#}", native::load(&dir.join("tok")).unwrap().restore(&mut trainer(&cfg), &db).unwrap_err());
+    assert!(err.contains("tokenizer bpe:one") && err.contains("bpe:two"), "{err}");
     // A truncated weights file is refused by name.
     let model_file = dir.join("split/step-00000010/model.safetensors");
     let bytes = std::fs::read(&model_file).unwrap();

@@ -131,7 +131,7 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
             "lr": o.schedule_lr, "min_lr": o.min_lr, "warmup": o.warmup,
             "grad_clip": o.grad_clip, "seed": o.seed,
         },
-        "data": { "source": data.source, "fingerprint": data_fingerprint(data) },
+        "data": { "source": data.source, "fingerprint": data_fingerprint(data), "tokenizer": data.tokenizer },
     });
     let text = serde_json::to_string_pretty(&state)?;
     safetensors::write_atomically(&tmp.join("state.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
@@ -237,6 +237,14 @@ impl Checkpoint {
                 "cannot resume from {}: its model config differs from --model ({})",
                 self.path.display(),
                 diffs.join("; ")
+            );
+        }
+        if let (Some(saved), Some(now)) = (self.state["data"]["tokenizer"].as_str(), data.tokenizer.as_deref()) {
+            ensure!(
+                saved == now,
+                "cannot resume from {}: it was trained on tokens from tokenizer {saved}, {} comes from {now}",
+                self.path.display(),
+                data.source
             );
         }
         let fp = data_fingerprint(data);

@@ -38,6 +38,37 @@ pub fn evaluate(
     let start = std::time::Instant::now();
     let mut model = Model::cpu(cfg, batch, t, par)?;
     let (mut tokens, mut targets) = (vec![0u32; batch * t], vec![0u32; batch * t]);
+    let (sum, count) = windows_loss(&mut model, params, data, windows, &mut tokens, &mut targets)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let loss = sum / count as f64;
+    Ok(EvalResult {
+        windows,
+        tokens: count,
+        loss,
+        perplexity: loss.exp(),
+        seconds,
+        tokens_per_s: count as f64 / seconds,
+    })
+}
+
+/// Summed loss and counted targets over the first `windows` consecutive windows of `data`,
+/// B = `model.b` at a time, with caller-provided `[B·T]` buffers (no allocation: training
+/// calls this for validation with its own model).
+pub fn windows_loss(
+    model: &mut Model,
+    params: &[f32],
+    data: &TokenData,
+    windows: usize,
+    tokens: &mut [u32],
+    targets: &mut [u32],
+) -> Result<(f64, usize)> {
+    let (batch, t) = (model.b, model.t);
+    ensure!(
+        data.len() > windows * t,
+        "{} holds {} tokens, fewer than {windows} windows of {t}",
+        data.source,
+        data.len()
+    );
     let (mut sum, mut count) = (0.0f64, 0usize);
     let mut w = 0;
     while w < windows {
@@ -50,21 +81,12 @@ pub fn evaluate(
                 targets[r * t + i] = if r < rows { data.get(base + i + 1) } else { crate::ops::cross_entropy::IGNORE };
             }
         }
-        let loss = model.forward(params, &tokens, &targets)?;
+        let loss = model.forward(params, tokens, targets)?;
         sum += loss.sum;
         count += loss.count;
         w += rows;
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let loss = sum / count as f64;
-    Ok(EvalResult {
-        windows,
-        tokens: count,
-        loss,
-        perplexity: loss.exp(),
-        seconds,
-        tokens_per_s: count as f64 / seconds,
-    })
+    Ok((sum, count))
 }
 
 /// Greedy continuation of `prompt` by `n_new` tokens, recomputing the whole sequence for each

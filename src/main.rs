@@ -182,6 +182,15 @@ struct TrainArgs {
     /// Skip measuring the GEMM peak for the efficiency report.
     #[arg(long)]
     no_peak: bool,
+    /// Evaluate on held-out data every N updates and at the end (0 = never).
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    /// Tokens per evaluation (whole windows of --seq).
+    #[arg(long, default_value_t = 16384)]
+    eval_tokens: usize,
+    /// Held-out token file for --eval-every (synthetic data makes its own).
+    #[arg(long)]
+    val_data: Option<PathBuf>,
     /// Write checkpoints into this directory (one always at the end of the run).
     #[arg(long)]
     ckpt_dir: Option<PathBuf>,
@@ -362,16 +371,31 @@ fn train(args: TrainArgs) -> Result<()> {
         },
         grad_clip: args.grad_clip,
         loss_scale: LossScaleMode::parse(&args.loss_scale)?,
+        eval_every: args.eval_every,
+        eval_tokens: args.eval_tokens,
         seed: args.seed,
     };
     opts.validate(&cfg)?;
     check_memory(&cfg)?;
-    let data = if args.data == "synthetic" {
+    let (data, val_data) = if args.data == "synthetic" {
+        // One walk of the chain: the tail is held out for validation.
         let n = 2_000_000usize.max(args.batch * (args.seq + 1) * 4);
-        TokenData::from_vec(synthetic_tokens(cfg.vocab_size, n, args.seed), cfg.vocab_size, "synthetic")?
+        let n_val = args.eval_tokens.max(args.seq + 1) + 1;
+        let mut tokens = synthetic_tokens(cfg.vocab_size, n + n_val, args.seed);
+        let val = tokens.split_off(n);
+        let train = TokenData::from_vec(tokens, cfg.vocab_size, "synthetic")?;
+        (train, Some(TokenData::from_vec(val, cfg.vocab_size, "synthetic (held out)")?))
     } else {
-        TokenData::open(std::path::Path::new(&args.data), cfg.vocab_size, None)?
+        let train = TokenData::open(std::path::Path::new(&args.data), cfg.vocab_size, None)?;
+        let val = match &args.val_data {
+            Some(path) => Some(TokenData::open(path, cfg.vocab_size, train.tokenizer.as_deref())?),
+            None => None,
+        };
+        (train, val)
     };
+    if args.eval_every > 0 && val_data.is_none() && args.data != "synthetic" {
+        println!("note: no --val-data, so no validation (--eval-every {} ignored)", args.eval_every);
+    }
     let mut telemetry = match &args.log {
         Some(path) => Telemetry::to_file(path)?,
         None => Telemetry::none(),
@@ -419,6 +443,7 @@ fn train(args: TrainArgs) -> Result<()> {
     anetrain::signals::install();
     let summary = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
+        trainer.val_data = val_data;
         if let Some(spec) = &resume {
             let path = match (spec.as_str(), &ckpt) {
                 ("latest", Some(policy)) => policy.dir.clone(),
@@ -430,11 +455,13 @@ fn train(args: TrainArgs) -> Result<()> {
             println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
         }
         trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
-            if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped {
+            if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped || ev.val_loss.is_some()
+            {
                 println!(
-                    "step {:>5}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3}{} | {:>8.0} tok/s | {:>8.1} ms",
+                    "step {:>5}/{steps} | loss {:.4}{} | lr {:.2e} | grad norm {:.3}{} | {:>8.0} tok/s | {:>8.1} ms",
                     ev.step,
                     ev.loss,
+                    ev.val_loss.map_or(String::new(), |v| format!(" | val {v:.4}")),
                     ev.lr,
                     ev.grad_norm,
                     if ev.skipped { " (non-finite: update skipped, loss scale halved)" } else { "" },
@@ -533,6 +560,8 @@ fn bench_step(
         adamw: AdamWConfig::default(),
         grad_clip: 1.0,
         loss_scale: LossScaleMode::Dynamic,
+        eval_every: 0,
+        eval_tokens: 0,
         seed: 1,
     };
     let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1)))?;

@@ -21,6 +21,8 @@ pub struct StepEvent {
     pub skipped: bool,
     /// Loss scale used for this update's backward passes.
     pub loss_scale: f64,
+    /// Mean loss on the validation data, when this update ended with an evaluation.
+    pub val_loss: Option<f64>,
     /// Tokens processed in this update (B·T·accum).
     pub tokens: usize,
     pub tokens_per_s: f64,

@@ -214,6 +214,8 @@ fn fuzz_checkpoint() {
         adamw: Default::default(),
         grad_clip: 1.0,
         loss_scale: anetrain::train::loss_scale::LossScaleMode::Dynamic,
+        eval_every: 0,
+        eval_tokens: 0,
         seed: 1,
     };
     let par = Par::seq();

@@ -145,6 +145,8 @@ fn options(steps: usize, b: usize, t: usize, lr: f64, seed: u64) -> TrainOptions
         adamw: AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() },
         grad_clip: 1.0,
         loss_scale: LossScaleMode::Off,
+        eval_every: 0,
+        eval_tokens: 0,
         seed,
     }
 }

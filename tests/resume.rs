@@ -34,13 +34,19 @@ fn opts() -> TrainOptions {
         adamw: AdamWConfig::default(),
         grad_clip: 0.5,
         loss_scale: LossScaleMode::Dynamic,
+        eval_every: 0,
+        eval_tokens: 0,
         seed: 42,
     }
 }
 
 fn trainer(cfg: &ModelConfig) -> Trainer {
+    trainer_with(cfg, opts())
+}
+
+fn trainer_with(cfg: &ModelConfig, opts: TrainOptions) -> Trainer {
     let par = Par { threads: 2, gemm: GemmImpl::Gemm };
-    Trainer::new(cfg, opts(), par, Box::new(CpuBackend::new(cfg, 2, 16, par))).unwrap()
+    Trainer::new(cfg, opts, par, Box::new(CpuBackend::new(cfg, 2, 16, par))).unwrap()
 }
 
 fn bits(x: &[f32]) -> Vec<u32> {
@@ -120,5 +126,29 @@ fn resume_is_bit_exact() {
     std::fs::write(&model_file, &bytes[..bytes.len() / 2]).unwrap();
     let err = format!("{:#}", native::load(&dir.join("split")).err().unwrap());
     assert!(err.contains("model.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn best_checkpoint_follows_the_lowest_validation_loss() {
+    let cfg = cfg();
+    let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
+    let dir = std::env::temp_dir().join(format!("anetrain-best-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut t = trainer_with(&cfg, TrainOptions { eval_every: 4, eval_tokens: 64, ..opts() });
+    t.val_data = Some(TokenData::from_vec(synthetic_tokens(64, 500, 9), 64, "val").unwrap());
+    let mut val = Vec::new();
+    let policy = CheckpointPolicy { dir: dir.clone(), every: 0, keep_last: 1 };
+    t.run(&data, &mut Telemetry::none(), Some(&policy), |ev| {
+        if let Some(v) = ev.val_loss {
+            val.push((ev.step, v));
+        }
+    })
+    .unwrap();
+    assert_eq!(val.iter().map(|v| v.0).collect::<Vec<_>>(), [4, 8, 12, 16, 20]);
+    let (best_step, best_loss) = val.iter().cloned().fold((0, f64::INFINITY), |b, v| if v.1 < b.1 { v } else { b });
+    let best = native::load(&dir.join("best")).unwrap();
+    assert_eq!(best.step, best_step);
+    assert_eq!(best.state["best_val_loss"].as_f64().unwrap(), best_loss);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -6,7 +6,8 @@
 //! and a fingerprint of the token data). A checkpoint is written into `step-….tmp`, every file
 //! fsynced, then renamed into place, and only then is `<dir>/latest` (the name of the newest
 //! step directory) replaced atomically — a crash at any point leaves the previous checkpoint
-//! whole and `latest` pointing at it.
+//! whole and `latest` pointing at it. `<dir>/best` holds the state with the lowest validation
+//! loss seen so far, replaced the same way.
 
 use super::safetensors::{self, Dtype, SafeTensors};
 use crate::config::ModelConfig;
@@ -81,24 +82,41 @@ pub fn save(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData, keep_l
                 .with_context(|| format!("cannot clear {}", entry.path().display()))?;
         }
     }
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot write to checkpoint directory {}", dir.display()))?;
-    let result = write_step(&tmp, trainer, step, data);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    // Replacing an existing step directory (a resumed run passing the same step again): move
-    // the old one aside first, so that `latest` never names a missing directory.
-    let old = dir.join(format!("{name}.old"));
-    if final_dir.exists() {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&final_dir, &old).with_context(|| format!("cannot move {} aside", final_dir.display()))?;
-    }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    write_dir(&tmp, &final_dir, |tmp| write_step(tmp, trainer, step, data))?;
     safetensors::write_atomically(&dir.join("latest"), |out| std::io::Write::write_all(out, name.as_bytes()))?;
-    let _ = std::fs::remove_dir_all(&old);
     prune(dir, keep_last, &name)?;
     Ok(final_dir)
+}
+
+/// Fills `tmp` with `fill`, then puts it in place of `final_dir`. An existing `final_dir` is
+/// moved aside first and removed last, so that at every moment one complete copy exists.
+fn write_dir(tmp: &Path, final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    std::fs::create_dir(tmp).with_context(|| format!("cannot write to checkpoint directory {}", tmp.display()))?;
+    if let Err(e) = fill(tmp) {
+        let _ = std::fs::remove_dir_all(tmp);
+        return Err(e);
+    }
+    let mut old_name = final_dir.file_name().context("checkpoint directory name")?.to_os_string();
+    old_name.push(".old");
+    let old = final_dir.with_file_name(old_name);
+    if final_dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(final_dir, &old).with_context(|| format!("cannot move {} aside", final_dir.display()))?;
+    }
+    std::fs::rename(tmp, final_dir).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Writes the trainer's state as `<dir>/best` (replacing the previous best) after an
+/// evaluation reached a new lowest validation loss.
+pub fn save_best(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    let best = dir.join("best");
+    let tmp = dir.join("best.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_dir(&tmp, &best, |tmp| write_step(tmp, trainer, step, data))?;
+    Ok(best)
 }
 
 fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> Result<()> {
@@ -132,6 +150,7 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
             "grad_clip": o.grad_clip, "seed": o.seed,
         },
         "data": { "source": data.source, "fingerprint": data_fingerprint(data), "tokenizer": data.tokenizer },
+        "best_val_loss": if trainer.best_val_loss.is_finite() { Value::from(trainer.best_val_loss) } else { Value::Null },
     });
     let text = serde_json::to_string_pretty(&state)?;
     safetensors::write_atomically(&tmp.join("state.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
@@ -288,6 +307,7 @@ impl Checkpoint {
             trainer.scaler.good_steps =
                 ls["good_steps"].as_u64().context("checkpoint has no loss-scale counter")? as u32;
         }
+        trainer.best_val_loss = self.state["best_val_loss"].as_f64().unwrap_or(f64::INFINITY);
         trainer.start_step = self.step;
         Ok(())
     }

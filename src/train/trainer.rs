@@ -31,6 +31,10 @@ pub struct TrainOptions {
     /// Clip the global gradient norm to this value; 0 disables clipping.
     pub grad_clip: f64,
     pub loss_scale: LossScaleMode,
+    /// Evaluate on the validation data every N updates (0: never).
+    pub eval_every: usize,
+    /// Tokens per evaluation (rounded down to whole windows of T, at least one).
+    pub eval_tokens: usize,
     pub seed: u64,
 }
 
@@ -109,6 +113,10 @@ pub struct Trainer {
     /// Updates already done (non-zero after resuming from a checkpoint).
     pub start_step: usize,
     pub scaler: LossScaler,
+    /// Held-out tokens for `eval_every`.
+    pub val_data: Option<TokenData>,
+    /// Lowest validation loss so far (∞ before the first evaluation).
+    pub best_val_loss: f64,
     /// Test hook: make one gradient NaN in this (0-based) update, as an fp16 overflow would.
     pub inject_nonfinite_at: Option<usize>,
     tokens: Vec<u32>,
@@ -135,6 +143,8 @@ impl Trainer {
             start_step: 0,
             scaler: LossScaler::new(opts.loss_scale),
             inject_nonfinite_at: None,
+            val_data: None,
+            best_val_loss: f64::INFINITY,
             params,
             model,
             opts,
@@ -189,6 +199,7 @@ impl Trainer {
             grad_norm,
             skipped,
             loss_scale: loss_scale as f64,
+            val_loss: None,
             tokens,
             tokens_per_s: tokens as f64 / (ms_step / 1e3),
             ms_step,
@@ -212,18 +223,32 @@ impl Trainer {
         let mut tokens = 0;
         let mut interrupted = false;
         for step in self.start_step..self.opts.steps {
-            let event = self.step(data, step)?;
+            let mut event = self.step(data, step)?;
+            let done = step + 1;
+            let eval_due =
+                self.opts.eval_every > 0 && (done.is_multiple_of(self.opts.eval_every) || done == self.opts.steps);
+            let mut improved = false;
+            if eval_due && let Some(val) = self.val_data.take() {
+                let result = self.validate(&val);
+                self.val_data = Some(val);
+                let loss = result?;
+                event.val_loss = Some(loss);
+                improved = loss < self.best_val_loss;
+                self.best_val_loss = self.best_val_loss.min(loss);
+            }
             telemetry.record(&event)?;
             on_update(&event);
             losses.push(event.loss);
             tokens += event.tokens;
-            let done = step + 1;
             // A stop request (Ctrl-C) ends the run after this update, with a checkpoint.
             interrupted = crate::signals::stop_requested() && done < self.opts.steps;
             if let Some(policy) = ckpt {
                 let due = policy.every > 0 && done.is_multiple_of(policy.every);
                 if done == self.opts.steps || due || interrupted {
                     crate::checkpoint::native::save(&policy.dir, self, done, data, policy.keep_last)?;
+                }
+                if improved {
+                    crate::checkpoint::native::save_best(&policy.dir, self, done, data)?;
                 }
             }
             if interrupted {
@@ -241,6 +266,32 @@ impl Trainer {
             tokens_per_s: tokens as f64 / wall_s,
             gflops: flops / wall_s / 1e9,
         })
+    }
+}
+
+impl Trainer {
+    /// Mean loss over the first `eval_tokens` (whole windows of T) of `val`, with the training
+    /// model and buffers: no allocation.
+    pub fn validate(&mut self, val: &TokenData) -> Result<f64> {
+        let t = self.opts.seq;
+        let available = val.len().saturating_sub(1) / t;
+        ensure!(
+            available > 0,
+            "validation data {} holds {} tokens; --seq {t} needs at least {}",
+            val.source,
+            val.len(),
+            t + 1
+        );
+        let windows = (self.opts.eval_tokens / t).clamp(1, available);
+        let (sum, count) = crate::eval::windows_loss(
+            &mut self.model,
+            &self.params,
+            val,
+            windows,
+            &mut self.tokens,
+            &mut self.targets,
+        )?;
+        Ok(sum / count.max(1) as f64)
     }
 }
 

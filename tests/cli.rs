@@ -93,3 +93,70 @@ fn bad_input_fails_with_one_clear_message() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Bad files of every kind, through the commands that read them: a checkpoint that is
+/// truncated, corrupt, foreign or from another model; safetensors that are cut short; token
+/// files from another tokenizer or vocabulary.
+#[test]
+fn bad_files_fail_with_one_clear_message() {
+    use anetrain::data::TokenData;
+    let dir = std::env::temp_dir().join(format!("anetrain-badfiles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let ckpt = dir.join("ckpt");
+    let made =
+        anetrain(&["train", "--steps", "2", "--batch", "2", "--seq", "16", "--no-peak", "--ckpt-dir", &s(&ckpt)]);
+    assert!(made.status.success(), "{}", text(&made));
+    let step = ckpt.join("step-00000002");
+
+    // Token files: headed for another tokenizer / vocabulary.
+    let ids: Vec<u32> = (0..4000).map(|i| i % 500).collect();
+    let (tok_a, tok_b, tok_v) = (dir.join("a.tok"), dir.join("b.tok"), dir.join("v.tok"));
+    TokenData::write(&tok_a, &ids, 512, "bpe:a").unwrap();
+    TokenData::write(&tok_b, &ids, 512, "bpe:b").unwrap();
+    TokenData::write(&tok_v, &ids, 1000, "bpe:a").unwrap();
+
+    // An HF export whose weights file is cut short.
+    let hf = dir.join("hf");
+    assert!(anetrain(&["convert", "--from", &s(&ckpt), "--to", &s(&hf)]).status.success());
+    let weights = std::fs::read(hf.join("model.safetensors")).unwrap();
+    std::fs::write(hf.join("model.safetensors"), &weights[..weights.len() - 100]).unwrap();
+
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> =
+            ["train", "--steps", "4", "--batch", "2", "--seq", "16", "--no-peak"].map(String::from).to_vec();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
+        (base(&["--model", "stories15m", "--resume", &s(&ckpt)]), "model config differs"),
+        (base(&["--resume", &s(&hf)]), "is not a checkpoint"),
+        (base(&["--data", &s(&tok_v)]), "made for a vocabulary of 1000"),
+        (base(&["--data", &s(&tok_a), "--val-data", &s(&tok_b)]), "made with tokenizer bpe:b, not bpe:a"),
+        (vec!["eval".into(), "--model".into(), s(&hf), "--data".into(), s(&tok_a)], "model.safetensors"),
+    ];
+    // Checkpoint damage, one file at a time (restored after each case).
+    let damage: [(&str, fn(&[u8]) -> Vec<u8>, &str); 4] = [
+        ("model.safetensors", |b| b[..b.len() / 2].to_vec(), "model.safetensors"),
+        ("optimizer.safetensors", |b| b.iter().map(|x| x ^ 0x5a).collect(), "optimizer.safetensors"),
+        ("state.json", |_| b"{\"format\": \"something-else\"}".to_vec(), "not an anetrain checkpoint"),
+        ("state.json", |b| b[..b.len() / 3].to_vec(), "corrupt"),
+    ];
+    for (args, needle) in cases.drain(..) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = anetrain(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle) && !err.contains("panicked"), "{args:?}: '{err}'");
+    }
+    for (file, corrupt, needle) in damage {
+        let path = step.join(file);
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, corrupt(&good)).unwrap();
+        let out = anetrain(&base(&["--resume", &s(&ckpt)]).iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle) && !err.contains("panicked"), "{file}: '{err}'");
+        std::fs::write(&path, good).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

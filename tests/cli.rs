@@ -137,7 +137,8 @@ fn bad_files_fail_with_one_clear_message() {
         (vec!["eval".into(), "--model".into(), s(&hf), "--data".into(), s(&tok_a)], "model.safetensors"),
     ];
     // Checkpoint damage, one file at a time (restored after each case).
-    let damage: [(&str, fn(&[u8]) -> Vec<u8>, &str); 4] = [
+    type Corrupt = fn(&[u8]) -> Vec<u8>;
+    let damage: [(&str, Corrupt, &str); 4] = [
         ("model.safetensors", |b| b[..b.len() / 2].to_vec(), "model.safetensors"),
         ("optimizer.safetensors", |b| b.iter().map(|x| x ^ 0x5a).collect(), "optimizer.safetensors"),
         ("state.json", |_| b"{\"format\": \"something-else\"}".to_vec(), "not an anetrain checkpoint"),

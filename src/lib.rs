@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod params;

@@ -58,6 +58,32 @@ enum Command {
         #[arg(long, value_enum, default_value = "legacy")]
         llama2c_format: Llama2cFormat,
     },
+    /// Generate from a model: prefill the prompt in one pass, decode from a KV cache.
+    Generate {
+        /// HF model directory, llama2.c .bin, or training checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt as raw token ids, comma-separated (e.g. `1,2,3`); ids are printed.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f32,
+        /// 0 = no top-k cut.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Stop after this token id (e.g. the tokenizer's end-of-sequence).
+        #[arg(long)]
+        eos: Option<u32>,
+        #[command(flatten)]
+        rt: Runtime,
+    },
     /// Mean cross-entropy and perplexity over consecutive windows of a token file.
     Eval {
         /// HF model directory, llama2.c .bin, or training checkpoint directory.
@@ -292,6 +318,10 @@ fn run(cli: Cli) -> Result<()> {
             bench_step(&shape.model, shape.batch, shape.seq, accum, min_micro, json, rt)
         }
         Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format),
+        Command::Generate { model, ids, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
+            let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
+            generate(&model, &ids, max_tokens, sampling, eos, rt)
+        }
         Command::Eval { model, data, seq, batch, batches, json, rt } => {
             eval(&model, &data, seq, batch, batches, json, rt)
         }
@@ -634,5 +664,44 @@ fn eval(
             r.windows, r.tokens, r.loss, r.perplexity, r.seconds, r.tokens_per_s
         );
     }
+    Ok(())
+}
+
+fn generate(
+    model: &std::path::Path,
+    ids: &[u32],
+    max_tokens: usize,
+    sampling: anetrain::generate::Sampling,
+    eos: Option<u32>,
+    rt: Runtime,
+) -> Result<()> {
+    use std::io::Write;
+    if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
+        bail!("--temperature must be a non-negative number");
+    }
+    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    let (cfg, params) = anetrain::checkpoint::load_model(model)?;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        bail!("prompt token id {bad} is outside the model's vocabulary ({})", cfg.vocab_size);
+    }
+    let (par, pool) = rt.setup()?;
+    let (prefill_s, decode_s, n) = pool.install(|| {
+        anetrain::generate::generate(&cfg, &params, ids, max_tokens, sampling, eos, par, |t| {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "{t} ");
+            let _ = out.flush();
+        })
+    })?;
+    println!();
+    eprintln!(
+        "prefill: {} tokens in {:.1} ms ({:.0} tokens/s); decode: {n} tokens in {:.1} ms ({:.1} tokens/s)",
+        ids.len(),
+        prefill_s * 1e3,
+        ids.len() as f64 / prefill_s,
+        decode_s * 1e3,
+        n.saturating_sub(1) as f64 / decode_s.max(1e-9)
+    );
     Ok(())
 }

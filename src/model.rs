@@ -138,6 +138,12 @@ impl Model {
         self.b * self.t
     }
 
+    /// Layer `l`'s keys and values `[N, KV·D]` (after QK-norm and RoPE) from the last forward:
+    /// what a KV cache holds after prefilling these positions.
+    pub fn kv(&self, l: usize) -> (&[f32], &[f32]) {
+        (&self.acts[l].k, &self.acts[l].v)
+    }
+
     /// `[N, V]` logits of the last `forward` (not valid after `forward_backward`).
     pub fn logits(&self) -> &[f32] {
         &self.logits

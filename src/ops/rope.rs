@@ -45,23 +45,30 @@ pub fn rope_backward(dx: &mut [f32], table: &RopeTable, n: usize, t: usize, nh: 
 }
 
 fn rotate(x: &mut [f32], table: &RopeTable, n: usize, t: usize, nh: usize, sign: f32) {
+    let width = nh * 2 * table.half;
+    assert!(table.cos.len() >= t * table.half, "RoPE table shorter than the sequence");
+    x[..n * width].par_chunks_mut(width).enumerate().for_each(|(row, xr)| rotate_row(xr, table, row % t, sign));
+}
+
+/// Rotates one row `[NH·D]` at position `pos` (KV-cache decoding: one token at a time).
+pub fn rope_forward_at(x: &mut [f32], table: &RopeTable, pos: usize) {
+    assert!(table.cos.len() > pos * table.half, "position {pos} beyond the RoPE table");
+    rotate_row(x, table, pos, 1.0);
+}
+
+fn rotate_row(xr: &mut [f32], table: &RopeTable, pos: usize, sign: f32) {
     let half = table.half;
-    let width = nh * 2 * half;
-    assert!(table.cos.len() >= t * half, "RoPE table shorter than the sequence");
-    x[..n * width].par_chunks_mut(width).enumerate().for_each(|(row, xr)| {
-        let pos = row % t;
-        let cos = &table.cos[pos * half..(pos + 1) * half];
-        let sin = &table.sin[pos * half..(pos + 1) * half];
-        for head in xr.chunks_exact_mut(2 * half) {
-            let (x1, x2) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (x1[i], x2[i]);
-                let s = sign * sin[i];
-                x1[i] = a * cos[i] - b * s;
-                x2[i] = b * cos[i] + a * s;
-            }
+    let cos = &table.cos[pos * half..(pos + 1) * half];
+    let sin = &table.sin[pos * half..(pos + 1) * half];
+    for head in xr.chunks_exact_mut(2 * half) {
+        let (x1, x2) = head.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (x1[i], x2[i]);
+            let s = sign * sin[i];
+            x1[i] = a * cos[i] - b * s;
+            x2[i] = b * cos[i] + a * s;
         }
-    });
+    }
 }
 
 /// f64 reference: the same rotation with angles computed in f64 from scratch.

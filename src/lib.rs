@@ -6,6 +6,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod corpus;
 pub mod data;
 pub mod eval;
 pub mod generate;

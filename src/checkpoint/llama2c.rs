@@ -212,9 +212,11 @@ pub fn to_bytes(model: &Llama2c) -> Result<Vec<u8>> {
             out.resize(256, 0);
         }
     }
+    // Only the legacy format stores RoPE tables (seq_len × head_dim values).
     let tables = match (&model.rope_tables, model.format) {
+        (_, Format::V1) => Vec::new(),
         (Some(t), Format::Legacy) if t.len() == cfg.max_seq_len * cfg.head_dim => t.clone(),
-        _ => rope_tables(cfg),
+        (_, Format::Legacy) => rope_tables(cfg),
     };
     for (bi, block) in blocks(&layout, model.format, cfg.tied_embeddings).iter().enumerate() {
         for &t in block {

@@ -21,38 +21,128 @@ const ADJECTIVES: &[&str] = &[
     "lonely", "eager", "honest", "clumsy", "polite", "hungry",
 ];
 const PLACES: &[&str] = &[
-    "in a small house by the sea", "in a big green forest", "on a quiet farm", "near a sunny park", "in a busy town",
-    "by a blue lake", "at the edge of a meadow", "in a cozy cottage", "under an old oak tree", "on a windy hill",
-    "in a garden full of flowers", "near a little river", "in a village by the mountains", "in a tall yellow house",
-    "behind the school", "at the end of a long road", "in a warm burrow", "on a tiny island", "next to a bakery",
-    "in a quiet valley", "by the railway station", "in a colorful tent", "near the old bridge", "on a boat",
+    "in a small house by the sea",
+    "in a big green forest",
+    "on a quiet farm",
+    "near a sunny park",
+    "in a busy town",
+    "by a blue lake",
+    "at the edge of a meadow",
+    "in a cozy cottage",
+    "under an old oak tree",
+    "on a windy hill",
+    "in a garden full of flowers",
+    "near a little river",
+    "in a village by the mountains",
+    "in a tall yellow house",
+    "behind the school",
+    "at the end of a long road",
+    "in a warm burrow",
+    "on a tiny island",
+    "next to a bakery",
+    "in a quiet valley",
+    "by the railway station",
+    "in a colorful tent",
+    "near the old bridge",
+    "on a boat",
     "in a snowy land",
 ];
 const OBJECTS: &[&str] = &[
-    "red ball", "blue kite", "shiny stone", "wooden boat", "teddy bear", "yellow hat", "big book", "little drum",
-    "green umbrella", "toy car", "paper star", "soft blanket", "silver bell", "magic wand", "sand bucket",
-    "purple scarf", "music box", "glass jar", "orange balloon", "picture book", "new bike", "tiny key", "warm cup",
-    "old map", "golden coin", "pink shell", "white feather", "clay pot", "striped sock", "box of crayons", "kite string",
-    "jar of honey", "little flag", "snow globe", "flower crown", "toy robot", "wooden spoon", "painted egg",
-    "bag of seeds", "lantern",
+    "red ball",
+    "blue kite",
+    "shiny stone",
+    "wooden boat",
+    "teddy bear",
+    "yellow hat",
+    "big book",
+    "little drum",
+    "green umbrella",
+    "toy car",
+    "paper star",
+    "soft blanket",
+    "silver bell",
+    "magic wand",
+    "sand bucket",
+    "purple scarf",
+    "music box",
+    "glass jar",
+    "orange balloon",
+    "picture book",
+    "new bike",
+    "tiny key",
+    "warm cup",
+    "old map",
+    "golden coin",
+    "pink shell",
+    "white feather",
+    "clay pot",
+    "striped sock",
+    "box of crayons",
+    "kite string",
+    "jar of honey",
+    "little flag",
+    "snow globe",
+    "flower crown",
+    "toy robot",
+    "wooden spoon",
+    "painted egg",
+    "bag of seeds",
+    "lantern",
 ];
 const FRIENDS: &[&str] = &[
-    "a wise old owl", "a friendly dog", "a small bird", "a kind grandma", "a tall giraffe", "a busy bee",
-    "a happy frog", "a gentle cow", "a little girl", "a curious boy", "a fast rabbit", "a sleepy bear",
-    "a funny monkey", "a brave ant", "a helpful mouse",
+    "a wise old owl",
+    "a friendly dog",
+    "a small bird",
+    "a kind grandma",
+    "a tall giraffe",
+    "a busy bee",
+    "a happy frog",
+    "a gentle cow",
+    "a little girl",
+    "a curious boy",
+    "a fast rabbit",
+    "a sleepy bear",
+    "a funny monkey",
+    "a brave ant",
+    "a helpful mouse",
 ];
 const FEELINGS_GOOD: &[&str] = &["happy", "glad", "proud", "excited", "calm", "thankful", "cheerful", "joyful"];
 const FEELINGS_BAD: &[&str] = &["sad", "scared", "worried", "upset", "lonely", "angry", "nervous", "grumpy"];
 const TIMES: &[&str] = &[
-    "One day", "One sunny morning", "One rainy afternoon", "One cold evening", "Early one morning",
-    "On a windy day", "One summer day", "On a snowy night", "After lunch one day", "One bright spring day",
+    "One day",
+    "One sunny morning",
+    "One rainy afternoon",
+    "One cold evening",
+    "Early one morning",
+    "On a windy day",
+    "One summer day",
+    "On a snowy night",
+    "After lunch one day",
+    "One bright spring day",
 ];
-const WEATHER: &[&str] =
-    &["The sun was warm.", "The wind was soft.", "The sky was full of clouds.", "It was a little cold.", "Birds sang in the trees."];
+const WEATHER: &[&str] = &[
+    "The sun was warm.",
+    "The wind was soft.",
+    "The sky was full of clouds.",
+    "It was a little cold.",
+    "Birds sang in the trees.",
+];
 const ACTIVITIES: &[&str] = &[
-    "play in the park", "look at the stars", "jump in puddles", "read stories", "build towers of blocks",
-    "sing songs", "draw pictures", "pick flowers", "run in the grass", "splash in the water", "bake cookies",
-    "watch the boats", "climb trees", "chase butterflies", "dance in the rain",
+    "play in the park",
+    "look at the stars",
+    "jump in puddles",
+    "read stories",
+    "build towers of blocks",
+    "sing songs",
+    "draw pictures",
+    "pick flowers",
+    "run in the grass",
+    "splash in the water",
+    "bake cookies",
+    "watch the boats",
+    "climb trees",
+    "chase butterflies",
+    "dance in the rain",
 ];
 
 fn pick<'a>(rng: &mut Rng, list: &[&'a str]) -> &'a str {
@@ -86,8 +176,11 @@ pub fn story(rng: &mut Rng) -> String {
             s.push(format!("{name} felt {bad} and looked under the bed and behind the door."));
             s.push(format!("\"Where is my {object}?\" {name} asked."));
             s.push(format!("Then {name} met {friend}."));
-            s.push(format!("\"I will help you look,\" said the friend."));
-            s.push(format!("Together they found the {object} near the {}.", pick(rng, &["door", "tree", "window", "river", "garden"])));
+            s.push("\"I will help you look,\" said the friend.".to_string());
+            s.push(format!(
+                "Together they found the {object} near the {}.",
+                pick(rng, &["door", "tree", "window", "river", "garden"])
+            ));
             s.push(format!("{name} felt {good} and said, \"Thank you!\""));
         }
         1 => {
@@ -102,7 +195,7 @@ pub fn story(rng: &mut Rng) -> String {
             s.push(format!("A big storm came and {name} felt {bad}."));
             s.push(format!("\"I do not like the thunder,\" said {name}."));
             s.push(format!("{} came and held {name} close.", capitalize(friend)));
-            s.push(format!("\"The storm will pass. You are safe,\" said the friend."));
+            s.push("\"The storm will pass. You are safe,\" said the friend.".to_string());
             s.push("Soon the rain stopped and a rainbow came out.".to_string());
             s.push(format!("{name} was not {bad} anymore and felt {good}."));
         }
@@ -138,7 +231,7 @@ fn capitalize(s: &str) -> String {
 
 /// `n` stories from `seed`, in order.
 pub fn stories(seed: u64, n: usize) -> Vec<String> {
-    let mut rng = Rng::derive(seed, 0x5708_1E5);
+    let mut rng = Rng::derive(seed, 0x0570_81E5);
     (0..n).map(|_| story(&mut rng)).collect()
 }
 
@@ -152,7 +245,8 @@ mod tests {
         let a = stories(7, 3000);
         assert_eq!(a, stories(7, 3000));
         assert_ne!(a[0], stories(8, 1)[0]);
-        let sentences: HashSet<&str> = a.iter().flat_map(|s| s.split_inclusive(['.', '!', '?'])).map(str::trim).collect();
+        let sentences: HashSet<&str> =
+            a.iter().flat_map(|s| s.split_inclusive(['.', '!', '?'])).map(str::trim).collect();
         assert!(sentences.len() >= 10_000, "only {} distinct sentences", sentences.len());
         for s in &a {
             assert!(s.starts_with("Once upon a time") && s.ends_with("The end."), "{s}");

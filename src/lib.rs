@@ -17,4 +17,5 @@ pub mod reference;
 pub mod rng;
 pub mod signals;
 pub mod telemetry;
+pub mod tokenizer;
 pub mod train;

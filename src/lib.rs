@@ -13,6 +13,7 @@ pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod params;
+pub mod prepare;
 pub mod reference;
 pub mod rng;
 pub mod signals;

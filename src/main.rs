@@ -6,7 +6,7 @@ use anetrain::bench;
 use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
 use anetrain::checkpoint::safetensors::Dtype;
 use anetrain::config::ModelConfig;
-use anetrain::data::{SYNTHETIC_ENTROPY, TokenData, synthetic_tokens};
+use anetrain::data::SYNTHETIC_ENTROPY;
 use anetrain::ops::{GemmImpl, Par};
 use anetrain::telemetry::Telemetry;
 use anetrain::train::adamw::AdamWConfig;
@@ -57,6 +57,26 @@ enum Command {
         /// llama2.c format of a .bin export.
         #[arg(long, value_enum, default_value = "legacy")]
         llama2c_format: Llama2cFormat,
+    },
+    /// Tokenize a corpus into train.tok, val.tok and tokenizer.json.
+    Prepare {
+        /// A tokenizer.json, or `bpe:N` to train a byte-level BPE of N entries on the input.
+        #[arg(long, default_value = "bpe:4096")]
+        tokenizer: String,
+        /// Inputs: .txt files (blank-line-separated documents), .jsonl files (`text` field),
+        /// directories of those, or `builtin:stories:N`.
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Share of documents (the last ones) held out for validation.
+        #[arg(long, default_value_t = 0.01)]
+        val_fraction: f64,
+        /// Seed of the built-in story generator.
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        #[command(flatten)]
+        rt: Runtime,
     },
     /// Generate from a model: prefill the prompt in one pass, decode from a KV cache.
     Generate {
@@ -155,9 +175,9 @@ struct TrainArgs {
     /// Preset (stories260k, stories15m, stories42m, stories110m, qwen3-0.6b) or HF config.json.
     #[arg(long, default_value = "stories260k")]
     model: String,
-    /// Token file (this project's headed format, or llama2.c's flat u16 .bin), or `synthetic`
-    /// for built-in generated data.
-    #[arg(long, default_value = "synthetic")]
+    /// `stories` (the built-in story corpus, BPE-tokenized), `synthetic` (a Markov chain over
+    /// ids), a directory made by `prepare`, or a token file (headed, or llama2.c's flat u16).
+    #[arg(long, default_value = "stories")]
     data: String,
     /// Optimizer updates.
     #[arg(long, default_value_t = 200)]
@@ -318,6 +338,9 @@ fn run(cli: Cli) -> Result<()> {
             bench_step(&shape.model, shape.batch, shape.seq, accum, min_micro, json, rt)
         }
         Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format),
+        Command::Prepare { tokenizer, input, out, val_fraction, seed, rt } => {
+            prepare(&tokenizer, &input, &out, val_fraction, seed, rt)
+        }
         Command::Generate { model, ids, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
             let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
             generate(&model, &ids, max_tokens, sampling, eos, rt)
@@ -370,6 +393,28 @@ fn check_memory(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// Prints what the trained model writes after "Once upon a time".
+fn sample_story(
+    cfg: &ModelConfig,
+    params: &[f32],
+    tok: &anetrain::tokenizer::Tokenizer,
+    seed: u64,
+    par: Par,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    let mut prompt: Vec<u32> = tok.doc_token.into_iter().collect();
+    prompt.extend(tok.encode("Once upon a time")?);
+    let sampling = anetrain::generate::Sampling { temperature: 0.8, top_k: 0, top_p: 0.9, seed };
+    let mut ids = prompt.clone();
+    let max_new = 160.min(cfg.max_seq_len.saturating_sub(prompt.len()));
+    pool.install(|| {
+        anetrain::generate::generate(cfg, params, &prompt, max_new, sampling, tok.doc_token, par, |t| ids.push(t))
+    })?;
+    let text = tok.decode(&ids)?;
+    println!("--- sample (temperature 0.8, top-p 0.9) ---\n{}", text.trim());
+    Ok(())
+}
+
 fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -407,23 +452,11 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     opts.validate(&cfg)?;
     check_memory(&cfg)?;
-    let (data, val_data) = if args.data == "synthetic" {
-        // One walk of the chain: the tail is held out for validation.
-        let n = 2_000_000usize.max(args.batch * (args.seq + 1) * 4);
-        let n_val = args.eval_tokens.max(args.seq + 1) + 1;
-        let mut tokens = synthetic_tokens(cfg.vocab_size, n + n_val, args.seed);
-        let val = tokens.split_off(n);
-        let train = TokenData::from_vec(tokens, cfg.vocab_size, "synthetic")?;
-        (train, Some(TokenData::from_vec(val, cfg.vocab_size, "synthetic (held out)")?))
-    } else {
-        let train = TokenData::open(std::path::Path::new(&args.data), cfg.vocab_size, None)?;
-        let val = match &args.val_data {
-            Some(path) => Some(TokenData::open(path, cfg.vocab_size, train.tokenizer.as_deref())?),
-            None => None,
-        };
-        (train, val)
-    };
-    if args.eval_every > 0 && val_data.is_none() && args.data != "synthetic" {
+    let min_tokens = args.batch * (args.seq + 1) * 4;
+    let prepared =
+        anetrain::prepare::training_data(&args.data, cfg.vocab_size, args.seed, min_tokens, args.val_data.as_deref())?;
+    let (data, val_data, tokenizer) = (prepared.train, prepared.val, prepared.tokenizer);
+    if args.eval_every > 0 && val_data.is_none() {
         println!("note: no --val-data, so no validation (--eval-every {} ignored)", args.eval_every);
     }
     let mut telemetry = match &args.log {
@@ -471,7 +504,7 @@ fn train(args: TrainArgs) -> Result<()> {
         keep_last: args.keep_last,
     });
     anetrain::signals::install();
-    let summary = pool.install(|| -> Result<_> {
+    let (summary, params) = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
         trainer.val_data = val_data;
         if let Some(spec) = &resume {
@@ -500,6 +533,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 );
             }
         })
+        .map(|summary| (summary, trainer.params))
     })?;
     if summary.interrupted {
         let saved = args.ckpt_dir.as_ref().map_or(String::from(" (no --ckpt-dir: nothing saved)"), |d| {
@@ -526,6 +560,9 @@ fn train(args: TrainArgs) -> Result<()> {
     println!("peak RSS             {:.0} MB", bench::peak_rss_mb());
     if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
         println!("loss                 {first:.4} -> {last:.4}");
+    }
+    if let Some(tok) = &tokenizer {
+        sample_story(&cfg, &params, tok, args.seed, par, &pool)?;
     }
     Ok(())
 }
@@ -653,7 +690,7 @@ fn eval(
     if seq > cfg.max_seq_len {
         bail!("--seq {seq} exceeds the model's max_position_embeddings ({})", cfg.max_seq_len);
     }
-    let tokens = TokenData::open(data, cfg.vocab_size, None)?;
+    let tokens = anetrain::data::TokenData::open(data, cfg.vocab_size, None)?;
     let (par, pool) = rt.setup()?;
     let r = pool.install(|| anetrain::eval::evaluate(&cfg, &params, &tokens, seq, batch, batches, par))?;
     if json {
@@ -703,5 +740,42 @@ fn generate(
         decode_s * 1e3,
         n.saturating_sub(1) as f64 / decode_s.max(1e-9)
     );
+    Ok(())
+}
+
+fn prepare(
+    tokenizer: &str,
+    inputs: &[String],
+    out: &std::path::Path,
+    val_fraction: f64,
+    seed: u64,
+    rt: Runtime,
+) -> Result<()> {
+    let (_, pool) = rt.setup()?;
+    let start = std::time::Instant::now();
+    let mut docs = Vec::new();
+    for input in inputs {
+        docs.extend(anetrain::prepare::read_documents(input, seed)?);
+    }
+    eprintln!(
+        "read {} documents in {:.1} s; building the tokenizer ({tokenizer})",
+        docs.len(),
+        start.elapsed().as_secs_f64()
+    );
+    let tok = pool.install(|| anetrain::prepare::tokenizer_for(tokenizer, &docs))?;
+    let s = pool.install(|| anetrain::prepare::prepare(&docs, &tok, out, val_fraction))?;
+    println!(
+        "{} documents, {} train + {} validation tokens, vocabulary {} ({}), tokenized {:.1} MB in {:.2} s ({:.1} MB/s, {:.0} tokens/s)",
+        s.documents,
+        s.train_tokens,
+        s.val_tokens,
+        tok.vocab_size(),
+        tok.fingerprint,
+        s.bytes as f64 / 1e6,
+        s.seconds,
+        s.bytes as f64 / 1e6 / s.seconds,
+        (s.train_tokens + s.val_tokens) as f64 / s.seconds
+    );
+    println!("wrote {}/{{train.tok,val.tok,tokenizer.json}}", out.display());
     Ok(())
 }

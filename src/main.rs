@@ -60,7 +60,8 @@ enum Command {
     },
     /// Tokenize a corpus into train.tok, val.tok and tokenizer.json.
     Prepare {
-        /// A tokenizer.json, or `bpe:N` to train a byte-level BPE of N entries on the input.
+        /// tokenizer.json (HF), tokenizer.model (sentencepiece), tokenizer.bin (llama2.c), or
+        /// `bpe:N` to train a byte-level BPE of N entries on the input.
         #[arg(long, default_value = "bpe:4096")]
         tokenizer: String,
         /// Inputs: .txt files (blank-line-separated documents), .jsonl files (`text` field),
@@ -776,6 +777,6 @@ fn prepare(
         s.bytes as f64 / 1e6 / s.seconds,
         (s.train_tokens + s.val_tokens) as f64 / s.seconds
     );
-    println!("wrote {}/{{train.tok,val.tok,tokenizer.json}}", out.display());
+    println!("wrote {}/train.tok, val.tok and the tokenizer", out.display());
     Ok(())
 }

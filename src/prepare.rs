@@ -96,7 +96,8 @@ pub struct PrepareSummary {
     pub seconds: f64,
 }
 
-/// Writes `<out>/train.tok`, `<out>/val.tok` and `<out>/tokenizer.json`; the last
+/// Writes `<out>/train.tok`, `<out>/val.tok` and the tokenizer (tokenizer.json, or
+/// tokenizer.bin for sentencepiece vocabularies); the last
 /// `val_fraction` of the documents (at least one) are held out.
 pub fn prepare(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) -> Result<PrepareSummary> {
     ensure!(docs.len() >= 2, "need at least 2 documents (one for validation), got {}", docs.len());
@@ -111,7 +112,7 @@ pub fn prepare(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) 
     if train.is_empty() || val.is_empty() {
         bail!("the documents tokenized to nothing");
     }
-    tok.save(&out.join("tokenizer.json"))?;
+    tok.save_to_dir(out)?;
     TokenData::write(&out.join("train.tok"), &train, tok.vocab_size(), &tok.fingerprint)?;
     TokenData::write(&out.join("val.tok"), &val, tok.vocab_size(), &tok.fingerprint)?;
     Ok(PrepareSummary {
@@ -168,7 +169,7 @@ pub fn training_data(
         }
         path if Path::new(path).is_dir() => {
             let dir = Path::new(path);
-            let tok = Tokenizer::load(&dir.join("tokenizer.json"))
+            let tok = Tokenizer::load_from_dir(dir)
                 .with_context(|| format!("{path} is not a directory made by `anetrain prepare`"))?;
             let train = TokenData::open(&dir.join("train.tok"), vocab, Some(&tok.fingerprint))?;
             let val = TokenData::open(&dir.join("val.tok"), vocab, Some(&tok.fingerprint))?;
@@ -199,7 +200,7 @@ mod tests {
         let train = TokenData::open(&dir.join("train.tok"), 300, Some(&tok.fingerprint)).unwrap();
         assert_eq!(train.len(), summary.train_tokens);
         assert_eq!(train.get(0), tok.doc_token.unwrap());
-        let reloaded = Tokenizer::load(&dir.join("tokenizer.json")).unwrap();
+        let reloaded = Tokenizer::load_from_dir(&dir).unwrap();
         assert_eq!(reloaded.fingerprint, tok.fingerprint);
         let first: Vec<u32> = (1..40).map(|i| train.get(i)).collect();
         assert!(docs[0].starts_with(&reloaded.decode(&first).unwrap()));

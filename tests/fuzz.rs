@@ -260,3 +260,29 @@ fn fuzz_token_files() {
     });
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn fuzz_tokenizer_files() {
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tokenizers/llama2");
+    if !shared.is_dir() {
+        eprintln!("skipping: {} not present", shared.display());
+        return;
+    }
+    let dir = scratch("tokenizer");
+    // Byte 0 picks the format; the rest is the mutated file.
+    let seeds = vec![
+        [vec![0], std::fs::read(shared.join("tokenizer.bin")).unwrap()].concat(),
+        [vec![1], std::fs::read(shared.join("tokenizer.model")).unwrap()].concat(),
+    ];
+    fuzz("tokenizer", &seeds, |bytes| {
+        let Some((&which, rest)) = bytes.split_first() else { return };
+        let path = dir.join(if which % 2 == 0 { "t.bin" } else { "t.model" });
+        std::fs::write(&path, rest).unwrap();
+        if let Ok(tok) = anetrain::tokenizer::Tokenizer::load(&path)
+            && let Ok(ids) = tok.encode("Hello wörld 123")
+        {
+            let _ = tok.decode(&ids);
+        }
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -7,7 +7,7 @@ use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::ops::Par;
 use crate::ops::cross_entropy::IGNORE;
-use crate::ops::matmul::matmul_forward;
+use crate::ops::matmul::matvec;
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{RopeTable, rope_forward_at};
 use crate::params::ParamLayout;
@@ -30,7 +30,6 @@ pub struct Decoder<'a> {
     cfg: ModelConfig,
     layout: ParamLayout,
     params: &'a [f32],
-    par: Par,
     rope: RopeTable,
     max_t: usize,
     /// Positions already in the cache.
@@ -59,7 +58,7 @@ pub struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    pub fn new(cfg: &ModelConfig, params: &'a [f32], max_t: usize, par: Par) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, params: &'a [f32], max_t: usize) -> Result<Self> {
         ensure!(
             max_t > 0 && max_t <= cfg.max_seq_len,
             "generation length {max_t} exceeds {} positions",
@@ -87,7 +86,6 @@ impl<'a> Decoder<'a> {
             cfg: cfg.clone(),
             layout,
             params,
-            par,
             max_t,
             pos: 0,
         })
@@ -118,7 +116,7 @@ impl<'a> Decoder<'a> {
         ensure!(self.pos < self.max_t, "the KV cache is full ({} positions)", self.max_t);
         ensure!((token as usize) < self.cfg.vocab_size, "token id {token} is outside the vocabulary");
         let cfg = &self.cfg;
-        let (par, c, f, eps) = (self.par, cfg.dim, cfg.ffn_dim, cfg.norm_eps as f32);
+        let (c, f, eps) = (cfg.dim, cfg.ffn_dim, cfg.norm_eps as f32);
         let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let (qd, kd, group, pos) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_heads / cfg.n_kv_heads, self.pos);
         let scale = 1.0 / (d as f32).sqrt();
@@ -127,7 +125,7 @@ impl<'a> Decoder<'a> {
         for l in 0..cfg.n_layers {
             let w = self.layout.layer(self.params, l);
             rmsnorm_forward(&mut self.xn, &mut self.rstd[..1], &self.x, w.attn_norm, 1, c, eps);
-            matmul_forward(par, &mut self.qkv, &self.xn, w.wqkv, 1, c, qd + 2 * kd);
+            matvec(&mut self.qkv, &self.xn, w.wqkv, c, qd + 2 * kd);
             let (q_raw, kv_raw) = self.qkv.split_at_mut(qd);
             let (k_raw, v_new) = kv_raw.split_at_mut(kd);
             let cache = l * self.max_t * kd + pos * kd;
@@ -166,18 +164,18 @@ impl<'a> Decoder<'a> {
                     crate::ops::axpy(out, p / sum, &values[j * kd + kvh * d..][..d]);
                 }
             }
-            matmul_forward(par, &mut self.out, &self.attn, w.wo, 1, qd, c);
+            matvec(&mut self.out, &self.attn, w.wo, qd, c);
             self.x.iter_mut().zip(&self.out).for_each(|(x, o)| *x += o);
             rmsnorm_forward(&mut self.xn, &mut self.rstd[..1], &self.x, w.ffn_norm, 1, c, eps);
-            matmul_forward(par, &mut self.h13, &self.xn, w.w13, 1, c, 2 * f);
+            matvec(&mut self.h13, &self.xn, w.w13, c, 2 * f);
             crate::ops::swiglu::swiglu_forward(&mut self.gate, &self.h13, f);
-            matmul_forward(par, &mut self.out, &self.gate, w.w2, 1, f, c);
+            matvec(&mut self.out, &self.gate, w.w2, f, c);
             self.x.iter_mut().zip(&self.out).for_each(|(x, o)| *x += o);
         }
         let final_norm = self.layout.view(self.params, self.layout.final_norm);
         rmsnorm_forward(&mut self.xn, &mut self.rstd[..1], &self.x, final_norm, 1, c, eps);
         let classifier = self.layout.view(self.params, self.layout.classifier());
-        matmul_forward(par, &mut self.logits, &self.xn, classifier, 1, c, cfg.vocab_size);
+        matvec(&mut self.logits, &self.xn, classifier, c, cfg.vocab_size);
         self.pos += 1;
         Ok(())
     }
@@ -233,7 +231,7 @@ pub fn generate(
     ensure!(prompt.iter().all(|&t| (t as usize) < cfg.vocab_size), "a prompt token is outside the vocabulary");
     let max_t = (prompt.len() + max_new).min(cfg.max_seq_len);
     ensure!(prompt.len() <= max_t, "the prompt exceeds the model's {} positions", cfg.max_seq_len);
-    let mut decoder = Decoder::new(cfg, params, max_t, par)?;
+    let mut decoder = Decoder::new(cfg, params, max_t)?;
     let start = std::time::Instant::now();
     let mut model = Model::cpu(cfg, 1, prompt.len(), par)?;
     decoder.prefill(&mut model, prompt)?;

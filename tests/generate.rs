@@ -43,7 +43,7 @@ fn kv_cache_logits_equal_full_recomputation() {
         let seq: Vec<u32> = (0..12).map(|_| rng.below(cfg.vocab_size as u64) as u32).collect();
         let prompt = &seq[..5];
         pool.install(|| {
-            let mut decoder = Decoder::new(&cfg, &p, seq.len(), par).unwrap();
+            let mut decoder = Decoder::new(&cfg, &p, seq.len()).unwrap();
             decoder.prefill(&mut Model::cpu(&cfg, 1, prompt.len(), par).unwrap(), prompt).unwrap();
             for t in prompt.len()..=seq.len() {
                 // Full recomputation over positions 0..t; compare its last row.

@@ -229,6 +229,19 @@ pub fn matmul_backward_dw(par: Par, dw: &mut [f32], dout: &[f32], inp: &[f32], m
     sgemm(par, n, k, m, Operand::t(dout, n), Operand::n(inp, k), dw, k, true);
 }
 
+/// out `[N]` = w `[N, K]` · x `[K]`: one token's linear layer (decoding). Memory-bound, so
+/// plain dot products over row blocks in parallel beat a GEMM's packing.
+pub fn matvec(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
+    use rayon::prelude::*;
+    assert!(x.len() >= k && w.len() >= n * k && out.len() >= n, "matvec: operand too short");
+    out[..n].par_chunks_mut(64).enumerate().for_each(|(blk, o)| {
+        for (j, oj) in o.iter_mut().enumerate() {
+            let row = (blk * 64 + j) * k;
+            *oj = super::dot(&x[..k], &w[row..row + k]);
+        }
+    });
+}
+
 /// f64 reference of `matmul_forward`: out = inp · wᵀ.
 pub fn matmul_forward_slow(out: &mut [f64], inp: &[f64], w: &[f64], m: usize, k: usize, n: usize) {
     for i in 0..m {
@@ -299,6 +312,20 @@ mod tests {
                     assert_close(&dw, &dw_r, tol, &format!("{gemm:?} dw {m}x{k}x{n}"));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn matvec_matches_naive() {
+        let mut rng = crate::rng::Rng::new(12);
+        for &(k, n) in &[(1, 1), (7, 13), (33, 200), (768, 65)] {
+            let x = randn(&mut rng, k);
+            let w = randn(&mut rng, n * k);
+            let mut out = vec![0.0; n];
+            matvec(&mut out, &x, &w, k, n);
+            let mut want = vec![0.0; n];
+            matmul_forward_slow(&mut want, &f64s(&x), &f64s(&w), 1, k, n);
+            assert_close(&out, &want, f32_tol(k), "matvec");
         }
     }
 

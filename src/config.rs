@@ -44,7 +44,7 @@ pub struct ModelConfig {
 pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "Qwen3ForCausalLM"];
 
 /// Names accepted by `--model`, in the order `anetrain info` lists them.
-pub const PRESETS: &[&str] = &["stories260k", "stories15m", "stories42m", "stories110m", "qwen3-0.6b"];
+pub const PRESETS: &[&str] = &["stories260k", "stories2m", "stories15m", "stories42m", "stories110m", "qwen3-0.6b"];
 
 /// RoPE θ from `rope_theta`, or from transformers 5's `rope_parameters` (which replaces it);
 /// 10000 when neither is present. Only the default (unscaled) RoPE is implemented.
@@ -92,6 +92,8 @@ impl ModelConfig {
     pub fn preset(name: &str) -> Option<Self> {
         let cfg = match name.to_ascii_lowercase().as_str() {
             "stories260k" => Self::stories("stories260k", 64, 172, 5, 8, 4, 512, 512),
+            // The default run's model: 2.16M parameters, trainable in minutes on 2 cores.
+            "stories2m" => Self::stories("stories2m", 192, 512, 4, 6, 6, 2048, 256),
             "stories15m" => Self::stories("stories15m", 288, 768, 6, 6, 6, 32000, 256),
             "stories42m" => Self::stories("stories42m", 512, 1376, 8, 8, 8, 32000, 1024),
             "stories110m" => Self::stories("stories110m", 768, 2048, 12, 12, 12, 32000, 1024),
@@ -368,6 +370,7 @@ mod tests {
         assert_eq!(ModelConfig::preset("qwen3-0.6b").unwrap().param_count(), 596_049_920);
         // llama2.c's stories15M.bin is 15,191,712 parameters (tied).
         assert_eq!(ModelConfig::preset("stories15m").unwrap().param_count(), 15_191_712);
+        assert_eq!(ModelConfig::preset("stories2m").unwrap().param_count(), 2_164_416);
     }
 
     #[test]

@@ -173,21 +173,22 @@ enum BackendKind {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Preset (stories260k, stories15m, stories42m, stories110m, qwen3-0.6b) or HF config.json.
-    #[arg(long, default_value = "stories260k")]
+    /// Preset (stories260k, stories2m, stories15m, stories42m, stories110m, qwen3-0.6b) or HF
+    /// config.json.
+    #[arg(long, default_value = "stories2m")]
     model: String,
     /// `stories` (the built-in story corpus, BPE-tokenized), `synthetic` (a Markov chain over
     /// ids), a directory made by `prepare`, or a token file (headed, or llama2.c's flat u16).
     #[arg(long, default_value = "stories")]
     data: String,
     /// Optimizer updates.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 400)]
     steps: usize,
     /// Sequences per micro-batch (B).
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Positions per sequence (T).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     seq: usize,
     /// Micro-batches accumulated per update.
     #[arg(long, default_value_t = 1)]
@@ -416,6 +417,24 @@ fn sample_story(
     Ok(())
 }
 
+/// `[#####-----]` for `done` of `total`.
+fn progress_bar(done: usize, total: usize) -> String {
+    let filled = (done * 20).checked_div(total).unwrap_or(20).min(20);
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
+/// `1h02m`, `3m05s` or `12s`.
+fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -518,19 +537,24 @@ fn train(args: TrainArgs) -> Result<()> {
             checkpoint.restore(&mut trainer, &data)?;
             println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
         }
+        let (started, first_step) = (std::time::Instant::now(), trainer.start_step);
         trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
+            let done = ev.step - first_step;
+            let eta = started.elapsed().as_secs_f64() / done as f64 * (steps - ev.step) as f64;
             if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped || ev.val_loss.is_some()
             {
                 println!(
-                    "step {:>5}/{steps} | loss {:.4}{} | lr {:.2e} | grad norm {:.3}{} | {:>8.0} tok/s | {:>8.1} ms",
+                    "step {:>5}/{steps} {} | loss {:.4}{} | lr {:.2e} | grad norm {:.3}{} | {:>6.0} tok/s | {:>6.1} ms | ETA {}",
                     ev.step,
+                    progress_bar(ev.step, steps),
                     ev.loss,
                     ev.val_loss.map_or(String::new(), |v| format!(" | val {v:.4}")),
                     ev.lr,
                     ev.grad_norm,
                     if ev.skipped { " (non-finite: update skipped, loss scale halved)" } else { "" },
                     ev.tokens_per_s,
-                    ev.ms_step
+                    ev.ms_step,
+                    format_duration(eta)
                 );
             }
         })

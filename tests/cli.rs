@@ -16,7 +16,22 @@ fn default_run_trains_and_writes_telemetry() {
     let dir = std::env::temp_dir().join(format!("anetrain-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("run.jsonl");
-    let out = anetrain(&["train", "--steps", "60", "--no-peak", "--threads", "2", "--log", log.to_str().unwrap()]);
+    let log_path = log.to_str().unwrap();
+    let args = [
+        "train",
+        "--model",
+        "stories260k",
+        "--seq",
+        "64",
+        "--steps",
+        "60",
+        "--no-peak",
+        "--threads",
+        "2",
+        "--log",
+        log_path,
+    ];
+    let out = anetrain(&args);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert!(all.contains("--- efficiency ---") && all.contains("tokens/s"), "{all}");
@@ -76,7 +91,7 @@ fn bad_input_fails_with_one_clear_message() {
         (vec!["train".into(), "--adam-eps".into(), "0".into()], "--adam-eps must be a positive number"),
         (vec!["train".into(), "--weight-decay".into(), "inf".into()], "--weight-decay"),
         (vec!["train".into(), "--steps".into(), "100000000000000".into()], "--steps"),
-        (vec!["train".into(), "--batch".into(), "100000".into(), "--seq".into(), "512".into()], "4M tokens"),
+        (vec!["train".into(), "--batch".into(), "100000".into(), "--seq".into(), "256".into()], "4M tokens"),
         (vec!["train".into(), "--loss-scale".into(), "1000".into()], "power of two"),
         (vec!["info".into(), "--model".into(), p(&bad_cfg)], "num_key_value_heads"),
         (vec!["train".into(), "--ckpt-dir".into(), "/proc/anetrain-nope".into()], "checkpoint directory"),
@@ -126,6 +141,9 @@ fn bad_files_fail_with_one_clear_message() {
     let base = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> =
             ["train", "--steps", "4", "--batch", "2", "--seq", "16", "--no-peak"].map(String::from).to_vec();
+        if !extra.contains(&"--model") {
+            v.extend(["--model".to_string(), "stories260k".to_string()]);
+        }
         v.extend(extra.iter().map(|x| x.to_string()));
         v
     };

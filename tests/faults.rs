@@ -22,11 +22,24 @@ fn scratch(name: &str) -> PathBuf {
 /// A long training run of the tiny default model that checkpoints after every update.
 fn long_run(dir: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin());
-    cmd.args(["train", "--steps", "100000", "--batch", "2", "--seq", "16", "--print-every", "100000", "--no-peak"])
-        .args(["--threads", "1", "--ckpt-dir", dir.to_str().unwrap()])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "train",
+        "--model",
+        "stories260k",
+        "--data",
+        "synthetic",
+        "--steps",
+        "100000",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+    ])
+    .args(["--print-every", "100000", "--no-peak"])
+    .args(["--threads", "1", "--ckpt-dir", dir.to_str().unwrap()])
+    .args(extra)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     cmd
 }
 
@@ -80,7 +93,8 @@ fn sigkill_at_random_moments_leaves_a_loadable_checkpoint() {
     }
     // The run resumes from the last survivor and finishes cleanly.
     let out = Command::new(bin())
-        .args(["train", "--batch", "2", "--seq", "16", "--no-peak", "--threads", "1", "--resume", "latest"])
+        .args(["train", "--model", "stories260k", "--data", "synthetic", "--batch", "2", "--seq", "16", "--no-peak"])
+        .args(["--threads", "1", "--resume", "latest"])
         .args(["--steps", &(last_step + 3).to_string(), "--ckpt-dir", dir.to_str().unwrap()])
         .output()
         .unwrap();
@@ -93,7 +107,8 @@ fn sigkill_at_random_moments_leaves_a_loadable_checkpoint() {
 fn a_full_disk_during_a_checkpoint_loses_nothing() {
     let dir = scratch("diskfull");
     let first = Command::new(bin())
-        .args(["train", "--steps", "3", "--batch", "2", "--seq", "16", "--no-peak", "--threads", "1"])
+        .args(["train", "--model", "stories260k", "--data", "synthetic", "--steps", "3", "--batch", "2", "--seq", "16"])
+        .args(["--no-peak", "--threads", "1"])
         .args(["--ckpt-dir", dir.to_str().unwrap()])
         .output()
         .unwrap();
@@ -101,8 +116,8 @@ fn a_full_disk_during_a_checkpoint_loses_nothing() {
     // The same run resumed under a 1.5 MB file-size limit: the 1 MB weights file fits, the
     // 2 MB optimizer file does not (as on a disk that fills up mid-checkpoint).
     let script = format!(
-        "ulimit -f 1500 2>/dev/null || exit 77; exec {} train --steps 6 --batch 2 --seq 16 --no-peak --threads 1 \
-         --ckpt-dir {} --resume latest",
+        "ulimit -f 1500 2>/dev/null || exit 77; exec {} train --model stories260k --data synthetic --steps 6 --batch 2 \
+         --seq 16 --no-peak --threads 1 --ckpt-dir {} --resume latest",
         bin(),
         dir.display()
     );

@@ -234,9 +234,12 @@ pub fn matmul_backward_dw(par: Par, dw: &mut [f32], dout: &[f32], inp: &[f32], m
 pub fn matvec(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
     use rayon::prelude::*;
     assert!(x.len() >= k && w.len() >= n * k && out.len() >= n, "matvec: operand too short");
-    out[..n].par_chunks_mut(64).enumerate().for_each(|(blk, o)| {
+    // One contiguous block of rows per thread (each streams its part of `w` front to back,
+    // as OpenMP's static schedule does), but never tasks of under 64K multiply-adds.
+    let rows = n.div_ceil(rayon::current_num_threads()).max(65536 / k.max(1)).max(1);
+    out[..n].par_chunks_mut(rows).enumerate().for_each(|(blk, o)| {
         for (j, oj) in o.iter_mut().enumerate() {
-            let row = (blk * 64 + j) * k;
+            let row = (blk * rows + j) * k;
             *oj = super::dot(&x[..k], &w[row..row + k]);
         }
     });

@@ -85,8 +85,14 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// The prompt as raw token ids, comma-separated (e.g. `1,2,3`); ids are printed.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "prompt", conflicts_with = "prompt")]
         ids: Vec<u32>,
+        /// The prompt as text (needs --tokenizer); text is printed as it is decoded.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// tokenizer.json, tokenizer.model, tokenizer.bin, or a directory made by prepare.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
         /// 0 = greedy.
@@ -343,9 +349,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prepare { tokenizer, input, out, val_fraction, seed, rt } => {
             prepare(&tokenizer, &input, &out, val_fraction, seed, rt)
         }
-        Command::Generate { model, ids, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
+        Command::Generate { model, ids, prompt, tokenizer, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
             let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
-            generate(&model, &ids, max_tokens, sampling, eos, rt)
+            let tokenizer = match (&prompt, &tokenizer) {
+                (Some(_), None) => bail!("--prompt needs --tokenizer (or pass raw ids with --ids)"),
+                (_, Some(path)) if path.is_dir() => Some(anetrain::tokenizer::Tokenizer::load_from_dir(path)?),
+                (_, Some(path)) => Some(anetrain::tokenizer::Tokenizer::load(path)?),
+                (None, None) => None,
+            };
+            generate(&model, &ids, prompt.as_deref(), tokenizer.as_ref(), max_tokens, sampling, eos, rt)
         }
         Command::Eval { model, data, seq, batch, batches, json, rt } => {
             eval(&model, &data, seq, batch, batches, json, rt)
@@ -729,9 +741,12 @@ fn eval(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn generate(
     model: &std::path::Path,
     ids: &[u32],
+    prompt: Option<&str>,
+    tokenizer: Option<&anetrain::tokenizer::Tokenizer>,
     max_tokens: usize,
     sampling: anetrain::generate::Sampling,
     eos: Option<u32>,
@@ -745,14 +760,41 @@ fn generate(
         bail!("--top-p must be in (0, 1]");
     }
     let (cfg, params) = anetrain::checkpoint::load_model(model)?;
+    // Text prompts start a document (BOS / document token) and stop at the next one.
+    let mut ids = ids.to_vec();
+    let mut eos = eos;
+    if let (Some(text), Some(tok)) = (prompt, tokenizer) {
+        ids = tok.doc_token.into_iter().chain(tok.encode(text)?).collect();
+        eos = eos.or(tok.doc_token);
+        print!("{text}");
+    }
+    let ids = &ids[..];
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
         bail!("prompt token id {bad} is outside the model's vocabulary ({})", cfg.vocab_size);
     }
     let (par, pool) = rt.setup()?;
     let (prefill_s, decode_s, n) = pool.install(|| {
+        // Text is printed as the difference between successive decodings of everything
+        // generated so far (a token may be half of a character).
+        let (mut generated, mut shown) = (Vec::new(), 0usize);
         anetrain::generate::generate(&cfg, &params, ids, max_tokens, sampling, eos, par, |t| {
             let mut out = std::io::stdout().lock();
-            let _ = write!(out, "{t} ");
+            match tokenizer.filter(|_| prompt.is_some()) {
+                Some(tok) => {
+                    generated.push(t);
+                    if let Ok(text) = tok.decode(&generated)
+                        && !text.ends_with('\u{fffd}')
+                        && text.len() > shown
+                        && text.is_char_boundary(shown)
+                    {
+                        let _ = write!(out, "{}", &text[shown..]);
+                        shown = text.len();
+                    }
+                }
+                None => {
+                    let _ = write!(out, "{t} ");
+                }
+            }
             let _ = out.flush();
         })
     })?;

@@ -179,3 +179,57 @@ fn bad_files_fail_with_one_clear_message() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// prepare → train → generate, end to end through the binary, on the built-in stories.
+#[test]
+fn prepare_train_generate_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("anetrain-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (data, ckpt) = (dir.join("data"), dir.join("ckpt"));
+    let out = anetrain(&["prepare", "--input", "builtin:stories:400", "--tokenizer", "bpe:512", "--out", &s(&data)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("400 documents"), "{}", text(&out));
+    let out = anetrain(&[
+        "train",
+        "--model",
+        "stories260k",
+        "--data",
+        &s(&data),
+        "--steps",
+        "40",
+        "--seq",
+        "64",
+        "--eval-every",
+        "20",
+        "--no-peak",
+        "--ckpt-dir",
+        &s(&ckpt),
+    ]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("val ") && all.contains("--- sample"), "{all}");
+    let sample = |seed: &str| {
+        let out = anetrain(&[
+            "generate",
+            "--model",
+            &s(&ckpt),
+            "--tokenizer",
+            &s(&data),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "30",
+            "--seed",
+            seed,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let story = sample("5");
+    assert!(story.starts_with("Once upon a time") && story.len() > "Once upon a time".len() + 10, "{story}");
+    assert_eq!(sample("5"), story, "same seed, same text");
+    let err = text(&anetrain(&["generate", "--model", &s(&ckpt), "--prompt", "Hi"]));
+    assert!(err.contains("--prompt needs --tokenizer"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -184,7 +184,8 @@ struct TrainArgs {
     #[arg(long, default_value = "stories2m")]
     model: String,
     /// `stories` (the built-in story corpus, BPE-tokenized), `synthetic` (a Markov chain over
-    /// ids), a directory made by `prepare`, or a token file (headed, or llama2.c's flat u16).
+    /// ids), a directory made by `prepare`, a raw corpus (.txt/.jsonl file or directory,
+    /// tokenized with --tokenizer), or a token file (headed, or llama2.c's flat u16).
     #[arg(long, default_value = "stories")]
     data: String,
     /// Optimizer updates.
@@ -245,6 +246,10 @@ struct TrainArgs {
     /// Held-out token file for --eval-every (synthetic data makes its own).
     #[arg(long)]
     val_data: Option<PathBuf>,
+    /// For a raw --data corpus: tokenizer.json / .model / .bin, or `bpe:N` (default: a BPE of
+    /// the model's vocabulary trained on the corpus).
+    #[arg(long)]
+    tokenizer: Option<String>,
     /// Write checkpoints into this directory (one always at the end of the run).
     #[arg(long)]
     ckpt_dir: Option<PathBuf>,
@@ -485,8 +490,14 @@ fn train(args: TrainArgs) -> Result<()> {
     opts.validate(&cfg)?;
     check_memory(&cfg)?;
     let min_tokens = args.batch * (args.seq + 1) * 4;
-    let prepared =
-        anetrain::prepare::training_data(&args.data, cfg.vocab_size, args.seed, min_tokens, args.val_data.as_deref())?;
+    let prepared = anetrain::prepare::training_data(
+        &args.data,
+        cfg.vocab_size,
+        args.seed,
+        min_tokens,
+        args.val_data.as_deref(),
+        args.tokenizer.as_deref(),
+    )?;
     let (data, val_data, tokenizer) = (prepared.train, prepared.val, prepared.tokenizer);
     if args.eval_every > 0 && val_data.is_none() {
         println!("note: no --val-data, so no validation (--eval-every {} ignored)", args.eval_every);

@@ -79,11 +79,23 @@ pub fn tokenizer_for(spec: &str, docs: &[String]) -> Result<Tokenizer> {
 /// Token ids of all documents, each preceded by the document token (when the vocabulary has
 /// one), tokenized in parallel; order is the documents' order.
 pub fn tokenize(tok: &Tokenizer, docs: &[String]) -> Result<Vec<u32>> {
-    let parts: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d)).collect::<Result<_>>()?;
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
-    for p in parts {
-        out.extend(tok.doc_token);
-        out.extend(p);
+    tokenize_with_progress(tok, docs, |_, _| {})
+}
+
+/// `tokenize`, calling `progress(done, total)` after each block of documents.
+pub fn tokenize_with_progress(
+    tok: &Tokenizer,
+    docs: &[String],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for (i, block) in docs.chunks(2048).enumerate() {
+        let parts: Vec<Vec<u32>> = block.par_iter().map(|d| tok.encode(d)).collect::<Result<_>>()?;
+        for p in parts {
+            out.extend(tok.doc_token);
+            out.extend(p);
+        }
+        progress((i * 2048 + block.len()).min(docs.len()), docs.len());
     }
     Ok(out)
 }
@@ -106,7 +118,12 @@ pub fn prepare(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) 
     let start = std::time::Instant::now();
     let n_val = ((docs.len() as f64 * val_fraction).ceil() as usize).clamp(1, docs.len() - 1);
     let (train_docs, val_docs) = docs.split_at(docs.len() - n_val);
-    let train = tokenize(tok, train_docs)?;
+    let bar = |done: usize, total: usize| {
+        let filled = done * 30 / total.max(1);
+        eprint!("\rtokenizing [{}{}] {done}/{total} documents", "#".repeat(filled), "-".repeat(30 - filled));
+    };
+    let train = tokenize_with_progress(tok, train_docs, bar)?;
+    eprintln!();
     let val = tokenize(tok, val_docs)?;
     let seconds = start.elapsed().as_secs_f64();
     if train.is_empty() || val.is_empty() {
@@ -134,13 +151,15 @@ pub struct TrainingData {
 
 /// `--data`: `stories` (the built-in corpus, tokenized with a BPE of the model's vocabulary
 /// trained on it), `synthetic` (a Markov chain over ids), a directory made by `prepare`
-/// (train.tok, val.tok, tokenizer.json), or a token file (with `--val-data` for validation).
+/// (train.tok, val.tok, tokenizer), a raw corpus (.txt, .jsonl, or a directory of them,
+/// tokenized with `tokenizer`), or a token file (with `--val-data` for validation).
 pub fn training_data(
     spec: &str,
     vocab: usize,
     seed: u64,
     min_tokens: usize,
     val_path: Option<&Path>,
+    tokenizer: Option<&str>,
 ) -> Result<TrainingData> {
     match spec {
         "stories" => {
@@ -167,13 +186,33 @@ pub fn training_data(
                 tokenizer: None,
             })
         }
-        path if Path::new(path).is_dir() => {
+        path if Path::new(path).join("train.tok").is_file() => {
             let dir = Path::new(path);
             let tok = Tokenizer::load_from_dir(dir)
                 .with_context(|| format!("{path} is not a directory made by `anetrain prepare`"))?;
             let train = TokenData::open(&dir.join("train.tok"), vocab, Some(&tok.fingerprint))?;
             let val = TokenData::open(&dir.join("val.tok"), vocab, Some(&tok.fingerprint))?;
             Ok(TrainingData { train, val: Some(val), tokenizer: Some(tok) })
+        }
+        path if path.ends_with(".txt") || path.ends_with(".jsonl") || Path::new(path).is_dir() => {
+            // A raw corpus: prepared in memory with `tokenizer` (default: a BPE of the model's
+            // vocabulary trained on it); the last 1% of documents are held out.
+            let docs = read_documents(path, seed)?;
+            ensure!(docs.len() >= 2, "{path}: need at least 2 documents, found {}", docs.len());
+            let tok = tokenizer_for(tokenizer.unwrap_or(&format!("bpe:{vocab}")), &docs)?;
+            ensure!(
+                tok.vocab_size() <= vocab,
+                "the tokenizer has {} entries, the model's vocabulary {vocab}",
+                tok.vocab_size()
+            );
+            let n_val = docs.len().div_ceil(100);
+            let train = tokenize(&tok, &docs[..docs.len() - n_val])?;
+            let val = tokenize(&tok, &docs[docs.len() - n_val..])?;
+            Ok(TrainingData {
+                train: TokenData::from_vec(train, vocab, path)?,
+                val: Some(TokenData::from_vec(val, vocab, &format!("{path} (held out)"))?),
+                tokenizer: Some(tok),
+            })
         }
         path => {
             let train = TokenData::open(Path::new(path), vocab, None)?;

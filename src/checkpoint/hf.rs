@@ -51,24 +51,7 @@ pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
         unexpected.join(", ")
     );
 
-    // Every shape is checked before the arena is allocated: a config that claims a huge
-    // model is refused by its files, not by the allocator.
-    for t in &layout.tensors {
-        let st = owner[t.name.as_str()];
-        let info = st.info(&t.name)?;
-        ensure!(
-            info.shape == t.shape,
-            "{}: '{}' has shape {:?}, the config implies {:?}",
-            st.path.display(),
-            t.name,
-            info.shape,
-            t.shape
-        );
-    }
-    let mut params = vec![0.0f32; layout.total];
-    for t in &layout.tensors {
-        owner[t.name.as_str()].read_f32(&t.name, &mut params[t.range()])?;
-    }
+    let params = super::read_arena(&layout, "", |name| owner[name])?;
     if let Some(t) = layout.first_nonfinite(&params) {
         bail!("{}: tensor '{}' contains NaN or Inf", dir.display(), t.name);
     }

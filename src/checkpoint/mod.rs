@@ -94,3 +94,30 @@ pub fn arena_tensors<'a>(
         })
         .collect()
 }
+
+/// Reads an arena of `layout` from safetensors: tensor `<prefix><name>` from the file `file_of`
+/// names for it. Every shape is checked before the arena is allocated, so a config that claims
+/// a huge model is refused by its files, not by the allocator.
+pub fn read_arena<'a>(
+    layout: &ParamLayout,
+    prefix: &str,
+    file_of: impl Fn(&str) -> &'a safetensors::SafeTensors,
+) -> Result<Vec<f32>> {
+    for t in &layout.tensors {
+        let st = file_of(&t.name);
+        let info = st.info(&format!("{prefix}{}", t.name))?;
+        anyhow::ensure!(
+            info.shape == t.shape,
+            "{}: '{prefix}{}' has shape {:?}, the config implies {:?}",
+            st.path.display(),
+            t.name,
+            info.shape,
+            t.shape
+        );
+    }
+    let mut buf = vec![0.0f32; layout.total];
+    for t in &layout.tensors {
+        file_of(&t.name).read_f32(&format!("{prefix}{}", t.name), &mut buf[t.range()])?;
+    }
+    Ok(buf)
+}

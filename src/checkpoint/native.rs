@@ -210,31 +210,13 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
         ModelConfig::from_hf_json(&state["config"]).with_context(|| format!("{}: bad config", state_path.display()))?;
     let step = state["step"].as_u64().with_context(|| format!("{}: no step", state_path.display()))? as usize;
     let layout = ParamLayout::new(&cfg);
-    let read = |st: &SafeTensors, prefix: &str| -> Result<Vec<f32>> {
-        // Shapes first: a corrupt state.json claiming a huge model is refused, not allocated.
-        for t in &layout.tensors {
-            let info = st.info(&format!("{prefix}{}", t.name))?;
-            ensure!(
-                info.shape == t.shape,
-                "{}: '{prefix}{}' has shape {:?}, the config implies {:?}",
-                st.path.display(),
-                t.name,
-                info.shape,
-                t.shape
-            );
-        }
-        let mut buf = vec![0.0f32; layout.total];
-        for t in &layout.tensors {
-            st.read_f32(&format!("{prefix}{}", t.name), &mut buf[t.range()])?;
-        }
-        Ok(buf)
-    };
-    let params = read(&SafeTensors::open(&path.join("model.safetensors"))?, "")?;
+    let weights = SafeTensors::open(&path.join("model.safetensors"))?;
+    let params = super::read_arena(&layout, "", |_| &weights)?;
     if let Some(t) = layout.first_nonfinite(&params) {
         bail!("{}: tensor '{}' contains NaN or Inf", path.display(), t.name);
     }
     let optimizer = SafeTensors::open(&path.join("optimizer.safetensors"))?;
-    let (m, v) = (read(&optimizer, "m.")?, read(&optimizer, "v.")?);
+    let (m, v) = (super::read_arena(&layout, "m.", |_| &optimizer)?, super::read_arena(&layout, "v.", |_| &optimizer)?);
     Ok(Checkpoint { path, cfg, params, m, v, step, state })
 }
 

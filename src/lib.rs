@@ -10,6 +10,7 @@ pub mod corpus;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod mil;
 pub mod model;
 pub mod ops;
 pub mod params;

@@ -85,6 +85,13 @@ pub trait Backend: Send {
     /// The micro-batch shape (B, T) the kernels were built for.
     fn shape(&self) -> (usize, usize);
 
+    /// Whether the model should run the dW GEMMs on a CPU worker while this backend
+    /// evaluates the next kernels: worthwhile only when the kernels run elsewhere (an
+    /// accelerator); the `cpu` backend would compete with itself for the same cores.
+    fn overlaps_dw(&self) -> bool {
+        false
+    }
+
     /// Reads `acts.xn1`; writes q, k, v (and the QK-norm taps), probs and attn into `acts`,
     /// and `o` `[N, C]` = attn · Woᵀ.
     fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()>;

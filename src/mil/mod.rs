@@ -1,0 +1,67 @@
+//! The Neural Engine path, everything except the Apple runtime itself: MIL programs for the
+//! kernel set (`emit`), their weight blob files (`blob`), a parser for the MIL subset we emit
+//! (`parse`), an fp16 interpreter of it (`sim`), and a `Backend` that runs the kernel set on
+//! any `KernelRunner` — the simulator here, the hardware in `crate::ane`.
+//!
+//! Layout on the accelerator side is the original system's: a tensor `[1, C, 1, W]` in fp16,
+//! element (c, w) at `c·W + w`; activations occupy W = S positions (T padded to a multiple
+//! of 16), one channel per feature.
+
+use anyhow::Result;
+use half::f16;
+
+/// One function input or output: its MIL name and its `[1, C, 1, W]` shape (fp16).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSig {
+    pub name: String,
+    pub shape: [usize; 4],
+}
+
+impl TensorSig {
+    pub fn elems(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        2 * self.elems()
+    }
+}
+
+/// One kernel as the runtime needs it: MIL text, the weight files it references, and its
+/// signature. Input names are chosen so that their alphabetical order equals declaration
+/// order (the hardware binds surfaces alphabetically by some accounts, by index by others;
+/// with these names both agree). Every kernel has exactly one output.
+#[derive(Clone, Debug)]
+pub struct KernelProgram {
+    pub name: String,
+    pub mil: String,
+    /// Weight files as `(path relative to the model directory, bytes)`, e.g.
+    /// `("weights/mask.bin", …)`; the MIL refers to them as `@model_path/weights/mask.bin`.
+    pub blobs: Vec<(String, Vec<u8>)>,
+    pub inputs: Vec<TensorSig>,
+    pub outputs: Vec<TensorSig>,
+}
+
+/// Something that can run compiled kernels: the fp16 simulator or the Neural Engine.
+///
+/// A kernel is loaded once and serves every layer: each of its `slots` (one per layer) owns
+/// its own input buffers, so a layer's weights can stay staged between calls, while the
+/// output buffer is shared by all slots.
+pub trait KernelRunner: Send {
+    fn name(&self) -> &'static str;
+
+    /// Compiles and loads `program` with `slots` input sets; returns the kernel's handle.
+    fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize>;
+
+    /// Gives `fill` the fp16 buffer of input `input` of `slot` (length `inputs[input].elems()`).
+    fn write_input(&mut self, kernel: usize, slot: usize, input: usize, fill: &mut dyn FnMut(&mut [f16])) -> Result<()>;
+
+    /// Runs the kernel on `slot`'s inputs into the shared output buffers.
+    fn eval(&mut self, kernel: usize, slot: usize) -> Result<()>;
+
+    /// Gives `read` the fp16 buffer of output `output` from the last `eval`.
+    fn read_output(&mut self, kernel: usize, output: usize, read: &mut dyn FnMut(&[f16])) -> Result<()>;
+
+    /// Kernels compiled by this process so far (the hardware allows about 119).
+    fn compiles(&self) -> usize;
+}

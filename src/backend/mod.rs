@@ -11,6 +11,7 @@
 
 pub mod cpu;
 
+use crate::config::ModelConfig;
 use crate::params::LayerTensors;
 use anyhow::Result;
 
@@ -52,6 +53,48 @@ pub struct LayerActs {
     pub h13: Vec<f32>,
     /// `[N, F]` silu(h1) ⊙ h3 (input of W2)
     pub gate: Vec<f32>,
+}
+
+impl LayerActs {
+    /// Zeroed buffers for one layer at micro-batch shape (B, T).
+    pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+        let n = b * t;
+        let (c, f, qd, kd) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
+        let qk = usize::from(cfg.qk_norm);
+        let z = |len: usize| vec![0.0f32; len];
+        LayerActs {
+            x_in: z(n * c),
+            rstd1: z(n),
+            xn1: z(n * c),
+            q_raw: z(qk * n * qd),
+            k_raw: z(qk * n * kd),
+            q_rstd: z(qk * n * cfg.n_heads),
+            k_rstd: z(qk * n * cfg.n_kv_heads),
+            q: z(n * qd),
+            k: z(n * kd),
+            v: z(n * kd),
+            probs: z(b * cfg.n_heads * t * t),
+            attn: z(n * qd),
+            x_mid: z(n * c),
+            rstd2: z(n),
+            xn2: z(n * c),
+            h13: z(n * 2 * f),
+            gate: z(n * f),
+        }
+    }
+}
+
+impl LayerGrads {
+    pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+        let n = b * t;
+        let (f, qd, kd) = (cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
+        LayerGrads {
+            dattn: vec![0.0; n * qd],
+            dqkv: vec![0.0; n * (qd + 2 * kd)],
+            dgate: vec![0.0; n * f],
+            dh13: vec![0.0; n * 2 * f],
+        }
+    }
 }
 
 /// Gradients of one layer's intermediate tensors that the dx kernels produce and the dW GEMMs

@@ -1,0 +1,418 @@
+//! The kernel set as a `Backend` over any `KernelRunner`: `mil-sim` (the fp16 simulator) and
+//! `ane` (the hardware) run the same MIL programs through the same staging code.
+//!
+//! Staging converts between the model's row-major f32 `[N, X]` activations and the
+//! accelerator's fp16 `[1, X, 1, S]` tensors (one sequence of the micro-batch per
+//! evaluation; positions T..S are zero), and writes each weight in the `[IC, OC]` form its
+//! kernel expects. Weights are staged on the first sequence of each call and stay in the
+//! kernel's input buffers for the rest of the micro-batch.
+//!
+//! The residual stream, RMSNorms, classifier and loss stay in f32 on the CPU (the model's
+//! orchestration); only the kernels' inputs and outputs are fp16. QK-norm's backward (a
+//! per-head RMSNorm backward and its gain gradient) runs on the CPU between `sdpa_bwd2`
+//! and `q_bwd`, from the pre-norm projections the forward kernel exports.
+
+use super::emit::{InputLayout, Kernel, KernelSet, Piece};
+use super::{KernelProgram, KernelRunner};
+use crate::backend::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
+use crate::config::ModelConfig;
+use crate::ops::rmsnorm::rmsnorm_backward;
+use anyhow::{Context, Result};
+use half::f16;
+
+/// One source for a piece of a kernel input.
+enum Src<'a> {
+    /// Rows of one sequence: `[T, ld]` f32, the piece's channels at column `col`.
+    Act { rows: &'a [f32], ld: usize, col: usize },
+    /// A weight `[OC, IC]` (HF `[out, in]`) staged transposed as `[IC, OC]`.
+    WeightT(&'a [f32]),
+    /// A weight already `[IC, OC]` = `[channels, width]`, staged as-is.
+    Weight(&'a [f32]),
+    /// A vector `[ch]` staged as one column.
+    Column(&'a [f32]),
+    /// fp16 channels copied unconverted from an earlier kernel's output `[*, S]`.
+    Half { data: &'a [f16], chan: usize },
+}
+
+/// The runner with the loaded kernel set: everything `run` and `read` need, kept apart
+/// from the backend's scratch so both can be borrowed at once.
+struct Exec {
+    runner: Box<dyn KernelRunner>,
+    set: KernelSet,
+    /// runner handles, in `KernelSet::all()` order
+    ids: [usize; 10],
+    /// T and its padded width S
+    t: usize,
+    s: usize,
+}
+
+impl Exec {
+    /// Writes the given pieces into kernel `which`'s inputs and evaluates it.
+    fn run(&mut self, which: usize, srcs: &[(&str, Src)]) -> Result<()> {
+        let k: &Kernel = self.set.all()[which];
+        let t = self.t;
+        for (input, sig) in k.program.inputs.iter().enumerate() {
+            let width = sig.shape[3];
+            let mine: Vec<(&Piece, &Src)> =
+                srcs.iter().map(|(name, src)| (k.piece(name), src)).filter(|(p, _)| p.input == input).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            self.runner.write_input(self.ids[which], 0, input, &mut |buf| {
+                for (p, src) in &mine {
+                    put(buf, width, p, src, t);
+                }
+            })?;
+        }
+        self.runner.eval(self.ids[which], 0).with_context(|| format!("evaluating kernel {}", k.program.name))
+    }
+
+    /// Reads output part `name` of kernel `which` into `[T, ld]` rows at column `col`.
+    fn read(&mut self, which: usize, name: &str, rows: &mut [f32], ld: usize, col: usize) -> Result<()> {
+        let (chan, ch) = self.set.all()[which].out_part(name);
+        let (s, t) = (self.s, self.t);
+        self.runner.read_output(self.ids[which], 0, &mut |out| take(out, s, chan, ch, rows, ld, col, t))
+    }
+}
+
+pub struct MilBackend {
+    exec: Exec,
+    /// C, H, KV, D, F, B
+    c: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+    f: usize,
+    b: usize,
+    eps: f32,
+    /// copy of `sdpa_bwd1`'s whole output `[1, KD + 2·H·S, 1, S]`, fed to `sdpa_bwd2`
+    bwd1_out: Vec<f16>,
+    /// `[N, H·D]`, `[N, KV·D]`, `[N, KV·D]`: q/k/v gradients from the attention kernels
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    /// `[N, H·D]`, `[N, KV·D]`: through QK-norm's backward (QK-norm models only)
+    dq_raw: Vec<f32>,
+    dk_raw: Vec<f32>,
+    /// `[N, C]` the q projection's share of the attention input's gradient
+    dx_q: Vec<f32>,
+}
+
+fn put(buf: &mut [f16], width: usize, p: &Piece, src: &Src, t: usize) {
+    let row = |ch: usize| (p.chan_off + ch) * width + p.col_off;
+    match *src {
+        Src::Act { rows, ld, col } => {
+            for ch in 0..p.ch {
+                let dst = &mut buf[row(ch)..row(ch) + p.width];
+                for (s, d) in dst.iter_mut().enumerate() {
+                    *d = if s < t { f16::from_f32(rows[s * ld + col + ch]) } else { f16::ZERO };
+                }
+            }
+        }
+        Src::WeightT(w) => {
+            for ch in 0..p.ch {
+                for (o, d) in buf[row(ch)..row(ch) + p.width].iter_mut().enumerate() {
+                    *d = f16::from_f32(w[o * p.ch + ch]);
+                }
+            }
+        }
+        Src::Weight(w) => {
+            for ch in 0..p.ch {
+                let src = &w[ch * p.width..(ch + 1) * p.width];
+                for (d, &x) in buf[row(ch)..row(ch) + p.width].iter_mut().zip(src) {
+                    *d = f16::from_f32(x);
+                }
+            }
+        }
+        Src::Column(v) => {
+            for (ch, &x) in v.iter().enumerate().take(p.ch) {
+                buf[row(ch)] = f16::from_f32(x);
+            }
+        }
+        Src::Half { data, chan } => {
+            for ch in 0..p.ch {
+                let from = (chan + ch) * p.width;
+                buf[row(ch)..row(ch) + p.width].copy_from_slice(&data[from..from + p.width]);
+            }
+        }
+    }
+}
+
+/// Output channels `[chan, chan + ch)` of an `[*, S]` output into rows `[T, ld]` at `col`.
+#[allow(clippy::too_many_arguments)]
+fn take(out: &[f16], s: usize, chan: usize, ch: usize, rows: &mut [f32], ld: usize, col: usize, t: usize) {
+    for c in 0..ch {
+        let src = &out[(chan + c) * s..(chan + c) * s + t];
+        for (pos, &x) in src.iter().enumerate() {
+            rows[pos * ld + col + c] = x.to_f32();
+        }
+    }
+}
+
+/// Per-row 1/rms over `d`-wide groups (QK-norm's saved statistic, recomputed from the
+/// kernel's exported pre-norm projection).
+fn group_rstd(rstd: &mut [f32], x: &[f32], d: usize, eps: f32) {
+    for (r, g) in rstd.iter_mut().zip(x.chunks_exact(d)) {
+        let ms = g.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        *r = 1.0 / (ms + eps).sqrt();
+    }
+}
+
+const ATTN_FWD: usize = 0;
+const WO_FWD: usize = 1;
+const FFN_FWD: usize = 2;
+const FFN_BWD_W2T: usize = 3;
+const FFN_BWD_W13T: usize = 4;
+const WO_BWD: usize = 5;
+const SDPA_BWD1: usize = 6;
+const SDPA_BWD2: usize = 7;
+const Q_BWD: usize = 8;
+const KV_BWD: usize = 9;
+
+/// `[T, width]` rows of sequence `bi` from an `[N, width]` buffer.
+fn seq(v: &[f32], bi: usize, t: usize, width: usize) -> &[f32] {
+    &v[bi * t * width..(bi + 1) * t * width]
+}
+
+fn seq_mut(v: &mut [f32], bi: usize, t: usize, width: usize) -> &mut [f32] {
+    &mut v[bi * t * width..(bi + 1) * t * width]
+}
+
+fn act(v: &[f32], bi: usize, t: usize, width: usize) -> Src<'_> {
+    Src::Act { rows: seq(v, bi, t, width), ld: width, col: 0 }
+}
+
+impl MilBackend {
+    /// Emits the kernel set for (config, T) and loads it into `runner`.
+    pub fn new(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        layout: InputLayout,
+        mut runner: Box<dyn KernelRunner>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let set = KernelSet::new(cfg, t, layout)?;
+        let mut ids = [0; 10];
+        for (id, k) in ids.iter_mut().zip(set.all()) {
+            *id = runner
+                .load(&k.program, 1)
+                .with_context(|| format!("loading kernel {} on {}", k.program.name, runner.name()))?;
+        }
+        let n = b * t;
+        let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
+        let qk = usize::from(cfg.qk_norm);
+        let bwd1 = set.sdpa_bwd1.program.outputs[0].elems();
+        let s = set.dims.s;
+        Ok(MilBackend {
+            exec: Exec { runner, set, ids, t, s },
+            c: cfg.dim,
+            h: cfg.n_heads,
+            kv: cfg.n_kv_heads,
+            d: cfg.head_dim,
+            f: cfg.ffn_dim,
+            b,
+            eps: cfg.norm_eps as f32,
+            bwd1_out: vec![f16::ZERO; bwd1],
+            dq: vec![0.0; n * qd],
+            dk: vec![0.0; n * kd],
+            dv: vec![0.0; n * kd],
+            dq_raw: vec![0.0; qk * n * qd],
+            dk_raw: vec![0.0; qk * n * kd],
+            dx_q: vec![0.0; n * cfg.dim],
+        })
+    }
+
+    pub fn kernels(&self) -> [&KernelProgram; 10] {
+        self.exec.set.all().map(|k| &k.program)
+    }
+
+    pub fn runner(&self) -> &dyn KernelRunner {
+        self.exec.runner.as_ref()
+    }
+}
+
+impl Backend for MilBackend {
+    fn name(&self) -> &'static str {
+        self.exec.runner.name()
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        (self.b, self.exec.t)
+    }
+
+    fn overlaps_dw(&self) -> bool {
+        true
+    }
+
+    fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+        let (c, t, d) = (self.c, self.exec.t, self.d);
+        let (qd, kd) = (self.h * d, self.kv * d);
+        let (wq, rest) = w.wqkv.split_at(qd * c);
+        let (wk, wv) = rest.split_at(kd * c);
+        let qk_norm = self.exec.set.dims.qk_norm;
+        for bi in 0..self.b {
+            let mut srcs = vec![("xn", act(&acts.xn1, bi, t, c))];
+            if bi == 0 {
+                srcs.extend([("wq", Src::WeightT(wq)), ("wk", Src::WeightT(wk)), ("wv", Src::WeightT(wv))]);
+                if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
+                    srcs.extend([("qn", Src::Column(qn)), ("kn", Src::Column(kn))]);
+                }
+            }
+            let e = &mut self.exec;
+            e.run(ATTN_FWD, &srcs)?;
+            e.read(ATTN_FWD, "attn", seq_mut(&mut acts.attn, bi, t, qd), qd, 0)?;
+            e.read(ATTN_FWD, "q", seq_mut(&mut acts.q, bi, t, qd), qd, 0)?;
+            e.read(ATTN_FWD, "k", seq_mut(&mut acts.k, bi, t, kd), kd, 0)?;
+            e.read(ATTN_FWD, "v", seq_mut(&mut acts.v, bi, t, kd), kd, 0)?;
+            if qk_norm {
+                e.read(ATTN_FWD, "q_raw", seq_mut(&mut acts.q_raw, bi, t, qd), qd, 0)?;
+                e.read(ATTN_FWD, "k_raw", seq_mut(&mut acts.k_raw, bi, t, kd), kd, 0)?;
+            }
+            let mut srcs = vec![("attn", act(&acts.attn, bi, t, qd))];
+            if bi == 0 {
+                srcs.push(("wo", Src::WeightT(w.wo)));
+            }
+            e.run(WO_FWD, &srcs)?;
+            e.read(WO_FWD, "out", seq_mut(o, bi, t, c), c, 0)?;
+        }
+        if qk_norm {
+            group_rstd(&mut acts.q_rstd, &acts.q_raw, d, self.eps);
+            group_rstd(&mut acts.k_rstd, &acts.k_raw, d, self.eps);
+        }
+        Ok(())
+    }
+
+    fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+        let (c, f, t) = (self.c, self.f, self.exec.t);
+        let (w1, w3) = w.w13.split_at(f * c);
+        for bi in 0..self.b {
+            let mut srcs = vec![("xn", act(&acts.xn2, bi, t, c))];
+            if bi == 0 {
+                srcs.extend([("w1", Src::WeightT(w1)), ("w3", Src::WeightT(w3)), ("w2", Src::Weight(w.w2))]);
+            }
+            let e = &mut self.exec;
+            e.run(FFN_FWD, &srcs)?;
+            e.read(FFN_FWD, "out", seq_mut(out, bi, t, c), c, 0)?;
+            e.read(FFN_FWD, "h1", seq_mut(&mut acts.h13, bi, t, 2 * f), 2 * f, 0)?;
+            e.read(FFN_FWD, "h3", seq_mut(&mut acts.h13, bi, t, 2 * f), 2 * f, f)?;
+            e.read(FFN_FWD, "gate", seq_mut(&mut acts.gate, bi, t, f), f, 0)?;
+        }
+        Ok(())
+    }
+
+    fn ffn_backward_dx(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        d_out: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+    ) -> Result<()> {
+        let (c, f, t) = (self.c, self.f, self.exec.t);
+        let (w1, w3) = w.w13.split_at(f * c);
+        for bi in 0..self.b {
+            let e = &mut self.exec;
+            let mut srcs = vec![("dout", act(d_out, bi, t, c))];
+            if bi == 0 {
+                srcs.push(("w2", Src::Weight(w.w2)));
+            }
+            e.run(FFN_BWD_W2T, &srcs)?;
+            e.read(FFN_BWD_W2T, "out", seq_mut(&mut g.dgate, bi, t, f), f, 0)?;
+            let h13 = seq(&acts.h13, bi, t, 2 * f);
+            let mut srcs = vec![
+                ("dgate", act(&g.dgate, bi, t, f)),
+                ("h1", Src::Act { rows: h13, ld: 2 * f, col: 0 }),
+                ("h3", Src::Act { rows: h13, ld: 2 * f, col: f }),
+            ];
+            if bi == 0 {
+                srcs.extend([("w1", Src::Weight(w1)), ("w3", Src::Weight(w3))]);
+            }
+            e.run(FFN_BWD_W13T, &srcs)?;
+            e.read(FFN_BWD_W13T, "dxn", seq_mut(dxn, bi, t, c), c, 0)?;
+            e.read(FFN_BWD_W13T, "dh1", seq_mut(&mut g.dh13, bi, t, 2 * f), 2 * f, 0)?;
+            e.read(FFN_BWD_W13T, "dh3", seq_mut(&mut g.dh13, bi, t, 2 * f), 2 * f, f)?;
+        }
+        Ok(())
+    }
+
+    fn attention_backward_dx(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        norm_grads: QkNormGrads,
+        d_o: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+    ) -> Result<()> {
+        let (c, t, d, n) = (self.c, self.exec.t, self.d, self.b * self.exec.t);
+        let (h, kv) = (self.h, self.kv);
+        let (qd, kd) = (h * d, kv * d);
+        let (wq, rest) = w.wqkv.split_at(qd * c);
+        let (wk, wv) = rest.split_at(kd * c);
+        let e = &mut self.exec;
+        let (dv_at, _) = e.set.sdpa_bwd1.out_part("dv");
+        let (p_at, _) = e.set.sdpa_bwd1.out_part("probs");
+        let (dp_at, _) = e.set.sdpa_bwd1.out_part("dp");
+        for bi in 0..self.b {
+            let mut srcs = vec![("do", act(d_o, bi, t, c))];
+            if bi == 0 {
+                srcs.push(("wo", Src::Weight(w.wo)));
+            }
+            e.run(WO_BWD, &srcs)?;
+            e.read(WO_BWD, "out", seq_mut(&mut g.dattn, bi, t, qd), qd, 0)?;
+            let srcs = [
+                ("q", act(&acts.q, bi, t, qd)),
+                ("k", act(&acts.k, bi, t, kd)),
+                ("v", act(&acts.v, bi, t, kd)),
+                ("dattn", act(&g.dattn, bi, t, qd)),
+            ];
+            e.run(SDPA_BWD1, &srcs)?;
+            let bwd1 = &mut self.bwd1_out;
+            e.runner.read_output(e.ids[SDPA_BWD1], 0, &mut |out| bwd1.copy_from_slice(out))?;
+            take(bwd1, e.s, dv_at, kd, seq_mut(&mut self.dv, bi, t, kd), kd, 0, t);
+            let srcs = [
+                ("probs", Src::Half { data: bwd1, chan: p_at }),
+                ("dp", Src::Half { data: bwd1, chan: dp_at }),
+                ("q", act(&acts.q, bi, t, qd)),
+                ("k", act(&acts.k, bi, t, kd)),
+            ];
+            e.run(SDPA_BWD2, &srcs)?;
+            e.read(SDPA_BWD2, "dq", seq_mut(&mut self.dq, bi, t, qd), qd, 0)?;
+            e.read(SDPA_BWD2, "dk", seq_mut(&mut self.dk, bi, t, kd), kd, 0)?;
+        }
+        let (dq, dk): (&[f32], &[f32]) = match (w.q_norm, w.k_norm, norm_grads.q_norm, norm_grads.k_norm) {
+            (Some(qn), Some(kn), Some(dqn), Some(dkn)) => {
+                rmsnorm_backward(&mut self.dq_raw, dqn, &self.dq, &acts.q_rstd, &acts.q_raw, qn, n * h, d, false);
+                rmsnorm_backward(&mut self.dk_raw, dkn, &self.dk, &acts.k_rstd, &acts.k_raw, kn, n * kv, d, false);
+                (&self.dq_raw, &self.dk_raw)
+            }
+            _ => (&self.dq, &self.dk),
+        };
+        // g.dqkv `[N, QD + 2·KD]` feeds the dW GEMM of the fused projection.
+        let width = qd + 2 * kd;
+        for (row, dst) in g.dqkv.chunks_exact_mut(width).enumerate().take(n) {
+            dst[..qd].copy_from_slice(&dq[row * qd..(row + 1) * qd]);
+            dst[qd..qd + kd].copy_from_slice(&dk[row * kd..(row + 1) * kd]);
+            dst[qd + kd..].copy_from_slice(&self.dv[row * kd..(row + 1) * kd]);
+        }
+        for bi in 0..self.b {
+            let mut srcs = vec![("dq", act(dq, bi, t, qd))];
+            if bi == 0 {
+                srcs.push(("wq", Src::Weight(wq)));
+            }
+            e.run(Q_BWD, &srcs)?;
+            e.read(Q_BWD, "out", seq_mut(&mut self.dx_q, bi, t, c), c, 0)?;
+            let mut srcs = vec![("dk", act(dk, bi, t, kd)), ("dv", act(&self.dv, bi, t, kd))];
+            if bi == 0 {
+                srcs.extend([("wk", Src::Weight(wk)), ("wv", Src::Weight(wv))]);
+            }
+            e.run(KV_BWD, &srcs)?;
+            e.read(KV_BWD, "out", seq_mut(dxn, bi, t, c), c, 0)?;
+        }
+        for (x, q) in dxn[..n * c].iter_mut().zip(&self.dx_q) {
+            *x += q;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,403 @@
+//! The fp16 MIL simulator: runs a parsed, type-checked program the way the Neural Engine is
+//! documented to, so everything around the hardware can be verified here.
+//!
+//! Numeric model:
+//! - every fp16 tensor holds values exactly representable in fp16 (kept in f32 storage);
+//! - element-wise ops compute in f32 and round once to fp16 (exact-then-round for mul, add
+//!   and sub of fp16 operands, since their f32 results are exact);
+//! - `matmul` accumulates in f32, then rounds; results beyond ±32752 become ±inf, the
+//!   saturation point reported for the hardware's matmul (constraints §1, ANEForge), below
+//!   fp16's own 65504;
+//! - `softmax` and `reduce_sum` compute in f32, then round;
+//! - overflow rounds to ±inf, as fp16 does; NaN propagates.
+//! Inputs are read from, and outputs written to, fp16 buffers in the hardware's dense
+//! `[1, C, 1, W]` row-major layout; BLOBFILE constants are read through the blob format.
+
+use super::ast::{Arg, Literal, Program, Type};
+use super::blob::read_blob;
+use super::parse::parse;
+use super::{KernelProgram, KernelRunner};
+use crate::ops::Par;
+use crate::ops::matmul::{Operand, sgemm};
+use anyhow::{Context, Result, bail, ensure};
+use half::f16;
+use std::collections::HashMap;
+
+/// The reported saturation point of the hardware's fp16 matmul output.
+pub const MATMUL_SATURATION: f32 = 32752.0;
+
+#[inline]
+fn r16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// An fp16 tensor (values exactly representable in fp16, stored as f32).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Calls `f(flat_out, offsets)` for every element of `out_shape`, with each source's flat
+/// index computed from its strides (0 on broadcast axes).
+fn for_each_index(out_shape: &[usize], srcs: &[Vec<usize>], mut f: impl FnMut(usize, &[usize])) {
+    let rank = out_shape.len();
+    let total: usize = out_shape.iter().product();
+    let mut idx = vec![0usize; rank];
+    let mut offs = vec![0usize; srcs.len()];
+    for flat in 0..total {
+        f(flat, &offs);
+        for ax in (0..rank).rev() {
+            idx[ax] += 1;
+            for (o, s) in offs.iter_mut().zip(srcs) {
+                *o += s[ax];
+            }
+            if idx[ax] < out_shape[ax] {
+                break;
+            }
+            for (o, s) in offs.iter_mut().zip(srcs) {
+                *o -= s[ax] * out_shape[ax];
+            }
+            idx[ax] = 0;
+        }
+    }
+}
+
+/// Strides of `shape` read as `out_shape` under right-aligned broadcasting.
+fn broadcast_strides(shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
+    let st = strides(shape);
+    let pad = out_shape.len() - shape.len();
+    (0..out_shape.len()).map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { st[i - pad] }).collect()
+}
+
+enum Val {
+    T(Tensor),
+    Lit(Literal),
+}
+
+/// A loaded program: parsed, checked, blob constants read.
+pub struct Sim {
+    pub program: Program,
+    blobs: HashMap<String, Tensor>,
+    par: Par,
+}
+
+impl Sim {
+    /// Parses `kernel.mil` and reads every BLOBFILE constant from `kernel.blobs`.
+    pub fn load(kernel: &KernelProgram, par: Par) -> Result<Sim> {
+        let program = parse(&kernel.mil).with_context(|| format!("kernel {}", kernel.name))?;
+        let declared: Vec<(String, Type)> =
+            kernel.inputs.iter().map(|s| (s.name.clone(), Type::fp16(&s.shape))).collect();
+        ensure!(
+            program.func.inputs == declared,
+            "kernel {}: the program's inputs differ from the kernel signature",
+            kernel.name
+        );
+        let mut blobs = HashMap::new();
+        for st in &program.func.body {
+            if let Some(Literal::Blob { ty, path, offset }) = &st.val {
+                let rel = path.strip_prefix("@model_path/").with_context(|| {
+                    format!("kernel {}: BLOBFILE path {path} must start with @model_path/", kernel.name)
+                })?;
+                let Some((_, file)) = kernel.blobs.iter().find(|(p, _)| p == rel) else {
+                    bail!("kernel {}: weight file {rel} is missing", kernel.name);
+                };
+                let shape = ty.shape().to_vec();
+                let data = read_blob(file, *offset, shape.iter().product(), rel)?;
+                blobs.insert(st.name.clone(), Tensor { shape, data: data.iter().map(|h| h.to_f32()).collect() });
+            }
+        }
+        Ok(Sim { program, blobs, par })
+    }
+
+    /// Runs the program on fp16 inputs (in declaration order); returns the outputs.
+    pub fn run(&self, inputs: &[&[f16]]) -> Result<Vec<Tensor>> {
+        let f = &self.program.func;
+        ensure!(inputs.len() == f.inputs.len(), "{} inputs given, the program takes {}", inputs.len(), f.inputs.len());
+        let mut env: HashMap<&str, Val> = HashMap::new();
+        for ((name, ty), data) in f.inputs.iter().zip(inputs) {
+            let shape = ty.shape().to_vec();
+            ensure!(
+                data.len() == shape.iter().product::<usize>(),
+                "input {name}: {} values for shape {shape:?}",
+                data.len()
+            );
+            env.insert(name, Val::T(Tensor { shape, data: data.iter().map(|h| h.to_f32()).collect() }));
+        }
+        for st in &f.body {
+            let v = if st.op == "const" {
+                match self.blobs.get(&st.name) {
+                    Some(t) => Val::T(t.clone()),
+                    None => Val::Lit(st.val.clone().expect("parser checked: const has a val")),
+                }
+            } else {
+                let get = |k: &str| -> &Val {
+                    match st.args.iter().find(|(n, _)| n == k) {
+                        Some((_, Arg::Name(n))) => &env[n.as_str()],
+                        _ => panic!("parser checked: {} has argument {k}", st.op),
+                    }
+                };
+                Val::T(self.eval_op(&st.op, &get, st, &env)?)
+            };
+            env.insert(&st.name, v);
+        }
+        f.outputs
+            .iter()
+            .map(|o| match env.remove(o.as_str()) {
+                Some(Val::T(t)) => Ok(t),
+                _ => bail!("output {o} is not a tensor"),
+            })
+            .collect()
+    }
+
+    fn eval_op<'a>(
+        &self,
+        op: &str,
+        get: &dyn Fn(&str) -> &'a Val,
+        st: &super::ast::Stmt,
+        env: &'a HashMap<&str, Val>,
+    ) -> Result<Tensor> {
+        let t = |k: &str| -> &'a Tensor {
+            match get(k) {
+                Val::T(t) => t,
+                Val::Lit(_) => panic!("parser checked: `{k}` of {op} is a tensor"),
+            }
+        };
+        let ints = |k: &str| -> Vec<i64> {
+            match get(k) {
+                Val::Lit(Literal::IntTensor(_, v)) => v.clone(),
+                _ => panic!("parser checked: `{k}` of {op} is an int tensor"),
+            }
+        };
+        let int = |k: &str| -> i64 {
+            match get(k) {
+                Val::Lit(Literal::Int32(i)) => *i,
+                _ => panic!("parser checked: `{k}` of {op} is an int"),
+            }
+        };
+        let boolean = |k: &str| -> bool {
+            match get(k) {
+                Val::Lit(Literal::Bool(b)) => *b,
+                _ => panic!("parser checked: `{k}` of {op} is a bool"),
+            }
+        };
+        let out_shape = st.ty.shape().to_vec();
+        Ok(match op {
+            "slice_by_size" => slice(t("x"), &ints("begin"), &out_shape),
+            "reshape" => Tensor { shape: out_shape, data: t("x").data.clone() },
+            "transpose" => transpose(t("x"), &ints("perm")),
+            "matmul" => matmul(self.par, t("x"), t("y"), boolean("transpose_x"), boolean("transpose_y"), &out_shape),
+            "concat" => {
+                let Some((_, Arg::Tuple(names))) = st.args.iter().find(|(n, _)| n == "values") else {
+                    panic!("parser checked: concat has values")
+                };
+                let vals: Vec<&Tensor> = names
+                    .iter()
+                    .map(|n| match &env[n.as_str()] {
+                        Val::T(t) => t,
+                        Val::Lit(_) => panic!("parser checked: concat values are tensors"),
+                    })
+                    .collect();
+                let ax = super::types::axis(int("axis"), out_shape.len())?;
+                concat(&vals, ax, &out_shape)
+            }
+            "softmax" => {
+                let x = t("x");
+                let ax = super::types::axis(int("axis"), x.shape.len())?;
+                softmax(x, ax)
+            }
+            "reduce_sum" => {
+                let x = t("x");
+                let axes: Vec<usize> =
+                    ints("axes").iter().map(|&a| super::types::axis(a, x.shape.len())).collect::<Result<_>>()?;
+                reduce_sum(x, &axes, &out_shape)
+            }
+            "pow" => {
+                let Val::Lit(Literal::Fp16(e)) = get("y") else { panic!("parser checked: pow exponent") };
+                let x = t("x");
+                Tensor { shape: out_shape, data: x.data.iter().map(|&v| r16(v.powf(*e))).collect() }
+            }
+            "sigmoid" => {
+                let x = t("x");
+                Tensor { shape: out_shape, data: x.data.iter().map(|&v| r16(1.0 / (1.0 + (-v).exp()))).collect() }
+            }
+            "mul" | "add" | "sub" => {
+                let operand = |k: &str| -> (Vec<usize>, &'a [f32]) {
+                    match get(k) {
+                        Val::T(t) => (t.shape.clone(), &t.data),
+                        Val::Lit(Literal::Fp16(x)) => (vec![], std::slice::from_ref(x)),
+                        Val::Lit(_) => panic!("parser checked: {op} operands are fp16"),
+                    }
+                };
+                let ((xs, xd), (ys, yd)) = (operand("x"), operand("y"));
+                let f: fn(f32, f32) -> f32 = match op {
+                    "mul" => |a, b| a * b,
+                    "add" => |a, b| a + b,
+                    _ => |a, b| a - b,
+                };
+                let srcs = [broadcast_strides(&xs, &out_shape), broadcast_strides(&ys, &out_shape)];
+                let mut data = vec![0.0; out_shape.iter().product()];
+                for_each_index(&out_shape, &srcs, |i, o| data[i] = r16(f(xd[o[0]], yd[o[1]])));
+                Tensor { shape: out_shape, data }
+            }
+            _ => bail!("unsupported op `{op}`"),
+        })
+    }
+}
+
+fn slice(x: &Tensor, begin: &[i64], size: &[usize]) -> Tensor {
+    let st = strides(&x.shape);
+    let base: usize = begin.iter().zip(&st).map(|(&b, &s)| b as usize * s).sum();
+    let mut data = vec![0.0; size.iter().product()];
+    for_each_index(size, std::slice::from_ref(&st), |i, o| data[i] = x.data[base + o[0]]);
+    Tensor { shape: size.to_vec(), data }
+}
+
+fn transpose(x: &Tensor, perm: &[i64]) -> Tensor {
+    let st = strides(&x.shape);
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p as usize]).collect();
+    let src: Vec<usize> = perm.iter().map(|&p| st[p as usize]).collect();
+    let mut data = vec![0.0; x.data.len()];
+    for_each_index(&shape, std::slice::from_ref(&src), |i, o| data[i] = x.data[o[0]]);
+    Tensor { shape, data }
+}
+
+fn concat(vals: &[&Tensor], ax: usize, out_shape: &[usize]) -> Tensor {
+    let outer: usize = out_shape[..ax].iter().product();
+    let mut data = Vec::with_capacity(out_shape.iter().product());
+    for o in 0..outer {
+        for v in vals {
+            let inner: usize = v.shape[ax..].iter().product();
+            data.extend_from_slice(&v.data[o * inner..(o + 1) * inner]);
+        }
+    }
+    Tensor { shape: out_shape.to_vec(), data }
+}
+
+fn softmax(x: &Tensor, ax: usize) -> Tensor {
+    let len = x.shape[ax];
+    let inner: usize = x.shape[ax + 1..].iter().product();
+    let outer: usize = x.shape[..ax].iter().product();
+    let mut data = x.data.clone();
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| o * len * inner + j * inner + i;
+            let max = (0..len).map(|j| x.data[at(j)]).fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = (0..len).map(|j| (x.data[at(j)] - max).exp()).sum();
+            for j in 0..len {
+                data[at(j)] = r16((x.data[at(j)] - max).exp() / sum);
+            }
+        }
+    }
+    Tensor { shape: x.shape.clone(), data }
+}
+
+fn reduce_sum(x: &Tensor, axes: &[usize], out_shape: &[usize]) -> Tensor {
+    // Accumulate into the kept-dims shape, then relabel with the declared shape.
+    let kept: Vec<usize> = x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let dst = broadcast_strides(&kept, &x.shape);
+    let mut acc = vec![0.0f32; kept.iter().product()];
+    for_each_index(&x.shape, std::slice::from_ref(&dst), |i, o| acc[o[0]] += x.data[i]);
+    Tensor { shape: out_shape.to_vec(), data: acc.into_iter().map(r16).collect() }
+}
+
+fn matmul(par: Par, x: &Tensor, y: &Tensor, tx: bool, ty: bool, out_shape: &[usize]) -> Tensor {
+    let r = out_shape.len();
+    let (m, n) = (out_shape[r - 2], out_shape[r - 1]);
+    let k = if tx { x.shape[r - 2] } else { x.shape[r - 1] };
+    let batch_shape = &out_shape[..r - 2];
+    let (xs, ys) = (x.shape[r - 2] * x.shape[r - 1], y.shape[r - 2] * y.shape[r - 1]);
+    // Batch strides in units of whole matrices.
+    let bx: Vec<usize> = broadcast_strides(&x.shape[..r - 2], batch_shape).iter().map(|s| s * xs).collect();
+    let by: Vec<usize> = broadcast_strides(&y.shape[..r - 2], batch_shape).iter().map(|s| s * ys).collect();
+    let mut data = vec![0.0f32; out_shape.iter().product()];
+    let (ldx, ldy) = (x.shape[r - 1], y.shape[r - 1]);
+    let mut jobs = Vec::new();
+    for_each_index(batch_shape, &[bx, by], |i, o| jobs.push((i, o[0], o[1])));
+    for (i, ox, oy) in jobs {
+        let a = if tx { Operand::t(&x.data[ox..ox + xs], ldx) } else { Operand::n(&x.data[ox..ox + xs], ldx) };
+        let b = if ty { Operand::t(&y.data[oy..oy + ys], ldy) } else { Operand::n(&y.data[oy..oy + ys], ldy) };
+        sgemm(par, m, n, k, a, b, &mut data[i * m * n..(i + 1) * m * n], n, false);
+    }
+    for v in &mut data {
+        *v = if v.abs() > MATMUL_SATURATION { f32::INFINITY.copysign(*v) } else { r16(*v) };
+    }
+    Tensor { shape: out_shape.to_vec(), data }
+}
+
+/// The simulator as a `KernelRunner`: each slot's inputs are plain fp16 vectors.
+pub struct SimRunner {
+    par: Par,
+    kernels: Vec<SimKernel>,
+}
+
+struct SimKernel {
+    sim: Sim,
+    /// `[slot][input]` fp16 buffers
+    inputs: Vec<Vec<Vec<f16>>>,
+    outputs: Vec<Vec<f16>>,
+}
+
+impl SimRunner {
+    pub fn new(par: Par) -> Self {
+        SimRunner { par, kernels: Vec::new() }
+    }
+}
+
+impl KernelRunner for SimRunner {
+    fn name(&self) -> &'static str {
+        "mil-sim"
+    }
+
+    fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize> {
+        let sim = Sim::load(program, self.par)?;
+        let inputs =
+            (0..slots.max(1)).map(|_| program.inputs.iter().map(|s| vec![f16::ZERO; s.elems()]).collect()).collect();
+        let outputs = program.outputs.iter().map(|s| vec![f16::ZERO; s.elems()]).collect();
+        self.kernels.push(SimKernel { sim, inputs, outputs });
+        Ok(self.kernels.len() - 1)
+    }
+
+    fn write_input(
+        &mut self,
+        kernel: usize,
+        slot: usize,
+        input: usize,
+        fill: &mut dyn FnMut(&mut [f16]),
+    ) -> Result<()> {
+        let k = self.kernels.get_mut(kernel).context("no such kernel")?;
+        let buf = k.inputs.get_mut(slot).and_then(|s| s.get_mut(input)).context("no such slot or input")?;
+        fill(buf);
+        Ok(())
+    }
+
+    fn eval(&mut self, kernel: usize, slot: usize) -> Result<()> {
+        let k = self.kernels.get_mut(kernel).context("no such kernel")?;
+        let ins: Vec<&[f16]> = k.inputs.get(slot).context("no such slot")?.iter().map(|v| v.as_slice()).collect();
+        let outs = k.sim.run(&ins)?;
+        for (dst, src) in k.outputs.iter_mut().zip(outs) {
+            for (d, s) in dst.iter_mut().zip(&src.data) {
+                *d = f16::from_f32(*s);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_output(&mut self, kernel: usize, output: usize, read: &mut dyn FnMut(&[f16])) -> Result<()> {
+        let k = self.kernels.get(kernel).context("no such kernel")?;
+        read(k.outputs.get(output).context("no such output")?);
+        Ok(())
+    }
+
+    fn compiles(&self) -> usize {
+        self.kernels.len()
+    }
+}

@@ -2,6 +2,7 @@
 //! passes, on the CPU everywhere (and, later, on the Apple Neural Engine through generated MIL
 //! programs). See docs/ARCHITECTURE.md for the map of the crate.
 
+pub mod ane;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;

@@ -1,12 +1,12 @@
 //! The `anetrain` command line: train, info, bench.
 
-use anetrain::backend::Backend;
-use anetrain::backend::cpu::CpuBackend;
+use anetrain::backend::{Backend, BackendKind};
 use anetrain::bench;
 use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
 use anetrain::checkpoint::safetensors::Dtype;
 use anetrain::config::ModelConfig;
 use anetrain::data::SYNTHETIC_ENTROPY;
+use anetrain::mil::emit::InputLayout;
 use anetrain::ops::{GemmImpl, Par};
 use anetrain::telemetry::Telemetry;
 use anetrain::train::adamw::AdamWConfig;
@@ -43,6 +43,12 @@ enum Command {
     /// Benchmarks (commands, not tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The MIL programs of the Neural Engine kernel set.
+    #[command(subcommand)]
+    Mil(MilCommand),
+    /// The Apple Neural Engine runtime.
+    #[command(subcommand)]
+    Ane(AneCommand),
     /// Convert a model between HF directories and llama2.c .bin files.
     Convert {
         /// HF model directory, llama2.c .bin, or training checkpoint directory.
@@ -171,12 +177,6 @@ impl Runtime {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum BackendKind {
-    /// Native Rust kernels and a real GEMM, f32.
-    Cpu,
-}
-
 #[derive(Args)]
 struct TrainArgs {
     /// Preset (stories260k, stories2m, stories15m, stories42m, stories110m, qwen3-0.6b) or HF
@@ -226,8 +226,14 @@ struct TrainArgs {
     loss_scale: String,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// `cpu` (f32), `mil-sim` (the MIL kernels in the fp16 simulator), or `ane` (the MIL
+    /// kernels on the Neural Engine; macOS on Apple silicon only).
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
+    /// How the MIL backends pass weights: `packed` into one input with the activations (the
+    /// original system's layout) or `separate` function inputs.
+    #[arg(long, value_enum, default_value = "packed")]
+    mil_layout: InputLayout,
     /// Write one JSON line per update to this file.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -277,6 +283,38 @@ struct BenchShape {
     batch: usize,
     #[arg(long, default_value_t = 256)]
     seq: usize,
+}
+
+#[derive(Subcommand)]
+enum MilCommand {
+    /// Write every kernel's MIL program and weight blob files, plus manifest.json.
+    Emit {
+        /// Preset name or path to an HF config.json.
+        #[arg(long, default_value = "stories110m")]
+        model: String,
+        /// Sequence length T the kernels are built for (padded to a multiple of 16).
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, value_enum, default_value = "packed")]
+        layout: InputLayout,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AneCommand {
+    /// Check every kernel on the Neural Engine against the fp16 simulator and the cpu
+    /// backend, and print a table (macOS on Apple silicon).
+    Probe {
+        /// Preset name or path to an HF config.json (default: a small GQA + QK-norm shape).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        #[arg(long, value_enum, default_value = "packed")]
+        layout: InputLayout,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,6 +387,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, rt }) => {
             bench_step(&shape.model, shape.batch, shape.seq, accum, min_micro, json, rt)
+        }
+        Command::Mil(MilCommand::Emit { model, seq, layout, out }) => {
+            let cfg = ModelConfig::resolve(&model)?;
+            let written = anetrain::mil::export::write_kernel_set(&cfg, seq, layout, &out)?;
+            println!("wrote {} kernels for {} (T={seq}, {layout:?} layout) to {}", written, cfg.name, out.display());
+            Ok(())
+        }
+        Command::Ane(AneCommand::Probe { model, seq, layout }) => {
+            anetrain::ane::probe::run(model.as_deref(), seq, layout)
         }
         Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format),
         Command::Prepare { tokenizer, input, out, val_fraction, seed, rt } => {
@@ -506,9 +553,8 @@ fn train(args: TrainArgs) -> Result<()> {
         Some(path) => Telemetry::to_file(path)?,
         None => Telemetry::none(),
     };
-    let backend: Box<dyn Backend> = match args.backend {
-        BackendKind::Cpu => Box::new(CpuBackend::new(&cfg, args.batch, args.seq, par)),
-    };
+    let backend: Box<dyn Backend> =
+        anetrain::backend::build(args.backend, &cfg, args.batch, args.seq, par, args.mil_layout)?;
     println!(
         "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?}",
         cfg.name,

@@ -25,6 +25,7 @@
 mod ffi;
 pub mod layout;
 mod modeldir;
+pub mod probe;
 mod surface;
 
 use crate::mil::{KernelProgram, KernelRunner, TensorSig};

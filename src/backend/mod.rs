@@ -11,6 +11,41 @@
 
 pub mod cpu;
 
+/// Which backend runs the kernel set (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Native Rust kernels and a real GEMM, f32.
+    Cpu,
+    /// The generated MIL programs, run by the fp16 MIL simulator on the CPU.
+    MilSim,
+    /// The generated MIL programs on the Apple Neural Engine (macOS on Apple silicon only;
+    /// compiled and unit-tested on Linux, never run by the authors on hardware).
+    Ane,
+}
+
+/// Builds a backend for micro-batches of B sequences of T positions. `layout` chooses how
+/// the MIL backends pass weights to their kernels.
+pub fn build(
+    kind: BackendKind,
+    cfg: &ModelConfig,
+    b: usize,
+    t: usize,
+    par: crate::ops::Par,
+    layout: crate::mil::emit::InputLayout,
+) -> Result<Box<dyn Backend>> {
+    use crate::mil::backend::MilBackend;
+    Ok(match kind {
+        BackendKind::Cpu => Box::new(cpu::CpuBackend::new(cfg, b, t, par)),
+        BackendKind::MilSim => {
+            Box::new(MilBackend::new(cfg, b, t, layout, Box::new(crate::mil::sim::SimRunner::new(par)))?)
+        }
+        BackendKind::Ane => {
+            let runner = crate::ane::AneRunner::new(crate::ane::AneOptions::default())?;
+            Box::new(MilBackend::new(cfg, b, t, layout, Box::new(runner))?)
+        }
+    })
+}
+
 use crate::config::ModelConfig;
 use crate::params::LayerTensors;
 use anyhow::Result;
@@ -39,7 +74,8 @@ pub struct LayerActs {
     pub k: Vec<f32>,
     /// `[N, KV·D]` values
     pub v: Vec<f32>,
-    /// `[B, H, T, T]` softmax probabilities (zero above the diagonal)
+    /// `[B, H, T, T]` softmax probabilities (zero above the diagonal); written by the `cpu`
+    /// backend only (the MIL kernels recompute them in the backward)
     pub probs: Vec<f32>,
     /// `[N, H·D]` attention output before the output projection
     pub attn: Vec<f32>,
@@ -135,7 +171,8 @@ pub trait Backend: Send {
         false
     }
 
-    /// Reads `acts.xn1`; writes q, k, v (and the QK-norm taps), probs and attn into `acts`,
+    /// Reads `acts.xn1`; writes q, k, v (and the QK-norm taps), attn (and, if it keeps
+    /// them, probs) into `acts`,
     /// and `o` `[N, C]` = attn · Woᵀ.
     fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()>;
 

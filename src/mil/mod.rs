@@ -70,7 +70,9 @@ pub trait KernelRunner: Send {
 pub mod ast;
 pub mod backend;
 pub mod blob;
+pub mod check;
 pub mod emit;
+pub mod export;
 pub mod parse;
 pub mod sim;
 pub mod types;

@@ -1,0 +1,127 @@
+//! `anetrain ane probe`: for Mac users to check this crate's kernels on their hardware and
+//! report the table. Two checks per kernel:
+//! 1. raw: the same random fp16 inputs through the Neural Engine and the fp16 simulator,
+//!    outputs compared (they run the same program; differences are the hardware's own
+//!    rounding and accumulation order);
+//! 2. end to end: the `ane` backend against the f32 `cpu` backend on a random layer, with
+//!    the same tolerances the simulator meets in CI (`mil::check`).
+
+use super::{AneOptions, AneRunner};
+use crate::config::ModelConfig;
+use crate::mil::KernelRunner;
+use crate::mil::backend::MilBackend;
+use crate::mil::check::{MAX_TOL, MEAN_TOL, compare_with_cpu, rel_errors};
+use crate::mil::emit::{InputLayout, KernelSet};
+use crate::mil::sim::SimRunner;
+use crate::ops::Par;
+use crate::rng::Rng;
+use anyhow::{Context, Result};
+use half::f16;
+use std::time::Instant;
+
+/// The default probe shape: small, but GQA with QK-norm and head_dim ≠ dim/heads, so every
+/// kernel variant is exercised.
+pub fn probe_config() -> ModelConfig {
+    ModelConfig {
+        name: "probe-gqa-qknorm".into(),
+        dim: 256,
+        ffn_dim: 512,
+        n_layers: 1,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 96,
+        vocab_size: 512,
+        max_seq_len: 1024,
+        rope_theta: 1e6,
+        norm_eps: 1e-6,
+        qk_norm: true,
+        tied_embeddings: true,
+    }
+}
+
+pub fn run(model: Option<&str>, t: usize, layout: InputLayout) -> Result<()> {
+    let cfg = match model {
+        Some(m) => ModelConfig::resolve(m)?,
+        None => probe_config(),
+    };
+    let mut ane = AneRunner::new(AneOptions::default())?;
+    println!("anetrain ane probe {} | device {}", env!("CARGO_PKG_VERSION"), ane.device_info().unwrap_or("?".into()));
+    println!(
+        "model {}: C={} H={} KV={} D={} F={} qk_norm={} | T={t} | {layout:?} layout",
+        cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.qk_norm
+    );
+    let set = KernelSet::new(&cfg, t, layout)?;
+    let mut sim = SimRunner::new(Par::seq());
+    let mut rng = Rng::new(1);
+    println!("\n1. raw kernels, Neural Engine vs fp16 simulator (same random fp16 inputs)");
+    println!("{:<14} {:>11} {:>9} {:>10} {:>10}  status", "kernel", "compile ms", "eval ms", "max rel", "mean rel");
+    let mut failures = 0;
+    for k in set.all() {
+        let p = &k.program;
+        let start = Instant::now();
+        let loaded = ane.load(p, 1);
+        let compile_ms = start.elapsed().as_secs_f64() * 1e3;
+        let id = match loaded {
+            Ok(id) => id,
+            Err(e) => {
+                failures += 1;
+                println!("{:<14} {compile_ms:>11.1} {:>9} {:>10} {:>10}  COMPILE FAILED: {e:#}", p.name, "-", "-", "-");
+                continue;
+            }
+        };
+        let sid = sim.load(p, 1)?;
+        for (i, sig) in p.inputs.iter().enumerate() {
+            let data: Vec<f16> = (0..sig.elems()).map(|_| f16::from_f64(0.5 * rng.normal())).collect();
+            ane.write_input(id, 0, i, &mut |buf| buf.copy_from_slice(&data))?;
+            sim.write_input(sid, 0, i, &mut |buf| buf.copy_from_slice(&data))?;
+        }
+        let mut times = Vec::new();
+        let mut eval = Ok(());
+        for _ in 0..5 {
+            let s = Instant::now();
+            eval = ane.eval(id, 0);
+            times.push(s.elapsed().as_secs_f64() * 1e3);
+            if eval.is_err() {
+                break;
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        if let Err(e) = eval {
+            failures += 1;
+            println!("{:<14} {compile_ms:>11.1} {:>9} {:>10} {:>10}  EVAL FAILED: {e:#}", p.name, "-", "-", "-");
+            continue;
+        }
+        sim.eval(sid, 0)?;
+        let mut got = Vec::new();
+        let mut want = Vec::new();
+        ane.read_output(id, 0, &mut |o| got = o.iter().map(|x| x.to_f32()).collect())?;
+        sim.read_output(sid, 0, &mut |o| want = o.iter().map(|x| x.to_f32()).collect())?;
+        let (max, mean) = rel_errors(&got, &want);
+        let ok = max <= MAX_TOL && mean <= MEAN_TOL;
+        failures += usize::from(!ok);
+        let status = if ok { "ok" } else { "MISMATCH" };
+        println!(
+            "{:<14} {compile_ms:>11.1} {:>9.3} {max:>10.2e} {mean:>10.2e}  {status}",
+            p.name,
+            times[times.len() / 2]
+        );
+    }
+    drop(ane);
+
+    println!("\n2. ane backend vs f32 cpu backend on a random layer (limits: max {MAX_TOL:.0e}, mean {MEAN_TOL:.0e})");
+    let runner = AneRunner::new(AneOptions::default())?;
+    let mut backend = MilBackend::new(&cfg, 1, t, layout, Box::new(runner)).context("building the ane backend")?;
+    let rows = compare_with_cpu(&cfg, 1, t, &mut backend, 7)?;
+    println!("{:<16} {:<20} {:>10} {:>10}  status", "kernel", "output", "max rel", "mean rel");
+    for r in &rows {
+        failures += usize::from(!r.ok());
+        let status = if r.ok() { "ok" } else { "MISMATCH" };
+        println!("{:<16} {:<20} {:>10.2e} {:>10.2e}  {status}", r.kernel, r.what, r.max_rel, r.mean_rel);
+    }
+    println!(
+        "\n{} — please report this output (chip, macOS version) in an issue: it is how this backend gets verified.",
+        if failures == 0 { "all kernels agree".to_string() } else { format!("{failures} problems") }
+    );
+    anyhow::ensure!(failures == 0, "{failures} kernel checks failed on this device");
+    Ok(())
+}

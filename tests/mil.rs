@@ -72,3 +72,178 @@ fn kernels_match_cpu_gqa_qknorm_packed() {
 fn kernels_match_cpu_gqa_qknorm_separate() {
     kernels_match_cpu("gqa-qknorm", InputLayout::Separate);
 }
+
+fn every_program() -> Vec<(String, anetrain::mil::KernelProgram)> {
+    let mut all = Vec::new();
+    for name in ["mha", "gqa-qknorm"] {
+        for layout in [InputLayout::Packed, InputLayout::Separate] {
+            for k in KernelSet::new(&tiny(name), 20, layout).unwrap().all() {
+                all.push((format!("{name}/{layout:?}/{}", k.program.name), k.program.clone()));
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn parser_round_trips_every_emitted_program() {
+    let all = every_program();
+    assert_eq!(all.len(), 40);
+    for (what, p) in all {
+        let ast = parse(&p.mil).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(ast.text(), p.mil, "{what}: printing the parsed program changes the text");
+        assert_eq!(parse(&ast.text()).unwrap(), ast, "{what}");
+        assert!(p.mil.lines().count() > 10, "{what}");
+    }
+}
+
+/// Applies `edit` to line `line` (1-based) of the program and expects an error at that line
+/// (and column, when given) whose message contains `needle`.
+fn rejects(mil: &str, line: usize, edit: impl Fn(&str) -> String, col: Option<usize>, needle: &str) {
+    let mut lines: Vec<String> = mil.lines().map(str::to_string).collect();
+    let before = lines[line - 1].clone();
+    lines[line - 1] = edit(&before);
+    assert_ne!(lines[line - 1], before, "the edit for {needle:?} changed nothing");
+    let text = lines.join("\n");
+    let err = format!("{:#}", parse(&text).expect_err(needle));
+    let at = match col {
+        Some(c) => format!("line {line}, column {c}:"),
+        None => format!("line {line}, column "),
+    };
+    assert!(err.contains(&at) && err.contains(needle), "expected `{at}` and {needle:?} in: {err}");
+}
+
+#[test]
+fn parser_rejects_malformed_programs_with_line_and_column() {
+    let set = KernelSet::new(&tiny("mha"), 20, InputLayout::Separate).unwrap();
+    let mil = &set.wo_fwd.program.mil;
+    let find = |pat: &str| mil.lines().position(|l| l.contains(pat)).unwrap_or_else(|| panic!("{pat}")) + 1;
+    let mm = find("= matmul(");
+    rejects(mil, mm, |l| l.replace("= matmul(", "= matmull("), None, "unsupported op `matmull`");
+    rejects(mil, mm, |l| l.replacen("x = ", "x = nope_", 1), None, "is not defined");
+    rejects(mil, mm, |l| l.replacen("tensor<fp16, [1, 1, ", "tensor<fp16, [1, 2, ", 1), Some(9), "is declared");
+    // A missing `;` is noticed at the next token: the start of the following statement.
+    let no_semi = mil.lines().enumerate().map(|(i, l)| if i + 1 == mm { l.trim_end_matches(';') } else { l });
+    let err = parse(&no_semi.collect::<Vec<_>>().join("\n")).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("line {}, column 9: expected `;`", mm + 1)), "{err}");
+    rejects(mil, mm, |l| l.replace("string(\"", "string(\"x"), None, "name attribute");
+    rejects(mil, mm, |l| l.replacen("x = ", "y = ", 1), None, "given twice");
+    rejects(mil, mm, |l| l.replacen("(transpose_x", "(foo = c0, transpose_x", 1), None, "unexpected argument `foo`");
+    let c0 = find("c0 = const()");
+    rejects(mil, c0, |l| l.to_string() + " " + l.trim(), None, "already defined");
+    rejects(mil, c0, |l| l.replace("tensor<int32, [4]>([", "tensor<int32, [4]>([7, "), None, "5 values");
+    rejects(mil, c0, |l| l.replace("const()", "const(x = c0)"), None, "is not defined");
+    let bool_c = find("bool(true)");
+    rejects(mil, bool_c, |l| l.replace("bool(true)", "bool(maybe)"), None, "true or false");
+    rejects(mil, bool_c, |l| l.replace("bool(true)", "fp16(0.1)"), None, "not exactly representable");
+    rejects(mil, bool_c, |l| l.replace("\")", ""), None, "unterminated string");
+    rejects(mil, bool_c, |l| l.replace("=", "@"), None, "unexpected character");
+    rejects(mil, 1, |_| "program(1.3]".into(), Some(12), "expected `)`");
+    rejects(mil, 1, |_| "prog(1.3)".into(), Some(1), "expected `program`");
+    let last = mil.lines().count() - 1;
+    rejects(mil, last, |l| l.replace("-> (", "-> (nope"), None, "is not defined");
+    let header = find("func main");
+    rejects(mil, header, |l| l.replace("tensor<fp16", "tensor<fp32"), None, "must be fp16");
+    // A shape that does not fit what the op makes, and a slice past its input.
+    let sep = KernelSet::new(&tiny("gqa-qknorm"), 20, InputLayout::Packed).unwrap();
+    let mil = &sep.attn_fwd.program.mil;
+    let find = |pat: &str| mil.lines().position(|l| l.contains(pat)).unwrap_or_else(|| panic!("{pat}")) + 1;
+    let slice = find("slice_by_size(");
+    rejects(mil, slice, |l| l.replace("begin = ", "begin = x"), None, "is not defined");
+    rejects(mil, slice, |l| l.replace("begin = c0", "begin = x"), None, "must be a constant");
+    let c1 = find("c1 = const()");
+    let wide = mil.replacen("[1, 24, 1, 32])]", "[1, 24, 1, 3200])]", 1);
+    let err = parse(&wide).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("line {}, column 43: slice_by_size `xn`", c1 + 1)) && err.contains("outside"),
+        "{err}"
+    );
+    rejects(mil, c1 + 1, |l| l.replacen("[1, 24, 1, 32]", "[1, 24, 1, 31]", 1), Some(9), "is declared");
+    let blob = find("BLOBFILE");
+    rejects(mil, blob, |l| l.replacen("tensor<fp16", "tensor<int32", 2), None, "must be fp16");
+    assert!(parse("").unwrap_err().to_string().contains("line 1, column 1"));
+}
+
+#[test]
+fn emitted_blobs_hold_the_documented_tables() {
+    use anetrain::mil::blob::read_blob;
+    use anetrain::mil::emit::MASK_VALUE;
+    use anetrain::ops::rope::RopeTable;
+    let cfg = tiny("gqa-qknorm");
+    let set = KernelSet::new(&cfg, 20, InputLayout::Packed).unwrap();
+    let s = set.dims.s;
+    assert_eq!(s, 32);
+    let file = |name: &str| &set.attn_fwd.program.blobs.iter().find(|(p, _)| p == name).unwrap().1;
+    let mask = read_blob(file("weights/mask.bin"), 64, s * s, "mask").unwrap();
+    for i in 0..s {
+        for j in 0..s {
+            assert_eq!(mask[i * s + j].to_f32(), if j > i { MASK_VALUE } else { 0.0 }, "mask[{i}][{j}]");
+        }
+    }
+    let (d, half) = (cfg.head_dim, cfg.head_dim / 2);
+    let t = RopeTable::new(s, d, cfg.rope_theta);
+    let cos = read_blob(file("weights/rope_cos.bin"), 64, s * d, "cos").unwrap();
+    let sin = read_blob(file("weights/rope_sin.bin"), 64, s * d, "sin").unwrap();
+    for p in 0..s {
+        for i in 0..d {
+            let (c, sn) = (t.cos[p * half + i % half], t.sin[p * half + i % half]);
+            assert_eq!(cos[p * d + i], half::f16::from_f32(c), "cos[{p}][{i}]");
+            assert_eq!(sin[p * d + i], half::f16::from_f32(sn), "sin[{p}][{i}]");
+        }
+    }
+    // Every BLOBFILE the program names is shipped, at offset 64 of a single-blob file.
+    for k in set.all() {
+        for line in k.program.mil.lines().filter(|l| l.contains("BLOBFILE")) {
+            let path = line.split("@model_path/").nth(1).unwrap().split('"').next().unwrap();
+            assert!(line.contains("offset = uint64(64)"), "{line}");
+            let bytes = &k.program.blobs.iter().find(|(p, _)| p == path).unwrap().1;
+            assert_eq!(&bytes[64..68], &[0xEF, 0xBE, 0xAD, 0xDE]);
+        }
+    }
+}
+
+#[test]
+fn kernels_respect_the_hardware_limits() {
+    // Every dimension ≤ 65536 and every spatial width a multiple of 16, for the real shapes.
+    for preset in ["stories110m", "qwen3-0.6b"] {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        for layout in [InputLayout::Packed, InputLayout::Separate] {
+            let set = KernelSet::new(&cfg, 256, layout).unwrap();
+            for k in set.all() {
+                for sig in k.program.inputs.iter().chain(&k.program.outputs) {
+                    assert!(sig.shape.iter().all(|&d| d <= 65536), "{preset} {}: {sig:?}", k.program.name);
+                    assert_eq!(sig.shape[3] % 16, 0, "{preset} {}: {sig:?}", k.program.name);
+                }
+            }
+        }
+    }
+    // Too wide a model is refused by name, not emitted.
+    let wide = ModelConfig { dim: 70_000, ..tiny("mha") };
+    let err = KernelSet::new(&wide, 16, InputLayout::Separate).unwrap_err().to_string();
+    assert!(err.contains("65536") && err.contains("attn_fwd"), "{err}");
+    // The packed layout keeps QK-norm gains in a column, so head_dim must fit in dim.
+    let odd = ModelConfig { dim: 8, head_dim: 16, ..tiny("gqa-qknorm") };
+    let err = KernelSet::new(&odd, 16, InputLayout::Packed).unwrap_err().to_string();
+    assert!(err.contains("--mil-layout separate"), "{err}");
+    KernelSet::new(&odd, 16, InputLayout::Separate).unwrap();
+}
+
+/// Golden text of every program for one tiny GQA + QK-norm config. The files were read
+/// through by hand once; regenerate with `ANETRAIN_BLESS=1 cargo test --test mil golden`.
+#[test]
+fn golden_program_text() {
+    let cfg = ModelConfig { dim: 16, ffn_dim: 32, n_heads: 2, n_kv_heads: 1, head_dim: 8, ..tiny("gqa-qknorm") };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mil");
+    let bless = std::env::var_os("ANETRAIN_BLESS").is_some();
+    for layout in [InputLayout::Packed, InputLayout::Separate] {
+        for k in KernelSet::new(&cfg, 16, layout).unwrap().all() {
+            let path = dir.join(format!("{}-{}.mil", format!("{layout:?}").to_lowercase(), k.program.name));
+            if bless {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &k.program.mil).unwrap();
+            }
+            let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(k.program.mil, want, "{} changed; if intended, re-bless and review the diff", path.display());
+        }
+    }
+}

@@ -120,7 +120,7 @@ pub struct Dims {
 impl Dims {
     pub fn new(cfg: &ModelConfig, t: usize) -> Result<Self> {
         ensure!(t > 0, "sequence length must be positive");
-        ensure!(cfg.head_dim % 2 == 0, "RoPE needs an even head_dim, got {}", cfg.head_dim);
+        ensure!(cfg.head_dim.is_multiple_of(2), "RoPE needs an even head_dim, got {}", cfg.head_dim);
         Ok(Dims {
             c: cfg.dim,
             h: cfg.n_heads,

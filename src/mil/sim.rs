@@ -10,6 +10,7 @@
 //!   fp16's own 65504;
 //! - `softmax` and `reduce_sum` compute in f32, then round;
 //! - overflow rounds to ±inf, as fp16 does; NaN propagates.
+//!
 //! Inputs are read from, and outputs written to, fp16 buffers in the hardware's dense
 //! `[1, C, 1, W]` row-major layout; BLOBFILE constants are read through the blob format.
 

@@ -247,3 +247,30 @@ fn golden_program_text() {
         }
     }
 }
+
+#[test]
+fn the_classifier_is_chunked_under_the_dimension_limit() {
+    use anetrain::mil::emit::{Chunks, classifier_chunks};
+    assert_eq!(classifier_chunks(151_936, 256, InputLayout::Packed), Chunks { rows: 50_656, count: 3 });
+    assert_eq!(classifier_chunks(151_936, 256, InputLayout::Separate), Chunks { rows: 50_656, count: 3 });
+    assert_eq!(classifier_chunks(32_000, 256, InputLayout::Packed), Chunks { rows: 32_000, count: 1 });
+    assert_eq!(classifier_chunks(65_536, 16, InputLayout::Separate), Chunks { rows: 65_536, count: 1 });
+    assert_eq!(classifier_chunks(65_536, 16, InputLayout::Packed), Chunks { rows: 32_768, count: 2 });
+    let qwen = KernelSet::new(&ModelConfig::preset("qwen3-0.6b").unwrap(), 256, InputLayout::Packed).unwrap();
+    assert_eq!(qwen.classifier.program.inputs[0].shape, [1, 1024, 1, 256 + 50_656]);
+
+    // Two chunks (the second zero-padded) through the simulator against an f32 product.
+    let cfg = ModelConfig { vocab_size: 70_001, ..tiny("mha") };
+    let (b, t) = (2, 20);
+    let mut sim = MilBackend::new(&cfg, b, t, InputLayout::Packed, Box::new(SimRunner::new(Par::seq()))).unwrap();
+    let mut rng = anetrain::rng::Rng::new(4);
+    let (n, c, v) = (b * t, cfg.dim, cfg.vocab_size);
+    let xf: Vec<f32> = (0..n * c).map(|_| rng.normal() as f32).collect();
+    let e: Vec<f32> = (0..v * c).map(|_| (rng.normal() / (c as f64).sqrt()) as f32).collect();
+    let mut got = vec![f32::NAN; n * v];
+    sim.classifier_forward(&mut got, &xf, &e).unwrap();
+    let mut want = vec![0.0; n * v];
+    anetrain::ops::matmul::matmul_forward(Par::seq(), &mut want, &xf, &e, n, c, v);
+    let (max, mean) = anetrain::mil::check::rel_errors(&got, &want);
+    assert!(max <= MAX_TOL && mean <= MEAN_TOL, "classifier: max {max:.2e}, mean {mean:.2e}");
+}

@@ -26,6 +26,9 @@ enum Src<'a> {
     Act { rows: &'a [f32], ld: usize, col: usize },
     /// A weight `[OC, IC]` (HF `[out, in]`) staged transposed as `[IC, OC]`.
     WeightT(&'a [f32]),
+    /// The first `rows` rows of a weight `[rows, IC]`, staged transposed as `[IC, OC]`;
+    /// columns past `rows` are zero (the classifier's last chunk).
+    WeightTRows(&'a [f32], usize),
     /// A weight already `[IC, OC]` = `[channels, width]`, staged as-is.
     Weight(&'a [f32]),
     /// A vector `[ch]` staged as one column.
@@ -39,17 +42,25 @@ enum Src<'a> {
 struct Exec {
     runner: Box<dyn KernelRunner>,
     set: KernelSet,
-    /// runner handles, in `KernelSet::all()` order
-    ids: [usize; 10],
+    /// runner handles, in `KernelSet::all()` order, then the classifier
+    ids: [usize; 11],
     /// T and its padded width S
     t: usize,
     s: usize,
 }
 
 impl Exec {
+    fn kernel(&self, which: usize) -> &Kernel {
+        if which == CLASSIFIER { &self.set.classifier } else { self.set.all()[which] }
+    }
+
     /// Writes the given pieces into kernel `which`'s inputs and evaluates it.
     fn run(&mut self, which: usize, srcs: &[(&str, Src)]) -> Result<()> {
-        let k: &Kernel = self.set.all()[which];
+        self.run_slot(which, 0, srcs)
+    }
+
+    fn run_slot(&mut self, which: usize, slot: usize, srcs: &[(&str, Src)]) -> Result<()> {
+        let k: &Kernel = if which == CLASSIFIER { &self.set.classifier } else { self.set.all()[which] };
         let t = self.t;
         for (input, sig) in k.program.inputs.iter().enumerate() {
             let width = sig.shape[3];
@@ -58,18 +69,18 @@ impl Exec {
             if mine.is_empty() {
                 continue;
             }
-            self.runner.write_input(self.ids[which], 0, input, &mut |buf| {
+            self.runner.write_input(self.ids[which], slot, input, &mut |buf| {
                 for (p, src) in &mine {
                     put(buf, width, p, src, t);
                 }
             })?;
         }
-        self.runner.eval(self.ids[which], 0).with_context(|| format!("evaluating kernel {}", k.program.name))
+        self.runner.eval(self.ids[which], slot).with_context(|| format!("evaluating kernel {}", k.program.name))
     }
 
     /// Reads output part `name` of kernel `which` into `[T, ld]` rows at column `col`.
     fn read(&mut self, which: usize, name: &str, rows: &mut [f32], ld: usize, col: usize) -> Result<()> {
-        let (chan, ch) = self.set.all()[which].out_part(name);
+        let (chan, ch) = self.kernel(which).out_part(name);
         let (s, t) = (self.s, self.t);
         self.runner.read_output(self.ids[which], 0, &mut |out| take(out, s, chan, ch, rows, ld, col, t))
     }
@@ -113,6 +124,13 @@ fn put(buf: &mut [f16], width: usize, p: &Piece, src: &Src, t: usize) {
             for ch in 0..p.ch {
                 for (o, d) in buf[row(ch)..row(ch) + p.width].iter_mut().enumerate() {
                     *d = f16::from_f32(w[o * p.ch + ch]);
+                }
+            }
+        }
+        Src::WeightTRows(w, rows) => {
+            for ch in 0..p.ch {
+                for (o, d) in buf[row(ch)..row(ch) + p.width].iter_mut().enumerate() {
+                    *d = if o < rows { f16::from_f32(w[o * p.ch + ch]) } else { f16::ZERO };
                 }
             }
         }
@@ -168,6 +186,7 @@ const SDPA_BWD1: usize = 6;
 const SDPA_BWD2: usize = 7;
 const Q_BWD: usize = 8;
 const KV_BWD: usize = 9;
+const CLASSIFIER: usize = 10;
 
 /// `[T, width]` rows of sequence `bi` from an `[N, width]` buffer.
 fn seq(v: &[f32], bi: usize, t: usize, width: usize) -> &[f32] {
@@ -193,10 +212,11 @@ impl MilBackend {
     ) -> Result<Self> {
         cfg.validate()?;
         let set = KernelSet::new(cfg, t, layout)?;
-        let mut ids = [0; 10];
-        for (id, k) in ids.iter_mut().zip(set.all()) {
+        let mut ids = [0; 11];
+        let slots = [1; 10].into_iter().chain([set.classifier_chunks.count]);
+        for ((id, k), slots) in ids.iter_mut().zip(set.all().into_iter().chain([&set.classifier])).zip(slots) {
             *id = runner
-                .load(&k.program, 1)
+                .load(&k.program, slots)
                 .with_context(|| format!("loading kernel {} on {}", k.program.name, runner.name()))?;
         }
         let n = b * t;
@@ -225,6 +245,30 @@ impl MilBackend {
 
     pub fn kernels(&self) -> [&KernelProgram; 10] {
         self.exec.set.all().map(|k| &k.program)
+    }
+
+    /// `logits [N, V] = xf [N, C] · Eᵀ` for the classifier `e` `[V, C]`, one vocabulary chunk
+    /// per slot of the classifier kernel.
+    pub fn classifier_forward(&mut self, logits: &mut [f32], xf: &[f32], e: &[f32]) -> Result<()> {
+        let (c, t) = (self.c, self.exec.t);
+        let v = e.len() / c;
+        let chunk = self.exec.set.classifier_chunks;
+        for j in 0..chunk.count {
+            let first = j * chunk.rows;
+            let rows = chunk.rows.min(v - first);
+            for bi in 0..self.b {
+                let mut srcs = vec![("xf", act(xf, bi, t, c))];
+                if bi == 0 {
+                    srcs.push(("e", Src::WeightTRows(&e[first * c..(first + rows) * c], rows)));
+                }
+                let e_ = &mut self.exec;
+                e_.run_slot(CLASSIFIER, j, &srcs)?;
+                let (s, id) = (e_.s, e_.ids[CLASSIFIER]);
+                let out = seq_mut(logits, bi, t, v);
+                e_.runner.read_output(id, 0, &mut |o| take(o, s, 0, rows, out, v, first, t))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn runner(&self) -> &dyn KernelRunner {

@@ -115,6 +115,8 @@ pub struct Dims {
     pub qk_norm: bool,
     pub eps: f64,
     pub theta: f64,
+    /// vocabulary size
+    pub v: usize,
 }
 
 impl Dims {
@@ -132,6 +134,7 @@ impl Dims {
             qk_norm: cfg.qk_norm,
             eps: cfg.norm_eps,
             theta: cfg.rope_theta,
+            v: cfg.vocab_size,
         })
     }
 
@@ -675,6 +678,39 @@ pub fn kv_bwd(dm: &Dims, layout: InputLayout) -> Result<Kernel> {
     linear_kernel("kv_bwd", layout, &[("dk", dm.kd()), ("dv", dm.kd())], &[("wk", dm.c), ("wv", dm.c)], dm.s)
 }
 
+/// How the classifier is split so that no dimension passes `MAX_DIM`: `count` chunks of
+/// `rows` vocabulary rows each (a multiple of 16; the last chunk is zero-padded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunks {
+    pub rows: usize,
+    pub count: usize,
+}
+
+pub fn classifier_chunks(v: usize, s: usize, layout: InputLayout) -> Chunks {
+    // Packed, the chunk sits beside the S activation columns in one input.
+    let limit = match layout {
+        InputLayout::Packed => (MAX_DIM - s) / SPATIAL_GRANULE * SPATIAL_GRANULE,
+        InputLayout::Separate => MAX_DIM,
+    };
+    let mut count = v.div_ceil(limit);
+    loop {
+        let rows = padded(v.div_ceil(count));
+        if rows <= limit {
+            return Chunks { rows, count };
+        }
+        count += 1;
+    }
+}
+
+/// Logits of one vocabulary chunk: `logits [1, rows, 1, S] = E_chunk · xf`, with the chunk of
+/// the (tied or untied) classifier staged transposed as `[C, rows]`. One program serves every
+/// chunk (a chunk per slot); a 151,936-row classifier becomes 3 chunks of 50,656.
+pub fn classifier(dm: &Dims, layout: InputLayout) -> Result<(Kernel, Chunks)> {
+    let chunks = classifier_chunks(dm.v, dm.s, layout);
+    let k = linear_kernel("classifier", layout, &[("xf", dm.c)], &[("e", chunks.rows)], dm.s)?;
+    Ok((k, chunks))
+}
+
 /// The whole kernel set for one model and sequence length, in execution order.
 #[derive(Clone, Debug)]
 pub struct KernelSet {
@@ -690,11 +726,15 @@ pub struct KernelSet {
     pub sdpa_bwd2: Kernel,
     pub q_bwd: Kernel,
     pub kv_bwd: Kernel,
+    /// Not part of the per-layer set: the classifier, split into chunks.
+    pub classifier: Kernel,
+    pub classifier_chunks: Chunks,
 }
 
 impl KernelSet {
     pub fn new(cfg: &ModelConfig, t: usize, layout: InputLayout) -> Result<Self> {
         let dm = Dims::new(cfg, t)?;
+        let (classifier, classifier_chunks) = classifier(&dm, layout)?;
         Ok(KernelSet {
             attn_fwd: attn_fwd(&dm, layout)?,
             wo_fwd: wo_fwd(&dm, layout)?,
@@ -706,6 +746,8 @@ impl KernelSet {
             sdpa_bwd2: sdpa_bwd2(&dm, layout)?,
             q_bwd: q_bwd(&dm, layout)?,
             kv_bwd: kv_bwd(&dm, layout)?,
+            classifier,
+            classifier_chunks,
             dims: dm,
             layout,
         })

@@ -12,7 +12,7 @@ use std::path::Path;
 pub fn write_kernel_set(cfg: &ModelConfig, t: usize, layout: InputLayout, out: &Path) -> Result<usize> {
     let set = KernelSet::new(cfg, t, layout)?;
     let mut kernels = Vec::new();
-    for k in set.all() {
+    for k in set.all().into_iter().chain([&set.classifier]) {
         let p = &k.program;
         let dir = out.join(&p.name);
         std::fs::create_dir_all(dir.join("weights")).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -41,9 +41,10 @@ pub fn write_kernel_set(cfg: &ModelConfig, t: usize, layout: InputLayout, out: &
         "padded_seq": set.dims.s,
         "layout": format!("{layout:?}").to_lowercase(),
         "element": "fp16, [1, C, 1, W], element (c, w) at c·W + w",
+        "classifier_chunks": {"rows": set.classifier_chunks.rows, "count": set.classifier_chunks.count},
         "kernels": kernels,
     });
     std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)? + "\n")
         .with_context(|| format!("cannot write {}/manifest.json", out.display()))?;
-    Ok(set.all().len())
+    Ok(set.all().len() + 1)
 }

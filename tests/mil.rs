@@ -236,7 +236,8 @@ fn golden_program_text() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mil");
     let bless = std::env::var_os("ANETRAIN_BLESS").is_some();
     for layout in [InputLayout::Packed, InputLayout::Separate] {
-        for k in KernelSet::new(&cfg, 16, layout).unwrap().all() {
+        let set = KernelSet::new(&cfg, 16, layout).unwrap();
+        for k in set.all().into_iter().chain([&set.classifier]) {
             let path = dir.join(format!("{}-{}.mil", format!("{layout:?}").to_lowercase(), k.program.name));
             if bless {
                 std::fs::create_dir_all(&dir).unwrap();

@@ -286,3 +286,34 @@ fn fuzz_tokenizer_files() {
     });
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn fuzz_mil_programs() {
+    use anetrain::mil::emit::{InputLayout, KernelSet};
+    use anetrain::mil::sim::Sim;
+    use anetrain::ops::Par;
+    let cfg = ModelConfig { n_heads: 4, n_kv_heads: 2, head_dim: 8, qk_norm: true, ..tiny() };
+    let mut kernels = Vec::new();
+    for layout in [InputLayout::Packed, InputLayout::Separate] {
+        let set = KernelSet::new(&cfg, 16, layout).unwrap();
+        kernels.extend(set.all().into_iter().chain([&set.classifier]).map(|k| k.program.clone()));
+    }
+    let seeds: Vec<Vec<u8>> = kernels.iter().map(|k| k.mil.clone().into_bytes()).collect();
+    fuzz("mil", &seeds, |bytes| {
+        let Ok(text) = std::str::from_utf8(bytes) else { return };
+        if anetrain::mil::parse::parse(text).is_err() {
+            return;
+        }
+        // A program that still parses runs in the simulator (with the original kernel's
+        // weight files) or is refused, against zero inputs.
+        for k in &kernels {
+            let program = anetrain::mil::KernelProgram { mil: text.to_string(), ..k.clone() };
+            if let Ok(sim) = Sim::load(&program, Par::seq()) {
+                let inputs: Vec<Vec<half::f16>> = k.inputs.iter().map(|s| vec![half::f16::ZERO; s.elems()]).collect();
+                let refs: Vec<&[half::f16]> = inputs.iter().map(|v| v.as_slice()).collect();
+                let _ = sim.run(&refs);
+                return;
+            }
+        }
+    });
+}

@@ -734,7 +734,6 @@ pub struct KernelSet {
 impl KernelSet {
     pub fn new(cfg: &ModelConfig, t: usize, layout: InputLayout) -> Result<Self> {
         let dm = Dims::new(cfg, t)?;
-        let (classifier, classifier_chunks) = classifier(&dm, layout)?;
         Ok(KernelSet {
             attn_fwd: attn_fwd(&dm, layout)?,
             wo_fwd: wo_fwd(&dm, layout)?,
@@ -746,8 +745,9 @@ impl KernelSet {
             sdpa_bwd2: sdpa_bwd2(&dm, layout)?,
             q_bwd: q_bwd(&dm, layout)?,
             kv_bwd: kv_bwd(&dm, layout)?,
-            classifier,
-            classifier_chunks,
+            // after the layer kernels, so a too-wide model is reported by its first kernel
+            classifier: classifier(&dm, layout)?.0,
+            classifier_chunks: classifier_chunks(dm.v, dm.s, layout),
             dims: dm,
             layout,
         })

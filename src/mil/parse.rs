@@ -6,6 +6,11 @@ use super::types::{ArgInfo, infer};
 use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 
+/// Shapes the parser accepts: each dimension up to 2³¹ (the hardware's limit is 65,536; the
+/// emitter checks that), and at most 2³² elements per tensor.
+const MAX_DIM: usize = 1 << 31;
+const MAX_ELEMS: usize = 1 << 32;
+
 #[derive(Clone, Debug, PartialEq)]
 enum Tok {
     Ident(String),
@@ -200,6 +205,14 @@ impl Lexer {
         }
     }
 
+    fn int32(&mut self) -> Result<i64> {
+        let v: i64 = self.number("int32")?;
+        if i32::try_from(v).is_err() {
+            return Err(self.err(format!("{v} does not fit in int32")));
+        }
+        Ok(v)
+    }
+
     /// `string("...")`
     fn string_lit(&mut self) -> Result<String> {
         self.keyword("string")?;
@@ -235,7 +248,13 @@ impl Lexer {
                     self.punct(",")?;
                 }
                 let dim: usize = self.number("dimension")?;
+                if dim == 0 || dim > MAX_DIM {
+                    return Err(self.err(format!("dimension {dim} outside 1..={MAX_DIM}")));
+                }
                 shape.push(dim);
+            }
+            if shape.len() > 6 || super::types::elems(&shape).is_none_or(|n| n > MAX_ELEMS) {
+                return Err(self.err(format!("tensor shape {shape:?} is larger than this simulator supports")));
             }
             self.punct("]")?;
             self.punct(">")?;
@@ -254,13 +273,13 @@ impl Lexer {
                 "false" => Literal::Bool(false),
                 other => return Err(self.err(format!("expected true or false, found `{other}`"))),
             },
-            Type::Scalar(DType::Int32) => Literal::Int32(self.number("int32")?),
+            Type::Scalar(DType::Int32) => Literal::Int32(self.int32()?),
             Type::Scalar(DType::Uint64) => Literal::Uint64(self.number("uint64")?),
             Type::Scalar(DType::Str) => Literal::Str(self.string()?),
             Type::Scalar(DType::Fp16) => {
                 let x: f32 = self.number("fp16 value")?;
                 let h = half::f16::from_f32(x);
-                if h.to_f32() != x && !x.is_nan() {
+                if h.to_f32() != x || !x.is_finite() {
                     return Err(self.err(format!("{x} is not exactly representable in fp16")));
                 }
                 Literal::Fp16(x)
@@ -292,7 +311,7 @@ impl Lexer {
                         if !v.is_empty() {
                             self.punct(",")?;
                         }
-                        v.push(self.number("int32")?);
+                        v.push(self.int32()?);
                     }
                     self.punct("]")?;
                     if v.len() != shape.iter().product::<usize>() {

@@ -92,6 +92,11 @@ impl<'a> Args<'a> {
     }
 }
 
+/// Element count of a shape, or `None` if it overflows.
+pub fn elems(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 /// Normalises a possibly negative axis against `rank`.
 pub fn axis(a: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
@@ -143,10 +148,10 @@ pub fn infer(op: &str, args: &[(String, ArgInfo)]) -> Result<Type> {
             ensure!(begin.len() == x.len() && size.len() == x.len(), "begin/size must have rank {}", x.len());
             for i in 0..x.len() {
                 ensure!(
-                    begin[i] >= 0 && size[i] > 0 && (begin[i] + size[i]) as usize <= x[i],
+                    begin[i] >= 0 && size[i] > 0 && begin[i].saturating_add(size[i]) <= x[i] as i64,
                     "slice [{}, {}) of axis {i} is outside 0..{}",
                     begin[i],
-                    begin[i] + size[i],
+                    begin[i].saturating_add(size[i]),
                     x[i]
                 );
             }
@@ -158,7 +163,7 @@ pub fn infer(op: &str, args: &[(String, ArgInfo)]) -> Result<Type> {
             ensure!(s.iter().all(|&d| d > 0), "reshape dims must be positive, got {s:?}");
             let s: Vec<usize> = s.iter().map(|&d| d as usize).collect();
             ensure!(
-                s.iter().product::<usize>() == x.iter().product::<usize>(),
+                elems(&s).is_some() && elems(&s) == elems(x),
                 "cannot reshape {x:?} into {s:?}: element counts differ"
             );
             s

@@ -54,7 +54,8 @@ pub trait KernelRunner: Send {
     fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize>;
 
     /// Gives `fill` the fp16 buffer of input `input` of `slot` (length `inputs[input].elems()`).
-    fn write_input(&mut self, kernel: usize, slot: usize, input: usize, fill: &mut dyn FnMut(&mut [f16])) -> Result<()>;
+    fn write_input(&mut self, kernel: usize, slot: usize, input: usize, fill: &mut dyn FnMut(&mut [f16]))
+    -> Result<()>;
 
     /// Runs the kernel on `slot`'s inputs into the shared output buffers.
     fn eval(&mut self, kernel: usize, slot: usize) -> Result<()>;

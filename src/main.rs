@@ -171,6 +171,29 @@ impl Runtime {
     }
 }
 
+/// Whether the per-layer weight-gradient GEMMs run on a CPU worker thread while the backend
+/// evaluates the next kernels.
+#[derive(Clone, Copy, ValueEnum)]
+enum DwOverlap {
+    /// The backend decides: on where its kernels run off the CPU (off for `cpu`).
+    Auto,
+    /// Always (on the `cpu` backend the worker competes with the kernels for the cores).
+    On,
+    /// Never: the dW GEMMs run between the kernels.
+    Off,
+}
+
+impl DwOverlap {
+    /// `None` leaves the backend's default.
+    fn forced(self) -> Option<bool> {
+        match self {
+            DwOverlap::Auto => None,
+            DwOverlap::On => Some(true),
+            DwOverlap::Off => Some(false),
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendKind {
     /// Native Rust kernels and a real GEMM, f32.
@@ -228,6 +251,10 @@ struct TrainArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
+    /// Run the per-layer dW GEMMs on a CPU worker thread beside the backend's kernels
+    /// (results are bit-identical either way).
+    #[arg(long, value_enum, default_value = "auto")]
+    dw_overlap: DwOverlap,
     /// Write one JSON line per update to this file.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -306,6 +333,9 @@ enum BenchCommand {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run the per-layer dW GEMMs on a CPU worker thread beside the backend's kernels.
+        #[arg(long, value_enum, default_value = "auto")]
+        dw_overlap: DwOverlap,
         #[command(flatten)]
         rt: Runtime,
     },
@@ -347,8 +377,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Gemm { shape, which, budget, threads }) => {
             bench_gemm(&shape.model, shape.batch * shape.seq, which, budget, threads)
         }
-        Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, rt }) => {
-            bench_step(&shape.model, shape.batch, shape.seq, accum, min_micro, json, rt)
+        Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, dw_overlap, rt }) => {
+            bench_step(&shape.model, shape.batch, shape.seq, accum, min_micro, json, dw_overlap.forced(), rt)
         }
         Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format),
         Command::Prepare { tokenizer, input, out, val_fraction, seed, rt } => {
@@ -509,14 +539,16 @@ fn train(args: TrainArgs) -> Result<()> {
     let backend: Box<dyn Backend> = match args.backend {
         BackendKind::Cpu => Box::new(CpuBackend::new(&cfg, args.batch, args.seq, par)),
     };
+    let dw_overlap = args.dw_overlap.forced().unwrap_or(backend.overlaps_dw());
     println!(
-        "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?}",
+        "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?} | dW overlap {}",
         cfg.name,
         group_digits(cfg.param_count()),
         data.source,
         backend.name(),
         par.threads,
-        par.gemm
+        par.gemm,
+        if dw_overlap { "on" } else { "off" }
     );
     println!(
         "B={} T={} accum={} -> {} tokens/update, {} updates, lr {:.1e} -> {:.1e}, warmup {}",
@@ -549,6 +581,7 @@ fn train(args: TrainArgs) -> Result<()> {
     anetrain::signals::install();
     let (summary, params) = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
+        trainer.model.set_dw_overlap(dw_overlap)?;
         trainer.val_data = val_data;
         if let Some(spec) = &resume {
             let path = match (spec.as_str(), &ckpt) {
@@ -594,6 +627,13 @@ fn train(args: TrainArgs) -> Result<()> {
     println!("wall time            {:.2} s", summary.wall_s);
     println!("median micro-step    {:.1} ms (B·T = {} tokens)", summary.median_micro_ms, args.batch * args.seq);
     println!("throughput           {:.0} tokens/s", summary.tokens_per_s);
+    println!(
+        "kernels / dW         kernels {:.1} ms, dW {:.1} ms ({}), dW wait {:.1} ms per update",
+        summary.kernel_ms,
+        summary.dw_ms,
+        if summary.dw_overlap { "overlapped" } else { "inline" },
+        summary.dw_wait_ms
+    );
     println!(
         "achieved             {:.1} GFLOP/s ({:.3} GFLOP/token)",
         summary.gflops,
@@ -653,6 +693,7 @@ fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, threa
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_step(
     model: &str,
     batch: usize,
@@ -660,6 +701,7 @@ fn bench_step(
     accum: usize,
     min_micro: usize,
     json: bool,
+    dw_overlap: Option<bool>,
     rt: Runtime,
 ) -> Result<()> {
     let cfg = ModelConfig::resolve(model)?;
@@ -679,7 +721,7 @@ fn bench_step(
         eval_tokens: 0,
         seed: 1,
     };
-    let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1)))?;
+    let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap))?;
     let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));
     if json {
         let mut v = serde_json::to_value(&r)?;
@@ -700,6 +742,13 @@ fn bench_step(
     println!(
         "median micro-step    {:.1} ms over {} micro-steps (forward {:.1} ms, backward {:.1} ms)",
         r.median_micro_ms, r.timed_micro_steps, r.median_forward_ms, r.median_backward_ms
+    );
+    println!(
+        "kernels / dW         kernels {:.1} ms, dW {:.1} ms ({}), dW wait {:.1} ms per micro-step",
+        r.median_kernel_ms,
+        r.median_dw_ms,
+        if r.dw_overlap { "overlapped" } else { "inline" },
+        r.median_dw_wait_ms
     );
     println!("optimizer update     {:.1} ms (once per {} micro-steps)", r.median_optimizer_ms, r.accum);
     println!("throughput           {:.1} tokens/s incl. optimizer", r.tokens_per_s);

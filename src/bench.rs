@@ -2,7 +2,6 @@
 //! GEMM throughput at a model's exact shapes per implementation, and the cost of a training
 //! micro-step split by phase.
 
-use crate::backend::cpu::CpuBackend;
 use crate::config::ModelConfig;
 use crate::data::TokenData;
 use crate::ops::Par;
@@ -127,6 +126,13 @@ pub struct StepBench {
     pub median_forward_ms: f64,
     pub median_backward_ms: f64,
     pub median_optimizer_ms: f64,
+    /// The per-layer dW GEMMs ran on a worker thread beside the backend's kernels.
+    pub dw_overlap: bool,
+    /// Per micro-step: time in backend kernels, in the per-layer dW GEMMs (on whichever
+    /// thread), and blocked on the dW worker.
+    pub median_kernel_ms: f64,
+    pub median_dw_ms: f64,
+    pub median_dw_wait_ms: f64,
     /// Per-token cost including the optimizer amortised over `accum` micro-steps.
     pub tokens_per_s: f64,
     pub gflops: f64,
@@ -134,8 +140,15 @@ pub struct StepBench {
 }
 
 /// Warm-up updates, then timed updates until at least `min_micro` micro-steps were measured.
-pub fn bench_step(cfg: &ModelConfig, opts: TrainOptions, par: Par, min_micro: usize) -> Result<StepBench> {
-    let backend = Box::new(CpuBackend::new(cfg, opts.batch, opts.seq, par));
+/// `dw_overlap` forces dW overlap on or off (`None`: the backend's default).
+pub fn bench_step(
+    cfg: &ModelConfig,
+    opts: TrainOptions,
+    par: Par,
+    min_micro: usize,
+    dw_overlap: Option<bool>,
+    backend: Box<dyn crate::backend::Backend>,
+) -> Result<StepBench> {
     let data = TokenData::from_vec(
         crate::data::synthetic_tokens(cfg.vocab_size, (opts.batch * (opts.seq + 1) * 64).max(1 << 16), opts.seed),
         cfg.vocab_size,
@@ -143,8 +156,12 @@ pub fn bench_step(cfg: &ModelConfig, opts: TrainOptions, par: Par, min_micro: us
     )?;
     let (accum, batch, seq) = (opts.accum, opts.batch, opts.seq);
     let mut trainer = Trainer::new(cfg, opts, par, backend)?;
+    if let Some(on) = dw_overlap {
+        trainer.model.set_dw_overlap(on)?;
+    }
     trainer.step(&data, 0)?; // warm-up: first-touch of every buffer, optimizer state
     let (mut micro, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut kernels, mut dw, mut dw_wait) = (Vec::new(), Vec::new(), Vec::new());
     let mut step = 1;
     while micro.len() < min_micro {
         let ev = trainer.step(&data, step)?;
@@ -155,6 +172,9 @@ pub fn bench_step(cfg: &ModelConfig, opts: TrainOptions, par: Par, min_micro: us
         }
         fwd.push(ev.ms_forward / accum as f64);
         bwd.push(ev.ms_backward / accum as f64);
+        kernels.push(ev.ms_kernels / accum as f64);
+        dw.push(ev.ms_dw / accum as f64);
+        dw_wait.push(ev.ms_dw_wait / accum as f64);
         opt.push(ev.ms_optimizer);
     }
     let median_micro_ms = median(&mut micro);
@@ -174,6 +194,10 @@ pub fn bench_step(cfg: &ModelConfig, opts: TrainOptions, par: Par, min_micro: us
         median_forward_ms: median(&mut fwd),
         median_backward_ms: median(&mut bwd),
         median_optimizer_ms,
+        dw_overlap: trainer.model.dw_overlap(),
+        median_kernel_ms: median(&mut kernels),
+        median_dw_ms: median(&mut dw),
+        median_dw_wait_ms: median(&mut dw_wait),
         tokens_per_s,
         gflops: cfg.train_flops_per_token(seq) * tokens_per_s / 1e9,
         peak_rss_mb: peak_rss_mb(),

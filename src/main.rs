@@ -177,6 +177,29 @@ impl Runtime {
     }
 }
 
+/// Whether the per-layer weight-gradient GEMMs run on a CPU worker thread while the backend
+/// evaluates the next kernels.
+#[derive(Clone, Copy, ValueEnum)]
+enum DwOverlap {
+    /// The backend decides: on where its kernels run off the CPU (off for `cpu`).
+    Auto,
+    /// Always (on the `cpu` backend the worker competes with the kernels for the cores).
+    On,
+    /// Never: the dW GEMMs run between the kernels.
+    Off,
+}
+
+impl DwOverlap {
+    /// `None` leaves the backend's default.
+    fn forced(self) -> Option<bool> {
+        match self {
+            DwOverlap::Auto => None,
+            DwOverlap::On => Some(true),
+            DwOverlap::Off => Some(false),
+        }
+    }
+}
+
 #[derive(Args)]
 struct TrainArgs {
     /// Preset (stories260k, stories2m, stories15m, stories42m, stories110m, qwen3-0.6b) or HF
@@ -234,6 +257,10 @@ struct TrainArgs {
     /// original system's layout) or `separate` function inputs.
     #[arg(long, value_enum, default_value = "packed")]
     mil_layout: InputLayout,
+    /// Run the per-layer dW GEMMs on a CPU worker thread beside the backend's kernels
+    /// (results are bit-identical either way).
+    #[arg(long, value_enum, default_value = "auto")]
+    dw_overlap: DwOverlap,
     /// Write one JSON line per update to this file.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -344,8 +371,17 @@ enum BenchCommand {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run the per-layer dW GEMMs on a CPU worker thread beside the backend's kernels.
+        #[arg(long, value_enum, default_value = "auto")]
+        dw_overlap: DwOverlap,
         #[command(flatten)]
         rt: Runtime,
+        /// The backend whose step is measured (`mil-sim`: the fp16 simulator, a correctness
+        /// tool, not a fast path).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendKind,
+        #[arg(long, value_enum, default_value = "packed")]
+        mil_layout: InputLayout,
     },
 }
 
@@ -385,8 +421,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Gemm { shape, which, budget, threads }) => {
             bench_gemm(&shape.model, shape.batch * shape.seq, which, budget, threads)
         }
-        Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, rt }) => {
-            bench_step(&shape.model, shape.batch, shape.seq, accum, min_micro, json, rt)
+        Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, dw_overlap, backend, mil_layout, rt }) => {
+            let step = StepArgs { accum, min_micro, json, dw_overlap: dw_overlap.forced(), backend, mil_layout };
+            bench_step(&shape.model, shape.batch, shape.seq, step, rt)
         }
         Command::Mil(MilCommand::Emit { model, seq, layout, out }) => {
             let cfg = ModelConfig::resolve(&model)?;
@@ -555,14 +592,16 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let backend: Box<dyn Backend> =
         anetrain::backend::build(args.backend, &cfg, args.batch, args.seq, par, args.mil_layout)?;
+    let dw_overlap = args.dw_overlap.forced().unwrap_or(backend.overlaps_dw());
     println!(
-        "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?}",
+        "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?} | dW overlap {}",
         cfg.name,
         group_digits(cfg.param_count()),
         data.source,
         backend.name(),
         par.threads,
-        par.gemm
+        par.gemm,
+        if dw_overlap { "on" } else { "off" }
     );
     println!(
         "B={} T={} accum={} -> {} tokens/update, {} updates, lr {:.1e} -> {:.1e}, warmup {}",
@@ -595,6 +634,7 @@ fn train(args: TrainArgs) -> Result<()> {
     anetrain::signals::install();
     let (summary, params) = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
+        trainer.model.set_dw_overlap(dw_overlap)?;
         trainer.val_data = val_data;
         if let Some(spec) = &resume {
             let path = match (spec.as_str(), &ckpt) {
@@ -640,6 +680,13 @@ fn train(args: TrainArgs) -> Result<()> {
     println!("wall time            {:.2} s", summary.wall_s);
     println!("median micro-step    {:.1} ms (B·T = {} tokens)", summary.median_micro_ms, args.batch * args.seq);
     println!("throughput           {:.0} tokens/s", summary.tokens_per_s);
+    println!(
+        "kernels / dW         kernels {:.1} ms, dW {:.1} ms ({}), dW wait {:.1} ms per update",
+        summary.kernel_ms,
+        summary.dw_ms,
+        if summary.dw_overlap { "overlapped" } else { "inline" },
+        summary.dw_wait_ms
+    );
     println!(
         "achieved             {:.1} GFLOP/s ({:.3} GFLOP/token)",
         summary.gflops,
@@ -699,15 +746,19 @@ fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, threa
     Ok(())
 }
 
-fn bench_step(
-    model: &str,
-    batch: usize,
-    seq: usize,
+#[allow(clippy::too_many_arguments)]
+/// `bench step` options beyond the shape.
+struct StepArgs {
     accum: usize,
     min_micro: usize,
     json: bool,
-    rt: Runtime,
-) -> Result<()> {
+    dw_overlap: Option<bool>,
+    backend: BackendKind,
+    mil_layout: InputLayout,
+}
+
+fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Runtime) -> Result<()> {
+    let StepArgs { accum, min_micro, json, dw_overlap, backend, mil_layout } = step;
     let cfg = ModelConfig::resolve(model)?;
     let (par, pool) = rt.setup()?;
     let opts = TrainOptions {
@@ -725,7 +776,8 @@ fn bench_step(
         eval_tokens: 0,
         seed: 1,
     };
-    let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1)))?;
+    let backend = anetrain::backend::build(backend, &cfg, batch, seq, par, mil_layout)?;
+    let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap, backend))?;
     let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));
     if json {
         let mut v = serde_json::to_value(&r)?;
@@ -746,6 +798,13 @@ fn bench_step(
     println!(
         "median micro-step    {:.1} ms over {} micro-steps (forward {:.1} ms, backward {:.1} ms)",
         r.median_micro_ms, r.timed_micro_steps, r.median_forward_ms, r.median_backward_ms
+    );
+    println!(
+        "kernels / dW         kernels {:.1} ms, dW {:.1} ms ({}), dW wait {:.1} ms per micro-step",
+        r.median_kernel_ms,
+        r.median_dw_ms,
+        if r.dw_overlap { "overlapped" } else { "inline" },
+        r.median_dw_wait_ms
     );
     println!("optimizer update     {:.1} ms (once per {} micro-steps)", r.median_optimizer_ms, r.accum);
     println!("throughput           {:.1} tokens/s incl. optimizer", r.tokens_per_s);

@@ -3,7 +3,19 @@
 //! `x += Attn(RMSNorm(x))`, `x += FFN(RMSNorm(x))`, final RMSNorm, classifier, cross-entropy.
 //!
 //! All buffers are allocated in `Model::new` from the config and the micro-batch shape
-//! (B, T); `forward` and `forward_backward` allocate nothing.
+//! (B, T); `forward` and `forward_backward` allocate none of them.
+//!
+//! **dW overlap.** A backend whose kernels run off the CPU (`Backend::overlaps_dw`) leaves
+//! the CPU idle while it evaluates them. With overlap on, `forward_backward` hands each
+//! block's weight-gradient GEMMs (W2 and W13 after the FFN dx kernel, Wo and Wqkv after the
+//! attention dx kernel) to one CPU worker thread and goes straight on to the next norm
+//! backward and backend call. The job borrows the layer's saved activations (read-only
+//! during the backward) and owns that layer's gradient slices (disjoint per layer); the
+//! two gradients the main thread overwrites next — the residual gradient `dx` and the
+//! projection gradient (`dh13` or `dqkv`) — are copied into one of `DW_SLOTS` preallocated
+//! slots. The worker runs the very same `matmul_backward_dw` calls on the same values with
+//! the same `Par`, and every gradient tensor is written by exactly one job, so results are
+//! bit-identical with overlap on or off.
 
 use crate::backend::{Backend, LayerActs, LayerGrads, QkNormGrads};
 use crate::config::ModelConfig;
@@ -12,8 +24,9 @@ use crate::ops::cross_entropy::{cross_entropy_forward, cross_entropy_fused, loss
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::matmul::{matmul_backward_dw, matmul_backward_dx, matmul_forward};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-use crate::params::ParamLayout;
-use anyhow::{Result, bail, ensure};
+use crate::params::{LayerTensors, ParamLayout};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 /// Loss of one micro-batch: the sum over counted targets and their number.
@@ -34,6 +47,129 @@ impl LossSum {
 pub struct PhaseTimes {
     pub forward_ms: f64,
     pub backward_ms: f64,
+    /// Inside backend kernel calls, forward and backward (a part of the two above).
+    pub kernel_ms: f64,
+    /// The per-layer weight-gradient GEMMs (Wqkv, Wo, W13, W2), on whichever thread ran
+    /// them: with overlap, work done beside the backward, so not a part of `backward_ms`.
+    /// The classifier's dW stays on the main thread and is not counted here.
+    pub dw_ms: f64,
+    /// Main-thread time blocked on the dW worker (no free slot, and the final join); 0
+    /// without overlap.
+    pub dw_wait_ms: f64,
+}
+
+/// Slots of copied gradients for the dW worker: two is double buffering, so the worker
+/// always has the next block's job queued while the main thread prepares another; more
+/// would only let the main thread run further ahead of a worker that is the bottleneck.
+const DW_SLOTS: usize = 2;
+
+/// What dW overlap needs, built once when it is switched on (`Model::set_dw_overlap`).
+struct DwOverlap {
+    /// Where the worker's GEMMs run: `par.threads` threads, so the worker issues exactly the
+    /// calls (`Par` included, hence the same GEMM partition and bits) the main thread would,
+    /// at full width while the backend's kernels leave the CPU idle, without touching
+    /// rayon's global pool.
+    pool: rayon::ThreadPool,
+    slots: Vec<DwSlot>,
+}
+
+/// Copies of the gradients a queued dW job reads that the main thread overwrites for the
+/// next block.
+struct DwSlot {
+    /// `[N, C]` gradient of the block output (the residual gradient dx)
+    dout: Vec<f32>,
+    /// `[N, W_in]` gradient of the input projection's output: `dh13` (W_in = 2·F) or `dqkv`
+    /// (W_in = (H + 2·KV)·D); sized for the larger
+    dproj: Vec<f32>,
+}
+
+/// One block's two weight-gradient GEMMs. Both blocks are `xn → input projection (C → W_in)
+/// → … → output projection (W_out → C)`: attention (Wqkv, …, Wo reading `attn`) and the FFN
+/// (W13, …, W2 reading `gate`).
+struct BlockDw<'a> {
+    /// `[C, W_out]` += doutᵀ · out_proj_in
+    d_out_proj: &'a mut [f32],
+    /// `[N, W_out]` saved input of the output projection
+    out_proj_in: &'a [f32],
+    w_out: usize,
+    /// `[W_in, C]` += dprojᵀ · in_proj_in
+    d_in_proj: &'a mut [f32],
+    /// `[N, C]` saved input of the input projection (the normed residual stream)
+    in_proj_in: &'a [f32],
+    w_in: usize,
+}
+
+impl BlockDw<'_> {
+    /// Runs both GEMMs from `dout` `[N, C]` and `dproj` `[N, W_in]` (a longer slot is cut);
+    /// returns their wall time in ms. The one code path for overlap on and off.
+    fn run(self, par: Par, n: usize, c: usize, dout: &[f32], dproj: &[f32]) -> f64 {
+        let start = Instant::now();
+        matmul_backward_dw(par, self.d_out_proj, dout, self.out_proj_in, n, self.w_out, c);
+        matmul_backward_dw(par, self.d_in_proj, &dproj[..n * self.w_in], self.in_proj_in, n, c, self.w_in);
+        ms_since(start)
+    }
+}
+
+/// A block's GEMMs queued for the worker, with the slot holding their copied gradients.
+struct DwJob<'a> {
+    block: BlockDw<'a>,
+    slot: &'a mut DwSlot,
+}
+
+/// Where `forward_backward` sends each block's dW GEMMs.
+enum DwSink<'a> {
+    /// Overlap off: run them at once on this thread, from the live buffers.
+    Inline { dw_ms: f64 },
+    /// Overlap on: copy the gradients into a free slot (waiting for one if the worker holds
+    /// all) and queue the job. Both channels hold at most `DW_SLOTS` items, so no send blocks.
+    Worker { jobs: SyncSender<DwJob<'a>>, free: Receiver<&'a mut DwSlot>, wait_ms: f64 },
+}
+
+impl<'a> DwSink<'a> {
+    fn submit(&mut self, par: Par, n: usize, c: usize, block: BlockDw<'a>, dout: &[f32], dproj: &[f32]) -> Result<()> {
+        match self {
+            DwSink::Inline { dw_ms } => *dw_ms += block.run(par, n, c, dout, dproj),
+            DwSink::Worker { jobs, free, wait_ms } => {
+                let slot = match free.try_recv() {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        let start = Instant::now();
+                        let slot = free.recv().map_err(|_| anyhow!("the dW worker thread stopped"))?;
+                        *wait_ms += ms_since(start);
+                        slot
+                    }
+                };
+                slot.dout.copy_from_slice(dout);
+                slot.dproj[..dproj.len()].copy_from_slice(dproj);
+                jobs.send(DwJob { block, slot }).map_err(|_| anyhow!("the dW worker thread stopped"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The worker: runs queued jobs in order until the main thread closes the queue, handing
+/// each slot back as soon as its job is done. Returns the GEMMs' total wall time in ms.
+fn dw_worker<'a>(par: Par, n: usize, c: usize, jobs: Receiver<DwJob<'a>>, free: SyncSender<&'a mut DwSlot>) -> f64 {
+    let mut dw_ms = 0.0;
+    for DwJob { block, slot } in jobs {
+        dw_ms += block.run(par, n, c, &slot.dout, &slot.dproj);
+        // Fails only when the main thread stopped early (an error): the slot is not needed.
+        let _ = free.send(slot);
+    }
+    dw_ms
+}
+
+fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Runs `f`, adding its wall time in ms to `*total`.
+fn timed<R>(total: &mut f64, f: impl FnOnce() -> R) -> R {
+    let start = Instant::now();
+    let r = f();
+    *total += ms_since(start);
+    r
 }
 
 pub struct Model {
@@ -60,6 +196,8 @@ pub struct Model {
     /// `[N, C]` gradient of a norm's output (kernel input); also forward scratch
     dxn: Vec<f32>,
     grads: LayerGrads,
+    /// Present while dW overlap is on.
+    dw: Option<DwOverlap>,
     pub times: PhaseTimes,
 }
 
@@ -104,7 +242,8 @@ impl Model {
             })
             .collect();
         let grads = LayerGrads { dattn: z(n * qd), dqkv: z(n * (qd + 2 * kd)), dgate: z(n * f), dh13: z(n * 2 * f) };
-        Ok(Model {
+        let overlap = backend.overlaps_dw();
+        let mut model = Model {
             cfg: cfg.clone(),
             layout: ParamLayout::new(cfg),
             b,
@@ -120,8 +259,40 @@ impl Model {
             dx: z(n * c),
             dxn: z(n * c),
             grads,
+            dw: None,
             times: PhaseTimes::default(),
-        })
+        };
+        model.set_dw_overlap(overlap)?;
+        Ok(model)
+    }
+
+    /// Runs each layer's weight-gradient GEMMs on a CPU worker thread while the backend
+    /// evaluates the next kernels (`true`), or inline between them (`false`); gradients and
+    /// losses are bit-identical either way. The default is the backend's `overlaps_dw()`.
+    /// Switching on starts the worker's thread pool and allocates its slots (2 × N·(C +
+    /// max(2·F, (H + 2·KV)·D)) floats): do it before the step loop, not in it.
+    pub fn set_dw_overlap(&mut self, on: bool) -> Result<()> {
+        if on == self.dw.is_some() {
+            return Ok(());
+        }
+        self.dw = None;
+        if on {
+            let (n, c) = (self.n(), self.cfg.dim);
+            let proj = (2 * self.cfg.ffn_dim).max(self.cfg.q_dim() + 2 * self.cfg.kv_dim());
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(self.par.threads.max(1))
+                .thread_name(|i| format!("anetrain-dw-{i}"))
+                .build()
+                .context("cannot start the dW worker's thread pool")?;
+            let slots = (0..DW_SLOTS).map(|_| DwSlot { dout: vec![0.0; n * c], dproj: vec![0.0; n * proj] }).collect();
+            self.dw = Some(DwOverlap { pool, slots });
+        }
+        Ok(())
+    }
+
+    /// Whether dW overlap is on (see `set_dw_overlap`).
+    pub fn dw_overlap(&self) -> bool {
+        self.dw.is_some()
     }
 
     /// A model on the `cpu` backend.
@@ -165,17 +336,19 @@ impl Model {
     pub fn forward(&mut self, params: &[f32], tokens: &[u32], targets: &[u32]) -> Result<LossSum> {
         self.check_batch(params, tokens, targets)?;
         let start = Instant::now();
-        self.forward_to_logits(params, tokens)?;
+        let kernel_ms = self.forward_to_logits(params, tokens)?;
         cross_entropy_forward(&mut self.losses, &self.logits, targets, self.cfg.vocab_size);
         let (sum, count) = loss_sum(&self.losses, targets);
-        self.times.forward_ms = start.elapsed().as_secs_f64() * 1e3;
+        self.times = PhaseTimes { forward_ms: ms_since(start), kernel_ms, ..PhaseTimes::default() };
         Ok(LossSum { sum, count })
     }
 
-    fn forward_to_logits(&mut self, params: &[f32], tokens: &[u32]) -> Result<()> {
+    /// Returns the time spent in backend kernels, in ms.
+    fn forward_to_logits(&mut self, params: &[f32], tokens: &[u32]) -> Result<f64> {
         let (par, n, c, v) = (self.par, self.n(), self.cfg.dim, self.cfg.vocab_size);
         let eps = self.cfg.norm_eps as f32;
         let layout = &self.layout;
+        let mut kernel_ms = 0.0;
         embedding_forward(&mut self.acts[0].x_in, tokens, layout.view(params, layout.embed), c);
         for l in 0..self.cfg.n_layers {
             let w = layout.layer(params, l);
@@ -186,16 +359,16 @@ impl Model {
             };
             let scratch = &mut self.dxn; // `[N, C]` block output before the residual add
             rmsnorm_forward(&mut this.xn1, &mut this.rstd1, &this.x_in, w.attn_norm, n, c, eps);
-            self.backend.attention_forward(scratch, this, &w)?;
+            timed(&mut kernel_ms, || self.backend.attention_forward(scratch, this, &w))?;
             add(&mut this.x_mid, &this.x_in, scratch);
             rmsnorm_forward(&mut this.xn2, &mut this.rstd2, &this.x_mid, w.ffn_norm, n, c, eps);
-            self.backend.ffn_forward(scratch, this, &w)?;
+            timed(&mut kernel_ms, || self.backend.ffn_forward(scratch, this, &w))?;
             add(x_out, &this.x_mid, scratch);
         }
         let final_norm = layout.view(params, layout.final_norm);
         rmsnorm_forward(&mut self.xf, &mut self.rstd_final, &self.x_final, final_norm, n, c, eps);
         matmul_forward(par, &mut self.logits, &self.xf, layout.view(params, layout.classifier()), n, c, v);
-        Ok(())
+        Ok(kernel_ms)
     }
 
     /// Forward and backward of one micro-batch. Gradients of `loss_scale · mean_loss /
@@ -213,14 +386,14 @@ impl Model {
         self.check_batch(params, tokens, targets)?;
         ensure!(grads.len() == params.len(), "gradient arena does not match the parameters");
         let start = Instant::now();
-        self.forward_to_logits(params, tokens)?;
+        let kernel_fwd_ms = self.forward_to_logits(params, tokens)?;
         let (par, n, c, v) = (self.par, self.n(), self.cfg.dim, self.cfg.vocab_size);
         let count = targets.iter().filter(|&&t| t != crate::ops::cross_entropy::IGNORE).count();
         let dscale = loss_scale / (count.max(1) * accum.max(1)) as f32;
         cross_entropy_fused(&mut self.losses, &mut self.logits, targets, v, dscale);
         let (sum, count) = loss_sum(&self.losses, targets);
         let mid = Instant::now();
-        self.times.forward_ms = (mid - start).as_secs_f64() * 1e3;
+        let forward_ms = (mid - start).as_secs_f64() * 1e3;
 
         let layout = &self.layout;
         let dlogits = &self.logits;
@@ -241,25 +414,86 @@ impl Model {
         );
 
         let (f, qd, kd) = (self.cfg.ffn_dim, self.cfg.q_dim(), self.cfg.kv_dim());
-        for l in (0..self.cfg.n_layers).rev() {
-            let w = layout.layer(params, l);
-            let gw = layout.layer_mut(grads, l);
-            let acts = &self.acts[l];
-            let g = &mut self.grads;
-            // FFN block: its output gradient is the residual gradient dx.
-            self.backend.ffn_backward_dx(&mut self.dxn, g, &self.dx, acts, &w)?;
-            matmul_backward_dw(par, gw.w2, &self.dx, &acts.gate, n, f, c);
-            matmul_backward_dw(par, gw.w13, &g.dh13, &acts.xn2, n, c, 2 * f);
-            rmsnorm_backward(&mut self.dx, gw.ffn_norm, &self.dxn, &acts.rstd2, &acts.x_mid, w.ffn_norm, n, c, true);
-            // Attention block.
-            let norm_grads = QkNormGrads { q_norm: gw.q_norm, k_norm: gw.k_norm };
-            self.backend.attention_backward_dx(&mut self.dxn, g, norm_grads, &self.dx, acts, &w)?;
-            matmul_backward_dw(par, gw.wo, &self.dx, &acts.attn, n, qd, c);
-            matmul_backward_dw(par, gw.wqkv, &g.dqkv, &acts.xn1, n, c, qd + 2 * kd);
-            rmsnorm_backward(&mut self.dx, gw.attn_norm, &self.dxn, &acts.rstd1, &acts.x_in, w.attn_norm, n, c, true);
-        }
-        embedding_backward(layout.view_mut(grads, layout.embed), &self.dx, tokens, c);
-        self.times.backward_ms = mid.elapsed().as_secs_f64() * 1e3;
+        let n_layers = self.cfg.n_layers;
+        // Field by field, so that the worker can borrow the activations and slots while the
+        // main thread keeps the backend and the gradient buffers it overwrites.
+        let Model { layout, backend, acts, dx, dxn, grads: g, dw, .. } = self;
+        let (layout, acts): (&ParamLayout, &[LayerActs]) = (layout, acts);
+        let layer_grads = layout.layers_mut_rev(grads);
+        // The scope joins the worker before returning, even on an error or a panic.
+        let (kernel_bwd_ms, dw_ms, dw_wait_ms) = std::thread::scope(|s| -> Result<(f64, f64, f64)> {
+            let (mut sink, worker) = match dw {
+                None => (DwSink::Inline { dw_ms: 0.0 }, None),
+                Some(DwOverlap { pool, slots }) => {
+                    let (job_tx, job_rx) = sync_channel(slots.len());
+                    let (free_tx, free_rx) = sync_channel(slots.len());
+                    for slot in slots.iter_mut() {
+                        free_tx.send(slot).expect("the free list holds every slot");
+                    }
+                    // The thread waits while the worker loop runs on the pool, whose threads
+                    // are the ones the worker's GEMMs split over.
+                    let pool = &*pool;
+                    let worker = s.spawn(move || pool.install(|| dw_worker(par, n, c, job_rx, free_tx)));
+                    (DwSink::Worker { jobs: job_tx, free: free_rx, wait_ms: 0.0 }, Some(worker))
+                }
+            };
+            let mut kernel_ms = 0.0;
+            let backward_layers = || -> Result<()> {
+                for (l, gw) in (0..n_layers).rev().zip(layer_grads) {
+                    let w = layout.layer(params, l);
+                    let a = &acts[l];
+                    let LayerTensors { attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2 } = gw;
+                    // FFN block: its output gradient is the residual gradient dx.
+                    timed(&mut kernel_ms, || backend.ffn_backward_dx(dxn, g, dx, a, &w))?;
+                    let ffn = BlockDw {
+                        d_out_proj: w2,
+                        out_proj_in: &a.gate,
+                        w_out: f,
+                        d_in_proj: w13,
+                        in_proj_in: &a.xn2,
+                        w_in: 2 * f,
+                    };
+                    sink.submit(par, n, c, ffn, dx, &g.dh13)?;
+                    rmsnorm_backward(dx, ffn_norm, dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
+                    // Attention block.
+                    let norm_grads = QkNormGrads { q_norm, k_norm };
+                    timed(&mut kernel_ms, || backend.attention_backward_dx(dxn, g, norm_grads, dx, a, &w))?;
+                    let attn = BlockDw {
+                        d_out_proj: wo,
+                        out_proj_in: &a.attn,
+                        w_out: qd,
+                        d_in_proj: wqkv,
+                        in_proj_in: &a.xn1,
+                        w_in: qd + 2 * kd,
+                    };
+                    sink.submit(par, n, c, attn, dx, &g.dqkv)?;
+                    rmsnorm_backward(dx, attn_norm, dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
+                }
+                Ok(())
+            };
+            let result = backward_layers();
+            let (dw_ms, wait_ms) = match sink {
+                DwSink::Inline { dw_ms } => (dw_ms, 0.0),
+                DwSink::Worker { jobs, free, mut wait_ms } => {
+                    // Closing the queue ends the worker loop once the queued jobs are done.
+                    drop((jobs, free));
+                    let worker = worker.expect("a worker sink has a worker thread");
+                    let start = Instant::now();
+                    let dw_ms = worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    wait_ms += ms_since(start);
+                    (dw_ms, wait_ms)
+                }
+            };
+            result.map(|()| (kernel_ms, dw_ms, wait_ms))
+        })?;
+        embedding_backward(layout.view_mut(grads, layout.embed), dx, tokens, c);
+        self.times = PhaseTimes {
+            forward_ms,
+            backward_ms: ms_since(mid),
+            kernel_ms: kernel_fwd_ms + kernel_bwd_ms,
+            dw_ms,
+            dw_wait_ms,
+        };
         Ok(LossSum { sum, count })
     }
 }

@@ -182,6 +182,27 @@ impl ParamLayout {
         })
     }
 
+    /// Every layer's tensors as disjoint mutable slices of `buf`, last layer first (the
+    /// backward pass's order). Unlike calling `layer_mut` per layer, the views of all layers
+    /// are alive at once, so the model can hand one layer's weight gradients to a worker
+    /// thread while it works on the next. No allocation: each step splits the remaining
+    /// arena prefix.
+    pub fn layers_mut_rev<'a>(&'a self, buf: &'a mut [f32]) -> impl Iterator<Item = LayerTensors<&'a mut [f32]>> + 'a {
+        let mut rest = buf;
+        (0..self.n_layers()).rev().map(move |l| {
+            let range = self.layer_ranges[l].clone();
+            // Layers lie in ascending arena order, so layer l sits at the end of what is left.
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(range.start);
+            rest = head;
+            let mut layer = &mut tail[..range.len()];
+            self.split_layer(l, |len| {
+                let (head, tail) = std::mem::take(&mut layer).split_at_mut(len);
+                layer = tail;
+                head
+            })
+        })
+    }
+
     /// Cuts a layer's range in arena order (the order `new` pushes them); no allocation.
     fn split_layer<T>(&self, l: usize, mut take: impl FnMut(usize) -> T) -> LayerTensors<T> {
         let (c, f, q, kv, d) = self.layer_dims;
@@ -253,6 +274,15 @@ mod tests {
             let w2 = layout.find("model.layers.1.mlp.down_proj.weight").unwrap();
             assert_eq!(buf[w2.offset], -1.0);
             assert_eq!(layout.layer(&buf, 0).q_norm.is_some(), cfg.qk_norm);
+            // All layers at once, last first, are the same views as one at a time.
+            let want: Vec<Vec<f32>> = (0..2).rev().map(|l| layout.layer(&buf, l).wqkv.to_vec()).collect();
+            let mut copy = buf.clone();
+            let got: Vec<Vec<f32>> = layout.layers_mut_rev(&mut copy).map(|t| t.wqkv.to_vec()).collect();
+            assert_eq!(got, want);
+            for t in layout.layers_mut_rev(&mut copy) {
+                t.w2.fill(-2.0);
+            }
+            assert!((0..2).all(|l| layout.layer(&copy, l).w2.iter().all(|&x| x == -2.0)));
         }
     }
 

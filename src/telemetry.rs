@@ -30,6 +30,13 @@ pub struct StepEvent {
     pub ms_forward: f64,
     pub ms_backward: f64,
     pub ms_optimizer: f64,
+    /// Inside backend kernel calls (forward and backward): a part of ms_forward + ms_backward.
+    pub ms_kernels: f64,
+    /// The per-layer weight-gradient GEMMs. With dW overlap they run on a worker thread
+    /// beside the backward, so they are not a part of ms_backward.
+    pub ms_dw: f64,
+    /// Time the backward spent blocked on the dW worker (0 without overlap).
+    pub ms_dw_wait: f64,
 }
 
 pub struct Telemetry {

@@ -35,10 +35,12 @@ fn default_run_trains_and_writes_telemetry() {
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert!(all.contains("--- efficiency ---") && all.contains("tokens/s"), "{all}");
+    assert!(all.contains("dW overlap off") && all.contains("(inline), dW wait 0.0 ms per update"), "{all}");
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 60);
-    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_forward", "ms_backward", "ms_optimizer"] {
+    let keys = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_forward", "ms_backward", "ms_optimizer"];
+    for key in keys.into_iter().chain(["ms_kernels", "ms_dw", "ms_dw_wait"]) {
         assert!(lines[0].get(key).is_some(), "telemetry lacks '{key}'");
     }
     let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();

@@ -148,7 +148,8 @@ fn the_neural_engine_path_without_the_hardware() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["padded_seq"], 112);
     let kernels = manifest["kernels"].as_array().unwrap();
-    assert_eq!(kernels.len(), 10);
+    assert_eq!(kernels.len(), 11, "10 layer kernels and the classifier");
+    assert_eq!(manifest["classifier_chunks"]["count"], 1);
     for k in kernels {
         let kdir = dir.join(k["name"].as_str().unwrap());
         let mil = std::fs::read_to_string(kdir.join("model.mil")).unwrap();

@@ -237,3 +237,131 @@ fn injected_nonfinite_gradient_skips_exactly_that_update_and_halves_the_scale() 
         assert!(events[9].loss < events[0].loss, "training did not continue after the skip");
     });
 }
+
+/// Random tokens and targets for one micro-batch, with two ignored targets.
+fn random_batch(rng: &mut Rng, vocab: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let tokens = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
+    let mut targets: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
+    targets[1] = IGNORE;
+    targets[n - 2] = IGNORE;
+    (tokens, targets)
+}
+
+/// The first tensor whose gradient bits differ between `a` and `b`, by name.
+fn first_differing_tensor(model: &Model, a: &[f32], b: &[f32]) -> Option<String> {
+    model
+        .layout
+        .tensors
+        .iter()
+        .find(|t| a[t.range()].iter().zip(&b[t.range()]).any(|(x, y)| x.to_bits() != y.to_bits()))
+        .map(|t| t.name.clone())
+}
+
+/// Two updates of `accum` micro-batches each (gradients accumulate within an update and are
+/// zeroed between), one model with dW overlap forced on, one inline: every loss and every
+/// gradient bit must agree after every micro-batch. Four layers give 8 dW jobs per backward
+/// against 2 slots, so slots are reused and the main thread does wait for the worker.
+fn assert_dw_overlap_bit_identical(cfg: &ModelConfig) {
+    let (b, t, accum) = (2, 9, 3);
+    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    pool(2).install(|| {
+        let mut on = Model::cpu(cfg, b, t, par).unwrap();
+        let mut off = Model::cpu(cfg, b, t, par).unwrap();
+        assert!(!on.dw_overlap(), "the cpu backend should default to inline dW");
+        on.set_dw_overlap(true).unwrap();
+        assert!(on.dw_overlap());
+        let params = rough_params(&on, 21);
+        let (mut g_on, mut g_off) = (vec![0.0f32; params.len()], vec![0.0f32; params.len()]);
+        let mut rng = Rng::new(5);
+        for micro in 0..2 * accum {
+            if micro % accum == 0 {
+                g_on.fill(0.0);
+                g_off.fill(0.0);
+            }
+            let (tokens, targets) = random_batch(&mut rng, cfg.vocab_size, b * t);
+            let l_on = on.forward_backward(&params, &mut g_on, &tokens, &targets, 1024.0, accum).unwrap();
+            let l_off = off.forward_backward(&params, &mut g_off, &tokens, &targets, 1024.0, accum).unwrap();
+            assert_eq!(
+                (l_on.sum.to_bits(), l_on.count),
+                (l_off.sum.to_bits(), l_off.count),
+                "micro-batch {micro}: loss"
+            );
+            assert_eq!(first_differing_tensor(&on, &g_on, &g_off), None, "micro-batch {micro}: gradients differ");
+            assert!(g_on.iter().all(|g| g.is_finite()) && g_on.iter().any(|&g| g != 0.0));
+        }
+        // Switching off again goes back to the inline path, still the same bits.
+        on.set_dw_overlap(false).unwrap();
+        let (tokens, targets) = random_batch(&mut rng, cfg.vocab_size, b * t);
+        on.forward_backward(&params, &mut g_on, &tokens, &targets, 1.0, 1).unwrap();
+        off.forward_backward(&params, &mut g_off, &tokens, &targets, 1.0, 1).unwrap();
+        assert_eq!(first_differing_tensor(&on, &g_on, &g_off), None, "after switching overlap off");
+    });
+}
+
+#[test]
+fn dw_overlap_is_bit_identical_mha_tied() {
+    assert_dw_overlap_bit_identical(&ModelConfig { n_layers: 4, ..tiny("mha-tied") });
+}
+
+#[test]
+fn dw_overlap_is_bit_identical_gqa_qknorm_untied() {
+    assert_dw_overlap_bit_identical(&ModelConfig { n_layers: 4, ..tiny("gqa-qknorm-untied") });
+}
+
+#[test]
+fn phase_times_split_kernels_dw_and_wait() {
+    let cfg = ModelConfig { n_layers: 3, ..tiny("gqa-qknorm-untied") };
+    let (b, t) = (2, 16);
+    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    pool(2).install(|| {
+        let mut model = Model::cpu(&cfg, b, t, par).unwrap();
+        let params = rough_params(&model, 4);
+        let mut grads = vec![0.0; params.len()];
+        let (tokens, targets) = random_batch(&mut Rng::new(9), cfg.vocab_size, b * t);
+        for overlap in [false, true] {
+            model.set_dw_overlap(overlap).unwrap();
+            model.forward_backward(&params, &mut grads, &tokens, &targets, 1.0, 1).unwrap();
+            let tm = model.times;
+            let all = [tm.forward_ms, tm.backward_ms, tm.kernel_ms, tm.dw_ms, tm.dw_wait_ms];
+            assert!(all.iter().all(|x| x.is_finite() && *x >= 0.0), "overlap {overlap}: {tm:?}");
+            assert!(tm.forward_ms > 0.0 && tm.backward_ms > 0.0 && tm.kernel_ms > 0.0, "overlap {overlap}: {tm:?}");
+            assert!(tm.dw_ms > 0.0, "overlap {overlap}: no dW time after a backward: {tm:?}");
+            // Kernel calls and waits are disjoint stretches of the main thread's forward + backward.
+            assert!(tm.kernel_ms + tm.dw_wait_ms <= tm.forward_ms + tm.backward_ms, "overlap {overlap}: {tm:?}");
+            if !overlap {
+                assert_eq!(tm.dw_wait_ms, 0.0, "inline dW cannot wait: {tm:?}");
+                assert!(tm.kernel_ms + tm.dw_ms <= tm.forward_ms + tm.backward_ms, "inline: {tm:?}");
+            }
+        }
+        model.forward(&params, &tokens, &targets).unwrap();
+        let tm = model.times;
+        assert!(tm.forward_ms > 0.0 && tm.kernel_ms > 0.0 && tm.kernel_ms <= tm.forward_ms, "forward: {tm:?}");
+        assert_eq!((tm.backward_ms, tm.dw_ms, tm.dw_wait_ms), (0.0, 0.0, 0.0), "forward only: {tm:?}");
+    });
+}
+
+#[test]
+fn trainer_with_dw_overlap_matches_inline_and_reports_times() {
+    let cfg = ModelConfig { n_layers: 3, ..tiny("gqa-qknorm-untied") };
+    let data = synthetic(&cfg, 3);
+    let run = |overlap: bool| {
+        pool(2).install(|| {
+            let mut opts = options(6, 2, 8, 3e-3, 13);
+            opts.accum = 2;
+            opts.loss_scale = LossScaleMode::Dynamic;
+            let mut trainer = cpu_trainer(&cfg, opts, 2);
+            trainer.model.set_dw_overlap(overlap).unwrap();
+            let events: Vec<_> = (0..6).map(|step| trainer.step(&data, step).unwrap()).collect();
+            (events, trainer.params.clone())
+        })
+    };
+    let (ev_on, p_on) = run(true);
+    let (ev_off, p_off) = run(false);
+    let losses = |ev: &[anetrain::telemetry::StepEvent]| ev.iter().map(|e| e.loss.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&ev_on), losses(&ev_off), "losses differ with dW overlap");
+    assert!(p_on.iter().zip(&p_off).all(|(x, y)| x.to_bits() == y.to_bits()), "weights differ with dW overlap");
+    for (on, off) in ev_on.iter().zip(&ev_off) {
+        assert!(on.ms_kernels > 0.0 && on.ms_dw > 0.0 && on.ms_dw_wait >= 0.0, "{on:?}");
+        assert!(off.ms_kernels > 0.0 && off.ms_dw > 0.0 && off.ms_dw_wait == 0.0, "{off:?}");
+    }
+}

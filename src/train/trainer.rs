@@ -101,6 +101,13 @@ pub struct TrainSummary {
     pub tokens_per_s: f64,
     /// Training FLOPs (model count) per second of wall time.
     pub gflops: f64,
+    /// Whether the dW GEMMs ran on a worker thread beside the backend's kernels.
+    pub dw_overlap: bool,
+    /// Mean per update: time in backend kernels, in the per-layer dW GEMMs, and blocked on
+    /// the dW worker (see `model::PhaseTimes`).
+    pub kernel_ms: f64,
+    pub dw_ms: f64,
+    pub dw_wait_ms: f64,
 }
 
 pub struct Trainer {
@@ -157,6 +164,7 @@ impl Trainer {
         let accum = self.opts.accum;
         self.grads.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
         let (mut loss, mut ms_forward, mut ms_backward) = (0.0, 0.0, 0.0);
+        let (mut ms_kernels, mut ms_dw, mut ms_dw_wait) = (0.0, 0.0, 0.0);
         let loss_scale = self.scaler.scale;
         for _ in 0..accum {
             self.sampler.next_batch(data, &mut self.tokens, &mut self.targets)?;
@@ -175,6 +183,9 @@ impl Trainer {
             loss += ls.mean() / accum as f64;
             ms_forward += self.model.times.forward_ms;
             ms_backward += self.model.times.backward_ms;
+            ms_kernels += self.model.times.kernel_ms;
+            ms_dw += self.model.times.dw_ms;
+            ms_dw_wait += self.model.times.dw_wait_ms;
         }
         let opt_start = Instant::now();
         if self.inject_nonfinite_at == Some(step) {
@@ -206,6 +217,9 @@ impl Trainer {
             ms_forward,
             ms_backward,
             ms_optimizer,
+            ms_kernels,
+            ms_dw,
+            ms_dw_wait,
         })
     }
 
@@ -221,6 +235,7 @@ impl Trainer {
         let start = Instant::now();
         let mut losses = Vec::with_capacity(self.opts.steps.saturating_sub(self.start_step).min(1 << 20));
         let mut tokens = 0;
+        let (mut kernel_ms, mut dw_ms, mut dw_wait_ms) = (0.0, 0.0, 0.0);
         let mut interrupted = false;
         for step in self.start_step..self.opts.steps {
             let mut event = self.step(data, step)?;
@@ -240,6 +255,9 @@ impl Trainer {
             on_update(&event);
             losses.push(event.loss);
             tokens += event.tokens;
+            kernel_ms += event.ms_kernels;
+            dw_ms += event.ms_dw;
+            dw_wait_ms += event.ms_dw_wait;
             // A stop request (Ctrl-C) ends the run after this update, with a checkpoint.
             interrupted = crate::signals::stop_requested() && done < self.opts.steps;
             if let Some(policy) = ckpt {
@@ -257,6 +275,7 @@ impl Trainer {
         }
         let wall_s = start.elapsed().as_secs_f64();
         let flops = self.model.cfg.train_flops_per_token(self.opts.seq) * tokens as f64;
+        let updates = losses.len().max(1) as f64;
         Ok(TrainSummary {
             interrupted,
             losses,
@@ -265,6 +284,10 @@ impl Trainer {
             tokens,
             tokens_per_s: tokens as f64 / wall_s,
             gflops: flops / wall_s / 1e9,
+            dw_overlap: self.model.dw_overlap(),
+            kernel_ms: kernel_ms / updates,
+            dw_ms: dw_ms / updates,
+            dw_wait_ms: dw_wait_ms / updates,
         })
     }
 }

@@ -367,7 +367,10 @@ impl Model {
         }
         let final_norm = layout.view(params, layout.final_norm);
         rmsnorm_forward(&mut self.xf, &mut self.rstd_final, &self.x_final, final_norm, n, c, eps);
-        matmul_forward(par, &mut self.logits, &self.xf, layout.view(params, layout.classifier()), n, c, v);
+        let e = layout.view(params, layout.classifier());
+        if !self.backend.classifier_forward(&mut self.logits, &self.xf, e)? {
+            matmul_forward(par, &mut self.logits, &self.xf, e, n, c, v);
+        }
         Ok(kernel_ms)
     }
 

@@ -269,7 +269,7 @@ fn the_classifier_is_chunked_under_the_dimension_limit() {
     let xf: Vec<f32> = (0..n * c).map(|_| rng.normal() as f32).collect();
     let e: Vec<f32> = (0..v * c).map(|_| (rng.normal() / (c as f64).sqrt()) as f32).collect();
     let mut got = vec![f32::NAN; n * v];
-    sim.classifier_forward(&mut got, &xf, &e).unwrap();
+    sim.classifier_logits(&mut got, &xf, &e).unwrap();
     let mut want = vec![0.0; n * v];
     anetrain::ops::matmul::matmul_forward(Par::seq(), &mut want, &xf, &e, n, c, v);
     let (max, mean) = anetrain::mil::check::rel_errors(&got, &want);

@@ -36,12 +36,17 @@ fn mil_sim_training_tracks_the_cpu_loss_curve() {
     let dir = std::env::temp_dir().join(format!("anetrain-milsim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut curves = Vec::new();
-    for (backend, layout) in [("cpu", "packed"), ("mil-sim", "packed"), ("mil-sim", "separate")] {
+    // The separate-layout run also puts the dW GEMMs on the worker thread, as on hardware.
+    for (backend, layout, overlap) in
+        [("cpu", "packed", "off"), ("mil-sim", "packed", "off"), ("mil-sim", "separate", "on")]
+    {
         let log = dir.join(format!("{backend}-{layout}.jsonl"));
         let args = [
             "train",
             "--backend",
             backend,
+            "--dw-overlap",
+            overlap,
             "--mil-layout",
             layout,
             "--model",
@@ -67,6 +72,7 @@ fn mil_sim_training_tracks_the_cpu_loss_curve() {
         let (ok, out) = anetrain(&args);
         assert!(ok, "{out}");
         assert!(out.contains(&format!("backend {backend}")), "{out}");
+        assert!(out.contains(&format!("dW overlap {overlap}")), "{out}");
         curves.push(losses(&log));
     }
     let cpu = &curves[0];

@@ -171,6 +171,13 @@ pub trait Backend: Send {
         false
     }
 
+    /// The classifier, if this backend runs it: `logits [N, V] = xf [N, C] · Eᵀ` for `e`
+    /// `[V, C]`; returns false (the default) to leave it to the model's f32 GEMM. Its
+    /// backward (dxf and dE) always stays on the CPU with the dW GEMMs.
+    fn classifier_forward(&mut self, _logits: &mut [f32], _xf: &[f32], _e: &[f32]) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Reads `acts.xn1`; writes q, k, v (and the QK-norm taps), attn (and, if it keeps
     /// them, probs) into `acts`,
     /// and `o` `[N, C]` = attn · Woᵀ.

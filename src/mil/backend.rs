@@ -249,7 +249,7 @@ impl MilBackend {
 
     /// `logits [N, V] = xf [N, C] · Eᵀ` for the classifier `e` `[V, C]`, one vocabulary chunk
     /// per slot of the classifier kernel.
-    pub fn classifier_forward(&mut self, logits: &mut [f32], xf: &[f32], e: &[f32]) -> Result<()> {
+    pub fn classifier_logits(&mut self, logits: &mut [f32], xf: &[f32], e: &[f32]) -> Result<()> {
         let (c, t) = (self.c, self.exec.t);
         let v = e.len() / c;
         let chunk = self.exec.set.classifier_chunks;
@@ -285,8 +285,15 @@ impl Backend for MilBackend {
         (self.b, self.exec.t)
     }
 
+    /// Only when the kernels really run off the CPU: the simulator's kernels would compete
+    /// with the dW worker for the same cores (`--dw-overlap on` still forces it).
     fn overlaps_dw(&self) -> bool {
-        true
+        self.exec.runner.name() == "ane"
+    }
+
+    fn classifier_forward(&mut self, logits: &mut [f32], xf: &[f32], e: &[f32]) -> Result<bool> {
+        self.classifier_logits(logits, xf, e)?;
+        Ok(true)
     }
 
     fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {

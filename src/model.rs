@@ -368,7 +368,11 @@ impl Model {
         let final_norm = layout.view(params, layout.final_norm);
         rmsnorm_forward(&mut self.xf, &mut self.rstd_final, &self.x_final, final_norm, n, c, eps);
         let e = layout.view(params, layout.classifier());
-        if !self.backend.classifier_forward(&mut self.logits, &self.xf, e)? {
+        let mut classifier_ms = 0.0;
+        let on_backend = timed(&mut classifier_ms, || self.backend.classifier_forward(&mut self.logits, &self.xf, e))?;
+        if on_backend {
+            kernel_ms += classifier_ms;
+        } else {
             matmul_forward(par, &mut self.logits, &self.xf, e, n, c, v);
         }
         Ok(kernel_ms)

@@ -295,6 +295,13 @@ impl Model {
         self.dw.is_some()
     }
 
+    /// Declares that the parameters passed to `forward`/`forward_backward` stay unchanged
+    /// while `version` does (`None`: no promise, the default). Backends that stage weights
+    /// (the MIL backends) then keep each layer's weights staged across micro-batches.
+    pub fn set_weights_version(&mut self, version: Option<u64>) {
+        self.backend.set_weights_version(version);
+    }
+
     /// A model on the `cpu` backend.
     pub fn cpu(cfg: &ModelConfig, b: usize, t: usize, par: Par) -> Result<Self> {
         Self::new(cfg, b, t, par, Box::new(crate::backend::cpu::CpuBackend::new(cfg, b, t, par)))
@@ -449,7 +456,7 @@ impl Model {
                 for (l, gw) in (0..n_layers).rev().zip(layer_grads) {
                     let w = layout.layer(params, l);
                     let a = &acts[l];
-                    let LayerTensors { attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2 } = gw;
+                    let LayerTensors { attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2, .. } = gw;
                     // FFN block: its output gradient is the residual gradient dx.
                     timed(&mut kernel_ms, || backend.ffn_backward_dx(dxn, g, dx, a, &w))?;
                     let ffn = BlockDw {

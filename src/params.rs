@@ -55,6 +55,9 @@ impl TensorInfo {
 /// the layout places next to each other.
 #[derive(Debug)]
 pub struct LayerTensors<T> {
+    /// Which layer these are (backends that keep per-layer state, such as staged weights,
+    /// key it by this).
+    pub layer: usize,
     /// `[C]` input_layernorm
     pub attn_norm: T,
     /// `[(H + 2·KV)·D, C]`: q_proj, k_proj and v_proj stacked (adjacent in the arena), so
@@ -212,7 +215,7 @@ impl ParamLayout {
         let ffn_norm = take(c);
         let (w13, w2) = (take(2 * f * c), take(c * f));
         debug_assert!(l < self.n_layers());
-        LayerTensors { attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2 }
+        LayerTensors { layer: l, attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2 }
     }
 
     /// Seeded init: matrices ~ N(0, 0.02²), residual output projections (Wo, W2) scaled by

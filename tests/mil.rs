@@ -275,3 +275,49 @@ fn the_classifier_is_chunked_under_the_dimension_limit() {
     let (max, mean) = anetrain::mil::check::rel_errors(&got, &want);
     assert!(max <= MAX_TOL && mean <= MEAN_TOL, "classifier: max {max:.2e}, mean {mean:.2e}");
 }
+
+/// With a weights version promised, each layer's weights stay staged in that layer's slot:
+/// calls with the same version and weights convert nothing; a new version, or weights that
+/// changed under the same version (caught by the probe), are staged again; outputs always
+/// equal a backend that stages on every call.
+#[test]
+fn weights_stay_staged_per_layer_while_their_version_holds() {
+    use anetrain::backend::{Backend, LayerActs};
+    use anetrain::params::ParamLayout;
+    let cfg = tiny("gqa-qknorm");
+    let (b, t) = (2, 20);
+    let new = || MilBackend::new(&cfg, b, t, InputLayout::Packed, Box::new(SimRunner::new(Par::seq()))).unwrap();
+    let (mut cached, mut fresh) = (new(), new());
+    let layout = ParamLayout::new(&cfg);
+    let mut params = layout.init(9);
+    let mut acts = LayerActs::new(&cfg, b, t);
+    let mut rng = anetrain::rng::Rng::new(2);
+    acts.xn1 = (0..b * t * cfg.dim).map(|_| rng.normal() as f32).collect();
+    let mut o = vec![0.0; b * t * cfg.dim];
+    let mut forward = |backend: &mut MilBackend, params: &[f32], l: usize| -> Vec<f32> {
+        backend.attention_forward(&mut o, &mut acts, &layout.layer(params, l)).unwrap();
+        o.clone()
+    };
+    cached.set_weights_version(Some(1));
+    let first = forward(&mut cached, &params, 0);
+    assert_eq!(cached.weight_stagings(), 2, "attn_fwd and wo_fwd of layer 0");
+    forward(&mut cached, &params, 1);
+    assert_eq!(cached.weight_stagings(), 4, "layer 1 has its own slots");
+    assert_eq!(forward(&mut cached, &params, 0), first);
+    forward(&mut cached, &params, 1);
+    assert_eq!(cached.weight_stagings(), 4, "same version, same weights: nothing restaged");
+    // An update without a version bump is still caught (the probe), and one with it, too.
+    for x in &mut params {
+        *x *= 0.9;
+    }
+    let after = forward(&mut cached, &params, 0);
+    assert_eq!(cached.weight_stagings(), 6);
+    assert_eq!(after, forward(&mut fresh, &params, 0), "cached slot vs staging every call");
+    assert_ne!(after, first);
+    cached.set_weights_version(Some(2));
+    forward(&mut cached, &params, 0);
+    assert_eq!(cached.weight_stagings(), 8, "a new version restages");
+    let before = fresh.weight_stagings();
+    forward(&mut fresh, &params, 0);
+    assert_eq!(fresh.weight_stagings(), before + 2, "without a version, every call stages");
+}

@@ -171,6 +171,11 @@ pub trait Backend: Send {
         false
     }
 
+    /// `Some(v)`: the weights passed to the kernels stay the same while `v` does, so a
+    /// backend may keep them staged per layer between calls; `None` (the initial state): no
+    /// such promise, stage them on every call.
+    fn set_weights_version(&mut self, _version: Option<u64>) {}
+
     /// The classifier, if this backend runs it: `logits [N, V] = xf [N, C] · Eᵀ` for `e`
     /// `[V, C]`; returns false (the default) to leave it to the model's f32 GEMM. Its
     /// backward (dxf and dE) always stays on the CPU with the dW GEMMs.

@@ -275,6 +275,7 @@ impl Checkpoint {
             .context("checkpoint sampler state is corrupt")?;
         ensure!(rng.len() == 4, "checkpoint sampler state is corrupt");
         trainer.params.copy_from_slice(&self.params);
+        trainer.params_changed();
         trainer.opt.m.copy_from_slice(&self.m);
         trainer.opt.v.copy_from_slice(&self.v);
         trainer.opt.step = self.state["optimizer"]["adam_step"].as_u64().context("no optimizer step")?;

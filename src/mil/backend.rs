@@ -47,6 +47,30 @@ struct Exec {
     /// T and its padded width S
     t: usize,
     s: usize,
+    /// The weights version promised by the model (`Backend::set_weights_version`).
+    version: Option<u64>,
+    /// Per kernel, per slot: (version, probe) of the weights staged there.
+    staged: Vec<Vec<Option<(u64, u64)>>>,
+    /// Weight stagings so far (kernel × slot), for tests and telemetry.
+    stagings: usize,
+}
+
+/// A cheap fingerprint of some weights: 8 evenly spaced values of each, and the lengths. A
+/// guard on top of the version promise: an update that changes whole tensors (any optimizer
+/// step, a load) changes it even if a caller forgot to bump the version.
+fn probe(weights: &[&[f32]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |x: u64| {
+        h ^= x;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for w in weights {
+        mix(w.len() as u64);
+        for i in 0..8.min(w.len()) {
+            mix(u64::from(w[i * w.len() / 8.min(w.len())].to_bits()));
+        }
+    }
+    h
 }
 
 impl Exec {
@@ -54,12 +78,22 @@ impl Exec {
         if which == CLASSIFIER { &self.set.classifier } else { self.set.all()[which] }
     }
 
-    /// Writes the given pieces into kernel `which`'s inputs and evaluates it.
-    fn run(&mut self, which: usize, srcs: &[(&str, Src)]) -> Result<()> {
-        self.run_slot(which, 0, srcs)
+    /// Whether `slot` of kernel `which` needs `weights` staged: always without a weights
+    /// version, else when the version or the probe differs from what was staged there.
+    /// Records the new state, so the caller must then stage them.
+    fn stale(&mut self, which: usize, slot: usize, weights: &[&[f32]]) -> bool {
+        let now = self.version.map(|v| (v, probe(weights)));
+        let cell = &mut self.staged[which][slot];
+        if now.is_some() && *cell == now {
+            return false;
+        }
+        *cell = now;
+        self.stagings += 1;
+        true
     }
 
-    fn run_slot(&mut self, which: usize, slot: usize, srcs: &[(&str, Src)]) -> Result<()> {
+    /// Writes the given pieces into `slot` of kernel `which` and evaluates it.
+    fn run(&mut self, which: usize, slot: usize, srcs: &[(&str, Src)]) -> Result<()> {
         let k: &Kernel = if which == CLASSIFIER { &self.set.classifier } else { self.set.all()[which] };
         let t = self.t;
         for (input, sig) in k.program.inputs.iter().enumerate() {
@@ -212,20 +246,23 @@ impl MilBackend {
     ) -> Result<Self> {
         cfg.validate()?;
         let set = KernelSet::new(cfg, t, layout)?;
+        // One slot per layer (each layer's weights stay staged in its own input buffers),
+        // one per vocabulary chunk for the classifier.
         let mut ids = [0; 11];
-        let slots = [1; 10].into_iter().chain([set.classifier_chunks.count]);
-        for ((id, k), slots) in ids.iter_mut().zip(set.all().into_iter().chain([&set.classifier])).zip(slots) {
+        let slots: Vec<usize> = [cfg.n_layers; 10].into_iter().chain([set.classifier_chunks.count]).collect();
+        for ((id, k), &n) in ids.iter_mut().zip(set.all().into_iter().chain([&set.classifier])).zip(&slots) {
             *id = runner
-                .load(&k.program, slots)
+                .load(&k.program, n)
                 .with_context(|| format!("loading kernel {} on {}", k.program.name, runner.name()))?;
         }
+        let staged = slots.iter().map(|&n| vec![None; n]).collect();
         let n = b * t;
         let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
         let qk = usize::from(cfg.qk_norm);
         let bwd1 = set.sdpa_bwd1.program.outputs[0].elems();
         let s = set.dims.s;
         Ok(MilBackend {
-            exec: Exec { runner, set, ids, t, s },
+            exec: Exec { runner, set, ids, t, s, version: None, staged, stagings: 0 },
             c: cfg.dim,
             h: cfg.n_heads,
             kv: cfg.n_kv_heads,
@@ -256,19 +293,26 @@ impl MilBackend {
         for j in 0..chunk.count {
             let first = j * chunk.rows;
             let rows = chunk.rows.min(v - first);
+            let e_chunk = &e[first * c..(first + rows) * c];
+            let fresh = self.exec.stale(CLASSIFIER, j, &[e_chunk]);
             for bi in 0..self.b {
                 let mut srcs = vec![("xf", act(xf, bi, t, c))];
-                if bi == 0 {
-                    srcs.push(("e", Src::WeightTRows(&e[first * c..(first + rows) * c], rows)));
+                if bi == 0 && fresh {
+                    srcs.push(("e", Src::WeightTRows(e_chunk, rows)));
                 }
                 let e_ = &mut self.exec;
-                e_.run_slot(CLASSIFIER, j, &srcs)?;
+                e_.run(CLASSIFIER, j, &srcs)?;
                 let (s, id) = (e_.s, e_.ids[CLASSIFIER]);
                 let out = seq_mut(logits, bi, t, v);
                 e_.runner.read_output(id, 0, &mut |o| take(o, s, 0, rows, out, v, first, t))?;
             }
         }
         Ok(())
+    }
+
+    /// Weight stagings so far (one per kernel and slot whose weights were converted).
+    pub fn weight_stagings(&self) -> usize {
+        self.exec.stagings
     }
 
     pub fn runner(&self) -> &dyn KernelRunner {
@@ -291,6 +335,10 @@ impl Backend for MilBackend {
         self.exec.runner.name() == "ane"
     }
 
+    fn set_weights_version(&mut self, version: Option<u64>) {
+        self.exec.version = version;
+    }
+
     fn classifier_forward(&mut self, logits: &mut [f32], xf: &[f32], e: &[f32]) -> Result<bool> {
         self.classifier_logits(logits, xf, e)?;
         Ok(true)
@@ -302,16 +350,19 @@ impl Backend for MilBackend {
         let (wq, rest) = w.wqkv.split_at(qd * c);
         let (wk, wv) = rest.split_at(kd * c);
         let qk_norm = self.exec.set.dims.qk_norm;
+        let (qn, kn) = (w.q_norm.unwrap_or(&[]), w.k_norm.unwrap_or(&[]));
+        let fresh_attn = self.exec.stale(ATTN_FWD, w.layer, &[w.wqkv, qn, kn]);
+        let fresh_wo = self.exec.stale(WO_FWD, w.layer, &[w.wo]);
         for bi in 0..self.b {
             let mut srcs = vec![("xn", act(&acts.xn1, bi, t, c))];
-            if bi == 0 {
+            if bi == 0 && fresh_attn {
                 srcs.extend([("wq", Src::WeightT(wq)), ("wk", Src::WeightT(wk)), ("wv", Src::WeightT(wv))]);
                 if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
                     srcs.extend([("qn", Src::Column(qn)), ("kn", Src::Column(kn))]);
                 }
             }
             let e = &mut self.exec;
-            e.run(ATTN_FWD, &srcs)?;
+            e.run(ATTN_FWD, w.layer, &srcs)?;
             e.read(ATTN_FWD, "attn", seq_mut(&mut acts.attn, bi, t, qd), qd, 0)?;
             e.read(ATTN_FWD, "q", seq_mut(&mut acts.q, bi, t, qd), qd, 0)?;
             e.read(ATTN_FWD, "k", seq_mut(&mut acts.k, bi, t, kd), kd, 0)?;
@@ -321,10 +372,10 @@ impl Backend for MilBackend {
                 e.read(ATTN_FWD, "k_raw", seq_mut(&mut acts.k_raw, bi, t, kd), kd, 0)?;
             }
             let mut srcs = vec![("attn", act(&acts.attn, bi, t, qd))];
-            if bi == 0 {
+            if bi == 0 && fresh_wo {
                 srcs.push(("wo", Src::WeightT(w.wo)));
             }
-            e.run(WO_FWD, &srcs)?;
+            e.run(WO_FWD, w.layer, &srcs)?;
             e.read(WO_FWD, "out", seq_mut(o, bi, t, c), c, 0)?;
         }
         if qk_norm {
@@ -337,13 +388,14 @@ impl Backend for MilBackend {
     fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
         let (c, f, t) = (self.c, self.f, self.exec.t);
         let (w1, w3) = w.w13.split_at(f * c);
+        let fresh_ffn = self.exec.stale(FFN_FWD, w.layer, &[w.w13, w.w2]);
         for bi in 0..self.b {
             let mut srcs = vec![("xn", act(&acts.xn2, bi, t, c))];
-            if bi == 0 {
+            if bi == 0 && fresh_ffn {
                 srcs.extend([("w1", Src::WeightT(w1)), ("w3", Src::WeightT(w3)), ("w2", Src::Weight(w.w2))]);
             }
             let e = &mut self.exec;
-            e.run(FFN_FWD, &srcs)?;
+            e.run(FFN_FWD, w.layer, &srcs)?;
             e.read(FFN_FWD, "out", seq_mut(out, bi, t, c), c, 0)?;
             e.read(FFN_FWD, "h1", seq_mut(&mut acts.h13, bi, t, 2 * f), 2 * f, 0)?;
             e.read(FFN_FWD, "h3", seq_mut(&mut acts.h13, bi, t, 2 * f), 2 * f, f)?;
@@ -362,13 +414,15 @@ impl Backend for MilBackend {
     ) -> Result<()> {
         let (c, f, t) = (self.c, self.f, self.exec.t);
         let (w1, w3) = w.w13.split_at(f * c);
+        let fresh_w2t = self.exec.stale(FFN_BWD_W2T, w.layer, &[w.w2]);
+        let fresh_w13t = self.exec.stale(FFN_BWD_W13T, w.layer, &[w.w13]);
         for bi in 0..self.b {
             let e = &mut self.exec;
             let mut srcs = vec![("dout", act(d_out, bi, t, c))];
-            if bi == 0 {
+            if bi == 0 && fresh_w2t {
                 srcs.push(("w2", Src::Weight(w.w2)));
             }
-            e.run(FFN_BWD_W2T, &srcs)?;
+            e.run(FFN_BWD_W2T, w.layer, &srcs)?;
             e.read(FFN_BWD_W2T, "out", seq_mut(&mut g.dgate, bi, t, f), f, 0)?;
             let h13 = seq(&acts.h13, bi, t, 2 * f);
             let mut srcs = vec![
@@ -376,10 +430,10 @@ impl Backend for MilBackend {
                 ("h1", Src::Act { rows: h13, ld: 2 * f, col: 0 }),
                 ("h3", Src::Act { rows: h13, ld: 2 * f, col: f }),
             ];
-            if bi == 0 {
+            if bi == 0 && fresh_w13t {
                 srcs.extend([("w1", Src::Weight(w1)), ("w3", Src::Weight(w3))]);
             }
-            e.run(FFN_BWD_W13T, &srcs)?;
+            e.run(FFN_BWD_W13T, w.layer, &srcs)?;
             e.read(FFN_BWD_W13T, "dxn", seq_mut(dxn, bi, t, c), c, 0)?;
             e.read(FFN_BWD_W13T, "dh1", seq_mut(&mut g.dh13, bi, t, 2 * f), 2 * f, 0)?;
             e.read(FFN_BWD_W13T, "dh3", seq_mut(&mut g.dh13, bi, t, 2 * f), 2 * f, f)?;
@@ -402,15 +456,18 @@ impl Backend for MilBackend {
         let (wq, rest) = w.wqkv.split_at(qd * c);
         let (wk, wv) = rest.split_at(kd * c);
         let e = &mut self.exec;
+        let fresh_wob = e.stale(WO_BWD, w.layer, &[w.wo]);
+        let fresh_qb = e.stale(Q_BWD, w.layer, &[wq]);
+        let fresh_kvb = e.stale(KV_BWD, w.layer, &[wk, wv]);
         let (dv_at, _) = e.set.sdpa_bwd1.out_part("dv");
         let (p_at, _) = e.set.sdpa_bwd1.out_part("probs");
         let (dp_at, _) = e.set.sdpa_bwd1.out_part("dp");
         for bi in 0..self.b {
             let mut srcs = vec![("do", act(d_o, bi, t, c))];
-            if bi == 0 {
+            if bi == 0 && fresh_wob {
                 srcs.push(("wo", Src::Weight(w.wo)));
             }
-            e.run(WO_BWD, &srcs)?;
+            e.run(WO_BWD, w.layer, &srcs)?;
             e.read(WO_BWD, "out", seq_mut(&mut g.dattn, bi, t, qd), qd, 0)?;
             let srcs = [
                 ("q", act(&acts.q, bi, t, qd)),
@@ -418,7 +475,7 @@ impl Backend for MilBackend {
                 ("v", act(&acts.v, bi, t, kd)),
                 ("dattn", act(&g.dattn, bi, t, qd)),
             ];
-            e.run(SDPA_BWD1, &srcs)?;
+            e.run(SDPA_BWD1, w.layer, &srcs)?;
             let bwd1 = &mut self.bwd1_out;
             e.runner.read_output(e.ids[SDPA_BWD1], 0, &mut |out| bwd1.copy_from_slice(out))?;
             take(bwd1, e.s, dv_at, kd, seq_mut(&mut self.dv, bi, t, kd), kd, 0, t);
@@ -428,7 +485,7 @@ impl Backend for MilBackend {
                 ("q", act(&acts.q, bi, t, qd)),
                 ("k", act(&acts.k, bi, t, kd)),
             ];
-            e.run(SDPA_BWD2, &srcs)?;
+            e.run(SDPA_BWD2, w.layer, &srcs)?;
             e.read(SDPA_BWD2, "dq", seq_mut(&mut self.dq, bi, t, qd), qd, 0)?;
             e.read(SDPA_BWD2, "dk", seq_mut(&mut self.dk, bi, t, kd), kd, 0)?;
         }
@@ -449,16 +506,16 @@ impl Backend for MilBackend {
         }
         for bi in 0..self.b {
             let mut srcs = vec![("dq", act(dq, bi, t, qd))];
-            if bi == 0 {
+            if bi == 0 && fresh_qb {
                 srcs.push(("wq", Src::Weight(wq)));
             }
-            e.run(Q_BWD, &srcs)?;
+            e.run(Q_BWD, w.layer, &srcs)?;
             e.read(Q_BWD, "out", seq_mut(&mut self.dx_q, bi, t, c), c, 0)?;
             let mut srcs = vec![("dk", act(dk, bi, t, kd)), ("dv", act(&self.dv, bi, t, kd))];
-            if bi == 0 {
+            if bi == 0 && fresh_kvb {
                 srcs.extend([("wk", Src::Weight(wk)), ("wv", Src::Weight(wv))]);
             }
-            e.run(KV_BWD, &srcs)?;
+            e.run(KV_BWD, w.layer, &srcs)?;
             e.read(KV_BWD, "out", seq_mut(dxn, bi, t, c), c, 0)?;
         }
         for (x, q) in dxn[..n * c].iter_mut().zip(&self.dx_q) {

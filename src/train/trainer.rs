@@ -112,6 +112,7 @@ pub struct TrainSummary {
 
 pub struct Trainer {
     pub model: Model,
+    /// The weights. After changing them outside `step`, call `params_changed`.
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
     pub opt: AdamW,
@@ -124,6 +125,9 @@ pub struct Trainer {
     pub val_data: Option<TokenData>,
     /// Lowest validation loss so far (∞ before the first evaluation).
     pub best_val_loss: f64,
+    /// Bumped whenever `params` change (`params_changed`), and promised to the model as
+    /// its weights version, so accelerator backends stage weights once per update.
+    weights_version: u64,
     /// Test hook: make one gradient NaN in this (0-based) update, as an fp16 overflow would.
     pub inject_nonfinite_at: Option<usize>,
     tokens: Vec<u32>,
@@ -136,7 +140,8 @@ impl Trainer {
     /// Fresh run: seeded init, zero optimizer state. Every buffer of the loop is sized here.
     pub fn new(cfg: &ModelConfig, opts: TrainOptions, par: Par, backend: Box<dyn Backend>) -> Result<Self> {
         opts.validate(cfg)?;
-        let model = Model::new(cfg, opts.batch, opts.seq, par, backend)?;
+        let mut model = Model::new(cfg, opts.batch, opts.seq, par, backend)?;
+        model.set_weights_version(Some(0));
         let params = model.layout.init(opts.seed);
         let n = opts.batch * opts.seq;
         Ok(Trainer {
@@ -150,6 +155,7 @@ impl Trainer {
             start_step: 0,
             scaler: LossScaler::new(opts.loss_scale),
             inject_nonfinite_at: None,
+            weights_version: 0,
             val_data: None,
             best_val_loss: f64::INFINITY,
             params,
@@ -159,6 +165,13 @@ impl Trainer {
     }
 
     /// One optimizer update over `accum` micro-batches drawn from `data`.
+    /// Must follow any change to `params` made outside `step` (which calls it after each
+    /// update) so that backends holding staged weights restage them.
+    pub fn params_changed(&mut self) {
+        self.weights_version += 1;
+        self.model.set_weights_version(Some(self.weights_version));
+    }
+
     pub fn step(&mut self, data: &TokenData, step: usize) -> Result<StepEvent> {
         let start = Instant::now();
         let accum = self.opts.accum;
@@ -198,6 +211,7 @@ impl Trainer {
         if !skipped {
             let mult = clip_multiplier(grad_norm, self.opts.grad_clip) / loss_scale;
             self.opt.update(&mut self.params, &self.grads, lr, mult);
+            self.params_changed();
         }
         self.scaler.update(!skipped);
         let ms_optimizer = opt_start.elapsed().as_secs_f64() * 1e3;

@@ -73,6 +73,7 @@ pub mod blob;
 pub mod check;
 pub mod emit;
 pub mod export;
+mod graph;
 pub mod parse;
 pub mod sim;
 pub mod types;

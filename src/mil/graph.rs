@@ -1,0 +1,211 @@
+//! Building MIL function bodies: a `Builder` that infers each statement's type with
+//! `types::infer` (so the emitted declarations are right by construction and checked again
+//! by the parser), dedupes constants, collects blob files, and the sub-graphs the kernels
+//! share (linear layers, head reshapes, RoPE, per-head RMSNorm).
+
+use super::TensorSig;
+use super::ast::{Arg, Literal, Stmt, Type};
+use super::blob::{CHUNK_OFFSET, blob_file};
+use super::types::{ArgInfo, infer};
+use half::f16;
+use std::collections::HashMap;
+
+/// A named value and its shape, as the builder tracks it.
+#[derive(Clone, Debug)]
+pub(super) struct V(pub String, pub Vec<usize>);
+
+/// Builds one function body, inferring every statement's type with `types::infer` and
+/// reusing identical constants.
+pub(super) struct Builder {
+    pub(super) body: Vec<Stmt>,
+    env: HashMap<String, (Type, Option<Literal>)>,
+    consts: Vec<(Literal, String)>,
+    pub(super) blobs: Vec<(String, Vec<u8>)>,
+}
+
+impl Builder {
+    pub(super) fn new(inputs: &[TensorSig]) -> Self {
+        let mut env = HashMap::new();
+        for i in inputs {
+            env.insert(i.name.clone(), (Type::fp16(&i.shape), None));
+        }
+        Builder { body: Vec::new(), env, consts: Vec::new(), blobs: Vec::new() }
+    }
+
+    pub(super) fn konst(&mut self, lit: Literal) -> String {
+        if let Some((_, n)) = self.consts.iter().find(|(l, _)| *l == lit) {
+            return n.clone();
+        }
+        let name = format!("c{}", self.consts.len());
+        self.push_const(&name, lit.clone());
+        self.consts.push((lit, name.clone()));
+        name
+    }
+
+    pub(super) fn push_const(&mut self, name: &str, lit: Literal) {
+        let ty = lit.ty();
+        self.env.insert(name.to_string(), (ty.clone(), Some(lit.clone())));
+        self.body.push(Stmt { ty, name: name.to_string(), op: "const".into(), args: vec![], val: Some(lit) });
+    }
+
+    pub(super) fn ints(&mut self, v: &[usize]) -> String {
+        self.konst(Literal::IntTensor(vec![v.len()], v.iter().map(|&x| x as i64).collect()))
+    }
+
+    /// An fp16 tensor constant stored in its own blob file `weights/<name>.bin`.
+    pub(super) fn blob(&mut self, name: &str, shape: &[usize], data: &[f32]) -> V {
+        let path = format!("weights/{name}.bin");
+        let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+        self.blobs.push((path.clone(), blob_file(&h)));
+        let lit = Literal::Blob { ty: Type::fp16(shape), path: format!("@model_path/{path}"), offset: CHUNK_OFFSET };
+        self.push_const(name, lit);
+        V(name.to_string(), shape.to_vec())
+    }
+
+    pub(super) fn op(&mut self, name: &str, op: &str, args: &[(&str, Arg)]) -> V {
+        let infos: Vec<(String, ArgInfo)> = args
+            .iter()
+            .map(|(k, a)| {
+                let info = match a {
+                    Arg::Name(n) => {
+                        let (t, l) = self.env[n].clone();
+                        ArgInfo::Value(t, l)
+                    }
+                    Arg::Tuple(ns) => ArgInfo::Tuple(ns.iter().map(|n| self.env[n].0.clone()).collect()),
+                };
+                (k.to_string(), info)
+            })
+            .collect();
+        let ty = infer(op, &infos).unwrap_or_else(|e| panic!("emitter bug: {op} `{name}`: {e}"));
+        assert!(!self.env.contains_key(name), "emitter bug: `{name}` defined twice");
+        self.env.insert(name.to_string(), (ty.clone(), None));
+        let shape = ty.shape().to_vec();
+        let args = args.iter().map(|(k, a)| (k.to_string(), a.clone())).collect();
+        self.body.push(Stmt { ty, name: name.to_string(), op: op.into(), args, val: None });
+        V(name.to_string(), shape)
+    }
+
+    pub(super) fn slice(&mut self, name: &str, x: &V, begin: &[usize], size: &[usize]) -> V {
+        let (b, s) = (self.ints(begin), self.ints(size));
+        self.op(name, "slice_by_size", &[("x", n(x)), ("begin", Arg::Name(b)), ("size", Arg::Name(s))])
+    }
+
+    pub(super) fn reshape(&mut self, name: &str, x: &V, shape: &[usize]) -> V {
+        let s = self.ints(shape);
+        self.op(name, "reshape", &[("shape", Arg::Name(s)), ("x", n(x))])
+    }
+
+    /// Swaps the last two axes (the only permutation the original system's programs use).
+    pub(super) fn transpose(&mut self, name: &str, x: &V) -> V {
+        let p = self.ints(&[0, 1, 3, 2]);
+        self.op(name, "transpose", &[("perm", Arg::Name(p)), ("x", n(x))])
+    }
+
+    pub(super) fn matmul(&mut self, name: &str, x: &V, y: &V, tx: bool, ty: bool) -> V {
+        let (a, b) = (self.konst(Literal::Bool(tx)), self.konst(Literal::Bool(ty)));
+        self.op(
+            name,
+            "matmul",
+            &[("transpose_x", Arg::Name(a)), ("transpose_y", Arg::Name(b)), ("x", n(x)), ("y", n(y))],
+        )
+    }
+
+    pub(super) fn concat(&mut self, name: &str, axis: i64, values: &[&V]) -> V {
+        let (a, i) = (self.konst(Literal::Int32(axis)), self.konst(Literal::Bool(false)));
+        let vals = Arg::Tuple(values.iter().map(|v| v.0.clone()).collect());
+        self.op(name, "concat", &[("axis", Arg::Name(a)), ("interleave", Arg::Name(i)), ("values", vals)])
+    }
+
+    pub(super) fn binary(&mut self, name: &str, op: &str, x: &V, y: &V) -> V {
+        self.op(name, op, &[("x", n(x)), ("y", n(y))])
+    }
+
+    pub(super) fn scalar(&mut self, x: f32) -> V {
+        let h = f16::from_f32(x).to_f32();
+        V(self.konst(Literal::Fp16(h)), vec![])
+    }
+
+    pub(super) fn unary(&mut self, name: &str, op: &str, x: &V) -> V {
+        self.op(name, op, &[("x", n(x))])
+    }
+
+    pub(super) fn softmax(&mut self, name: &str, x: &V) -> V {
+        let a = self.konst(Literal::Int32(-1));
+        self.op(name, "softmax", &[("axis", Arg::Name(a)), ("x", n(x))])
+    }
+
+    pub(super) fn reduce_sum_last(&mut self, name: &str, x: &V) -> V {
+        let (a, k) = (self.konst(Literal::IntTensor(vec![1], vec![-1])), self.konst(Literal::Bool(true)));
+        self.op(name, "reduce_sum", &[("axes", Arg::Name(a)), ("keep_dims", Arg::Name(k)), ("x", n(x))])
+    }
+
+    pub(super) fn pow(&mut self, name: &str, x: &V, y: f32) -> V {
+        let e = self.scalar(y);
+        self.binary(name, "pow", x, &e)
+    }
+}
+
+pub(super) fn n(v: &V) -> Arg {
+    Arg::Name(v.0.clone())
+}
+
+/// `y [1, OC, 1, S]` = Wᵀ·act for `w` staged `[1, IC, 1, OC]` and `act` `[1, IC, 1, S]`.
+pub(super) fn linear(b: &mut Builder, name: &str, w: &V, act4: &V) -> V {
+    let (ic, oc, s) = (w.1[1], w.1[3], act4.1[3]);
+    let w4 = b.reshape(&format!("{name}_w"), w, &[1, 1, ic, oc]);
+    let y = b.matmul(&format!("{name}_mm"), &w4, act4, true, false);
+    b.reshape(name, &y, &[1, oc, 1, s])
+}
+
+/// `[1, IC, 1, S]` → `[1, 1, IC, S]`, the matmul view of an activation.
+pub(super) fn as_rows(b: &mut Builder, x: &V) -> V {
+    let (ic, s) = (x.1[1], x.1[3]);
+    b.reshape(&format!("{}_r", x.0), x, &[1, 1, ic, s])
+}
+
+/// `[1, NH·D, 1, S]` → `[1, NH, S, D]`
+pub(super) fn to_heads(b: &mut Builder, name: &str, x: &V, nh: usize, d: usize, s: usize) -> V {
+    let r = b.reshape(&format!("{name}_hds"), x, &[1, nh, d, s]);
+    b.transpose(name, &r)
+}
+
+/// `[1, NH, S, D]` → `[1, NH·D, 1, S]`
+pub(super) fn from_heads(b: &mut Builder, name: &str, x: &V) -> V {
+    let (nh, s, d) = (x.1[1], x.1[2], x.1[3]);
+    let t = b.transpose(&format!("{name}_t"), x);
+    b.reshape(name, &t, &[1, nh * d, 1, s])
+}
+
+/// Rotate-half RoPE on `[1, NH, S, D]`: x·cos + rot(x)·sin with rot(x) = (−x₂, x₁); the
+/// inverse (the backward) rotates by −θ: rot = (x₂, −x₁).
+pub(super) fn rope(b: &mut Builder, name: &str, x: &V, cos: &V, sin: &V, inverse: bool) -> V {
+    let (nh, s, d) = (x.1[1], x.1[2], x.1[3]);
+    let half = d / 2;
+    let x1 = b.slice(&format!("{name}_x1"), x, &[0, 0, 0, 0], &[1, nh, s, half]);
+    let x2 = b.slice(&format!("{name}_x2"), x, &[0, 0, 0, half], &[1, nh, s, half]);
+    let m1 = b.scalar(-1.0);
+    let rot = if inverse {
+        let n1 = b.binary(&format!("{name}_nx1"), "mul", &x1, &m1);
+        b.concat(&format!("{name}_rot"), 3, &[&x2, &n1])
+    } else {
+        let n2 = b.binary(&format!("{name}_nx2"), "mul", &x2, &m1);
+        b.concat(&format!("{name}_rot"), 3, &[&n2, &x1])
+    };
+    let xc = b.binary(&format!("{name}_xc"), "mul", x, cos);
+    let rs = b.binary(&format!("{name}_rs"), "mul", &rot, sin);
+    b.binary(name, "add", &xc, &rs)
+}
+
+/// Per-head RMSNorm over the last axis of `[1, NH, S, D]` with gain `g` `[1, 1, 1, D]`.
+pub(super) fn head_norm(b: &mut Builder, name: &str, x: &V, g: &V, eps: f64) -> V {
+    let d = x.1[3];
+    let sq = b.binary(&format!("{name}_sq"), "mul", x, x);
+    let ss = b.reduce_sum_last(&format!("{name}_ss"), &sq);
+    let inv_d = b.scalar(1.0 / d as f32);
+    let ms = b.binary(&format!("{name}_ms"), "mul", &ss, &inv_d);
+    let e = b.scalar(eps as f32);
+    let mse = b.binary(&format!("{name}_mse"), "add", &ms, &e);
+    let r = b.pow(&format!("{name}_r"), &mse, -0.5);
+    let xr = b.binary(&format!("{name}_xr"), "mul", x, &r);
+    b.binary(name, "mul", &xr, g)
+}

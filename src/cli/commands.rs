@@ -1,0 +1,290 @@
+//! The other subcommands: info, bench, convert, eval, generate, prepare.
+
+use crate::{ExportDtype, Runtime, group_digits};
+use anetrain::backend::BackendKind;
+use anetrain::bench;
+use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
+use anetrain::checkpoint::safetensors::Dtype;
+use anetrain::config::ModelConfig;
+use anetrain::mil::emit::InputLayout;
+use anetrain::ops::{GemmImpl, Par};
+use anetrain::train::TrainOptions;
+use anetrain::train::adamw::AdamWConfig;
+use anetrain::train::loss_scale::LossScaleMode;
+use anyhow::{Result, bail};
+
+pub fn info(model: &str, seq: usize) -> Result<()> {
+    let cfg = ModelConfig::resolve(model)?;
+    println!("model        {}", cfg.name);
+    println!("dim (C)      {}", cfg.dim);
+    println!("ffn (F)      {}", cfg.ffn_dim);
+    println!("layers (L)   {}", cfg.n_layers);
+    println!("heads (H)    {}  kv heads (KV) {}  head_dim (D) {}", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    println!("vocab (V)    {}", cfg.vocab_size);
+    println!("max seq      {}", cfg.max_seq_len);
+    println!("rope theta   {}  norm eps {:e}", cfg.rope_theta, cfg.norm_eps);
+    println!("qk-norm      {}", cfg.qk_norm);
+    println!("classifier   {}", if cfg.tied_embeddings { "tied to embedding" } else { "untied (lm_head)" });
+    println!("parameters   {}", group_digits(cfg.param_count()));
+    println!(
+        "FLOPs/token  forward {:.4} GFLOP, training {:.4} GFLOP (T = {seq})",
+        cfg.forward_flops_per_token(seq) / 1e9,
+        cfg.train_flops_per_token(seq) / 1e9
+    );
+    Ok(())
+}
+
+pub fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, threads: Option<usize>) -> Result<()> {
+    let cfg = ModelConfig::resolve(model)?;
+    let impls = bench::impls_to_bench(which);
+    if impls.iter().any(|g| !g.available()) {
+        bail!("--impl blas needs a build with `--features blas`");
+    }
+    let (par0, pool) = Runtime { threads, gemm: GemmImpl::Gemm }.setup()?;
+    println!("GEMM throughput at {} shapes, N = B·T = {n}, {} threads (GFLOP/s, median)", cfg.name, par0.threads);
+    let shapes = bench::model_gemm_shapes(&cfg, n);
+    print!("{:<28} {:>6} {:>6} {:>6}", "shape", "m", "n", "k");
+    for g in &impls {
+        print!(" {:>15}", format!("{g:?}").to_lowercase());
+    }
+    println!();
+    let mut step_secs = vec![0.0; impls.len()];
+    let total_flops: f64 = shapes.iter().map(|s| s.flops() * s.per_step as f64).sum();
+    for shape in &shapes {
+        print!("{:<28} {:>6} {:>6} {:>6}", shape.name, shape.m, shape.n, shape.k);
+        for (i, &gemm) in impls.iter().enumerate() {
+            let gf = pool.install(|| bench::bench_gemm_shape(shape, Par { gemm, ..par0 }, budget));
+            step_secs[i] += shape.flops() * shape.per_step as f64 / (gf * 1e9);
+            print!(" {gf:>15.1}");
+        }
+        println!();
+    }
+    print!("{:<49}", "whole-step GEMM mix (time-weighted)");
+    for secs in &step_secs {
+        print!(" {:>15.1}", total_flops / secs / 1e9);
+    }
+    println!();
+    print!("{:<28} {:>6} {:>6} {:>6}", "peak: square", 1024, 1024, 1024);
+    for &gemm in &impls {
+        print!(" {:>15.1}", pool.install(|| bench::gemm_peak_gflops(Par { gemm, ..par0 }, budget)));
+    }
+    println!();
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+/// `bench step` options beyond the shape.
+pub struct StepArgs {
+    pub accum: usize,
+    pub min_micro: usize,
+    pub json: bool,
+    pub dw_overlap: Option<bool>,
+    pub backend: BackendKind,
+    pub mil_layout: InputLayout,
+}
+
+pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Runtime) -> Result<()> {
+    let StepArgs { accum, min_micro, json, dw_overlap, backend, mil_layout } = step;
+    let cfg = ModelConfig::resolve(model)?;
+    let (par, pool) = rt.setup()?;
+    let opts = TrainOptions {
+        steps: 1_000_000,
+        batch,
+        seq,
+        accum,
+        schedule_lr: 3e-4,
+        min_lr: 3e-5,
+        warmup: 0,
+        adamw: AdamWConfig::default(),
+        grad_clip: 1.0,
+        loss_scale: LossScaleMode::Dynamic,
+        eval_every: 0,
+        eval_tokens: 0,
+        seed: 1,
+    };
+    let backend = anetrain::backend::build(backend, &cfg, batch, seq, par, mil_layout)?;
+    let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap, backend))?;
+    let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["gemm_peak_gflops"] = peak.into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "{} ({} params), backend {}, {} threads, B={} T={} accum={}",
+        r.model,
+        group_digits(r.params),
+        r.backend,
+        r.threads,
+        r.batch,
+        r.seq,
+        r.accum
+    );
+    println!(
+        "median micro-step    {:.1} ms over {} micro-steps (forward {:.1} ms, backward {:.1} ms)",
+        r.median_micro_ms, r.timed_micro_steps, r.median_forward_ms, r.median_backward_ms
+    );
+    println!(
+        "kernels / dW         kernels {:.1} ms, dW {:.1} ms ({}), dW wait {:.1} ms per micro-step",
+        r.median_kernel_ms,
+        r.median_dw_ms,
+        if r.dw_overlap { "overlapped" } else { "inline" },
+        r.median_dw_wait_ms
+    );
+    println!("optimizer update     {:.1} ms (once per {} micro-steps)", r.median_optimizer_ms, r.accum);
+    println!("throughput           {:.1} tokens/s incl. optimizer", r.tokens_per_s);
+    println!(
+        "achieved             {:.1} GFLOP/s = {:.0}% of the 1024³ GEMM peak ({peak:.1} GFLOP/s)",
+        r.gflops,
+        100.0 * r.gflops / peak
+    );
+    println!("peak RSS             {:.0} MB", r.peak_rss_mb);
+    Ok(())
+}
+
+pub fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype, format: Llama2cFormat) -> Result<()> {
+    let dtype = match dtype {
+        ExportDtype::F32 => Dtype::F32,
+        ExportDtype::Bf16 => Dtype::BF16,
+    };
+    let cfg = anetrain::checkpoint::convert(from, to, dtype, format)?;
+    println!("wrote {} ({} parameters) from {}", to.display(), group_digits(cfg.param_count()), from.display());
+    Ok(())
+}
+
+pub fn eval(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    seq: usize,
+    batch: usize,
+    batches: usize,
+    json: bool,
+    rt: Runtime,
+) -> Result<()> {
+    let (cfg, params) = anetrain::checkpoint::load_model(model)?;
+    if seq == 0 || batch == 0 {
+        bail!("--seq and --batch must be at least 1");
+    }
+    if seq > cfg.max_seq_len {
+        bail!("--seq {seq} exceeds the model's max_position_embeddings ({})", cfg.max_seq_len);
+    }
+    let tokens = anetrain::data::TokenData::open(data, cfg.vocab_size, None)?;
+    let (par, pool) = rt.setup()?;
+    let r = pool.install(|| anetrain::eval::evaluate(&cfg, &params, &tokens, seq, batch, batches, par))?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} windows of {seq}, {} tokens: loss {:.6}, perplexity {:.4} ({:.1} s, {:.0} tokens/s)",
+            r.windows, r.tokens, r.loss, r.perplexity, r.seconds, r.tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    model: &std::path::Path,
+    ids: &[u32],
+    prompt: Option<&str>,
+    tokenizer: Option<&anetrain::tokenizer::Tokenizer>,
+    max_tokens: usize,
+    sampling: anetrain::generate::Sampling,
+    eos: Option<u32>,
+    rt: Runtime,
+) -> Result<()> {
+    use std::io::Write;
+    if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
+        bail!("--temperature must be a non-negative number");
+    }
+    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    let (cfg, params) = anetrain::checkpoint::load_model(model)?;
+    // Text prompts start a document (BOS / document token) and stop at the next one.
+    let mut ids = ids.to_vec();
+    let mut eos = eos;
+    if let (Some(text), Some(tok)) = (prompt, tokenizer) {
+        ids = tok.doc_token.into_iter().chain(tok.encode(text)?).collect();
+        eos = eos.or(tok.doc_token);
+        print!("{text}");
+    }
+    let ids = &ids[..];
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        bail!("prompt token id {bad} is outside the model's vocabulary ({})", cfg.vocab_size);
+    }
+    let (par, pool) = rt.setup()?;
+    let (prefill_s, decode_s, n) = pool.install(|| {
+        // Text is printed as the difference between successive decodings of everything
+        // generated so far (a token may be half of a character).
+        let (mut generated, mut shown) = (Vec::new(), 0usize);
+        anetrain::generate::generate(&cfg, &params, ids, max_tokens, sampling, eos, par, |t| {
+            let mut out = std::io::stdout().lock();
+            match tokenizer.filter(|_| prompt.is_some()) {
+                Some(tok) => {
+                    generated.push(t);
+                    if let Ok(text) = tok.decode(&generated)
+                        && !text.ends_with('\u{fffd}')
+                        && text.len() > shown
+                        && text.is_char_boundary(shown)
+                    {
+                        let _ = write!(out, "{}", &text[shown..]);
+                        shown = text.len();
+                    }
+                }
+                None => {
+                    let _ = write!(out, "{t} ");
+                }
+            }
+            let _ = out.flush();
+        })
+    })?;
+    println!();
+    eprintln!(
+        "prefill: {} tokens in {:.1} ms ({:.0} tokens/s); decode: {n} tokens in {:.1} ms ({:.1} tokens/s)",
+        ids.len(),
+        prefill_s * 1e3,
+        ids.len() as f64 / prefill_s,
+        decode_s * 1e3,
+        n.saturating_sub(1) as f64 / decode_s.max(1e-9)
+    );
+    Ok(())
+}
+
+pub fn prepare(
+    tokenizer: &str,
+    inputs: &[String],
+    out: &std::path::Path,
+    val_fraction: f64,
+    seed: u64,
+    rt: Runtime,
+) -> Result<()> {
+    let (_, pool) = rt.setup()?;
+    let start = std::time::Instant::now();
+    let mut docs = Vec::new();
+    for input in inputs {
+        docs.extend(anetrain::prepare::read_documents(input, seed)?);
+    }
+    eprintln!(
+        "read {} documents in {:.1} s; building the tokenizer ({tokenizer})",
+        docs.len(),
+        start.elapsed().as_secs_f64()
+    );
+    let tok = pool.install(|| anetrain::prepare::tokenizer_for(tokenizer, &docs))?;
+    let s = pool.install(|| anetrain::prepare::prepare(&docs, &tok, out, val_fraction))?;
+    println!(
+        "{} documents, {} train + {} validation tokens, vocabulary {} ({}), tokenized {:.1} MB in {:.2} s ({:.1} MB/s, {:.0} tokens/s)",
+        s.documents,
+        s.train_tokens,
+        s.val_tokens,
+        tok.vocab_size(),
+        tok.fingerprint,
+        s.bytes as f64 / 1e6,
+        s.seconds,
+        s.bytes as f64 / 1e6 / s.seconds,
+        (s.train_tokens + s.val_tokens) as f64 / s.seconds
+    );
+    println!("wrote {}/train.tok, val.tok and the tokenizer", out.display());
+    Ok(())
+}

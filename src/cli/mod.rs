@@ -1,0 +1,5 @@
+//! Subcommand implementations of the `anetrain` binary (the argument structs live in
+//! `main.rs`).
+
+pub mod commands;
+pub mod train;

@@ -1,0 +1,236 @@
+//! `anetrain train`: data, model, backend and trainer from the command line; the run, its
+//! report, and a sample from the trained model.
+
+use crate::{TrainArgs, group_digits};
+use anetrain::backend::Backend;
+use anetrain::bench;
+use anetrain::config::ModelConfig;
+use anetrain::data::SYNTHETIC_ENTROPY;
+use anetrain::ops::Par;
+use anetrain::telemetry::Telemetry;
+use anetrain::train::adamw::AdamWConfig;
+use anetrain::train::loss_scale::LossScaleMode;
+use anetrain::train::{TrainOptions, Trainer};
+use anyhow::{Result, bail};
+use std::path::PathBuf;
+
+/// Refuses a model whose weights, gradients and AdamW moments (16 bytes per parameter) cannot
+/// fit in the memory this machine has available, instead of dying in the allocator.
+fn check_memory(cfg: &ModelConfig) -> Result<()> {
+    let need = 16 * cfg.param_count() as u64;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    });
+    if let Some(available) = available
+        && need > available
+    {
+        bail!(
+            "{} needs about {:.1} GB for weights, gradients and optimizer state; {:.1} GB is available",
+            cfg.name,
+            need as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// Prints what the trained model writes after "Once upon a time".
+fn sample_story(
+    cfg: &ModelConfig,
+    params: &[f32],
+    tok: &anetrain::tokenizer::Tokenizer,
+    seed: u64,
+    par: Par,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    let mut prompt: Vec<u32> = tok.doc_token.into_iter().collect();
+    prompt.extend(tok.encode("Once upon a time")?);
+    let sampling = anetrain::generate::Sampling { temperature: 0.8, top_k: 0, top_p: 0.9, seed };
+    let mut ids = prompt.clone();
+    let max_new = 160.min(cfg.max_seq_len.saturating_sub(prompt.len()));
+    pool.install(|| {
+        anetrain::generate::generate(cfg, params, &prompt, max_new, sampling, tok.doc_token, par, |t| ids.push(t))
+    })?;
+    let text = tok.decode(&ids)?;
+    println!("--- sample (temperature 0.8, top-p 0.9) ---\n{}", text.trim());
+    Ok(())
+}
+
+/// `[#####-----]` for `done` of `total`.
+fn progress_bar(done: usize, total: usize) -> String {
+    let filled = (done * 20).checked_div(total).unwrap_or(20).min(20);
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
+/// `1h02m`, `3m05s` or `12s`.
+fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = ModelConfig::resolve(&args.model)?;
+    let (par, pool) = args.rt.setup()?;
+    let opts = TrainOptions {
+        steps: args.steps,
+        batch: args.batch,
+        seq: args.seq,
+        accum: args.accum,
+        schedule_lr: args.lr,
+        min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+        warmup: args.warmup.unwrap_or(args.steps / 20),
+        adamw: AdamWConfig {
+            beta1: args.beta1,
+            beta2: args.beta2,
+            eps: args.adam_eps,
+            weight_decay: args.weight_decay,
+        },
+        grad_clip: args.grad_clip,
+        loss_scale: LossScaleMode::parse(&args.loss_scale)?,
+        eval_every: args.eval_every,
+        eval_tokens: args.eval_tokens,
+        seed: args.seed,
+    };
+    opts.validate(&cfg)?;
+    check_memory(&cfg)?;
+    let min_tokens = args.batch * (args.seq + 1) * 4;
+    let prepared = anetrain::prepare::training_data(
+        &args.data,
+        cfg.vocab_size,
+        args.seed,
+        min_tokens,
+        args.val_data.as_deref(),
+        args.tokenizer.as_deref(),
+    )?;
+    let (data, val_data, tokenizer) = (prepared.train, prepared.val, prepared.tokenizer);
+    if args.eval_every > 0 && val_data.is_none() {
+        println!("note: no --val-data, so no validation (--eval-every {} ignored)", args.eval_every);
+    }
+    let mut telemetry = match &args.log {
+        Some(path) => Telemetry::to_file(path)?,
+        None => Telemetry::none(),
+    };
+    let backend: Box<dyn Backend> =
+        anetrain::backend::build(args.backend, &cfg, args.batch, args.seq, par, args.mil_layout)?;
+    let dw_overlap = args.dw_overlap.forced().unwrap_or(backend.overlaps_dw());
+    println!(
+        "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?} | dW overlap {}",
+        cfg.name,
+        group_digits(cfg.param_count()),
+        data.source,
+        backend.name(),
+        par.threads,
+        par.gemm,
+        if dw_overlap { "on" } else { "off" }
+    );
+    println!(
+        "B={} T={} accum={} -> {} tokens/update, {} updates, lr {:.1e} -> {:.1e}, warmup {}",
+        args.batch,
+        args.seq,
+        args.accum,
+        args.batch * args.seq * args.accum,
+        args.steps,
+        opts.schedule_lr,
+        opts.min_lr,
+        opts.warmup
+    );
+    if args.data == "synthetic" {
+        println!(
+            "data: synthetic Markov chain; loss starts near ln(V) = {:.2}, floor ≈ {SYNTHETIC_ENTROPY:.2} nats",
+            (cfg.vocab_size as f64).ln()
+        );
+    }
+    let steps = args.steps;
+    let every = args.print_every.max(1);
+    let resume = args.resume.clone();
+    if let Some(dir) = &args.ckpt_dir {
+        anetrain::checkpoint::native::check_writable(dir)?;
+    }
+    let ckpt = args.ckpt_dir.clone().map(|dir| anetrain::train::CheckpointPolicy {
+        dir,
+        every: args.ckpt_every,
+        keep_last: args.keep_last,
+    });
+    anetrain::signals::install();
+    let (summary, params) = pool.install(|| -> Result<_> {
+        let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
+        trainer.model.set_dw_overlap(dw_overlap)?;
+        trainer.val_data = val_data;
+        if let Some(spec) = &resume {
+            let path = match (spec.as_str(), &ckpt) {
+                ("latest", Some(policy)) => policy.dir.clone(),
+                ("latest", None) => bail!("--resume latest needs --ckpt-dir"),
+                (other, _) => PathBuf::from(other),
+            };
+            let checkpoint = anetrain::checkpoint::native::load(&path)?;
+            checkpoint.restore(&mut trainer, &data)?;
+            println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
+        }
+        let (started, first_step) = (std::time::Instant::now(), trainer.start_step);
+        trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
+            let done = ev.step - first_step;
+            let eta = started.elapsed().as_secs_f64() / done as f64 * (steps - ev.step) as f64;
+            if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped || ev.val_loss.is_some()
+            {
+                println!(
+                    "step {:>5}/{steps} {} | loss {:.4}{} | lr {:.2e} | grad norm {:.3}{} | {:>6.0} tok/s | {:>6.1} ms | ETA {}",
+                    ev.step,
+                    progress_bar(ev.step, steps),
+                    ev.loss,
+                    ev.val_loss.map_or(String::new(), |v| format!(" | val {v:.4}")),
+                    ev.lr,
+                    ev.grad_norm,
+                    if ev.skipped { " (non-finite: update skipped, loss scale halved)" } else { "" },
+                    ev.tokens_per_s,
+                    ev.ms_step,
+                    format_duration(eta)
+                );
+            }
+        })
+        .map(|summary| (summary, trainer.params))
+    })?;
+    if summary.interrupted {
+        let saved = args.ckpt_dir.as_ref().map_or(String::from(" (no --ckpt-dir: nothing saved)"), |d| {
+            format!("; checkpoint in {}, continue with --resume latest", d.display())
+        });
+        println!("interrupted after {} updates{saved}", summary.losses.len());
+    }
+    let peak = if args.no_peak { None } else { Some(pool.install(|| bench::gemm_peak_gflops(par, 0.3))) };
+    println!("--- efficiency ---");
+    println!("wall time            {:.2} s", summary.wall_s);
+    println!("median micro-step    {:.1} ms (B·T = {} tokens)", summary.median_micro_ms, args.batch * args.seq);
+    println!("throughput           {:.0} tokens/s", summary.tokens_per_s);
+    println!(
+        "kernels / dW         kernels {:.1} ms, dW {:.1} ms ({}), dW wait {:.1} ms per update",
+        summary.kernel_ms,
+        summary.dw_ms,
+        if summary.dw_overlap { "overlapped" } else { "inline" },
+        summary.dw_wait_ms
+    );
+    println!(
+        "achieved             {:.1} GFLOP/s ({:.3} GFLOP/token)",
+        summary.gflops,
+        cfg.train_flops_per_token(args.seq) / 1e9
+    );
+    if let Some(peak) = peak {
+        println!(
+            "GEMM peak (1024³)    {peak:.1} GFLOP/s -> {:.0}% of peak over the whole run",
+            100.0 * summary.gflops / peak
+        );
+    }
+    println!("peak RSS             {:.0} MB", bench::peak_rss_mb());
+    if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
+        println!("loss                 {first:.4} -> {last:.4}");
+    }
+    if let Some(tok) = &tokenizer {
+        sample_story(&cfg, &params, tok, args.seed, par, &pool)?;
+    }
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! The `ane` runner: MIL kernels compiled and run on the Apple Neural Engine through the private
 //! AppleNeuralEngine.framework, behind `crate::mil::KernelRunner`.
 //!
-//! Status, plainly: this module is compiled and unit-tested on Linux only; its authors have
+//! Status, plainly: this module is compiled and unit-tested on Linux, and type-checked and
+//! linted for aarch64-apple-darwin (no Apple linker, so never linked there); its authors have
 //! never run it on Apple hardware. On a machine without the framework `AneRunner::new` fails
 //! with one sentence naming the missing library and the alternatives. The hardware-facing code
 //! follows the call sequence in the project's reference notes on the original Objective-C

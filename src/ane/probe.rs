@@ -17,6 +17,7 @@ use crate::ops::Par;
 use crate::rng::Rng;
 use anyhow::{Context, Result};
 use half::f16;
+use std::io::Write;
 use std::time::Instant;
 
 /// The default probe shape: small, but GQA with QK-norm and head_dim ≠ dim/heads, so every
@@ -44,19 +45,54 @@ pub fn run(model: Option<&str>, t: usize, layout: InputLayout) -> Result<()> {
         Some(m) => ModelConfig::resolve(m)?,
         None => probe_config(),
     };
-    let mut ane = AneRunner::new(AneOptions::default())?;
-    println!("anetrain ane probe {} | device {}", env!("CARGO_PKG_VERSION"), ane.device_info().unwrap_or("?".into()));
-    println!(
+    let ane = AneRunner::new(AneOptions::default())?;
+    let device = ane.device_info().unwrap_or("?".into());
+    drop(ane);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "anetrain ane probe {} | device {device}", env!("CARGO_PKG_VERSION"))?;
+    let failures = report(
+        &cfg,
+        t,
+        layout,
+        &|| Ok(Box::new(AneRunner::new(AneOptions::default())?) as Box<dyn KernelRunner>),
+        &mut out,
+    )?;
+    writeln!(
+        out,
+        "\n{} — please report this output (chip, macOS version) in an issue: it is how this backend gets verified.",
+        if failures == 0 { "all kernels agree".to_string() } else { format!("{failures} problems") }
+    )?;
+    anyhow::ensure!(failures == 0, "{failures} kernel checks failed on this device");
+    Ok(())
+}
+
+/// The probe's two tables for a device made by `device` (called twice: once for the raw
+/// kernels, once for the backend), written to `out`; returns the number of failed checks.
+/// Tests run it with the simulator as the device.
+pub fn report(
+    cfg: &ModelConfig,
+    t: usize,
+    layout: InputLayout,
+    device: &dyn Fn() -> Result<Box<dyn KernelRunner>>,
+    out: &mut dyn Write,
+) -> Result<usize> {
+    let mut ane = device()?;
+    writeln!(
+        out,
         "model {}: C={} H={} KV={} D={} F={} qk_norm={} | T={t} | {layout:?} layout",
         cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.qk_norm
-    );
-    let set = KernelSet::new(&cfg, t, layout)?;
+    )?;
+    let set = KernelSet::new(cfg, t, layout)?;
     let mut sim = SimRunner::new(Par::seq());
     let mut rng = Rng::new(1);
-    println!("\n1. raw kernels, Neural Engine vs fp16 simulator (same random fp16 inputs)");
-    println!("{:<14} {:>11} {:>9} {:>10} {:>10}  status", "kernel", "compile ms", "eval ms", "max rel", "mean rel");
+    writeln!(out, "\n1. raw kernels, {} vs fp16 simulator (same random fp16 inputs)", ane.name())?;
+    writeln!(
+        out,
+        "{:<14} {:>11} {:>9} {:>10} {:>10}  status",
+        "kernel", "compile ms", "eval ms", "max rel", "mean rel"
+    )?;
     let mut failures = 0;
-    for k in set.all() {
+    for k in set.all().into_iter().chain([&set.classifier]) {
         let p = &k.program;
         let start = Instant::now();
         let loaded = ane.load(p, 1);
@@ -65,7 +101,11 @@ pub fn run(model: Option<&str>, t: usize, layout: InputLayout) -> Result<()> {
             Ok(id) => id,
             Err(e) => {
                 failures += 1;
-                println!("{:<14} {compile_ms:>11.1} {:>9} {:>10} {:>10}  COMPILE FAILED: {e:#}", p.name, "-", "-", "-");
+                writeln!(
+                    out,
+                    "{:<14} {compile_ms:>11.1} {:>9} {:>10} {:>10}  COMPILE FAILED: {e:#}",
+                    p.name, "-", "-", "-"
+                )?;
                 continue;
             }
         };
@@ -88,7 +128,7 @@ pub fn run(model: Option<&str>, t: usize, layout: InputLayout) -> Result<()> {
         times.sort_by(f64::total_cmp);
         if let Err(e) = eval {
             failures += 1;
-            println!("{:<14} {compile_ms:>11.1} {:>9} {:>10} {:>10}  EVAL FAILED: {e:#}", p.name, "-", "-", "-");
+            writeln!(out, "{:<14} {compile_ms:>11.1} {:>9} {:>10} {:>10}  EVAL FAILED: {e:#}", p.name, "-", "-", "-")?;
             continue;
         }
         sim.eval(sid, 0)?;
@@ -100,28 +140,46 @@ pub fn run(model: Option<&str>, t: usize, layout: InputLayout) -> Result<()> {
         let ok = max <= MAX_TOL && mean <= MEAN_TOL;
         failures += usize::from(!ok);
         let status = if ok { "ok" } else { "MISMATCH" };
-        println!(
-            "{:<14} {compile_ms:>11.1} {:>9.3} {max:>10.2e} {mean:>10.2e}  {status}",
-            p.name,
-            times[times.len() / 2]
-        );
+        let eval_ms = times[times.len() / 2];
+        writeln!(out, "{:<14} {compile_ms:>11.1} {eval_ms:>9.3} {max:>10.2e} {mean:>10.2e}  {status}", p.name)?;
     }
-    drop(ane);
 
-    println!("\n2. ane backend vs f32 cpu backend on a random layer (limits: max {MAX_TOL:.0e}, mean {MEAN_TOL:.0e})");
-    let runner = AneRunner::new(AneOptions::default())?;
-    let mut backend = MilBackend::new(&cfg, 1, t, layout, Box::new(runner)).context("building the ane backend")?;
-    let rows = compare_with_cpu(&cfg, 1, t, &mut backend, 7)?;
-    println!("{:<16} {:<20} {:>10} {:>10}  status", "kernel", "output", "max rel", "mean rel");
+    let name = ane.name();
+    drop(ane);
+    writeln!(
+        out,
+        "\n2. {name} backend vs f32 cpu backend on a random layer (limits: max {MAX_TOL:.0e}, mean {MEAN_TOL:.0e})"
+    )?;
+    let mut backend =
+        MilBackend::new(cfg, 1, t, layout, device()?).with_context(|| format!("building the {name} backend"))?;
+    let rows = compare_with_cpu(cfg, 1, t, &mut backend, 7)?;
+    writeln!(out, "{:<16} {:<20} {:>10} {:>10}  status", "kernel", "output", "max rel", "mean rel")?;
     for r in &rows {
         failures += usize::from(!r.ok());
         let status = if r.ok() { "ok" } else { "MISMATCH" };
-        println!("{:<16} {:<20} {:>10.2e} {:>10.2e}  {status}", r.kernel, r.what, r.max_rel, r.mean_rel);
+        writeln!(out, "{:<16} {:<20} {:>10.2e} {:>10.2e}  {status}", r.kernel, r.what, r.max_rel, r.mean_rel)?;
     }
-    println!(
-        "\n{} — please report this output (chip, macOS version) in an issue: it is how this backend gets verified.",
-        if failures == 0 { "all kernels agree".to_string() } else { format!("{failures} problems") }
-    );
-    anyhow::ensure!(failures == 0, "{failures} kernel checks failed on this device");
-    Ok(())
+    Ok(failures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe end to end with the simulator standing in for the Neural Engine: every
+    /// kernel compiles, runs, agrees with itself and with the cpu backend.
+    #[test]
+    fn probe_runs_every_check_against_a_simulated_device() {
+        let cfg = ModelConfig { dim: 64, ffn_dim: 96, head_dim: 24, ..probe_config() };
+        let mut out = Vec::new();
+        let sim = || Ok(Box::new(SimRunner::new(Par::seq())) as Box<dyn KernelRunner>);
+        let failures = report(&cfg, 20, InputLayout::Packed, &sim, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(failures, 0, "{text}");
+        for k in ["attn_fwd", "wo_fwd", "ffn_fwd", "ffn_bwd_w13t", "sdpa_bwd1", "sdpa_bwd2", "kv_bwd", "classifier"] {
+            assert!(text.matches(k).count() >= 1, "{k} missing from:\n{text}");
+        }
+        assert_eq!(text.matches("  ok").count(), 11 + 20, "11 kernels, 20 compared outputs: {text}");
+        assert!(!text.contains("MISMATCH") && !text.contains("FAILED"), "{text}");
+    }
 }

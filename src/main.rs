@@ -312,6 +312,11 @@ struct BenchShape {
 
 #[derive(Subcommand)]
 enum MilCommand {
+    /// Parse and type-check MIL files (this crate's subset); errors give line and column.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Write every kernel's MIL program and weight blob files, plus manifest.json.
     Emit {
         /// Preset name or path to an HF config.json.
@@ -406,6 +411,14 @@ fn tune_allocator() {}
 
 fn main() {
     tune_allocator();
+    // Piped into `head` and the like, exit quietly when the reader goes away, as command-line
+    // tools do, instead of panicking on the first failed print. Rust ignores SIGPIPE by
+    // default; restore the default action.
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(err) = run(Cli::parse()) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
@@ -422,6 +435,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, dw_overlap, backend, mil_layout, rt }) => {
             let step = StepArgs { accum, min_micro, json, dw_overlap: dw_overlap.forced(), backend, mil_layout };
             bench_step(&shape.model, shape.batch, shape.seq, step, rt)
+        }
+        Command::Mil(MilCommand::Check { files }) => {
+            for f in &files {
+                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+                let program = anetrain::mil::parse::parse(&text).with_context(|| format!("{}", f.display()))?;
+                println!("{}: ok ({} statements)", f.display(), program.func.body.len());
+            }
+            Ok(())
         }
         Command::Mil(MilCommand::Emit { model, seq, layout, out }) => {
             let cfg = ModelConfig::resolve(&model)?;

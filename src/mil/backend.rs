@@ -4,11 +4,15 @@
 //! Staging converts between the model's row-major f32 `[N, X]` activations and the
 //! accelerator's fp16 `[1, X, 1, S]` tensors (one sequence of the micro-batch per
 //! evaluation; positions T..S are zero), and writes each weight in the `[IC, OC]` form its
-//! kernel expects. Weights are staged on the first sequence of each call and stay in the
-//! kernel's input buffers for the rest of the micro-batch.
+//! kernel expects. Every kernel has one slot (input buffers, on the hardware IOSurfaces and a
+//! request) per layer; a layer's weights are written into its slot when the weights version
+//! the model promised (`Backend::set_weights_version`) or their probe changes, so within an
+//! optimizer update only activations are written. Without a version they are staged on every
+//! call (once, for the first sequence of the micro-batch).
 //!
-//! The residual stream, RMSNorms, classifier and loss stay in f32 on the CPU (the model's
-//! orchestration); only the kernels' inputs and outputs are fp16. QK-norm's backward (a
+//! The residual stream, RMSNorms, loss and the classifier's backward stay in f32 on the CPU
+//! (the model's orchestration); the classifier's forward runs as chunked kernels. Only the
+//! kernels' inputs and outputs are fp16. QK-norm's backward (a
 //! per-head RMSNorm backward and its gain gradient) runs on the CPU between `sdpa_bwd2`
 //! and `q_bwd`, from the pre-norm projections the forward kernel exports.
 

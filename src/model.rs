@@ -217,31 +217,10 @@ impl Model {
             backend.shape().1
         );
         let n = b * t;
-        let (c, f, qd, kd) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
-        let qk = usize::from(cfg.qk_norm);
+        let c = cfg.dim;
         let z = |len: usize| vec![0.0f32; len];
-        let acts = (0..cfg.n_layers)
-            .map(|_| LayerActs {
-                x_in: z(n * c),
-                rstd1: z(n),
-                xn1: z(n * c),
-                q_raw: z(qk * n * qd),
-                k_raw: z(qk * n * kd),
-                q_rstd: z(qk * n * cfg.n_heads),
-                k_rstd: z(qk * n * cfg.n_kv_heads),
-                q: z(n * qd),
-                k: z(n * kd),
-                v: z(n * kd),
-                probs: z(b * cfg.n_heads * t * t),
-                attn: z(n * qd),
-                x_mid: z(n * c),
-                rstd2: z(n),
-                xn2: z(n * c),
-                h13: z(n * 2 * f),
-                gate: z(n * f),
-            })
-            .collect();
-        let grads = LayerGrads { dattn: z(n * qd), dqkv: z(n * (qd + 2 * kd)), dgate: z(n * f), dh13: z(n * 2 * f) };
+        let acts = (0..cfg.n_layers).map(|_| LayerActs::new(cfg, b, t)).collect();
+        let grads = LayerGrads::new(cfg, b, t);
         let overlap = backend.overlaps_dw();
         let mut model = Model {
             cfg: cfg.clone(),

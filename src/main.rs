@@ -340,7 +340,8 @@ enum AneCommand {
         /// Preset name or path to an HF config.json (default: a small GQA + QK-norm shape).
         #[arg(long)]
         model: Option<String>,
-        #[arg(long, default_value_t = 64)]
+        /// Sequence length; the default 40 pads to 64, so the padded positions are checked.
+        #[arg(long, default_value_t = 40)]
         seq: usize,
         #[arg(long, value_enum, default_value = "packed")]
         layout: InputLayout,
@@ -448,6 +449,9 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = ModelConfig::resolve(&model)?;
             let written = anetrain::mil::export::write_kernel_set(&cfg, seq, layout, &out)?;
             println!("wrote {} kernels for {} (T={seq}, {layout:?} layout) to {}", written, cfg.name, out.display());
+            for note in anetrain::mil::emit::hardware_notes(&cfg) {
+                println!("note: {note} (unverified; `anetrain ane probe --model ...` on a Mac settles it)");
+            }
             Ok(())
         }
         Command::Ane(AneCommand::Probe { model, seq, layout }) => {

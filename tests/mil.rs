@@ -77,7 +77,8 @@ fn every_program() -> Vec<(String, anetrain::mil::KernelProgram)> {
     let mut all = Vec::new();
     for name in ["mha", "gqa-qknorm"] {
         for layout in [InputLayout::Packed, InputLayout::Separate] {
-            for k in KernelSet::new(&tiny(name), 20, layout).unwrap().all() {
+            let set = KernelSet::new(&tiny(name), 20, layout).unwrap();
+            for k in set.all().into_iter().chain([&set.classifier]) {
                 all.push((format!("{name}/{layout:?}/{}", k.program.name), k.program.clone()));
             }
         }
@@ -88,7 +89,7 @@ fn every_program() -> Vec<(String, anetrain::mil::KernelProgram)> {
 #[test]
 fn parser_round_trips_every_emitted_program() {
     let all = every_program();
-    assert_eq!(all.len(), 40);
+    assert_eq!(all.len(), 44);
     for (what, p) in all {
         let ast = parse(&p.mil).unwrap_or_else(|e| panic!("{what}: {e:#}"));
         assert_eq!(ast.text(), p.mil, "{what}: printing the parsed program changes the text");
@@ -142,6 +143,7 @@ fn parser_rejects_malformed_programs_with_line_and_column() {
     rejects(mil, 1, |_| "prog(1.3)".into(), Some(1), "expected `program`");
     let last = mil.lines().count() - 1;
     rejects(mil, last, |l| l.replace("-> (", "-> (nope"), None, "is not defined");
+    rejects(mil, last, |l| l.replace("-> (y0)", "-> (y0, y0)"), None, "listed twice");
     let header = find("func main");
     rejects(mil, header, |l| l.replace("tensor<fp16", "tensor<fp32"), None, "must be fp16");
     // A shape that does not fit what the op makes, and a slice past its input.
@@ -209,7 +211,7 @@ fn kernels_respect_the_hardware_limits() {
         let cfg = ModelConfig::preset(preset).unwrap();
         for layout in [InputLayout::Packed, InputLayout::Separate] {
             let set = KernelSet::new(&cfg, 256, layout).unwrap();
-            for k in set.all() {
+            for k in set.all().into_iter().chain([&set.classifier]) {
                 for sig in k.program.inputs.iter().chain(&k.program.outputs) {
                     assert!(sig.shape.iter().all(|&d| d <= 65536), "{preset} {}: {sig:?}", k.program.name);
                     assert_eq!(sig.shape[3] % 16, 0, "{preset} {}: {sig:?}", k.program.name);
@@ -320,4 +322,125 @@ fn weights_stay_staged_per_layer_while_their_version_holds() {
     let before = fresh.weight_stagings();
     forward(&mut fresh, &params, 0);
     assert_eq!(fresh.weight_stagings(), before + 2, "without a version, every call stages");
+}
+
+/// QK-norm with large pre-norm projections (RMS ≈ 40 at D = 128, where squaring the raw
+/// values would overflow fp16's sum and zero q out) still matches the cpu backend.
+#[test]
+fn qk_norm_survives_large_projections() {
+    use anetrain::backend::cpu::CpuBackend;
+    use anetrain::backend::{Backend, LayerActs};
+    use anetrain::params::ParamLayout;
+    let cfg = ModelConfig { dim: 128, head_dim: 128, n_heads: 2, n_kv_heads: 1, ..tiny("gqa-qknorm") };
+    let (b, t) = (1, 20);
+    let layout = ParamLayout::new(&cfg);
+    let mut params = layout.init(1);
+    let mut rng = anetrain::rng::Rng::new(3);
+    for tensor in &layout.tensors {
+        let std = if tensor.name.contains("q_proj") || tensor.name.contains("k_proj") { 40.0 } else { 1.0 };
+        for x in &mut params[tensor.range()] {
+            *x = if tensor.shape.len() == 1 { 1.0 } else { (std * rng.normal() / (cfg.dim as f64).sqrt()) as f32 };
+        }
+    }
+    let w = layout.layer(&params, 0);
+    let mut a_cpu = LayerActs::new(&cfg, b, t);
+    a_cpu.xn1 = (0..t * cfg.dim).map(|_| rng.normal() as f32).collect();
+    let mut a_sim = LayerActs::new(&cfg, b, t);
+    a_sim.xn1 = a_cpu.xn1.clone();
+    let mut o = vec![0.0; t * cfg.dim];
+    CpuBackend::new(&cfg, b, t, Par::seq()).attention_forward(&mut o, &mut a_cpu, &w).unwrap();
+    let mut sim = MilBackend::new(&cfg, b, t, InputLayout::Separate, Box::new(SimRunner::new(Par::seq()))).unwrap();
+    sim.attention_forward(&mut o, &mut a_sim, &w).unwrap();
+    let rms = (a_cpu.q_raw.iter().map(|x| (x * x) as f64).sum::<f64>() / a_cpu.q_raw.len() as f64).sqrt();
+    assert!(rms > 30.0, "the test needs large projections, got RMS {rms}");
+    for (what, got, want) in [("q", &a_sim.q, &a_cpu.q), ("k", &a_sim.k, &a_cpu.k), ("attn", &a_sim.attn, &a_cpu.attn)]
+    {
+        let (max, mean) = anetrain::mil::check::rel_errors(got, want);
+        assert!(max <= MAX_TOL && mean <= MEAN_TOL, "{what}: max {max:.2e}, mean {mean:.2e} at q_raw RMS {rms:.1}");
+    }
+    // An eps that fp16 rounds to zero would turn padded positions into NaN: refused.
+    let err = KernelSet::new(&ModelConfig { norm_eps: 1e-9, ..cfg.clone() }, 20, InputLayout::Packed).unwrap_err();
+    assert!(err.to_string().contains("rounds to 0 in fp16"), "{err}");
+}
+
+/// Through a whole model: with a weights version, one forward + backward stages each
+/// weight-bearing kernel once per layer (8 of them) plus the classifier's chunk; a second
+/// micro-batch under the same version stages nothing; a new version stages everything again.
+#[test]
+fn a_micro_batch_under_the_same_version_stages_no_weights() {
+    use anetrain::backend::Backend;
+    use anetrain::model::Model;
+    let cfg = tiny("gqa-qknorm");
+    let (b, t) = (2, 20);
+    let par = Par::seq();
+    let new = || MilBackend::new(&cfg, b, t, InputLayout::Packed, Box::new(SimRunner::new(par))).unwrap();
+    // The staging count is read through a second handle: the model owns the backend.
+    struct Shared(std::sync::Arc<std::sync::Mutex<MilBackend>>);
+    impl Backend for Shared {
+        fn name(&self) -> &'static str {
+            "mil-sim"
+        }
+        fn shape(&self) -> (usize, usize) {
+            self.0.lock().unwrap().shape()
+        }
+        fn set_weights_version(&mut self, v: Option<u64>) {
+            self.0.lock().unwrap().set_weights_version(v)
+        }
+        fn classifier_forward(&mut self, l: &mut [f32], x: &[f32], e: &[f32]) -> anyhow::Result<bool> {
+            self.0.lock().unwrap().classifier_forward(l, x, e)
+        }
+        fn attention_forward(
+            &mut self,
+            o: &mut [f32],
+            a: &mut anetrain::backend::LayerActs,
+            w: &anetrain::backend::Weights,
+        ) -> anyhow::Result<()> {
+            self.0.lock().unwrap().attention_forward(o, a, w)
+        }
+        fn ffn_forward(
+            &mut self,
+            o: &mut [f32],
+            a: &mut anetrain::backend::LayerActs,
+            w: &anetrain::backend::Weights,
+        ) -> anyhow::Result<()> {
+            self.0.lock().unwrap().ffn_forward(o, a, w)
+        }
+        fn ffn_backward_dx(
+            &mut self,
+            dx: &mut [f32],
+            g: &mut anetrain::backend::LayerGrads,
+            d: &[f32],
+            a: &anetrain::backend::LayerActs,
+            w: &anetrain::backend::Weights,
+        ) -> anyhow::Result<()> {
+            self.0.lock().unwrap().ffn_backward_dx(dx, g, d, a, w)
+        }
+        fn attention_backward_dx(
+            &mut self,
+            dx: &mut [f32],
+            g: &mut anetrain::backend::LayerGrads,
+            n: anetrain::backend::QkNormGrads,
+            d: &[f32],
+            a: &anetrain::backend::LayerActs,
+            w: &anetrain::backend::Weights,
+        ) -> anyhow::Result<()> {
+            self.0.lock().unwrap().attention_backward_dx(dx, g, n, d, a, w)
+        }
+    }
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(new()));
+    let mut model = Model::new(&cfg, b, t, par, Box::new(Shared(shared.clone()))).unwrap();
+    let params = model.layout.init(5);
+    let mut grads = vec![0.0; params.len()];
+    let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
+    let targets: Vec<u32> = tokens.iter().map(|&x| (x + 1) % cfg.vocab_size as u32).collect();
+    let per_pass = 8 * cfg.n_layers + 1;
+    model.set_weights_version(Some(1));
+    let first = model.forward_backward(&params, &mut grads, &tokens, &targets, 1.0, 2).unwrap();
+    assert_eq!(shared.lock().unwrap().weight_stagings(), per_pass);
+    let second = model.forward_backward(&params, &mut grads, &tokens, &targets, 1.0, 2).unwrap();
+    assert_eq!(shared.lock().unwrap().weight_stagings(), per_pass, "same version: only activations written");
+    assert_eq!(first.sum.to_bits(), second.sum.to_bits());
+    model.set_weights_version(Some(2));
+    model.forward_backward(&params, &mut grads, &tokens, &targets, 1.0, 2).unwrap();
+    assert_eq!(shared.lock().unwrap().weight_stagings(), 2 * per_pass);
 }

@@ -138,7 +138,9 @@ fn fp16_overflow_in_the_simulator_engages_dynamic_loss_scaling() {
     }
 }
 
+/// Off Apple silicon (where the framework cannot load); `mil emit` and `mil check` everywhere.
 #[test]
+#[cfg(not(all(target_os = "macos", target_arch = "aarch64")))]
 fn the_neural_engine_path_without_the_hardware() {
     let (ok, out) = anetrain(&["train", "--backend", "ane", "--steps", "1", "--data", "synthetic"]);
     assert!(!ok);
@@ -152,7 +154,7 @@ fn the_neural_engine_path_without_the_hardware() {
     assert!(ok, "{out}");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["padded_seq"], 112);
+    assert_eq!(manifest["padded_seq"], 128);
     let kernels = manifest["kernels"].as_array().unwrap();
     assert_eq!(kernels.len(), 11, "10 layer kernels and the classifier");
     assert_eq!(manifest["classifier_chunks"]["count"], 1);
@@ -164,13 +166,6 @@ fn the_neural_engine_path_without_the_hardware() {
             assert!(kdir.join(w.as_str().unwrap()).is_file());
         }
     }
-    let good = dir.join("wo_fwd/model.mil");
-    let (ok, out) = anetrain(&["mil", "check", good.to_str().unwrap()]);
-    assert!(ok && out.contains(": ok ("), "{out}");
-    let bad = dir.join("bad.mil");
-    std::fs::write(&bad, std::fs::read_to_string(&good).unwrap().replace("matmul(", "matmull(")).unwrap();
-    let (ok, out) = anetrain(&["mil", "check", bad.to_str().unwrap()]);
-    assert!(!ok && out.contains("bad.mil: line ") && out.contains("unsupported op `matmull`"), "{out}");
     let good = dir.join("wo_fwd/model.mil");
     let (ok, out) = anetrain(&["mil", "check", good.to_str().unwrap()]);
     assert!(ok && out.contains(": ok ("), "{out}");

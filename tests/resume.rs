@@ -154,8 +154,8 @@ fn best_checkpoint_follows_the_lowest_validation_loss() {
 }
 
 /// The same on the fp16 MIL simulator, whose backend keeps each layer's weights staged
-/// between updates: restoring must restage them (the trainer bumps its weights version), so
-/// the split run is still bit-identical to the whole one.
+/// between updates: the split run is still bit-identical to the whole one. (That a restore
+/// restages is checked on its own below.)
 #[test]
 fn resume_is_bit_exact_on_mil_sim() {
     use anetrain::mil::backend::MilBackend;
@@ -176,8 +176,7 @@ fn resume_is_bit_exact_on_mil_sim() {
     let mut first = sim();
     let mut losses: Vec<f64> = (0..6).map(|s| first.step(&data, s).unwrap().loss).collect();
     native::save(&dir, &first, 6, &data, 0).unwrap();
-    // Continue the first trainer's backend state into a restore: its slots hold update-6
-    // weights; the restored (identical) weights must still be restaged, not trusted.
+    // Restore into the trainer that wrote the checkpoint, too: both must continue alike.
     native::load(&dir).unwrap().restore(&mut first, &data).unwrap();
     let mut second = sim();
     native::load(&dir).unwrap().restore(&mut second, &data).unwrap();
@@ -195,4 +194,67 @@ fn resume_is_bit_exact_on_mil_sim() {
 
 fn bits_f64(x: &[f64]) -> Vec<u64> {
     x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// A restore must bump the weights version even when it loads the very weights the
+/// backend's slots already hold (same buffer, same values: the probe cannot tell), or an
+/// accelerator would keep whatever it staged. Counted as input writes of a simulated device
+/// with separate weight inputs: after a restore, the next update restages the forward
+/// kernels' weights too.
+#[test]
+fn restore_restages_weights_on_mil_backends() {
+    use anetrain::mil::backend::MilBackend;
+    use anetrain::mil::emit::InputLayout;
+    use anetrain::mil::sim::SimRunner;
+    use anetrain::mil::{KernelProgram, KernelRunner};
+    use half::f16;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Counting(SimRunner, Arc<AtomicUsize>);
+    impl KernelRunner for Counting {
+        fn name(&self) -> &'static str {
+            "mil-sim"
+        }
+        fn load(&mut self, p: &KernelProgram, slots: usize) -> anyhow::Result<usize> {
+            self.0.load(p, slots)
+        }
+        fn write_input(&mut self, k: usize, s: usize, i: usize, f: &mut dyn FnMut(&mut [f16])) -> anyhow::Result<()> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.write_input(k, s, i, f)
+        }
+        fn eval(&mut self, k: usize, s: usize) -> anyhow::Result<()> {
+            self.0.eval(k, s)
+        }
+        fn read_output(&mut self, k: usize, o: usize, f: &mut dyn FnMut(&[f16])) -> anyhow::Result<()> {
+            self.0.read_output(k, o, f)
+        }
+        fn compiles(&self) -> usize {
+            self.0.compiles()
+        }
+    }
+    let cfg = cfg();
+    let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
+    let dir = std::env::temp_dir().join(format!("anetrain-restage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    let writes_in_next_update = |restore: bool| -> usize {
+        let count = Arc::new(AtomicUsize::new(0));
+        let runner = Counting(SimRunner::new(par), count.clone());
+        let backend = MilBackend::new(&cfg, 2, 16, InputLayout::Separate, Box::new(runner)).unwrap();
+        let mut trainer = Trainer::new(&cfg, TrainOptions { steps: 12, ..opts() }, par, Box::new(backend)).unwrap();
+        for s in 0..4 {
+            trainer.step(&data, s).unwrap();
+        }
+        trainer.validate(&data).unwrap(); // stages the forward kernels at the current version
+        if restore {
+            native::save(&dir, &trainer, 4, &data, 0).unwrap();
+            native::load(&dir).unwrap().restore(&mut trainer, &data).unwrap();
+        }
+        let before = count.load(Ordering::Relaxed);
+        trainer.step(&data, 4).unwrap();
+        count.load(Ordering::Relaxed) - before
+    };
+    let (plain, restored) = (writes_in_next_update(false), writes_in_next_update(true));
+    assert!(restored > plain, "a restore must restage: {restored} input writes vs {plain} without a restore");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -21,7 +21,7 @@ use std::io::Write;
 use std::time::Instant;
 
 /// The default probe shape: small, but GQA with QK-norm and head_dim ≠ dim/heads, so every
-/// kernel variant is exercised.
+/// kernel variant is exercised (with the default T = 40, padded positions too).
 pub fn probe_config() -> ModelConfig {
     ModelConfig {
         name: "probe-gqa-qknorm".into(),
@@ -82,6 +82,9 @@ pub fn report(
         "model {}: C={} H={} KV={} D={} F={} qk_norm={} | T={t} | {layout:?} layout",
         cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.qk_norm
     )?;
+    for note in crate::mil::emit::hardware_notes(cfg) {
+        writeln!(out, "note: {note}: a mismatch below may come from that")?;
+    }
     let set = KernelSet::new(cfg, t, layout)?;
     let mut sim = SimRunner::new(Par::seq());
     let mut rng = Rng::new(1);

@@ -69,6 +69,8 @@ fn probe(weights: &[&[f32]]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     };
     for w in weights {
+        // The buffer's address and length catch "a different parameter buffer" outright.
+        mix(w.as_ptr() as u64);
         mix(w.len() as u64);
         for i in 0..8.min(w.len()) {
             mix(u64::from(w[i * w.len() / 8.min(w.len())].to_bits()));
@@ -97,23 +99,42 @@ impl Exec {
     }
 
     /// Writes the given pieces into `slot` of kernel `which` and evaluates it.
-    fn run(&mut self, which: usize, slot: usize, srcs: &[(&str, Src)]) -> Result<()> {
+    /// Pieces given as `None` are left as they are (weights already staged in that slot).
+    fn run(&mut self, which: usize, slot: usize, srcs: &[(&str, Option<Src>)]) -> Result<()> {
         let k: &Kernel = if which == CLASSIFIER { &self.set.classifier } else { self.set.all()[which] };
-        let t = self.t;
-        for (input, sig) in k.program.inputs.iter().enumerate() {
-            let width = sig.shape[3];
-            let mine: Vec<(&Piece, &Src)> =
-                srcs.iter().map(|(name, src)| (k.piece(name), src)).filter(|(p, _)| p.input == input).collect();
-            if mine.is_empty() {
-                continue;
-            }
-            self.runner.write_input(self.ids[which], slot, input, &mut |buf| {
-                for (p, src) in &mine {
-                    put(buf, width, p, src, t);
+        let (t, id) = (self.t, self.ids[which]);
+        let runner = &mut self.runner;
+        let mut attempt = || -> Result<()> {
+            for (input, sig) in k.program.inputs.iter().enumerate() {
+                let width = sig.shape[3];
+                let mine = |(name, src): &(&str, Option<Src>)| src.is_some() && k.piece(name).input == input;
+                if !srcs.iter().any(mine) {
+                    continue;
                 }
-            })?;
+                runner.write_input(id, slot, input, &mut |buf| {
+                    for (name, src) in srcs.iter() {
+                        if let Some(src) = src {
+                            let p = k.piece(name);
+                            if p.input == input {
+                                put(buf, width, p, src, t);
+                            }
+                        }
+                    }
+                })?;
+            }
+            runner.eval(id, slot).with_context(|| format!("evaluating kernel {}", k.program.name))
+        };
+        let result = attempt();
+        if result.is_err() {
+            self.forget_staged();
         }
-        self.runner.eval(self.ids[which], slot).with_context(|| format!("evaluating kernel {}", k.program.name))
+        result
+    }
+
+    /// Forgets what every slot holds, so everything is staged again: after a failed kernel
+    /// call, slots marked staged for this call's other kernels may never have been written.
+    fn forget_staged(&mut self) {
+        self.staged.iter_mut().flatten().for_each(|c| *c = None);
     }
 
     /// Reads output part `name` of kernel `which` into `[T, ld]` rows at column `col`.
@@ -300,10 +321,8 @@ impl MilBackend {
             let e_chunk = &e[first * c..(first + rows) * c];
             let fresh = self.exec.stale(CLASSIFIER, j, &[e_chunk]);
             for bi in 0..self.b {
-                let mut srcs = vec![("xf", act(xf, bi, t, c))];
-                if bi == 0 && fresh {
-                    srcs.push(("e", Src::WeightTRows(e_chunk, rows)));
-                }
+                let stage = bi == 0 && fresh;
+                let srcs = [("xf", Some(act(xf, bi, t, c))), ("e", stage.then_some(Src::WeightTRows(e_chunk, rows)))];
                 let e_ = &mut self.exec;
                 e_.run(CLASSIFIER, j, &srcs)?;
                 let (s, id) = (e_.s, e_.ids[CLASSIFIER]);
@@ -358,13 +377,15 @@ impl Backend for MilBackend {
         let fresh_attn = self.exec.stale(ATTN_FWD, w.layer, &[w.wqkv, qn, kn]);
         let fresh_wo = self.exec.stale(WO_FWD, w.layer, &[w.wo]);
         for bi in 0..self.b {
-            let mut srcs = vec![("xn", act(&acts.xn1, bi, t, c))];
-            if bi == 0 && fresh_attn {
-                srcs.extend([("wq", Src::WeightT(wq)), ("wk", Src::WeightT(wk)), ("wv", Src::WeightT(wv))]);
-                if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
-                    srcs.extend([("qn", Src::Column(qn)), ("kn", Src::Column(kn))]);
-                }
-            }
+            let stage = bi == 0 && fresh_attn;
+            let srcs = [
+                ("xn", Some(act(&acts.xn1, bi, t, c))),
+                ("wq", stage.then_some(Src::WeightT(wq))),
+                ("wk", stage.then_some(Src::WeightT(wk))),
+                ("wv", stage.then_some(Src::WeightT(wv))),
+                ("qn", w.q_norm.filter(|_| stage).map(Src::Column)),
+                ("kn", w.k_norm.filter(|_| stage).map(Src::Column)),
+            ];
             let e = &mut self.exec;
             e.run(ATTN_FWD, w.layer, &srcs)?;
             e.read(ATTN_FWD, "attn", seq_mut(&mut acts.attn, bi, t, qd), qd, 0)?;
@@ -375,10 +396,8 @@ impl Backend for MilBackend {
                 e.read(ATTN_FWD, "q_raw", seq_mut(&mut acts.q_raw, bi, t, qd), qd, 0)?;
                 e.read(ATTN_FWD, "k_raw", seq_mut(&mut acts.k_raw, bi, t, kd), kd, 0)?;
             }
-            let mut srcs = vec![("attn", act(&acts.attn, bi, t, qd))];
-            if bi == 0 && fresh_wo {
-                srcs.push(("wo", Src::WeightT(w.wo)));
-            }
+            let stage = bi == 0 && fresh_wo;
+            let srcs = [("attn", Some(act(&acts.attn, bi, t, qd))), ("wo", stage.then_some(Src::WeightT(w.wo)))];
             e.run(WO_FWD, w.layer, &srcs)?;
             e.read(WO_FWD, "out", seq_mut(o, bi, t, c), c, 0)?;
         }
@@ -394,10 +413,13 @@ impl Backend for MilBackend {
         let (w1, w3) = w.w13.split_at(f * c);
         let fresh_ffn = self.exec.stale(FFN_FWD, w.layer, &[w.w13, w.w2]);
         for bi in 0..self.b {
-            let mut srcs = vec![("xn", act(&acts.xn2, bi, t, c))];
-            if bi == 0 && fresh_ffn {
-                srcs.extend([("w1", Src::WeightT(w1)), ("w3", Src::WeightT(w3)), ("w2", Src::Weight(w.w2))]);
-            }
+            let stage = bi == 0 && fresh_ffn;
+            let srcs = [
+                ("xn", Some(act(&acts.xn2, bi, t, c))),
+                ("w1", stage.then_some(Src::WeightT(w1))),
+                ("w3", stage.then_some(Src::WeightT(w3))),
+                ("w2", stage.then_some(Src::Weight(w.w2))),
+            ];
             let e = &mut self.exec;
             e.run(FFN_FWD, w.layer, &srcs)?;
             e.read(FFN_FWD, "out", seq_mut(out, bi, t, c), c, 0)?;
@@ -422,21 +444,19 @@ impl Backend for MilBackend {
         let fresh_w13t = self.exec.stale(FFN_BWD_W13T, w.layer, &[w.w13]);
         for bi in 0..self.b {
             let e = &mut self.exec;
-            let mut srcs = vec![("dout", act(d_out, bi, t, c))];
-            if bi == 0 && fresh_w2t {
-                srcs.push(("w2", Src::Weight(w.w2)));
-            }
+            let stage = bi == 0 && fresh_w2t;
+            let srcs = [("dout", Some(act(d_out, bi, t, c))), ("w2", stage.then_some(Src::Weight(w.w2)))];
             e.run(FFN_BWD_W2T, w.layer, &srcs)?;
             e.read(FFN_BWD_W2T, "out", seq_mut(&mut g.dgate, bi, t, f), f, 0)?;
             let h13 = seq(&acts.h13, bi, t, 2 * f);
-            let mut srcs = vec![
-                ("dgate", act(&g.dgate, bi, t, f)),
-                ("h1", Src::Act { rows: h13, ld: 2 * f, col: 0 }),
-                ("h3", Src::Act { rows: h13, ld: 2 * f, col: f }),
+            let stage = bi == 0 && fresh_w13t;
+            let srcs = [
+                ("dgate", Some(act(&g.dgate, bi, t, f))),
+                ("h1", Some(Src::Act { rows: h13, ld: 2 * f, col: 0 })),
+                ("h3", Some(Src::Act { rows: h13, ld: 2 * f, col: f })),
+                ("w1", stage.then_some(Src::Weight(w1))),
+                ("w3", stage.then_some(Src::Weight(w3))),
             ];
-            if bi == 0 && fresh_w13t {
-                srcs.extend([("w1", Src::Weight(w1)), ("w3", Src::Weight(w3))]);
-            }
             e.run(FFN_BWD_W13T, w.layer, &srcs)?;
             e.read(FFN_BWD_W13T, "dxn", seq_mut(dxn, bi, t, c), c, 0)?;
             e.read(FFN_BWD_W13T, "dh1", seq_mut(&mut g.dh13, bi, t, 2 * f), 2 * f, 0)?;
@@ -467,27 +487,25 @@ impl Backend for MilBackend {
         let (p_at, _) = e.set.sdpa_bwd1.out_part("probs");
         let (dp_at, _) = e.set.sdpa_bwd1.out_part("dp");
         for bi in 0..self.b {
-            let mut srcs = vec![("do", act(d_o, bi, t, c))];
-            if bi == 0 && fresh_wob {
-                srcs.push(("wo", Src::Weight(w.wo)));
-            }
+            let stage = bi == 0 && fresh_wob;
+            let srcs = [("do", Some(act(d_o, bi, t, c))), ("wo", stage.then_some(Src::Weight(w.wo)))];
             e.run(WO_BWD, w.layer, &srcs)?;
             e.read(WO_BWD, "out", seq_mut(&mut g.dattn, bi, t, qd), qd, 0)?;
             let srcs = [
-                ("q", act(&acts.q, bi, t, qd)),
-                ("k", act(&acts.k, bi, t, kd)),
-                ("v", act(&acts.v, bi, t, kd)),
-                ("dattn", act(&g.dattn, bi, t, qd)),
+                ("q", Some(act(&acts.q, bi, t, qd))),
+                ("k", Some(act(&acts.k, bi, t, kd))),
+                ("v", Some(act(&acts.v, bi, t, kd))),
+                ("dattn", Some(act(&g.dattn, bi, t, qd))),
             ];
             e.run(SDPA_BWD1, w.layer, &srcs)?;
             let bwd1 = &mut self.bwd1_out;
             e.runner.read_output(e.ids[SDPA_BWD1], 0, &mut |out| bwd1.copy_from_slice(out))?;
             take(bwd1, e.s, dv_at, kd, seq_mut(&mut self.dv, bi, t, kd), kd, 0, t);
             let srcs = [
-                ("probs", Src::Half { data: bwd1, chan: p_at }),
-                ("dp", Src::Half { data: bwd1, chan: dp_at }),
-                ("q", act(&acts.q, bi, t, qd)),
-                ("k", act(&acts.k, bi, t, kd)),
+                ("probs", Some(Src::Half { data: bwd1, chan: p_at })),
+                ("dp", Some(Src::Half { data: bwd1, chan: dp_at })),
+                ("q", Some(act(&acts.q, bi, t, qd))),
+                ("k", Some(act(&acts.k, bi, t, kd))),
             ];
             e.run(SDPA_BWD2, w.layer, &srcs)?;
             e.read(SDPA_BWD2, "dq", seq_mut(&mut self.dq, bi, t, qd), qd, 0)?;
@@ -509,16 +527,17 @@ impl Backend for MilBackend {
             dst[qd + kd..].copy_from_slice(&self.dv[row * kd..(row + 1) * kd]);
         }
         for bi in 0..self.b {
-            let mut srcs = vec![("dq", act(dq, bi, t, qd))];
-            if bi == 0 && fresh_qb {
-                srcs.push(("wq", Src::Weight(wq)));
-            }
+            let stage = bi == 0 && fresh_qb;
+            let srcs = [("dq", Some(act(dq, bi, t, qd))), ("wq", stage.then_some(Src::Weight(wq)))];
             e.run(Q_BWD, w.layer, &srcs)?;
             e.read(Q_BWD, "out", seq_mut(&mut self.dx_q, bi, t, c), c, 0)?;
-            let mut srcs = vec![("dk", act(dk, bi, t, kd)), ("dv", act(&self.dv, bi, t, kd))];
-            if bi == 0 && fresh_kvb {
-                srcs.extend([("wk", Src::Weight(wk)), ("wv", Src::Weight(wv))]);
-            }
+            let stage = bi == 0 && fresh_kvb;
+            let srcs = [
+                ("dk", Some(act(dk, bi, t, kd))),
+                ("dv", Some(act(&self.dv, bi, t, kd))),
+                ("wk", stage.then_some(Src::Weight(wk))),
+                ("wv", stage.then_some(Src::Weight(wv))),
+            ];
             e.run(KV_BWD, w.layer, &srcs)?;
             e.read(KV_BWD, "out", seq_mut(dxn, bi, t, c), c, 0)?;
         }

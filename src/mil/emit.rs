@@ -2,8 +2,11 @@
 //! program serves every layer and every step.
 //!
 //! Dims: C = dim, H = heads, KV = kv heads, G = H/KV, D = head_dim, QD = H·D, KD = KV·D,
-//! F = ffn dim, S = T rounded up to a multiple of 16 (the hardware's spatial granule; the
-//! extra positions are zero and, being later than every real position, causally invisible).
+//! F = ffn dim, S = T rounded up to a multiple of 32: spatial widths must be multiples of 16,
+//! and a matmul's inner dimension is reported to need a multiple of 32 (the attention
+//! matmuls contract over S). The extra positions are zero and, being later than every real
+//! position, causally invisible. The model's own C, F and D are not padded: `hardware_notes`
+//! lists those that break the reported 32 rule, for the probe to settle.
 //!
 //! Every tensor is `[1, channels, 1, S]` fp16 at the boundary. A linear layer is one
 //! `matmul(transpose_x = true, x = W [1,1,IC,OC], y = act [1,1,IC,S])` → `[1,1,OC,S]`, with
@@ -43,8 +46,8 @@ use anyhow::{Result, bail, ensure};
 pub const MAX_DIM: usize = 65536;
 /// Spatial widths are multiples of this.
 pub const SPATIAL_GRANULE: usize = 16;
-/// Added to scores above the diagonal. Far below any real score, and unlike −65504 it
-/// cannot overflow to −inf when added to a negative fp16 score.
+/// Added to scores above the diagonal: far below any real score, with room below it (a
+/// score under −35504 still sends the sum to −inf, which exp maps to 0 all the same).
 pub const MASK_VALUE: f32 = -30000.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,8 +58,35 @@ pub enum InputLayout {
     Separate,
 }
 
-pub fn padded(t: usize) -> usize {
-    t.div_ceil(SPATIAL_GRANULE) * SPATIAL_GRANULE
+/// Reported: a matmul's inner dimension must be a multiple of this, or it yields zeros.
+pub const MATMUL_GRANULE: usize = 32;
+
+/// A spatial width rounded up to the granule.
+pub fn padded(w: usize) -> usize {
+    w.div_ceil(SPATIAL_GRANULE) * SPATIAL_GRANULE
+}
+
+/// The padded sequence length S for T positions.
+pub fn seq_padded(t: usize) -> usize {
+    t.div_ceil(MATMUL_GRANULE) * MATMUL_GRANULE
+}
+
+/// Dimensions the kernels contract over in a matmul that break the reported multiple-of-32
+/// rule (constraints §1; unverified): one line each, empty when all comply.
+pub fn hardware_notes(cfg: &ModelConfig) -> Vec<String> {
+    let dims = [
+        ("dim (C)", cfg.dim),
+        ("ffn_dim (F)", cfg.ffn_dim),
+        ("head_dim (D)", cfg.head_dim),
+        ("heads·head_dim", cfg.q_dim()),
+        ("kv_heads·head_dim", cfg.kv_dim()),
+    ];
+    dims.iter()
+        .filter(|(_, d)| d % MATMUL_GRANULE != 0)
+        .map(|(what, d)| {
+            format!("{what} = {d} is not a multiple of {MATMUL_GRANULE}, which matmul inner dimensions reportedly need")
+        })
+        .collect()
 }
 
 /// Where one logical tensor lives in a kernel's inputs: input index, channel and column
@@ -120,6 +150,13 @@ impl Dims {
     pub fn new(cfg: &ModelConfig, t: usize) -> Result<Self> {
         ensure!(t > 0, "sequence length must be positive");
         ensure!(cfg.head_dim.is_multiple_of(2), "RoPE needs an even head_dim, got {}", cfg.head_dim);
+        // QK-norm runs in fp16 inside `attn_fwd`: an eps that rounds to 0 makes padded (zero)
+        // positions 0 · ∞ = NaN, which the mask cannot hide.
+        ensure!(
+            !cfg.qk_norm || half::f16::from_f64(cfg.norm_eps).to_f64() > 0.0,
+            "rms_norm_eps {} rounds to 0 in fp16; the MIL kernels need at least 6e-8",
+            cfg.norm_eps
+        );
         Ok(Dims {
             c: cfg.dim,
             h: cfg.n_heads,
@@ -127,7 +164,7 @@ impl Dims {
             d: cfg.head_dim,
             f: cfg.ffn_dim,
             t,
-            s: padded(t),
+            s: seq_padded(t),
             qk_norm: cfg.qk_norm,
             eps: cfg.norm_eps,
             theta: cfg.rope_theta,
@@ -283,7 +320,8 @@ fn finish(name: &str, b: Builder, sigs: Vec<TensorSig>, pieces: Vec<Piece>, part
         }
     }
     let outputs = vec![TensorSig { name: out.0.clone(), shape: [1, total, 1, s] }];
-    debug_assert_eq!(program.func.body.last().map(|s| s.ty.shape().to_vec()), Some(vec![1, total, 1, s]));
+    let declared = program.func.body.iter().find(|st| st.name == out.0).map(|st| st.ty.shape().to_vec());
+    ensure!(declared == Some(vec![1, total, 1, s]), "emitter bug: kernel {name}'s output is {declared:?}");
     let program = KernelProgram { name: name.into(), mil: program.text(), blobs: b.blobs, inputs: sigs, outputs };
     Ok(Kernel { program, pieces, out_parts })
 }
@@ -486,7 +524,7 @@ pub struct Chunks {
 pub fn classifier_chunks(v: usize, s: usize, layout: InputLayout) -> Chunks {
     // Packed, the chunk sits beside the S activation columns in one input.
     let limit = match layout {
-        InputLayout::Packed => (MAX_DIM - s) / SPATIAL_GRANULE * SPATIAL_GRANULE,
+        InputLayout::Packed => (MAX_DIM.saturating_sub(s) / SPATIAL_GRANULE * SPATIAL_GRANULE).max(SPATIAL_GRANULE),
         InputLayout::Separate => MAX_DIM,
     };
     let mut count = v.div_ceil(limit);

@@ -177,32 +177,44 @@ pub(super) fn from_heads(b: &mut Builder, name: &str, x: &V) -> V {
 }
 
 /// Rotate-half RoPE on `[1, NH, S, D]`: x·cos + rot(x)·sin with rot(x) = (−x₂, x₁); the
-/// inverse (the backward) rotates by −θ: rot = (x₂, −x₁).
+/// inverse (the backward) rotates by −θ: rot = (x₂, −x₁). The halves are split on a third
+/// axis (`[1, NH·S, 2, D/2]`) rather than sliced at last-axis offset D/2: before A16, slices
+/// at a last-axis offset are reported to saturate above 4,094, and the backward's inputs are
+/// loss-scaled gradients.
 pub(super) fn rope(b: &mut Builder, name: &str, x: &V, cos: &V, sin: &V, inverse: bool) -> V {
     let (nh, s, d) = (x.1[1], x.1[2], x.1[3]);
     let half = d / 2;
-    let x1 = b.slice(&format!("{name}_x1"), x, &[0, 0, 0, 0], &[1, nh, s, half]);
-    let x2 = b.slice(&format!("{name}_x2"), x, &[0, 0, 0, half], &[1, nh, s, half]);
+    let pairs = b.reshape(&format!("{name}_pairs"), x, &[1, nh * s, 2, half]);
+    let x1 = b.slice(&format!("{name}_x1"), &pairs, &[0, 0, 0, 0], &[1, nh * s, 1, half]);
+    let x2 = b.slice(&format!("{name}_x2"), &pairs, &[0, 0, 1, 0], &[1, nh * s, 1, half]);
     let m1 = b.scalar(-1.0);
     let rot = if inverse {
         let n1 = b.binary(&format!("{name}_nx1"), "mul", &x1, &m1);
-        b.concat(&format!("{name}_rot"), 3, &[&x2, &n1])
+        b.concat(&format!("{name}_rot_pairs"), 2, &[&x2, &n1])
     } else {
         let n2 = b.binary(&format!("{name}_nx2"), "mul", &x2, &m1);
-        b.concat(&format!("{name}_rot"), 3, &[&n2, &x1])
+        b.concat(&format!("{name}_rot_pairs"), 2, &[&n2, &x1])
     };
+    let rot = b.reshape(&format!("{name}_rot"), &rot, &[1, nh, s, d]);
     let xc = b.binary(&format!("{name}_xc"), "mul", x, cos);
     let rs = b.binary(&format!("{name}_rs"), "mul", &rot, sin);
     b.binary(name, "add", &xc, &rs)
 }
 
 /// Per-head RMSNorm over the last axis of `[1, NH, S, D]` with gain `g` `[1, 1, 1, D]`.
+/// The squares are taken of x·2⁻ᵏ (2ᵏ ≈ √D, an exact scaling), and the sum rescaled by
+/// 2²ᵏ/D afterwards: squaring x itself would overflow fp16's sum once the RMS passed
+/// √(65504/D) (22.6 for D = 128), and inf → rstd 0 → q silently all zeros. Now the sum
+/// overflows only past an RMS of about 256.
 pub(super) fn head_norm(b: &mut Builder, name: &str, x: &V, g: &V, eps: f64) -> V {
     let d = x.1[3];
-    let sq = b.binary(&format!("{name}_sq"), "mul", x, x);
+    let k = (d as f64).sqrt().log2().floor() as i32;
+    let pre = b.scalar(2f32.powi(-k));
+    let xs = b.binary(&format!("{name}_xs"), "mul", x, &pre);
+    let sq = b.binary(&format!("{name}_sq"), "mul", &xs, &xs);
     let ss = b.reduce_sum_last(&format!("{name}_ss"), &sq);
-    let inv_d = b.scalar(1.0 / d as f32);
-    let ms = b.binary(&format!("{name}_ms"), "mul", &ss, &inv_d);
+    let post = b.scalar(2f32.powi(2 * k) / d as f32);
+    let ms = b.binary(&format!("{name}_ms"), "mul", &ss, &post);
     let e = b.scalar(eps as f32);
     let mse = b.binary(&format!("{name}_mse"), "add", &ms, &e);
     let r = b.pow(&format!("{name}_r"), &mse, -0.5);

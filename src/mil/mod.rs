@@ -5,7 +5,7 @@
 //!
 //! Layout on the accelerator side is the original system's: a tensor `[1, C, 1, W]` in fp16,
 //! element (c, w) at `c·W + w`; activations occupy W = S positions (T padded to a multiple
-//! of 16), one channel per feature.
+//! of 32), one channel per feature.
 
 use anyhow::Result;
 use half::f16;

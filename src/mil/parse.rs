@@ -416,6 +416,9 @@ fn function(lx: &mut Lexer) -> Result<Function> {
         }
         let pos = lx.pos();
         let o = lx.ident()?;
+        if outputs.contains(&o) {
+            bail!("line {}, column {}: output `{o}` is listed twice", pos.0, pos.1);
+        }
         match env.get(&o) {
             Some((Type::Tensor(DType::Fp16, _), _)) => outputs.push(o),
             Some(_) => bail!("line {}, column {}: output `{o}` is not an fp16 tensor", pos.0, pos.1),

@@ -3,8 +3,9 @@
 //!
 //! Numeric model:
 //! - every fp16 tensor holds values exactly representable in fp16 (kept in f32 storage);
-//! - element-wise ops compute in f32 and round once to fp16 (exact-then-round for mul, add
-//!   and sub of fp16 operands, since their f32 results are exact);
+//! - element-wise ops compute in f32 and round once to fp16; for mul, add and sub of fp16
+//!   operands that is the correctly rounded fp16 result (products are exact in f32, and a
+//!   24-bit intermediate suffices for sums rounded to 11 bits);
 //! - `matmul` accumulates in f32, then rounds; results beyond ±32752 become ±inf, the
 //!   saturation point reported for the hardware's matmul (constraints §1, ANEForge), below
 //!   fp16's own 65504;
@@ -22,6 +23,7 @@ use crate::ops::Par;
 use crate::ops::matmul::{Operand, sgemm};
 use anyhow::{Context, Result, bail, ensure};
 use half::f16;
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// The reported saturation point of the hardware's fp16 matmul output.
@@ -92,8 +94,10 @@ fn broadcast_strides(shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     (0..out_shape.len()).map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { st[i - pad] }).collect()
 }
 
-enum Val {
-    T(Tensor),
+/// A value during a run: a tensor (blob constants borrowed from the loaded program, not
+/// copied on every evaluation) or a literal.
+enum Val<'a> {
+    T(Cow<'a, Tensor>),
     Lit(Literal),
 }
 
@@ -115,6 +119,22 @@ impl Sim {
             "kernel {}: the program's inputs differ from the kernel signature",
             kernel.name
         );
+        let outs: Vec<(String, Type)> = program
+            .func
+            .outputs
+            .iter()
+            .map(|o| {
+                let ty = program
+                    .func
+                    .body
+                    .iter()
+                    .find(|s| &s.name == o)
+                    .map_or(Type::Scalar(super::ast::DType::Fp16), |s| s.ty.clone());
+                (o.clone(), ty)
+            })
+            .collect();
+        let want: Vec<(String, Type)> = kernel.outputs.iter().map(|s| (s.name.clone(), Type::fp16(&s.shape))).collect();
+        ensure!(outs == want, "kernel {}: the program's outputs differ from the kernel signature", kernel.name);
         let mut blobs = HashMap::new();
         for st in &program.func.body {
             if let Some(Literal::Blob { ty, path, offset }) = &st.val {
@@ -144,12 +164,12 @@ impl Sim {
                 "input {name}: {} values for shape {shape:?}",
                 data.len()
             );
-            env.insert(name, Val::T(Tensor { shape, data: data.iter().map(|h| h.to_f32()).collect() }));
+            env.insert(name, Val::T(Cow::Owned(Tensor { shape, data: data.iter().map(|h| h.to_f32()).collect() })));
         }
         for st in &f.body {
             let v = if st.op == "const" {
                 match self.blobs.get(&st.name) {
-                    Some(t) => Val::T(t.clone()),
+                    Some(t) => Val::T(Cow::Borrowed(t)),
                     None => Val::Lit(st.val.clone().expect("parser checked: const has a val")),
                 }
             } else {
@@ -159,14 +179,14 @@ impl Sim {
                         _ => panic!("parser checked: {} has argument {k}", st.op),
                     }
                 };
-                Val::T(self.eval_op(&st.op, &get, st, &env)?)
+                Val::T(Cow::Owned(self.eval_op(&st.op, &get, st, &env)?))
             };
             env.insert(&st.name, v);
         }
         f.outputs
             .iter()
             .map(|o| match env.remove(o.as_str()) {
-                Some(Val::T(t)) => Ok(t),
+                Some(Val::T(t)) => Ok(t.into_owned()),
                 _ => bail!("output {o} is not a tensor"),
             })
             .collect()
@@ -175,9 +195,9 @@ impl Sim {
     fn eval_op<'a>(
         &self,
         op: &str,
-        get: &dyn Fn(&str) -> &'a Val,
+        get: &dyn Fn(&str) -> &'a Val<'a>,
         st: &super::ast::Stmt,
-        env: &'a HashMap<&str, Val>,
+        env: &'a HashMap<&str, Val<'a>>,
     ) -> Result<Tensor> {
         let t = |k: &str| -> &'a Tensor {
             match get(k) {
@@ -216,7 +236,7 @@ impl Sim {
                 let vals: Vec<&Tensor> = names
                     .iter()
                     .map(|n| match &env[n.as_str()] {
-                        Val::T(t) => t,
+                        Val::T(t) => t.as_ref(),
                         Val::Lit(_) => panic!("parser checked: concat values are tensors"),
                     })
                     .collect();

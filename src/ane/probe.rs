@@ -4,10 +4,13 @@
 //!    outputs compared (they run the same program; differences are the hardware's own
 //!    rounding and accumulation order);
 //! 2. end to end: the `ane` backend against the f32 `cpu` backend on a random layer, with
-//!    the same tolerances the simulator meets in CI (`mil::check`).
+//!    the same tolerances the simulator meets in CI (`mil::check`);
+//! 3. the trainer: 10 updates on the device and on the `cpu` backend, losses within 2%.
 
 use super::{AneOptions, AneRunner};
+use crate::backend::cpu::CpuBackend;
 use crate::config::ModelConfig;
+use crate::data::{TokenData, synthetic_tokens};
 use crate::mil::KernelRunner;
 use crate::mil::backend::MilBackend;
 use crate::mil::check::{MAX_TOL, MEAN_TOL, compare_with_cpu, rel_errors};
@@ -15,6 +18,9 @@ use crate::mil::emit::{InputLayout, KernelSet};
 use crate::mil::sim::SimRunner;
 use crate::ops::Par;
 use crate::rng::Rng;
+use crate::train::adamw::AdamWConfig;
+use crate::train::loss_scale::LossScaleMode;
+use crate::train::{TrainOptions, Trainer};
 use anyhow::{Context, Result};
 use half::f16;
 use std::io::Write;
@@ -162,6 +168,51 @@ pub fn report(
         let status = if r.ok() { "ok" } else { "MISMATCH" };
         writeln!(out, "{:<16} {:<20} {:>10.2e} {:>10.2e}  {status}", r.kernel, r.what, r.max_rel, r.mean_rel)?;
     }
+    drop(backend);
+
+    // 3. The whole trainer: the same updates on the device and on the cpu backend.
+    let cfg = ModelConfig { n_layers: cfg.n_layers.max(2), ..cfg.clone() };
+    let updates = 10;
+    writeln!(
+        out,
+        "\n3. {updates} training updates (B=1, T={t}, {} layers), {name} vs cpu (limit 2% per update)",
+        cfg.n_layers
+    )?;
+    let data = TokenData::from_vec(synthetic_tokens(cfg.vocab_size, 20_000, 11), cfg.vocab_size, "synthetic")?;
+    let opts = TrainOptions {
+        steps: updates,
+        batch: 1,
+        seq: t,
+        accum: 2,
+        schedule_lr: 2e-3,
+        min_lr: 2e-3,
+        warmup: 0,
+        adamw: AdamWConfig::default(),
+        grad_clip: 1.0,
+        loss_scale: LossScaleMode::Dynamic,
+        eval_every: 0,
+        eval_tokens: 0,
+        seed: 3,
+    };
+    let par = Par::seq();
+    let device_backend = MilBackend::new(&cfg, 1, t, layout, device()?)?;
+    let mut on_device = Trainer::new(&cfg, opts.clone(), par, Box::new(device_backend))?;
+    let mut on_cpu = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, 1, t, par)))?;
+    writeln!(out, "{:>6} {:>10} {:>10} {:>10}  status", "update", name, "cpu", "rel diff")?;
+    for step in 0..updates {
+        let (a, b) = (on_device.step(&data, step)?, on_cpu.step(&data, step)?);
+        let rel = (a.loss - b.loss).abs() / b.loss;
+        let ok = rel <= 0.02 && !a.skipped;
+        failures += usize::from(!ok);
+        let status = if a.skipped {
+            "SKIPPED (fp16 overflow)"
+        } else if ok {
+            "ok"
+        } else {
+            "MISMATCH"
+        };
+        writeln!(out, "{step:>6} {:>10.5} {:>10.5} {rel:>10.2e}  {status}", a.loss, b.loss)?;
+    }
     Ok(failures)
 }
 
@@ -182,7 +233,7 @@ mod tests {
         for k in ["attn_fwd", "wo_fwd", "ffn_fwd", "ffn_bwd_w13t", "sdpa_bwd1", "sdpa_bwd2", "kv_bwd", "classifier"] {
             assert!(text.matches(k).count() >= 1, "{k} missing from:\n{text}");
         }
-        assert_eq!(text.matches("  ok").count(), 11 + 20, "11 kernels, 20 compared outputs: {text}");
+        assert_eq!(text.matches("  ok").count(), 11 + 20 + 10, "11 kernels, 20 outputs, 10 updates: {text}");
         assert!(!text.contains("MISMATCH") && !text.contains("FAILED"), "{text}");
     }
 }

@@ -125,6 +125,10 @@ selectors! {
     evaluate = "evaluateWithQoS:options:request:error:",
     unload = "unloadWithQoS:error:",
     request = "requestWithInputs:inputIndices:outputs:outputIndices:weightsBuffer:perfStats:procedureIndex:",
+    request5 = "requestWithInputs:inputIndices:outputs:outputIndices:procedureIndex:",
+    all_values = "allValues",
+    first_object = "firstObject",
+    bytes = "bytes",
     object_with_surface = "objectWithIOSurface:",
     ane_sub_type = "aneSubType",
 }
@@ -247,7 +251,6 @@ impl Api {
         let class_methods = [
             (c.descriptor, s.model_with_mil, "+[_ANEInMemoryModelDescriptor modelWithMILText:weights:optionsPlist:]"),
             (c.model, s.in_memory_model, "+[_ANEInMemoryModel inMemoryModelWithDescriptor:]"),
-            (c.request, s.request, "+[_ANERequest requestWithInputs:…procedureIndex:]"),
             (c.surface_object, s.object_with_surface, "+[_ANEIOSurfaceObject objectWithIOSurface:]"),
         ];
         let instance_methods = [
@@ -257,6 +260,13 @@ impl Api {
             (s.evaluate, "-[_ANEInMemoryModel evaluateWithQoS:options:request:error:]"),
             (s.unload, "-[_ANEInMemoryModel unloadWithQoS:error:]"),
         ];
+        // Some macOS builds lack the 7-argument request factory; the 5-argument one (no
+        // weightsBuffer, no perfStats — always nil here) serves as well.
+        // SAFETY: every class answers +respondsToSelector: (NSObject).
+        let has = |sel| unsafe { self.send_bool_sel(c.request, s.responds, sel) };
+        if !has(s.request) && !has(s.request5) {
+            return Err(missing("method +[_ANERequest requestWithInputs:…procedureIndex:]", ane.path));
+        }
         for (cls, sel, what) in class_methods {
             // SAFETY: every class answers +respondsToSelector: (NSObject).
             if !unsafe { self.send_bool_sel(cls, s.responds, sel) } {
@@ -347,6 +357,18 @@ impl Api {
     pub unsafe fn send_id_3id(&self, recv: Id, sel: Sel, a: Id, b: Id, c: Id) -> Id {
         let f = typed!(self.msg_send, unsafe extern "C" fn(Id, Sel, Id, Id, Id) -> Id);
         unsafe { f(recv, sel, a, b, c) }
+    }
+
+    /// `BOOL (Class, SEL, SEL)` for +respondsToSelector: on the request class: which factory.
+    pub fn has_request7(&self) -> bool {
+        // SAFETY: every class answers +respondsToSelector:.
+        unsafe { self.send_bool_sel(self.cls.request, self.sel.responds, self.sel.request) }
+    }
+
+    /// `id (id, SEL, id, id, id, id, id)`
+    pub unsafe fn send_id_5id(&self, recv: Id, sel: Sel, a: [Id; 5]) -> Id {
+        let f = typed!(self.msg_send, unsafe extern "C" fn(Id, Sel, Id, Id, Id, Id, Id) -> Id);
+        unsafe { f(recv, sel, a[0], a[1], a[2], a[3], a[4]) }
     }
 
     /// `id (id, SEL, id, id, id, id, id, id, id)`
@@ -445,7 +467,9 @@ impl Api {
         if obj.is_null() {
             return "(no NSError was returned)".into();
         }
-        unsafe { self.text(self.send_id(obj, self.sel.description)) }
+        // An NSError's description spans lines (its userInfo dictionary); errors here are one.
+        let text = unsafe { self.text(self.send_id(obj, self.sel.description)) };
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
     }
 
     /// Takes a +1 reference on `obj` so that it outlives the current pool.

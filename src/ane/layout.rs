@@ -101,8 +101,9 @@ pub fn check_relative(path: &str) -> Result<&Path> {
         p.components().all(|c| matches!(c, Component::Normal(_))),
         "the path must be relative to the model directory, without `..`, `.` or a root (like `weights/w1.bin`)"
     );
+    // `data` is written by the framework itself next to model.mil.
     ensure!(
-        path != super::modeldir::MIL_FILE && path != super::modeldir::OWNER_FILE,
+        path != super::modeldir::MIL_FILE && path != super::modeldir::OWNER_FILE && path != "data",
         "the name is reserved for the runtime's own file"
     );
     Ok(p)
@@ -223,7 +224,8 @@ mod tests {
     #[test]
     fn rejects_escaping_reserved_and_duplicate_weight_paths() {
         let ok = || vec![sig("a", [1, 64, 1, 16])];
-        for bad in ["../x.bin", "/etc/passwd", "weights/../../x", "./w.bin", "", "model.mil", ".anetrain-owner"] {
+        for bad in ["../x.bin", "/etc/passwd", "weights/../../x", "./w.bin", "", "model.mil", ".anetrain-owner", "data"]
+        {
             let e = check_program(&program(ok(), &[bad]), 1).unwrap_err();
             assert!(format!("{e:#}").contains("weight file"), "{bad}: {e:#}");
         }

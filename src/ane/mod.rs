@@ -125,6 +125,10 @@ impl AneRunner {
     /// machine without AppleNeuralEngine.framework, naming the library that failed.
     pub fn new(opts: AneOptions) -> Result<Self> {
         let api = ffi::api()?;
+        ensure!(
+            cfg!(target_arch = "aarch64"),
+            "the `ane` backend needs Apple silicon: this Mac has no Neural Engine. Use --backend cpu or --backend mil-sim"
+        );
         ensure!(opts.qos <= 63, "ANE QoS {} is out of range; use a value in 0..=63 (21 is the default)", opts.qos);
         ensure!(opts.compile_budget >= 1, "the ANE compile budget is 0, so no kernel could be compiled; use 100");
         let tmp_root = api.temporary_directory()?;
@@ -187,7 +191,22 @@ impl AneRunner {
         for (path, bytes) in &p.blobs {
             keys.push(api.string(&format!("@model_path/{path}"))?);
             // SAFETY: live autoreleased objects, inside the caller's pool.
-            values.push(unsafe { api.dictionary(&[offset_key, data_key], &[zero, api.data(bytes)?])? });
+            let entry = unsafe { api.dictionary(&[offset_key, data_key], &[zero, api.data(bytes)?])? };
+            // The framework reads each entry's first value as the file's bytes (it sends it
+            // -bytes); that holds while NSDictionary enumerates "data" before "offset", as it
+            // does for the original's literal. Refuse, rather than abort in an Objective-C
+            // exception, if this Foundation orders them otherwise.
+            // SAFETY: public NSDictionary/NSArray methods on live objects.
+            let first_is_data = unsafe {
+                let first = api.send_id(api.send_id(entry, api.sel.all_values), api.sel.first_object);
+                !first.is_null() && api.send_bool_sel(first, api.sel.responds, api.sel.bytes)
+            };
+            ensure!(
+                first_is_data,
+                "this macOS orders weight-file entries differently from the framework's expectation; the `ane` \
+                 backend cannot pass weights safely here (please report the macOS version)"
+            );
+            values.push(entry);
         }
         // SAFETY: as above.
         unsafe { api.dictionary(&keys, &values) }
@@ -206,6 +225,8 @@ impl AneRunner {
 
     fn build_kernel(&mut self, p: &KernelProgram, slots: usize) -> Result<Kernel> {
         let (api, name) = (self.api, &p.name);
+        // Before any file is written: a refused compile should cost nothing.
+        layout::reserve_compile(&PROCESS_COMPILES, self.opts.compile_budget, name)?;
         let _pool = api.pool();
         let mil = api.data(p.mil.as_bytes())?;
         let weights = self.weights_dictionary(p)?;
@@ -230,12 +251,16 @@ impl AneRunner {
         }
         modeldir::populate(&dir, &p.mil, &p.blobs).with_context(|| format!("kernel `{name}`"))?;
 
-        layout::reserve_compile(&PROCESS_COMPILES, self.opts.compile_budget, name)?;
         self.call_qos(&model, api.sel.compile).map_err(|e| {
+            // The model directory goes away with the runner, so keep a copy of the program.
+            let kept = std::env::temp_dir().join(format!("anetrain-failed-{name}-{}.mil", std::process::id()));
+            let where_ = match std::fs::write(&kept, &p.mil) {
+                Ok(()) => format!("the MIL is saved in {}", kept.display()),
+                Err(_) => "`anetrain mil emit` writes the same MIL".to_string(),
+            };
             anyhow!(
-                "kernel `{name}`: the Neural Engine compiler failed: {e}; the MIL is in {} — check it with \
-                 --backend mil-sim, or try a smaller sequence length",
-                dir.display()
+                "kernel `{name}`: the Neural Engine compiler failed: {e}; {where_} — check it with \
+                 `anetrain mil check`, or try a smaller sequence length"
             )
         })?;
         // The bridge retried a failed load once after 100 ms (facts §5.2 step 6).
@@ -282,7 +307,12 @@ impl AneRunner {
                     null_mut(),         // perfStats
                     api.number_i32(0)?, // procedureIndex: the MIL's only function
                 ];
-                api.retain(api.send_id_7id(api.cls.request, api.sel.request, args), "_ANERequest")
+                let request = if api.has_request7() {
+                    api.send_id_7id(api.cls.request, api.sel.request, args)
+                } else {
+                    api.send_id_5id(api.cls.request, api.sel.request5, [args[0], args[1], args[2], args[3], args[6]])
+                };
+                api.retain(request, "_ANERequest")
                     .with_context(|| format!("kernel `{name}` slot {slot}: the framework built no request"))?
             };
             k.slots.push(Slot { request, inputs });

@@ -7,11 +7,15 @@
 //! other might still be compiling from it (facts §7.1 item 17).
 //!
 //! Policy here: a runner claims a directory by creating it (`create_dir` is atomic) and writing
-//! an owner marker (pid and runner number); only the claimant deletes it, after its models are
-//! unloaded. A directory claimed by a live owner, or one without a marker (another program's),
-//! is refused rather than shared. A marker whose process is dead is stale and taken over.
-//! Limitation: a recycled pid makes a stale directory look live; the error names the
-//! directory so that the user can delete it.
+//! an owner marker (pid and runner number). A directory claimed by a live owner, or one
+//! without a marker (another program's), is refused rather than shared. A marker whose
+//! process is dead is stale and taken over. On drop, a runner deletes the directory only if
+//! the marker still names it: the framework itself deletes the directory when a model is
+//! unloaded (`unloadWithQoS:` removes its `localModelPath`), after which another process may
+//! have claimed the same name, and that claim must survive us.
+//! Limitations: a recycled pid makes a stale directory look live (the error names the
+//! directory so that the user can delete it); another program compiling an identical kernel
+//! through the framework deletes the directory when it unloads, which nothing here prevents.
 
 use super::layout::check_relative;
 use anyhow::{Context, Result, bail};
@@ -64,15 +68,22 @@ pub fn pid_alive(pid: u32) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// A directory this runner created; removed with everything in it on drop.
+/// A directory this runner created; removed with everything in it on drop, if the owner
+/// marker still names this runner (usually the framework has removed it already).
 #[derive(Debug)]
-pub struct OwnedDir(PathBuf);
+pub struct OwnedDir {
+    path: PathBuf,
+    owner: Owner,
+}
 
 impl Drop for OwnedDir {
     fn drop(&mut self) {
-        // Nothing useful to do on failure: the directory is in the temporary directory, and a
-        // later claim finds its marker stale.
-        let _ = fs::remove_dir_all(&self.0);
+        let marker = fs::read_to_string(self.path.join(OWNER_FILE)).ok().and_then(|t| Owner::parse(&t));
+        if marker == Some(self.owner) {
+            // Nothing useful to do on failure: the directory is in the temporary directory,
+            // and a later claim finds its marker stale.
+            let _ = fs::remove_dir_all(&self.path);
+        }
     }
 }
 
@@ -128,7 +139,7 @@ pub fn claim(dir: &Path, me: Owner, alive: &dyn Fn(u32) -> bool) -> Result<Claim
 /// Writes the owner marker into a directory just created.
 fn mark(dir: &Path, me: Owner) -> Result<Claim> {
     // Owned from here on, so that a failure below still removes it.
-    let owned = OwnedDir(dir.to_path_buf());
+    let owned = OwnedDir { path: dir.to_path_buf(), owner: me };
     let marker = dir.join(OWNER_FILE);
     fs::write(&marker, me.line()).with_context(|| format!("could not write {}", marker.display()))?;
     Ok(Claim::Created(owned))
@@ -148,6 +159,8 @@ pub fn populate(dir: &Path, mil: &str, blobs: &[(String, Vec<u8>)]) -> Result<()
         fs::write(path, bytes)
             .with_context(|| format!("could not write {}; check free space in the temporary directory", path.display()))
     };
+    // The framework expects `weights/` to exist even for a kernel without weight files.
+    fs::create_dir_all(dir.join("weights")).with_context(|| format!("could not create {}/weights", dir.display()))?;
     write(&dir.join(MIL_FILE), mil.as_bytes())?;
     for (r, (_, bytes)) in rel.iter().zip(blobs) {
         write(&dir.join(r), bytes)?;
@@ -246,11 +259,29 @@ mod tests {
         let Claim::Created(owned) = claim(&dir, ME, &|_| panic!("no owner to probe")).unwrap() else {
             panic!("expected a new claim")
         };
-        assert_eq!(owned.0, dir);
+        assert_eq!(owned.path, dir);
         assert_eq!(Owner::parse(&fs::read_to_string(dir.join(OWNER_FILE)).unwrap()), Some(ME));
         // the same runner loading the same program again shares it without owning it twice
         assert!(matches!(claim(&dir, ME, &|_| true).unwrap(), Claim::Reused));
         drop(owned);
+        assert!(!dir.exists());
+    }
+
+    /// The framework deletes the directory on unload; if another process then claims the same
+    /// name before our runner is dropped, our drop must leave its directory alone.
+    #[test]
+    fn a_directory_reclaimed_by_another_process_survives_our_drop() {
+        let s = Scratch::new("reclaimed");
+        let dir = s.0.join("abc123");
+        let Claim::Created(owned) = claim(&dir, ME, &|_| panic!("no owner to probe")).unwrap() else {
+            panic!("expected a new claim")
+        };
+        fs::remove_dir_all(&dir).unwrap(); // what unloadWithQoS: does
+        let other = Owner { pid: ME.pid + 1, runner: 0 };
+        let Claim::Created(theirs) = claim(&dir, other, &|_| true).unwrap() else { panic!("expected a new claim") };
+        drop(owned);
+        assert!(dir.join(OWNER_FILE).exists(), "our drop removed another process's directory");
+        drop(theirs);
         assert!(!dir.exists());
     }
 

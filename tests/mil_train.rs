@@ -8,8 +8,6 @@ use anetrain::mil::backend::MilBackend;
 use anetrain::mil::emit::InputLayout;
 use anetrain::mil::sim::SimRunner;
 use anetrain::ops::{GemmImpl, Par};
-use anetrain::train::adamw::AdamWConfig;
-use anetrain::train::loss_scale::LossScaleMode;
 use anetrain::train::{TrainOptions, Trainer};
 use std::process::Command;
 
@@ -99,21 +97,7 @@ fn fp16_overflow_in_the_simulator_engages_dynamic_loss_scaling() {
     let par = Par { threads: 2, gemm: GemmImpl::Gemm };
     let data =
         TokenData::from_vec(anetrain::data::synthetic_tokens(cfg.vocab_size, 4000, 3), cfg.vocab_size, "syn").unwrap();
-    let opts = TrainOptions {
-        steps: 20,
-        batch: b,
-        seq: t,
-        accum: 1,
-        schedule_lr: 1e-3,
-        min_lr: 1e-3,
-        warmup: 0,
-        adamw: AdamWConfig::default(),
-        grad_clip: 1.0,
-        loss_scale: LossScaleMode::Dynamic,
-        eval_every: 0,
-        eval_tokens: 0,
-        seed: 5,
-    };
+    let opts = TrainOptions { schedule_lr: 1e-3, min_lr: 1e-3, seed: 5, ..TrainOptions::new(20, b, t) };
     let backend = MilBackend::new(&cfg, b, t, InputLayout::Packed, Box::new(SimRunner::new(par))).unwrap();
     let mut trainer = Trainer::new(&cfg, opts, par, Box::new(backend)).unwrap();
     trainer.scaler.scale = 16_777_216.0; // 2²⁴: scaled dlogits exceed fp16's 65504

@@ -18,8 +18,6 @@ use crate::mil::emit::{InputLayout, KernelSet};
 use crate::mil::sim::SimRunner;
 use crate::ops::Par;
 use crate::rng::Rng;
-use crate::train::adamw::AdamWConfig;
-use crate::train::loss_scale::LossScaleMode;
 use crate::train::{TrainOptions, Trainer};
 use anyhow::{Context, Result};
 use half::f16;
@@ -179,21 +177,7 @@ pub fn report(
         cfg.n_layers
     )?;
     let data = TokenData::from_vec(synthetic_tokens(cfg.vocab_size, 20_000, 11), cfg.vocab_size, "synthetic")?;
-    let opts = TrainOptions {
-        steps: updates,
-        batch: 1,
-        seq: t,
-        accum: 2,
-        schedule_lr: 2e-3,
-        min_lr: 2e-3,
-        warmup: 0,
-        adamw: AdamWConfig::default(),
-        grad_clip: 1.0,
-        loss_scale: LossScaleMode::Dynamic,
-        eval_every: 0,
-        eval_tokens: 0,
-        seed: 3,
-    };
+    let opts = TrainOptions { accum: 2, schedule_lr: 2e-3, min_lr: 2e-3, seed: 3, ..TrainOptions::new(updates, 1, t) };
     let par = Par::seq();
     let device_backend = MilBackend::new(&cfg, 1, t, layout, device()?)?;
     let mut on_device = Trainer::new(&cfg, opts.clone(), par, Box::new(device_backend))?;

@@ -9,8 +9,6 @@ use anetrain::config::ModelConfig;
 use anetrain::mil::emit::InputLayout;
 use anetrain::ops::{GemmImpl, Par};
 use anetrain::train::TrainOptions;
-use anetrain::train::adamw::AdamWConfig;
-use anetrain::train::loss_scale::LossScaleMode;
 use anyhow::{Result, bail};
 
 pub fn info(model: &str, seq: usize) -> Result<()> {
@@ -87,21 +85,7 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
     let StepArgs { accum, min_micro, json, dw_overlap, backend, mil_layout } = step;
     let cfg = ModelConfig::resolve(model)?;
     let (par, pool) = rt.setup()?;
-    let opts = TrainOptions {
-        steps: 1_000_000,
-        batch,
-        seq,
-        accum,
-        schedule_lr: 3e-4,
-        min_lr: 3e-5,
-        warmup: 0,
-        adamw: AdamWConfig::default(),
-        grad_clip: 1.0,
-        loss_scale: LossScaleMode::Dynamic,
-        eval_every: 0,
-        eval_tokens: 0,
-        seed: 1,
-    };
+    let opts = TrainOptions { accum, min_lr: 3e-5, ..TrainOptions::new(1_000_000, batch, seq) };
     let backend = anetrain::backend::build(backend, &cfg, batch, seq, par, mil_layout)?;
     let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap, backend))?;
     let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));

@@ -16,8 +16,8 @@
 //! per-head RMSNorm backward and its gain gradient) runs on the CPU between `sdpa_bwd2`
 //! and `q_bwd`, from the pre-norm projections the forward kernel exports.
 
+use super::KernelRunner;
 use super::emit::{InputLayout, Kernel, KernelSet, Piece};
-use super::{KernelProgram, KernelRunner};
 use crate::backend::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
 use crate::config::ModelConfig;
 use crate::ops::rmsnorm::rmsnorm_backward;
@@ -59,6 +59,11 @@ struct Exec {
     stagings: usize,
 }
 
+/// Kernel `which` of the set: a `KernelSet::all()` index, or `CLASSIFIER`.
+fn kernel_of(set: &KernelSet, which: usize) -> &Kernel {
+    if which == CLASSIFIER { &set.classifier } else { set.all()[which] }
+}
+
 /// A cheap fingerprint of some weights: 8 evenly spaced values of each, and the lengths. A
 /// guard on top of the version promise: an update that changes whole tensors (any optimizer
 /// step, a load) changes it even if a caller forgot to bump the version.
@@ -80,10 +85,6 @@ fn probe(weights: &[&[f32]]) -> u64 {
 }
 
 impl Exec {
-    fn kernel(&self, which: usize) -> &Kernel {
-        if which == CLASSIFIER { &self.set.classifier } else { self.set.all()[which] }
-    }
-
     /// Whether `slot` of kernel `which` needs `weights` staged: always without a weights
     /// version, else when the version or the probe differs from what was staged there.
     /// Records the new state, so the caller must then stage them.
@@ -101,7 +102,7 @@ impl Exec {
     /// Writes the given pieces into `slot` of kernel `which` and evaluates it.
     /// Pieces given as `None` are left as they are (weights already staged in that slot).
     fn run(&mut self, which: usize, slot: usize, srcs: &[(&str, Option<Src>)]) -> Result<()> {
-        let k: &Kernel = if which == CLASSIFIER { &self.set.classifier } else { self.set.all()[which] };
+        let k = kernel_of(&self.set, which);
         let (t, id) = (self.t, self.ids[which]);
         let runner = &mut self.runner;
         let mut attempt = || -> Result<()> {
@@ -139,7 +140,7 @@ impl Exec {
 
     /// Reads output part `name` of kernel `which` into `[T, ld]` rows at column `col`.
     fn read(&mut self, which: usize, name: &str, rows: &mut [f32], ld: usize, col: usize) -> Result<()> {
-        let (chan, ch) = self.kernel(which).out_part(name);
+        let (chan, ch) = kernel_of(&self.set, which).out_part(name);
         let (s, t) = (self.s, self.t);
         self.runner.read_output(self.ids[which], 0, &mut |out| take(out, s, chan, ch, rows, ld, col, t))
     }
@@ -305,10 +306,6 @@ impl MilBackend {
         })
     }
 
-    pub fn kernels(&self) -> [&KernelProgram; 10] {
-        self.exec.set.all().map(|k| &k.program)
-    }
-
     /// `logits [N, V] = xf [N, C] · Eᵀ` for the classifier `e` `[V, C]`, one vocabulary chunk
     /// per slot of the classifier kernel.
     pub fn classifier_logits(&mut self, logits: &mut [f32], xf: &[f32], e: &[f32]) -> Result<()> {
@@ -336,10 +333,6 @@ impl MilBackend {
     /// Weight stagings so far (one per kernel and slot whose weights were converted).
     pub fn weight_stagings(&self) -> usize {
         self.exec.stagings
-    }
-
-    pub fn runner(&self) -> &dyn KernelRunner {
-        self.exec.runner.as_ref()
     }
 }
 

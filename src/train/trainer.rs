@@ -39,6 +39,27 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
+    /// `steps` updates of one B × T micro-batch each at a constant learning rate of 3e-4:
+    /// AdamW defaults, clipping at 1.0, dynamic loss scaling, no evaluation, seed 1. Callers
+    /// change what they need with struct update syntax.
+    pub fn new(steps: usize, batch: usize, seq: usize) -> Self {
+        TrainOptions {
+            steps,
+            batch,
+            seq,
+            accum: 1,
+            schedule_lr: 3e-4,
+            min_lr: 3e-4,
+            warmup: 0,
+            adamw: AdamWConfig::default(),
+            grad_clip: 1.0,
+            loss_scale: LossScaleMode::Dynamic,
+            eval_every: 0,
+            eval_tokens: 0,
+            seed: 1,
+        }
+    }
+
     /// Checks every option, and the sequence length against the model, before any work starts.
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
         ensure!(

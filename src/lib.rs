@@ -11,6 +11,7 @@ pub mod corpus;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod memory;
 pub mod mil;
 pub mod model;
 pub mod ops;

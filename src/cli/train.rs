@@ -15,24 +15,14 @@ use anyhow::{Result, bail};
 use std::path::PathBuf;
 
 /// Refuses a model whose weights, gradients and AdamW moments (16 bytes per parameter) cannot
-/// fit in the memory this machine has available, instead of dying in the allocator.
+/// fit in the memory this process may use, instead of dying in the allocator.
 fn check_memory(cfg: &ModelConfig) -> Result<()> {
-    let need = 16 * cfg.param_count() as u64;
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
-    });
-    if let Some(available) = available
-        && need > available
-    {
-        bail!(
-            "{} needs about {:.1} GB for weights, gradients and optimizer state; {:.1} GB is available",
-            cfg.name,
-            need as f64 / 1e9,
-            available as f64 / 1e9
-        );
-    }
-    Ok(())
+    let need = anetrain::memory::bytes(16, &[cfg.param_count()]);
+    anetrain::memory::ensure_fits(
+        &format!("{} (weights, gradients and optimizer state)", cfg.name),
+        need,
+        "choose a smaller --model",
+    )
 }
 
 /// Prints what the trained model writes after "Once upon a time".

@@ -217,8 +217,8 @@ impl Sampler {
     }
 }
 
-/// Synthetic data with learnable structure, for the default run and tests until the built-in
-/// story corpus exists: a Markov chain where each token has four possible successors with
+/// Synthetic data with learnable structure (`--data synthetic`, and tests that need no
+/// tokenizer): a Markov chain where each token has four possible successors with
 /// probabilities 0.55 / 0.25 / 0.15 / 0.05. Its entropy, ≈ 1.11 nats per token, is the floor a
 /// model can reach, far below the ln(V) it starts from.
 pub fn synthetic_tokens(vocab_size: usize, n_tokens: usize, seed: u64) -> Vec<u32> {

@@ -1,5 +1,5 @@
 //! Evaluation over a token file, and greedy decoding by full recomputation (the reference
-//! that KV-cache decoding will be tested against).
+//! that KV-cache decoding is tested against in tests/generate.rs).
 
 use crate::config::ModelConfig;
 use crate::data::TokenData;

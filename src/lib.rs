@@ -1,6 +1,7 @@
 //! anetrain: train Llama-family decoder transformers with hand-written forward and backward
-//! passes, on the CPU everywhere (and, later, on the Apple Neural Engine through generated MIL
-//! programs). See docs/ARCHITECTURE.md for the map of the crate.
+//! passes, on the CPU everywhere, and through generated MIL programs in an fp16 simulator or on
+//! the Apple Neural Engine (that runtime is compiled and unit-tested but has not yet run on
+//! Apple hardware). See docs/ARCHITECTURE.md for the map of the crate.
 
 pub mod ane;
 pub mod backend;
@@ -19,6 +20,9 @@ pub mod params;
 pub mod prepare;
 pub mod reference;
 pub mod rng;
+#[cfg(test)]
+#[path = "../tests/common/shared_data.rs"]
+mod shared_data;
 pub mod signals;
 pub mod telemetry;
 pub mod tokenizer;

@@ -1,5 +1,7 @@
 //! Tokenizers: HF `tokenizer.json` files (Qwen3, anything HF) through the `tokenizers` crate
-//! (no network features), and byte-level BPE trained here on a corpus. A tokenizer's
+//! (no network features), byte-level BPE trained here on a corpus, and sentencepiece
+//! vocabularies (a `tokenizer.model` protobuf or llama2.c's `tokenizer.bin`) encoded by this
+//! file's own merge loop. A tokenizer's
 //! fingerprint — a hash of its canonical JSON — goes into every token file made with it, so
 //! data from another tokenizer is refused.
 
@@ -361,11 +363,7 @@ mod tests {
 
     #[test]
     fn llama2_tokenizers_match_sentencepiece() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tokenizers/llama2");
-        if !dir.is_dir() {
-            eprintln!("skipping: {} not present", dir.display());
-            return;
-        }
+        let Some(dir) = crate::shared_data::shared_data("data/tokenizers/llama2") else { return };
         let golden = golden();
         for file in ["tokenizer.model", "tokenizer.bin"] {
             let tok = Tokenizer::load(&dir.join(file)).unwrap();
@@ -387,11 +385,7 @@ mod tests {
 
     #[test]
     fn qwen3_tokenizer_loads_and_round_trips() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tokenizers/qwen3/tokenizer.json");
-        if !path.is_file() {
-            eprintln!("skipping: {} not present", path.display());
-            return;
-        }
+        let Some(path) = crate::shared_data::shared_data("data/tokenizers/qwen3/tokenizer.json") else { return };
         let tok = Tokenizer::load(&path).unwrap();
         assert_eq!(tok.vocab_size(), 151_669);
         let golden = golden();

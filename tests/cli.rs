@@ -235,3 +235,47 @@ fn prepare_train_generate_end_to_end() {
     assert!(err.contains("--prompt needs --tokenizer"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `eval` on 7 windows with `--batch 4` (a short last batch of 3 windows): the reported loss
+/// is the mean over exactly the 7 windows, each evaluated alone in-process; `--batches 5`
+/// uses the first 5.
+#[test]
+fn eval_averages_every_window_including_a_short_last_batch() {
+    use anetrain::checkpoint::{hf, safetensors::Dtype};
+    use anetrain::config::ModelConfig;
+    use anetrain::model::Model;
+    use anetrain::ops::Par;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig { n_layers: 2, ..ModelConfig::preset("stories260k").unwrap() };
+    let layout = anetrain::params::ParamLayout::new(&cfg);
+    let mut rng = anetrain::rng::Rng::new(5);
+    // Larger than init, so windows differ in loss.
+    let params: Vec<f32> = layout.init(5).iter().map(|x| x + 0.05 * rng.normal() as f32).collect();
+    hf::save(&dir.path().join("m"), &cfg, &params, Dtype::F32).unwrap();
+    let t = 16;
+    let ids: Vec<u16> = (0..7 * t + 1).map(|_| (rng.uniform() * cfg.vocab_size as f64) as u16).collect();
+    let data = dir.path().join("data.bin");
+    std::fs::write(&data, ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+
+    let mut model = Model::cpu(&cfg, 1, t, Par::seq()).unwrap();
+    let window_loss: Vec<f64> = (0..7)
+        .map(|w| {
+            let x: Vec<u32> = ids[w * t..w * t + t].iter().map(|&i| i as u32).collect();
+            let y: Vec<u32> = ids[w * t + 1..w * t + t + 1].iter().map(|&i| i as u32).collect();
+            model.forward(&params, &x, &y).unwrap().sum
+        })
+        .collect();
+    for (batches, windows) in [("0", 7), ("5", 5)] {
+        let (m, d) = (dir.path().join("m"), data.clone());
+        let args = ["eval", "--model", m.to_str().unwrap(), "--data", d.to_str().unwrap()];
+        let out = anetrain(&[&args[..], &["--seq", "16", "--batch", "4", "--batches", batches, "--json"]].concat());
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["windows"], windows);
+        assert_eq!(v["tokens"], windows * t);
+        let want = window_loss[..windows].iter().sum::<f64>() / (windows * t) as f64;
+        let got = v["loss"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-6 * want, "{windows} windows: loss {got} vs {want} window by window");
+        assert!((v["perplexity"].as_f64().unwrap() - got.exp()).abs() <= 1e-9 * got.exp());
+    }
+}

@@ -16,6 +16,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "common/shared_data.rs"]
+mod shared_data;
+
 fn budget() -> Duration {
     let secs = std::env::var("ANETRAIN_FUZZ_SECS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(1.0);
     Duration::from_secs_f64(secs)
@@ -263,11 +266,7 @@ fn fuzz_token_files() {
 
 #[test]
 fn fuzz_tokenizer_files() {
-    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tokenizers/llama2");
-    if !shared.is_dir() {
-        eprintln!("skipping: {} not present", shared.display());
-        return;
-    }
+    let Some(shared) = shared_data::shared_data("data/tokenizers/llama2") else { return };
     let dir = scratch("tokenizer");
     // Byte 0 picks the format; the rest is the mutated file.
     let seeds = vec![

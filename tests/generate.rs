@@ -92,3 +92,32 @@ fn greedy_is_deterministic_and_sampling_respects_top_k() {
         assert!(t == 1 || t == 2, "{t}");
     }
 }
+
+/// Top-p keeps the most probable tokens until their mass reaches p (at least one) and samples
+/// among them in proportion to their probabilities.
+#[test]
+fn top_p_keeps_the_smallest_set_reaching_p() {
+    let probs = [0.05f32, 0.5, 0.15, 0.3]; // sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln() + 2.0).collect();
+    let counts = |top_p: f32, top_k: usize| {
+        let (mut rng, mut order, mut counts) = (Rng::new(11), Vec::new(), [0usize; 4]);
+        let s = Sampling { temperature: 1.0, top_k, top_p, seed: 0 };
+        for _ in 0..4000 {
+            counts[sample(&mut logits.clone(), &s, &mut rng, &mut order) as usize] += 1;
+        }
+        counts.map(|c| c as f64 / 4000.0)
+    };
+    let near = |got: [f64; 4], want: [f64; 4]| {
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 0.03), "frequencies {got:?}, expected {want:?}")
+    };
+    // 0.5 < 0.7 <= 0.5 + 0.3: the two most probable, renormalised to 5/8 and 3/8.
+    near(counts(0.7, 0), [0.0, 0.625, 0.0, 0.375]);
+    // 0.8 < 0.9 <= 0.95: three tokens.
+    near(counts(0.9, 0), [0.0, 0.5 / 0.95, 0.15 / 0.95, 0.3 / 0.95]);
+    // Below the top token's own mass: that token alone.
+    assert_eq!(counts(0.3, 0), [0.0, 1.0, 0.0, 0.0]);
+    // top-k cuts first: k = 2 with p = 0.99 keeps two.
+    near(counts(0.99, 2), [0.0, 0.625, 0.0, 0.375]);
+    // p = 1 keeps everything.
+    near(counts(1.0, 0), [0.05, 0.5, 0.15, 0.3]);
+}

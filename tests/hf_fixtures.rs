@@ -2,6 +2,10 @@
 //! tests/fixtures/): tiny Llama and Qwen3 models with random weights, one batch with ignored
 //! targets, and what PyTorch computed — logits, loss, every parameter gradient, and the losses
 //! of 10 AdamW updates with weight decay and clipping engaged.
+//!
+//! Tolerances are ~10× the gaps measured on a 2-core AVX-512 machine (logits 5.3e-7 of the
+//! largest logit, loss 1.1e-7, gradients 9.9e-7 of each tensor's largest entry, AdamW losses
+//! 8.6e-7): float summation order differs from PyTorch's, nothing else may.
 
 use anetrain::checkpoint::hf;
 use anetrain::checkpoint::safetensors::SafeTensors;
@@ -59,7 +63,7 @@ fn logits_and_loss_match_transformers() {
         f.tensors.read_f32("logits", &mut want).unwrap();
         let err = max_err(f.model.logits(), &want);
         let scale = max_abs(&want);
-        assert!(err <= 1e-5 * scale, "{name}: logits max error {err:.3e} vs 1e-5 × {scale:.3}");
+        assert!(err <= 5e-6 * scale, "{name}: logits max error {err:.3e} vs 5e-6 × {scale:.3}");
         let want_loss = f.meta["loss"].as_f64().unwrap();
         let rel = (loss.mean() - want_loss).abs() / want_loss;
         assert!(rel <= 1e-6, "{name}: loss {} vs {want_loss} (relative {rel:.2e})", loss.mean());
@@ -80,7 +84,7 @@ fn every_gradient_matches_transformers() {
             f.tensors.read_f32(&format!("grad.{}", t.name), &mut want).unwrap();
             let err = max_err(&grads[t.range()], &want);
             let scale = max_abs(&want);
-            assert!(err <= 1e-4 * scale, "{name}: gradient of {} max error {err:.3e} vs 1e-4 × {scale:.3e}", t.name);
+            assert!(err <= 1e-5 * scale, "{name}: gradient of {} max error {err:.3e} vs 1e-5 × {scale:.3e}", t.name);
             worst = worst.max(err / scale);
         }
         eprintln!("{name}: worst per-tensor relative gradient error {worst:.2e}");
@@ -112,7 +116,7 @@ fn ten_adamw_updates_match_torch() {
                 .unwrap();
             let rel = (loss.mean() - want_loss).abs() / want_loss;
             assert!(
-                rel <= 1e-4,
+                rel <= 1e-5,
                 "{name}: loss before update {i}: {} vs torch {want_loss} (relative {rel:.2e})",
                 loss.mean()
             );

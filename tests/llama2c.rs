@@ -1,19 +1,16 @@
 //! llama2.c interop on the real stories260K checkpoint from ../shared/data (skipped when it is
-//! absent): byte-identical round trip, and greedy decoding equal to llama2.c's own `run.c`.
+//! absent, a failure when it is absent in CI): byte-identical round trip, and greedy decoding equal to llama2.c's own `run.c`.
 
 use anetrain::checkpoint::{hf, llama2c, safetensors::Dtype};
 use anetrain::eval::greedy_slow;
 use anetrain::ops::{GemmImpl, Par};
 use std::path::PathBuf;
 
+#[path = "common/shared_data.rs"]
+mod shared_data;
+
 fn checkpoint() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/models/stories260K.bin");
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} is not present", path.display());
-        None
-    }
+    shared_data::shared_data("data/models/stories260K.bin")
 }
 
 /// Greedy continuation of BOS (id 1) by llama2.c's run.c at the commit fetched on

@@ -28,9 +28,10 @@ fn losses(log: &std::path::Path) -> Vec<(f64, bool, f64)> {
 }
 
 /// `train --backend mil-sim` on stories260k (GQA 8/4) for 50 updates follows the `cpu`
-/// loss curve within 2% at every update (measured: within 2e-4).
+/// loss curve within 1.5e-3 relative at every update (measured: 1.4e-4; ~10× margin).
 #[test]
 fn mil_sim_training_tracks_the_cpu_loss_curve() {
+    const TOL: f64 = 1.5e-3;
     let dir = std::env::temp_dir().join(format!("anetrain-milsim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut curves = Vec::new();
@@ -78,12 +79,15 @@ fn mil_sim_training_tracks_the_cpu_loss_curve() {
     assert!(cpu[49].0 < cpu[0].0 - 0.5, "the cpu run itself must learn: {} -> {}", cpu[0].0, cpu[49].0);
     for sim in &curves[1..] {
         assert_eq!(sim.len(), 50);
+        let mut worst = 0.0f64;
         for (i, (c, s)) in cpu.iter().zip(sim).enumerate() {
             assert!(!s.1, "update {i} skipped in the simulator");
             assert_eq!(s.2, 65536.0, "dynamic loss scaling is on, at its initial scale");
             let rel = (s.0 - c.0).abs() / c.0;
-            assert!(rel <= 0.02, "update {i}: mil-sim loss {} vs cpu {} ({:.2}% apart)", s.0, c.0, rel * 100.0);
+            assert!(rel <= TOL, "update {i}: mil-sim loss {} vs cpu {} ({rel:.2e} apart)", s.0, c.0);
+            worst = worst.max(rel);
         }
+        eprintln!("worst relative loss gap over 50 updates: {worst:.2e}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

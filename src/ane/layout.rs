@@ -120,6 +120,9 @@ pub fn check_model_id(id: &str) -> Result<&str> {
     Ok(id)
 }
 
+/// Compiles per process after which AppleNeuralEngine.framework fails (facts §5.6).
+pub const FRAMEWORK_COMPILE_CEILING: usize = 119;
+
 /// Counts one compile against `limit`, or refuses it. Attempts count, not successes: the
 /// ~119-compile ceiling comes from resources the compiler leaks per call (facts §5.6), and
 /// failed compiles are not known to leak less. `counter` is process-wide because the ceiling
@@ -129,8 +132,8 @@ pub fn reserve_compile(counter: &AtomicUsize, limit: usize, kernel: &str) -> Res
         Ok(n) => Ok(n + 1),
         Err(n) => bail!(
             "kernel `{kernel}`: refusing to compile: this process has already compiled {n} kernels, the compile budget \
-             is {limit}, and AppleNeuralEngine.framework fails after about 119 compiles \
-             per process; compile fewer kernels per process or restart (`--resume latest` continues from the \
+             is {limit}, and AppleNeuralEngine.framework fails after about {FRAMEWORK_COMPILE_CEILING} \
+             compiles per process; compile fewer kernels per process or restart (`--resume latest` continues from the \
              last checkpoint)"
         ),
     }

@@ -430,9 +430,14 @@ mod tests {
         assert!(m.contains("could not load /x/lib.dylib: dlopen(/x/lib.dylib, 0x0002): tried:"), "{m}");
     }
 
+    /// The default budget must refuse before the framework's own ceiling does, and still let
+    /// one process compile a whole kernel set (10 per-layer kernels and the classifier).
     #[test]
-    fn defaults_are_the_documented_ones() {
-        let o = AneOptions::default();
-        assert_eq!((o.qos, o.compile_budget), (21, 100));
+    fn default_compile_budget_fits_a_kernel_set_below_the_framework_ceiling() {
+        let budget = AneOptions::default().compile_budget;
+        assert!(budget < layout::FRAMEWORK_COMPILE_CEILING);
+        let cfg = crate::config::ModelConfig::preset("stories110m").unwrap();
+        let set = crate::mil::emit::KernelSet::new(&cfg, 256, crate::mil::emit::InputLayout::Packed).unwrap();
+        assert!(budget > set.all().len(), "budget {budget}");
     }
 }

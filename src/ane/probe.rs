@@ -1,5 +1,5 @@
 //! `anetrain ane probe`: for Mac users to check this crate's kernels on their hardware and
-//! report the table. Two checks per kernel:
+//! report the table. Three checks:
 //! 1. raw: the same random fp16 inputs through the Neural Engine and the fp16 simulator,
 //!    outputs compared (they run the same program; differences are the hardware's own
 //!    rounding and accumulation order);

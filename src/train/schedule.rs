@@ -4,7 +4,8 @@
 pub struct Schedule {
     /// Peak learning rate, reached at the end of warmup.
     pub lr: f64,
-    /// Floor the cosine decays to, reached at the last update.
+    /// Floor the cosine decays to. `lr_at(total)` is exactly this; the last update of the run,
+    /// `total - 1`, is one cosine step above it.
     pub min_lr: f64,
     /// Updates of linear warmup from lr/warmup to lr.
     pub warmup: usize,

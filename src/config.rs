@@ -38,25 +38,47 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Classifier shares the embedding matrix (`tie_word_embeddings`).
     pub tied_embeddings: bool,
+    /// Llama 3.x RoPE frequency scaling (`rope_scaling` with `rope_type: llama3`).
+    pub rope_scaling: Option<RopeScaling>,
+    /// Biases on the q, k and v projections (Qwen2 / Qwen2.5; never on o_proj).
+    pub qkv_bias: bool,
+    /// Sliding-window attention span (Mistral, or Qwen with `use_sliding_window`): the math
+    /// here is full causal attention, identical only while T ≤ this window, so longer
+    /// sequences are refused (`check_seq`).
+    pub sliding_window: Option<usize>,
+}
+
+/// Llama 3.x `rope_scaling` (`rope_type: llama3`): long wavelengths are slowed by `factor`,
+/// short ones kept, the band between interpolated (see `ops::rope::inv_freq`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
 }
 
 /// HF model classes this crate computes exactly.
-pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "Qwen3ForCausalLM"];
+pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"];
 
 /// Names accepted by `--model`, in the order `anetrain info` lists them.
-pub const PRESETS: &[&str] = &["stories260k", "stories2m", "stories15m", "stories42m", "stories110m", "qwen3-0.6b"];
+pub const PRESETS: &[&str] = &[
+    "stories260k",
+    "stories2m",
+    "stories15m",
+    "stories42m",
+    "stories110m",
+    "qwen3-0.6b",
+    "smollm2-135m",
+    "tinyllama-1.1b",
+    "qwen2.5-0.5b",
+];
 
 /// RoPE θ from `rope_theta`, or from transformers 5's `rope_parameters` (which replaces it);
-/// 10000 when neither is present. Only the default (unscaled) RoPE is implemented.
+/// 10000 when neither is present.
 fn rope_theta(obj: &serde_json::Map<String, Value>) -> Result<f64> {
     let top = obj.get("rope_theta").filter(|v| !v.is_null());
     let nested = obj.get("rope_parameters").filter(|v| !v.is_null());
-    if let Some(params) = nested {
-        let kind = params.get("rope_type").and_then(Value::as_str).unwrap_or("default");
-        if kind != "default" {
-            bail!("field 'rope_parameters.rope_type' = '{kind}' is not supported (only 'default')");
-        }
-    }
     let value = match (top, nested.and_then(|p| p.get("rope_theta"))) {
         (Some(t), Some(n)) if t.as_f64() != n.as_f64() => {
             bail!("fields 'rope_theta' ({t}) and 'rope_parameters.rope_theta' ({n}) disagree")
@@ -65,6 +87,58 @@ fn rope_theta(obj: &serde_json::Map<String, Value>) -> Result<f64> {
         (None, None) => return Ok(10000.0),
     };
     value.as_f64().with_context(|| format!("field 'rope_theta' must be a number, got {value}"))
+}
+
+/// `rope_scaling` (classic) or `rope_parameters` (transformers 5): `None` for the default
+/// RoPE, the Llama 3 parameters for `rope_type: llama3`; every other kind is refused.
+fn rope_scaling(obj: &serde_json::Map<String, Value>) -> Result<Option<RopeScaling>> {
+    let mut found: Option<RopeScaling> = None;
+    for key in ["rope_scaling", "rope_parameters"] {
+        let Some(params) = obj.get(key).filter(|v| !v.is_null()) else { continue };
+        let params = params.as_object().with_context(|| format!("field '{key}' must be an object"))?;
+        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let scaling = match kind {
+            "default" => None,
+            "llama3" => {
+                let num = |k: &str| -> Result<f64> {
+                    let v =
+                        params.get(k).with_context(|| format!("field '{key}.{k}' is missing (rope_type llama3)"))?;
+                    v.as_f64().with_context(|| format!("field '{key}.{k}' must be a number, got {v}"))
+                };
+                let orig = num("original_max_position_embeddings")?;
+                let s = RopeScaling {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: orig as usize,
+                };
+                if !(s.factor.is_finite() && s.factor >= 1.0) {
+                    bail!("field '{key}.factor' ({}) must be a finite number >= 1", s.factor);
+                }
+                if !(s.low_freq_factor > 0.0
+                    && s.high_freq_factor > s.low_freq_factor
+                    && s.high_freq_factor.is_finite())
+                {
+                    bail!(
+                        "fields '{key}.low_freq_factor' ({}) and 'high_freq_factor' ({}) must satisfy 0 < low < high",
+                        s.low_freq_factor,
+                        s.high_freq_factor
+                    );
+                }
+                if !(orig >= 1.0 && orig.fract() == 0.0 && orig <= (1u64 << 24) as f64) {
+                    bail!("field '{key}.original_max_position_embeddings' ({orig}) must be a positive integer");
+                }
+                Some(s)
+            }
+            other => bail!("field '{key}.rope_type' = '{other}' is not supported (only 'default' and 'llama3')"),
+        };
+        match (found, scaling) {
+            (Some(a), Some(b)) if a != b => bail!("fields 'rope_scaling' and 'rope_parameters' disagree"),
+            (None, Some(b)) => found = Some(b),
+            _ => {}
+        }
+    }
+    Ok(found)
 }
 
 impl ModelConfig {
@@ -85,7 +159,16 @@ impl ModelConfig {
             norm_eps: 1e-5,
             qk_norm: false,
             tied_embeddings: true,
+            rope_scaling: None,
+            qkv_bias: false,
+            sliding_window: None,
         }
+    }
+
+    /// A Llama-architecture HF model's published shape (untied unless said).
+    #[allow(clippy::too_many_arguments)]
+    fn llama(name: &str, c: usize, f: usize, l: usize, h: usize, kv: usize, v: usize, t: usize, theta: f64) -> Self {
+        ModelConfig { rope_theta: theta, tied_embeddings: false, ..Self::stories(name, c, f, l, h, kv, v, t) }
     }
 
     /// A built-in preset by name (case-insensitive), or `None`.
@@ -112,6 +195,23 @@ impl ModelConfig {
                 norm_eps: 1e-6,
                 qk_norm: true,
                 tied_embeddings: true,
+                rope_scaling: None,
+                qkv_bias: false,
+                sliding_window: None,
+            },
+            // The published HuggingFaceTB/SmolLM2-135M config.json.
+            "smollm2-135m" => ModelConfig {
+                tied_embeddings: true,
+                ..Self::llama("smollm2-135m", 576, 1536, 30, 9, 3, 49152, 8192, 1e5)
+            },
+            // The published TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json.
+            "tinyllama-1.1b" => Self::llama("tinyllama-1.1b", 2048, 5632, 22, 32, 4, 32000, 2048, 1e4),
+            // The published Qwen/Qwen2.5-0.5B config.json (its sliding window is off).
+            "qwen2.5-0.5b" => ModelConfig {
+                norm_eps: 1e-6,
+                tied_embeddings: true,
+                qkv_bias: true,
+                ..Self::llama("qwen2.5-0.5b", 896, 4864, 24, 14, 2, 151936, 32768, 1e6)
             },
             _ => return None,
         };
@@ -155,11 +255,10 @@ impl ModelConfig {
             }
         }
         let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("llama");
-        let is_qwen3 = match model_type {
-            "llama" => false,
-            "qwen3" => true,
-            other => bail!("model_type '{other}' is not supported (expected 'llama' or 'qwen3')"),
-        };
+        if !["llama", "qwen3", "qwen2", "mistral"].contains(&model_type) {
+            bail!("model_type '{model_type}' is not supported (expected 'llama', 'qwen2', 'qwen3' or 'mistral')");
+        }
+        let is_qwen3 = model_type == "qwen3";
         let req = |key: &str| -> Result<usize> {
             let val = obj.get(key).with_context(|| format!("missing field '{key}'"))?;
             val.as_u64()
@@ -191,9 +290,11 @@ impl ModelConfig {
                 }
             }
         };
-        // Refuse what would silently compute something else.
-        if opt_bool("attention_bias")?.unwrap_or(false) {
-            bail!("field 'attention_bias' = true is not supported (no projection biases)");
+        // Refuse what would silently compute something else. Qwen2 always has q/k/v biases
+        // (its o_proj never has one); elsewhere `attention_bias` would also bias o_proj.
+        let qkv_bias = model_type == "qwen2";
+        if !qkv_bias && opt_bool("attention_bias")?.unwrap_or(false) {
+            bail!("field 'attention_bias' = true is not supported for '{model_type}' (an o_proj bias)");
         }
         if opt_bool("mlp_bias")?.unwrap_or(false) {
             bail!("field 'mlp_bias' = true is not supported");
@@ -203,13 +304,22 @@ impl ModelConfig {
         {
             bail!("field 'hidden_act' = '{act}' is not supported (only 'silu' / SwiGLU)");
         }
-        if let Some(scaling) = obj.get("rope_scaling")
-            && !scaling.is_null()
-        {
-            bail!("field 'rope_scaling' is not supported (must be null)");
-        }
-        if opt_bool("use_sliding_window")?.unwrap_or(false) {
-            bail!("field 'use_sliding_window' = true is not supported");
+        // Mistral's `sliding_window` always applies; Qwen's only with `use_sliding_window`
+        // (then, in HF, to layers from `max_window_layers` on: refusing T > window whenever
+        // any layer has one keeps every layer exact).
+        let sliding_window = match model_type {
+            "mistral" => opt_usize("sliding_window")?,
+            "qwen2" | "qwen3" if opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                let layers = req("num_hidden_layers")?;
+                match opt_usize("max_window_layers")? {
+                    Some(m) if m >= layers => None,
+                    _ => opt_usize("sliding_window")?,
+                }
+            }
+            _ => None,
+        };
+        if sliding_window == Some(0) {
+            bail!("field 'sliding_window' must be positive");
         }
         let dim = req("hidden_size")?;
         let n_heads = req("num_attention_heads")?;
@@ -233,17 +343,28 @@ impl ModelConfig {
             norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             qk_norm: opt_bool("qk_norm")?.unwrap_or(is_qwen3),
             tied_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            rope_scaling: rope_scaling(obj)?,
+            qkv_bias,
+            sliding_window,
         };
+        if cfg.qk_norm && cfg.qkv_bias {
+            bail!("QK-norm with q/k/v biases is not a known architecture");
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Serialize with HF field names (what `from_hf_json` reads back).
     pub fn to_hf_json(&self) -> Value {
-        let qwen = self.qk_norm;
-        serde_json::json!({
-            "architectures": [if qwen { "Qwen3ForCausalLM" } else { "LlamaForCausalLM" }],
-            "model_type": if qwen { "qwen3" } else { "llama" },
+        let (arch, model_type) = match (self.qk_norm, self.qkv_bias, self.sliding_window) {
+            (true, _, _) => ("Qwen3ForCausalLM", "qwen3"),
+            (false, true, _) => ("Qwen2ForCausalLM", "qwen2"),
+            (false, false, Some(_)) => ("MistralForCausalLM", "mistral"),
+            (false, false, None) => ("LlamaForCausalLM", "llama"),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
             "hidden_size": self.dim,
             "intermediate_size": self.ffn_dim,
             "num_hidden_layers": self.n_layers,
@@ -256,8 +377,50 @@ impl ModelConfig {
             "rms_norm_eps": self.norm_eps,
             "tie_word_embeddings": self.tied_embeddings,
             "hidden_act": "silu",
-            "attention_bias": false,
-        })
+        });
+        let obj = v.as_object_mut().expect("built as an object");
+        if model_type != "qwen2" {
+            obj.insert("attention_bias".into(), false.into());
+        }
+        if let Some(s) = self.rope_scaling {
+            obj.insert(
+                "rope_scaling".into(),
+                serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": s.factor,
+                    "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position_embeddings,
+                }),
+            );
+        }
+        if let Some(w) = self.sliding_window {
+            obj.insert("sliding_window".into(), w.into());
+            if model_type != "mistral" {
+                obj.insert("use_sliding_window".into(), true.into());
+                obj.insert("max_window_layers".into(), 0.into());
+            }
+        } else if model_type == "qwen2" {
+            obj.insert("use_sliding_window".into(), false.into());
+        }
+        v
+    }
+
+    /// Refuses a sequence length this config would compute wrongly (a sliding window shorter
+    /// than it) or that its positions cannot hold.
+    pub fn check_seq(&self, t: usize) -> Result<()> {
+        if let Some(w) = self.sliding_window
+            && t > w
+        {
+            bail!(
+                "--seq {t} is longer than this model's sliding_window ({w}); only full causal attention is \
+                 implemented, so use --seq {w} or less"
+            );
+        }
+        if t > self.max_seq_len {
+            bail!("--seq {t} exceeds the model's max_position_embeddings ({})", self.max_seq_len);
+        }
+        Ok(())
     }
 
     /// Refuse combinations the math cannot run, naming the offending field.
@@ -328,7 +491,8 @@ impl ModelConfig {
         let (c, f) = (self.dim, self.ffn_dim);
         let attn = c * self.q_dim() * 2 + c * self.kv_dim() * 2;
         let norms = 2 * c + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        attn + 3 * c * f + norms
+        let bias = if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+        attn + 3 * c * f + norms + bias
     }
 
     /// Every trainable parameter, counting a tied embedding once.
@@ -427,5 +591,67 @@ mod tests {
             back.name = cfg.name.clone();
             assert_eq!(back, cfg);
         }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_is_read_and_other_kinds_refused() {
+        let mut v = ModelConfig::preset("stories260k").unwrap().to_hf_json();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let cfg = ModelConfig::from_hf_json(&v).unwrap();
+        let want = RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        assert_eq!(cfg.rope_scaling, Some(want));
+        // Written back and read again.
+        assert_eq!(ModelConfig::from_hf_json(&cfg.to_hf_json()).unwrap().rope_scaling, Some(want));
+        let mut bad = v.clone();
+        bad["rope_scaling"]["rope_type"] = "yarn".into();
+        assert!(format!("{:#}", ModelConfig::from_hf_json(&bad).unwrap_err()).contains("yarn"));
+        let mut bad = v.clone();
+        bad["rope_scaling"].as_object_mut().unwrap().remove("low_freq_factor");
+        assert!(format!("{:#}", ModelConfig::from_hf_json(&bad).unwrap_err()).contains("low_freq_factor"));
+        let mut bad = v.clone();
+        bad["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        assert!(format!("{:#}", ModelConfig::from_hf_json(&bad).unwrap_err()).contains("disagree"));
+    }
+
+    #[test]
+    fn sliding_window_shorter_than_seq_is_refused() {
+        let mut v = ModelConfig::preset("stories260k").unwrap().to_hf_json();
+        v["model_type"] = "mistral".into();
+        v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        v["sliding_window"] = 64.into();
+        let cfg = ModelConfig::from_hf_json(&v).unwrap();
+        assert_eq!(cfg.sliding_window, Some(64));
+        cfg.check_seq(64).unwrap();
+        let err = format!("{:#}", cfg.check_seq(65).unwrap_err());
+        assert!(err.contains("sliding_window (64)") && err.contains("--seq 64"), "{err}");
+        assert_eq!(ModelConfig::from_hf_json(&cfg.to_hf_json()).unwrap().sliding_window, Some(64));
+        // Qwen's window counts only with use_sliding_window, and only below max_window_layers.
+        let mut q = ModelConfig::preset("qwen2.5-0.5b").unwrap().to_hf_json();
+        q["sliding_window"] = 32.into();
+        assert_eq!(ModelConfig::from_hf_json(&q).unwrap().sliding_window, None);
+        q["use_sliding_window"] = true.into();
+        q["max_window_layers"] = 24.into();
+        assert_eq!(ModelConfig::from_hf_json(&q).unwrap().sliding_window, None);
+        q["max_window_layers"] = 21.into();
+        assert_eq!(ModelConfig::from_hf_json(&q).unwrap().sliding_window, Some(32));
+    }
+
+    #[test]
+    fn qwen2_has_qkv_biases_and_other_biases_are_refused() {
+        let cfg = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        // Qwen2.5-0.5B's published parameter count (tied).
+        assert_eq!(cfg.param_count(), 494_032_768);
+        let mut v = ModelConfig::preset("stories260k").unwrap().to_hf_json();
+        v["attention_bias"] = true.into();
+        assert!(format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err()).contains("attention_bias"));
+        assert_eq!(ModelConfig::preset("smollm2-135m").unwrap().param_count(), 134_515_008);
+        assert_eq!(ModelConfig::preset("tinyllama-1.1b").unwrap().param_count(), 1_100_048_384);
     }
 }

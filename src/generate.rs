@@ -69,7 +69,7 @@ impl<'a> Decoder<'a> {
         let (c, qd, kd) = (cfg.dim, cfg.q_dim(), cfg.kv_dim());
         let z = |n: usize| vec![0.0f32; n];
         Ok(Decoder {
-            rope: RopeTable::new(max_t, cfg.head_dim, cfg.rope_theta),
+            rope: RopeTable::for_config(max_t, cfg),
             k_cache: z(cfg.n_layers * max_t * kd),
             v_cache: z(cfg.n_layers * max_t * kd),
             x: z(c),

@@ -22,10 +22,10 @@ use crate::config::ModelConfig;
 use crate::ops::Par;
 use crate::ops::cross_entropy::{cross_entropy_forward, cross_entropy_fused, loss_sum};
 use crate::ops::embedding::{embedding_backward, embedding_forward};
-use crate::ops::matmul::{matmul_backward_dw, matmul_backward_dx, matmul_forward};
+use crate::ops::matmul::{bias_backward, matmul_backward_dw, matmul_backward_dx, matmul_forward};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::params::{LayerTensors, ParamLayout};
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
@@ -206,9 +206,7 @@ impl Model {
         cfg.validate()?;
         ensure!(b > 0, "--batch must be at least 1");
         ensure!(t > 0, "--seq must be at least 1");
-        if t > cfg.max_seq_len {
-            bail!("--seq {t} exceeds the model's max_position_embeddings ({})", cfg.max_seq_len);
-        }
+        cfg.check_seq(t)?;
         ensure!(
             backend.shape() == (b, t),
             "the {} backend was built for B={}, T={}, the model for B={b}, T={t}",
@@ -435,7 +433,7 @@ impl Model {
                 for (l, gw) in (0..n_layers).rev().zip(layer_grads) {
                     let w = layout.layer(params, l);
                     let a = &acts[l];
-                    let LayerTensors { attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2, .. } = gw;
+                    let LayerTensors { attn_norm, wqkv, wo, bqkv, q_norm, k_norm, ffn_norm, w13, w2, .. } = gw;
                     // FFN block: its output gradient is the residual gradient dx.
                     timed(&mut kernel_ms, || backend.ffn_backward_dx(dxn, g, dx, a, &w))?;
                     let ffn = BlockDw {
@@ -460,6 +458,10 @@ impl Model {
                         w_in: qd + 2 * kd,
                     };
                     sink.submit(par, n, c, attn, dx, &g.dqkv)?;
+                    if let Some(db) = bqkv {
+                        // Tiny next to the GEMMs; on this thread, before g.dqkv is reused.
+                        bias_backward(db, &g.dqkv);
+                    }
                     rmsnorm_backward(dx, attn_norm, dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
                 }
                 Ok(())

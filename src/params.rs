@@ -21,6 +21,8 @@ pub enum TensorKind {
     ResidualMatrix,
     /// An RMSNorm gain vector, initialised to 1.
     Norm,
+    /// A projection bias (Qwen2's q/k/v), initialised to 0, never decayed.
+    Bias,
 }
 
 #[derive(Clone, Debug)]
@@ -44,9 +46,10 @@ impl TensorInfo {
         self.offset..self.offset + self.len()
     }
 
-    /// Decoupled weight decay applies to matrices (2-D tensors) only, never to norm gains.
+    /// Decoupled weight decay applies to matrices (2-D tensors) only, never to norm gains
+    /// or biases.
     pub fn decays(&self) -> bool {
-        self.kind != TensorKind::Norm
+        !matches!(self.kind, TensorKind::Norm | TensorKind::Bias)
     }
 }
 
@@ -65,6 +68,8 @@ pub struct LayerTensors<T> {
     pub wqkv: T,
     /// `[C, H·D]` o_proj
     pub wo: T,
+    /// `[(H + 2·KV)·D]`: q_proj, k_proj and v_proj biases stacked (Qwen2 only)
+    pub bqkv: Option<T>,
     /// `[D]` q_norm (QK-norm models only)
     pub q_norm: Option<T>,
     /// `[D]` k_norm (QK-norm models only)
@@ -83,6 +88,7 @@ pub struct ParamLayout {
     /// Per layer: the arena range holding all of its tensors (contiguous by construction).
     layer_ranges: Vec<Range<usize>>,
     has_qk_norm: bool,
+    has_qkv_bias: bool,
     /// (C, F, H·D, KV·D, D)
     layer_dims: (usize, usize, usize, usize, usize),
     pub embed: usize,
@@ -112,6 +118,11 @@ impl ParamLayout {
             push(format!("{p}.self_attn.k_proj.weight"), vec![cfg.kv_dim(), c], TensorKind::Matrix);
             push(format!("{p}.self_attn.v_proj.weight"), vec![cfg.kv_dim(), c], TensorKind::Matrix);
             push(format!("{p}.self_attn.o_proj.weight"), vec![c, cfg.q_dim()], TensorKind::ResidualMatrix);
+            if cfg.qkv_bias {
+                push(format!("{p}.self_attn.q_proj.bias"), vec![cfg.q_dim()], TensorKind::Bias);
+                push(format!("{p}.self_attn.k_proj.bias"), vec![cfg.kv_dim()], TensorKind::Bias);
+                push(format!("{p}.self_attn.v_proj.bias"), vec![cfg.kv_dim()], TensorKind::Bias);
+            }
             if cfg.qk_norm {
                 push(format!("{p}.self_attn.q_norm.weight"), vec![d], TensorKind::Norm);
                 push(format!("{p}.self_attn.k_norm.weight"), vec![d], TensorKind::Norm);
@@ -130,6 +141,7 @@ impl ParamLayout {
             tensors,
             layer_ranges,
             has_qk_norm: cfg.qk_norm,
+            has_qkv_bias: cfg.qkv_bias,
             layer_dims: (c, f, cfg.q_dim(), cfg.kv_dim(), d),
             embed,
             final_norm,
@@ -211,15 +223,16 @@ impl ParamLayout {
         let (c, f, q, kv, d) = self.layer_dims;
         let attn_norm = take(c);
         let (wqkv, wo) = (take((q + 2 * kv) * c), take(c * q));
+        let bqkv = self.has_qkv_bias.then(|| take(q + 2 * kv));
         let (q_norm, k_norm) = if self.has_qk_norm { (Some(take(d)), Some(take(d))) } else { (None, None) };
         let ffn_norm = take(c);
         let (w13, w2) = (take(2 * f * c), take(c * f));
         debug_assert!(l < self.n_layers());
-        LayerTensors { layer: l, attn_norm, wqkv, wo, q_norm, k_norm, ffn_norm, w13, w2 }
+        LayerTensors { layer: l, attn_norm, wqkv, wo, bqkv, q_norm, k_norm, ffn_norm, w13, w2 }
     }
 
     /// Seeded init: matrices ~ N(0, 0.02²), residual output projections (Wo, W2) scaled by
-    /// 1/√(2L), norm gains 1. Each block of `INIT_BLOCK` values of each tensor draws from its
+    /// 1/√(2L), norm gains 1, biases 0. Each block of `INIT_BLOCK` values of each tensor draws from its
     /// own stream, so the result depends on neither the thread count nor the fill order, and
     /// a 155M-value embedding fills in parallel.
     pub fn init(&self, seed: u64) -> Vec<f32> {
@@ -232,7 +245,7 @@ impl ParamLayout {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.len());
             rest = tail;
             let std = match t.kind {
-                TensorKind::Norm => 0.0,
+                TensorKind::Norm | TensorKind::Bias => 0.0,
                 TensorKind::ResidualMatrix => 0.02 * residual_scale,
                 TensorKind::Embedding | TensorKind::Matrix => 0.02,
             };
@@ -240,8 +253,11 @@ impl ParamLayout {
                 jobs.push((((i as u64) << 32) | j as u64, std, block));
             }
         }
+        let biases: Vec<bool> = self.tensors.iter().map(|t| t.kind == TensorKind::Bias).collect();
         jobs.into_par_iter().for_each(|(stream, std, out)| {
-            if std == 0.0 {
+            if biases[(stream >> 32) as usize] {
+                out.fill(0.0);
+            } else if std == 0.0 {
                 out.fill(1.0);
             } else {
                 Rng::derive(seed, stream + 1).fill_normal(out, std);

@@ -5,9 +5,9 @@
 use crate::config::ModelConfig;
 use crate::ops::attention::{AttnDims, attention_forward_slow};
 use crate::ops::cross_entropy::cross_entropy_slow;
-use crate::ops::matmul::matmul_forward_slow;
+use crate::ops::matmul::{bias_forward_slow, matmul_forward_slow};
 use crate::ops::rmsnorm::rmsnorm_forward_slow;
-use crate::ops::rope::rope_forward_slow;
+use crate::ops::rope::{inv_freq_f64, rope_forward_slow};
 use crate::ops::swiglu::swiglu_forward_slow;
 use crate::params::ParamLayout;
 
@@ -34,6 +34,13 @@ pub fn loss_slow(cfg: &ModelConfig, params: &[f64], tokens: &[u32], targets: &[u
         matmul_forward_slow(&mut q, &xn, find(l, "self_attn.q_proj.weight"), n, c, qd);
         matmul_forward_slow(&mut k, &xn, find(l, "self_attn.k_proj.weight"), n, c, kd);
         matmul_forward_slow(&mut val, &xn, find(l, "self_attn.v_proj.weight"), n, c, kd);
+        if cfg.qkv_bias {
+            for (out, w, name) in [(&mut q, qd, "q_proj"), (&mut k, kd, "k_proj"), (&mut val, kd, "v_proj")] {
+                let bias = find(l, &format!("self_attn.{name}.bias"));
+                debug_assert_eq!(bias.len(), w);
+                bias_forward_slow(out, bias);
+            }
+        }
         if cfg.qk_norm {
             let q_in = q.clone();
             rmsnorm_forward_slow(&mut q, &q_in, find(l, "self_attn.q_norm.weight"), n * h, d, eps);
@@ -41,8 +48,9 @@ pub fn loss_slow(cfg: &ModelConfig, params: &[f64], tokens: &[u32], targets: &[u
             rmsnorm_forward_slow(&mut k, &k_in, find(l, "self_attn.k_norm.weight"), n * kv, d, eps);
         }
         let (q_in, k_in) = (q.clone(), k.clone());
-        rope_forward_slow(&mut q, &q_in, n, t, h, d, cfg.rope_theta);
-        rope_forward_slow(&mut k, &k_in, n, t, kv, d, cfg.rope_theta);
+        let freqs = inv_freq_f64(d, cfg.rope_theta, cfg.rope_scaling.as_ref());
+        rope_forward_slow(&mut q, &q_in, n, t, h, d, &freqs);
+        rope_forward_slow(&mut k, &k_in, n, t, kv, d, &freqs);
         let mut attn = vec![0.0; n * qd];
         attention_forward_slow(&mut attn, &q, &k, &val, AttnDims { b, t, h, kv, d });
         let mut o = vec![0.0; n * c];

@@ -1,5 +1,6 @@
 //! Golden fixtures from HF transformers (made by `python3 tools/make_fixtures.py`, committed in
-//! tests/fixtures/): tiny Llama and Qwen3 models with random weights, one batch with ignored
+//! tests/fixtures/): tiny Llama (plain, Llama 3 RoPE scaling, SmolLM2 and TinyLlama shapes),
+//! Qwen2 (q/k/v biases) and Qwen3 models with random weights, one batch with ignored
 //! targets, and what PyTorch computed — logits, loss, every parameter gradient, and the losses
 //! of 10 AdamW updates with weight decay and clipping engaged.
 //!
@@ -16,7 +17,15 @@ use anetrain::train::adamw::{AdamW, AdamWConfig, clip_multiplier, partials_len, 
 use serde_json::Value;
 use std::path::PathBuf;
 
-const FIXTURES: &[&str] = &["llama-gqa-tied", "qwen3-gqa-qknorm", "llama-untied"];
+const FIXTURES: &[&str] = &[
+    "llama-gqa-tied",
+    "qwen3-gqa-qknorm",
+    "llama-untied",
+    "llama3-rope-scaling",
+    "qwen2-qkv-bias",
+    "smollm2-tiny",
+    "tinyllama-tiny",
+];
 
 struct Fixture {
     model: Model,

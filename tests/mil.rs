@@ -444,3 +444,10 @@ fn a_micro_batch_under_the_same_version_stages_no_weights() {
     model.forward_backward(&params, &mut grads, &tokens, &targets, 1.0, 2).unwrap();
     assert_eq!(shared.lock().unwrap().weight_stagings(), 2 * per_pass);
 }
+
+#[test]
+fn qkv_biases_are_refused_with_the_way_out() {
+    let cfg = ModelConfig { qkv_bias: true, ..tiny("mha") };
+    let err = format!("{:#}", KernelSet::new(&cfg, 16, InputLayout::Packed).unwrap_err());
+    assert!(err.contains("q/k/v bias") && err.contains("--backend cpu"), "{err}");
+}

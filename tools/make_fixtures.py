@@ -5,14 +5,14 @@ forward/backward/AdamW tests, using Hugging Face transformers as the reference.
 Command (from the repository root; nothing is downloaded, HF_HUB_OFFLINE=1 is
 forced):
 
-    python3 tools/make_fixtures.py
+    python3 tools/make_fixtures.py [NAME ...]     # all, or only the named fixtures
 
 Versions used to produce the committed fixtures: torch 2.15.0 (+cu132 wheel, run
 on the CPU), transformers 5.24.0, safetensors 0.8.0, CPython 3.11.  The script
 is deterministic (fp32, CPU, one thread, torch.use_deterministic_algorithms) and
 re-runnable: it overwrites its outputs, and two runs give byte-identical files.
 
-Three tiny random-weight models, each in ``tests/fixtures/<name>/``:
+Tiny random-weight models, each in ``tests/fixtures/<name>/``:
 
 * ``llama-gqa-tied``   LlamaForCausalLM, C=48, F=80, L=2, H=4, KV=2, Dh=12,
                        V=128, theta 1e4, eps 1e-5, tied embeddings.
@@ -20,9 +20,22 @@ Three tiny random-weight models, each in ``tests/fixtures/<name>/``:
                        (!= C/H), V=128, theta 1e6, eps 1e-6, tied, q/k norms.
 * ``llama-untied``     LlamaForCausalLM, C=32, F=64, L=2, H=4, KV=4, Dh=8,
                        V=100, theta 1e4, eps 1e-5, untied classifier.
+* ``llama3-rope-scaling`` LlamaForCausalLM with ``rope_type: llama3`` (factor 8,
+                       low/high frequency factors 1/4, original max positions 64),
+                       C=48, F=64, L=2, H=4, KV=2, Dh=12, V=96, tied; the script
+                       checks that the scaling changes the logits.
+* ``qwen2-qkv-bias``   Qwen2ForCausalLM (q/k/v biases), C=32, F=64, L=2, H=4, KV=2,
+                       Dh=8, V=96, theta 1e6, eps 1e-6, untied.
+* ``smollm2-tiny``     SmolLM2's family in small: Llama, C=48, H=3, KV=1, Dh=16,
+                       F=64, V=80, theta 1e5, tied.
+* ``tinyllama-tiny``   TinyLlama's family in small: Llama, C=32, H=8, KV=1, Dh=4,
+                       F=48, V=64, theta 1e4, untied.
+
+The first three were made with transformers 5.24.0, the last four with 5.25.0
+(``fixture.json`` records each one's versions).
 
 After construction every 2-D weight (embedding included) is re-drawn from
-N(0, 0.1^2) and every RMSNorm gain is set to 1 + 0.1*N(0, 1), so that the
+N(0, 0.1^2) (biases too) and every RMSNorm gain is set to 1 + 0.1*N(0, 1), so that the
 tests are sensitive to every parameter.
 
 Files per fixture:
@@ -78,6 +91,8 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -167,6 +182,103 @@ FIXTURES = [
             hidden_act="silu",
         ),
     },
+    # Llama 3.x RoPE scaling.  With Dh=12, theta 1e4 the wavelengths are 6.3, 29, 135,
+    # 628, ...; original_max_position_embeddings 64 with low/high factors 1/4 puts the
+    # first in the kept band (< 16), the second in the interpolated band and the rest in
+    # the slowed band (> 64), so all three branches change the logits at T=16.
+    {
+        "name": "llama3-rope-scaling",
+        "seed": 1004,
+        "cls": LlamaForCausalLM,
+        "config": LlamaConfig,
+        "rope": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=64),
+        "kwargs": dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            vocab_size=96,
+            max_position_embeddings=256,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+        ),
+    },
+    # Qwen2 / Qwen2.5: biases on q/k/v (never on o_proj), GQA, untied.
+    {
+        "name": "qwen2-qkv-bias",
+        "seed": 1005,
+        "cls": Qwen2ForCausalLM,
+        "config": Qwen2Config,
+        "kwargs": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=96,
+            max_position_embeddings=64,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            hidden_act="silu",
+        ),
+    },
+    # SmolLM2's shape family (Llama: 3:1 GQA, tied, theta 1e5), tiny.
+    {
+        "name": "smollm2-tiny",
+        "seed": 1006,
+        "cls": LlamaForCausalLM,
+        "config": LlamaConfig,
+        "kwargs": dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=80,
+            max_position_embeddings=64,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+        ),
+    },
+    # TinyLlama's shape family (Llama: 8:1 GQA, untied, theta 1e4), tiny.
+    {
+        "name": "tinyllama-tiny",
+        "seed": 1007,
+        "cls": LlamaForCausalLM,
+        "config": LlamaConfig,
+        "kwargs": dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=4,
+            vocab_size=64,
+            max_position_embeddings=64,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+        ),
+    },
 ]
 
 
@@ -178,7 +290,7 @@ def rope_theta_of(config):
     return float(config.rope_theta)
 
 
-def check_config(config, kw):
+def check_config(config, kw, rope=None):
     for key, want in kw.items():
         if key == "rope_theta":
             got = rope_theta_of(config)
@@ -186,6 +298,9 @@ def check_config(config, kw):
             got = getattr(config, key)
         assert got == want, f"config.{key} = {got!r}, wanted {want!r}"
     rp = getattr(config, "rope_parameters", None)
+    if rope is not None:
+        assert isinstance(rp, dict) and all(rp.get(k) == v for k, v in rope.items()), rp
+        return
     if isinstance(rp, dict):
         assert rp.get("rope_type", "default") == "default", rp
     assert getattr(config, "rope_scaling", None) in (None, {}) or (
@@ -195,11 +310,11 @@ def check_config(config, kw):
 
 
 def reinit_(model, gen):
-    """Every 2-D weight ~ N(0, 0.1^2); every 1-D RMSNorm gain = 1 + 0.1*N(0,1)."""
+    """Every 2-D weight and bias ~ N(0, 0.1^2); every 1-D RMSNorm gain = 1 + 0.1*N(0,1)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.dim() >= 2:
+            if p.dim() >= 2 or name.endswith(".bias"):
                 p.copy_(0.1 * noise)
             else:
                 assert name.endswith("norm.weight"), name
@@ -210,20 +325,28 @@ def loss_fn(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def fix_config_json(path, kw, config):
-    """Write classic HF field names next to transformers 5's rope_parameters."""
+def fix_config_json(path, kw, config, rope=None):
+    """Write classic HF field names next to transformers 5's rope_parameters (for Llama 3
+    scaling, also the classic ``rope_scaling`` object, as Llama 3.x configs carry it)."""
     with open(path) as f:
         cfg = json.load(f)
     theta = rope_theta_of(config)
     assert theta == kw["rope_theta"], (theta, kw["rope_theta"])
     rp = cfg.get("rope_parameters")
     if rp is not None:
-        assert rp.get("rope_theta") == theta and rp.get("rope_type", "default") == "default", rp
+        assert rp.get("rope_theta") == theta, rp
+        if rope is None:
+            assert rp.get("rope_type", "default") == "default", rp
+        else:
+            assert all(rp.get(k) == v for k, v in rope.items()), rp
     cfg["rope_theta"] = theta
-    if "rope_scaling" in cfg:
+    if rope is not None:
+        cfg["rope_scaling"] = dict(rope)
+    elif "rope_scaling" in cfg:
         assert cfg["rope_scaling"] is None, cfg["rope_scaling"]
     cfg["tie_word_embeddings"] = kw["tie_word_embeddings"]
-    cfg["attention_bias"] = kw["attention_bias"]
+    if "attention_bias" in kw:
+        cfg["attention_bias"] = kw["attention_bias"]
     cfg["hidden_act"] = kw["hidden_act"]
     cfg["head_dim"] = kw["head_dim"]
     cfg["use_sliding_window"] = bool(kw.get("use_sliding_window", False))
@@ -284,12 +407,16 @@ def make_fixture(spec):
 
     torch.manual_seed(spec["seed"])
     gen = torch.Generator().manual_seed(spec["seed"])
-    config = spec["config"](**kw)
+    rope = spec.get("rope")
+    extra = {}
+    if rope is not None:
+        extra["rope_parameters"] = dict(rope, rope_theta=kw["rope_theta"])
+    config = spec["config"](**kw, **extra)
     config._attn_implementation = "eager"
-    check_config(config, kw)
+    check_config(config, kw, rope)
     model = spec["cls"](config).to(torch.float32)
     model.config._attn_implementation = "eager"
-    check_config(model.config, kw)
+    check_config(model.config, kw, rope)
     reinit_(model, gen)
     model.eval()
 
@@ -306,7 +433,7 @@ def make_fixture(spec):
     gc = os.path.join(d, "generation_config.json")
     if os.path.exists(gc):
         os.remove(gc)
-    cfg_json = fix_config_json(os.path.join(d, "config.json"), kw, model.config)
+    cfg_json = fix_config_json(os.path.join(d, "config.json"), kw, model.config, rope)
     saved = load_file(os.path.join(d, "model.safetensors"))
     assert sorted(saved) == sorted(names), (sorted(saved), sorted(names))
     for n, p in params_of(model):
@@ -335,12 +462,23 @@ def make_fixture(spec):
         assert p.grad is not None, f"no grad for {n}"
         tensors["grad." + n] = p.grad.detach().clone().contiguous()
     assert len([k for k in tensors if k.startswith("grad.")]) == len(names)
+    if rope is not None:
+        # The scaling must matter at this length, or the fixture would not test it.
+        plain = spec["config"](**kw)
+        plain._attn_implementation = "eager"
+        other = spec["cls"](plain).to(torch.float32)
+        other.load_state_dict(model.state_dict())
+        other.eval()
+        with torch.no_grad():
+            diff = float((other(input_ids=tokens).logits - logits.detach()).abs().max())
+        assert diff > 1e-2, f"{name}: RoPE scaling changes the logits by only {diff}"
+        print(f"{name}: unscaled RoPE would change the logits by up to {diff:.4g}")
     init_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for _, p in params_of(model)])))
     save_file(tensors, os.path.join(d, "fixture.safetensors"))
 
     # --- reload check: the saved directory reproduces the logits ---------
     re = load_saved(d)
-    check_config(re.config, kw)
+    check_config(re.config, kw, rope)
     assert [n for n, _ in re.named_parameters()] == names
     with torch.no_grad():
         re_logits = re(input_ids=tokens).logits
@@ -399,8 +537,12 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"safetensors {safetensors.__version__}, python {sys.version.split()[0]}")
     os.makedirs(OUT, exist_ok=True)
+    only = set(sys.argv[1:])
+    unknown = only - {spec["name"] for spec in FIXTURES}
+    assert not unknown, f"unknown fixtures {sorted(unknown)}"
     for spec in FIXTURES:
-        make_fixture(spec)
+        if not only or spec["name"] in only:
+            make_fixture(spec)
     for dirpath, _, files in os.walk(OUT):
         for f in files:
             os.chmod(os.path.join(dirpath, f), 0o644)  # safetensors writes 0600

@@ -41,6 +41,9 @@ pub fn probe_config() -> ModelConfig {
         norm_eps: 1e-6,
         qk_norm: true,
         tied_embeddings: true,
+        rope_scaling: None,
+        qkv_bias: false,
+        sliding_window: None,
     }
 }
 

@@ -4,7 +4,7 @@ use super::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
 use crate::config::ModelConfig;
 use crate::ops::Par;
 use crate::ops::attention::{AttnBackwardScratch, AttnDims, attention_backward, attention_forward};
-use crate::ops::matmul::{matmul_backward_dx, matmul_forward};
+use crate::ops::matmul::{bias_forward, matmul_backward_dx, matmul_forward};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{RopeTable, rope_backward, rope_forward};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
@@ -83,7 +83,7 @@ impl CpuBackend {
             n,
             dims,
             eps: cfg.norm_eps as f32,
-            rope: RopeTable::new(t, cfg.head_dim, cfg.rope_theta),
+            rope: RopeTable::for_config(t, cfg),
             hm_q: vec![0.0; n * cfg.q_dim()],
             hm_k: vec![0.0; n * cfg.kv_dim()],
             hm_v: vec![0.0; n * cfg.kv_dim()],
@@ -112,6 +112,9 @@ impl Backend for CpuBackend {
         let AttnDims { t, h, kv, d, .. } = self.dims;
         let (qd, kd) = (h * d, kv * d);
         matmul_forward(par, &mut self.qkv, &acts.xn1, w.wqkv, n, c, qd + 2 * kd);
+        if let Some(bias) = w.bqkv {
+            bias_forward(&mut self.qkv, bias);
+        }
         match (w.q_norm, w.k_norm) {
             (Some(qn), Some(kn)) => {
                 split_columns(&self.qkv, [(&mut acts.q_raw, qd), (&mut acts.k_raw, kd), (&mut acts.v, kd)]);

@@ -188,6 +188,12 @@ pub fn to_bytes(model: &Llama2c) -> Result<Vec<u8>> {
     ensure!(!cfg.qk_norm, "llama2.c files cannot hold QK-norm weights (Qwen3); export to an HF directory instead");
     ensure!(cfg.head_dim * cfg.n_heads == cfg.dim, "llama2.c requires head_dim = dim / n_heads");
     ensure!((cfg.rope_theta - 10000.0).abs() < 1e-9, "llama2.c uses RoPE θ = 10000; this model has {}", cfg.rope_theta);
+    ensure!(
+        cfg.rope_scaling.is_none(),
+        "llama2.c files cannot express Llama 3 RoPE scaling; export to an HF directory"
+    );
+    ensure!(!cfg.qkv_bias, "llama2.c files cannot hold q/k/v biases (Qwen2); export to an HF directory instead");
+    ensure!(cfg.sliding_window.is_none(), "llama2.c files cannot express a sliding window; export to an HF directory");
     ensure!((cfg.norm_eps - 1e-5).abs() < 1e-12, "llama2.c uses RMSNorm eps 1e-5; this model has {}", cfg.norm_eps);
     let layout = ParamLayout::new(cfg);
     let mut params = model.params.clone();

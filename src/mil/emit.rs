@@ -142,6 +142,8 @@ pub struct Dims {
     pub qk_norm: bool,
     pub eps: f64,
     pub theta: f64,
+    /// Llama 3 frequency scaling of RoPE, if any
+    pub rope_scaling: Option<crate::config::RopeScaling>,
     /// vocabulary size
     pub v: usize,
 }
@@ -149,6 +151,10 @@ pub struct Dims {
 impl Dims {
     pub fn new(cfg: &ModelConfig, t: usize) -> Result<Self> {
         ensure!(t > 0, "sequence length must be positive");
+        ensure!(
+            !cfg.qkv_bias,
+            "the MIL kernels have no q/k/v bias inputs (a Qwen2-family model): use --backend cpu for this model"
+        );
         ensure!(cfg.head_dim.is_multiple_of(2), "RoPE needs an even head_dim, got {}", cfg.head_dim);
         // QK-norm runs in fp16 inside `attn_fwd`: an eps that rounds to 0 makes padded (zero)
         // positions 0 · ∞ = NaN, which the mask cannot hide.
@@ -168,6 +174,7 @@ impl Dims {
             qk_norm: cfg.qk_norm,
             eps: cfg.norm_eps,
             theta: cfg.rope_theta,
+            rope_scaling: cfg.rope_scaling,
             v: cfg.vocab_size,
         })
     }
@@ -271,7 +278,7 @@ fn mask_table(s: usize) -> Vec<f32> {
 
 /// cos and sin `[S, D]`, each half of a head repeating the `[S, D/2]` table.
 fn rope_tables(dm: &Dims) -> (Vec<f32>, Vec<f32>) {
-    let t = RopeTable::new(dm.s, dm.d, dm.theta);
+    let t = RopeTable::with_freqs(dm.s, &crate::ops::rope::inv_freq(dm.d, dm.theta, dm.rope_scaling.as_ref()));
     let half = dm.d / 2;
     let full = |x: &[f32]| (0..dm.s * dm.d).map(|i| x[(i / dm.d) * half + (i % dm.d) % half]).collect();
     (full(&t.cos), full(&t.sin))

@@ -5,6 +5,7 @@
 //! Linear layer convention (torch.nn.Linear, no bias): `w` is `[N, K]` = `[out, in]`.
 
 use super::Par;
+use rayon::prelude::*;
 
 /// Which GEMM computes the products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -223,6 +224,37 @@ pub fn matmul_backward_dx(
     sgemm(par, m, k, n, Operand::n(dout, n), Operand::n(w, k), dinp, k, accumulate);
 }
 
+/// Adds `bias` `[W]` to every row of `out` `[N, W]` (a linear layer's bias, after its GEMM).
+pub fn bias_forward(out: &mut [f32], bias: &[f32]) {
+    let w = bias.len();
+    let rows = super::rows_per_task(w);
+    out.par_chunks_mut(rows * w).for_each(|blk| {
+        for row in blk.chunks_exact_mut(w) {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        }
+    });
+}
+
+/// Gradient of `bias_forward`: `dbias [W] += Σ_rows dout [N, W]` (accumulates, like dW).
+/// Parallel over column blocks, each summing rows in order, so the result is deterministic.
+pub fn bias_backward(dbias: &mut [f32], dout: &[f32]) {
+    let w = dbias.len();
+    const COLS: usize = 64;
+    dbias.par_chunks_mut(COLS).enumerate().for_each(|(blk, db)| {
+        let cols = blk * COLS..blk * COLS + db.len();
+        for row in dout.chunks_exact(w) {
+            db.iter_mut().zip(&row[cols.clone()]).for_each(|(d, g)| *d += g);
+        }
+    });
+}
+
+/// Naive f64 `bias_forward`.
+pub fn bias_forward_slow(out: &mut [f64], bias: &[f64]) {
+    for row in out.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+    }
+}
+
 /// Weight gradient of `out = inp · wᵀ`: dw `[N, K]` += doutᵀ `[N, M]` · inp `[M, K]`
 /// (always accumulates: gradients sum over micro-batches).
 pub fn matmul_backward_dw(par: Par, dw: &mut [f32], dout: &[f32], inp: &[f32], m: usize, k: usize, n: usize) {
@@ -349,5 +381,34 @@ mod tests {
         matmul_backward_slow(&mut dinp, &mut dw, &proj, &inp, &w, m, k, n);
         check_fd(&dinp, &inp, |x| loss(x, &w), "matmul dinp");
         check_fd(&dw, &w, |x| loss(&inp, x), "matmul dw");
+    }
+
+    #[test]
+    fn bias_matches_naive_and_its_gradient_is_the_column_sum() {
+        let mut rng = crate::rng::Rng::new(12);
+        let (n, w) = (37, 150);
+        let x = randn(&mut rng, n * w);
+        let b = randn(&mut rng, w);
+        let mut y = x.clone();
+        bias_forward(&mut y, &b);
+        let mut y_r = f64s(&x);
+        bias_forward_slow(&mut y_r, &f64s(&b));
+        assert_close(&y, &y_r, 1e-6, "bias fwd");
+        // d/db Σ proj ⊙ (x + b) = Σ_rows proj, by central differences of the naive forward.
+        let proj = f64s(&randn(&mut rng, n * w));
+        let mut db = vec![0.5f32; w];
+        bias_backward(&mut db, &proj.iter().map(|&v| v as f32).collect::<Vec<_>>());
+        let mut numeric = vec![0.5f64; w];
+        for (j, num) in numeric.iter_mut().enumerate() {
+            let loss = |delta: f64| {
+                let mut bb = f64s(&b);
+                bb[j] += delta;
+                let mut out = f64s(&x);
+                bias_forward_slow(&mut out, &bb);
+                dot64(&out, &proj)
+            };
+            *num += (loss(1e-6) - loss(-1e-6)) / 2e-6;
+        }
+        assert_close(&db, &numeric, 1e-5, "bias grad (accumulated onto 0.5)");
     }
 }

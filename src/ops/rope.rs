@@ -2,6 +2,7 @@
 //! with i + D/2 and rotates by angle `pos · θ^(−2i/D)`, i < D/2.
 //! (llama2.c's Meta layout pairs 2i with 2i+1; checkpoints are permuted on import instead.)
 
+use crate::config::{ModelConfig, RopeScaling};
 use rayon::prelude::*;
 
 /// cos/sin of every (position, frequency) pair, `[T_max, D/2]` each, built once per model.
@@ -12,17 +13,71 @@ pub struct RopeTable {
     pub half: usize,
 }
 
+/// The `D/2` rotation frequencies in HF's f32 arithmetic: `1 / θ^(2i/D)`, then, with Llama 3
+/// scaling, wavelengths `λ = 2π/f` beyond `orig / low_freq_factor` slowed by `factor`, those
+/// below `orig / high_freq_factor` kept, and between them
+/// `(1 − s)·f/factor + s·f` with `s = (orig/λ − low) / (high − low)` (transformers'
+/// `_compute_llama3_parameters`, operation for operation in f32).
+pub fn inv_freq(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
+    let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32)).collect();
+    let Some(s) = scaling else { return base };
+    let orig = s.original_max_position_embeddings as f64;
+    let (low_wavelen, high_wavelen) = ((orig / s.low_freq_factor) as f32, (orig / s.high_freq_factor) as f32);
+    let factor = s.factor as f32;
+    base.iter()
+        .map(|&f| {
+            let wavelen = (2.0 * std::f64::consts::PI) as f32 / f;
+            let scaled = if wavelen > low_wavelen { f / factor } else { f };
+            if wavelen < high_wavelen || wavelen > low_wavelen {
+                return scaled;
+            }
+            let smooth =
+                ((orig as f32) / wavelen - s.low_freq_factor as f32) / (s.high_freq_factor - s.low_freq_factor) as f32;
+            (1.0 - smooth) * scaled / factor + smooth * scaled
+        })
+        .collect()
+}
+
+/// `inv_freq` in f64 throughout, for the naive reference.
+pub fn inv_freq_f64(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
+    let base = (0..d / 2).map(|i| theta.powf(-((2 * i) as f64) / d as f64));
+    let Some(s) = scaling else { return base.collect() };
+    let orig = s.original_max_position_embeddings as f64;
+    let (low_wavelen, high_wavelen) = (orig / s.low_freq_factor, orig / s.high_freq_factor);
+    base.map(|f| {
+        let wavelen = 2.0 * std::f64::consts::PI / f;
+        if wavelen < high_wavelen {
+            f
+        } else if wavelen > low_wavelen {
+            f / s.factor
+        } else {
+            let smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+            (1.0 - smooth) * f / s.factor + smooth * f
+        }
+    })
+    .collect()
+}
+
 impl RopeTable {
-    /// Frequencies follow HF's f32 arithmetic (`1 / θ^(2i/D)` and `pos · inv_freq` in f32)
-    /// so positions far into the context round the same way transformers does; cos and sin
-    /// of that f32 angle are then taken in f64 and rounded once.
+    /// Unscaled RoPE with base θ (see `with_freqs`).
     pub fn new(max_t: usize, d: usize, theta: f64) -> Self {
-        let half = d / 2;
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32)).collect();
+        Self::with_freqs(max_t, &inv_freq(d, theta, None))
+    }
+
+    /// The table for a model's config (θ and any Llama 3 scaling).
+    pub fn for_config(max_t: usize, cfg: &ModelConfig) -> Self {
+        Self::with_freqs(max_t, &inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref()))
+    }
+
+    /// Angles `pos · inv_freq` in f32, as transformers computes them, so positions far into
+    /// the context round the same way; cos and sin of that f32 angle are then taken in f64
+    /// and rounded once.
+    pub fn with_freqs(max_t: usize, inv_freq: &[f32]) -> Self {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_t * half);
         let mut sin = Vec::with_capacity(max_t * half);
         for pos in 0..max_t {
-            for &f in &inv_freq {
+            for &f in inv_freq {
                 let angle = (pos as f32 * f) as f64;
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
@@ -72,14 +127,15 @@ fn rotate_row(xr: &mut [f32], table: &RopeTable, pos: usize, sign: f32) {
 }
 
 /// f64 reference: the same rotation with angles computed in f64 from scratch.
-pub fn rope_forward_slow(out: &mut [f64], inp: &[f64], n: usize, t: usize, nh: usize, d: usize, theta: f64) {
+/// `inv_freq` `[D/2]` from `inv_freq_f64`.
+pub fn rope_forward_slow(out: &mut [f64], inp: &[f64], n: usize, t: usize, nh: usize, d: usize, inv_freq: &[f64]) {
     let half = d / 2;
     for r in 0..n {
         let pos = (r % t) as f64;
         for h in 0..nh {
             let base = r * nh * d + h * d;
             for i in 0..half {
-                let angle = pos * theta.powf(-((2 * i) as f64) / d as f64);
+                let angle = pos * inv_freq[i];
                 let (a, b) = (inp[base + i], inp[base + i + half]);
                 out[base + i] = a * angle.cos() - b * angle.sin();
                 out[base + i + half] = b * angle.cos() + a * angle.sin();
@@ -104,7 +160,7 @@ mod tests {
             let mut y = x.clone();
             rope_forward(&mut y, &table, n, t, nh);
             let mut y_r = vec![0.0; x.len()];
-            rope_forward_slow(&mut y_r, &f64s(&x), n, t, nh, d, 10000.0);
+            rope_forward_slow(&mut y_r, &f64s(&x), n, t, nh, d, &inv_freq_f64(d, 10000.0, None));
             assert_close(&y, &y_r, 1e-5, "rope fwd");
             // Orthogonal map: backward of forward is the identity.
             rope_backward(&mut y, &table, n, t, nh);
@@ -120,7 +176,7 @@ mod tests {
         let proj = f64s(&randn(&mut rng, x.len()));
         let loss = |v: &[f64]| {
             let mut y = vec![0.0; v.len()];
-            rope_forward_slow(&mut y, v, n, t, nh, d, 1e6);
+            rope_forward_slow(&mut y, v, n, t, nh, d, &inv_freq_f64(d, 1e6, None));
             dot64(&y, &proj)
         };
         // The fast backward of `proj` is the analytic gradient of Σ proj ⊙ rope(x).
@@ -136,5 +192,34 @@ mod tests {
             numeric[i] = (fp - loss(&p)) / 2e-6;
         }
         assert_close(&g, &numeric, 1e-5, "rope grad");
+    }
+
+    #[test]
+    fn llama3_scaling_f32_matches_f64_in_all_three_bands() {
+        // Llama 3.1's published values: θ 5e5, D 128, factor 8, low 1, high 4, orig 8192.
+        let s = RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let (d, theta) = (128, 5e5);
+        let fast = inv_freq(d, theta, Some(&s));
+        let slow = inv_freq_f64(d, theta, Some(&s));
+        let plain = inv_freq_f64(d, theta, None);
+        let (mut kept, mut slowed, mut between) = (0, 0, 0);
+        for i in 0..d / 2 {
+            assert!((fast[i] as f64 - slow[i]).abs() <= 2e-6 * slow[i], "{i}: {} vs {}", fast[i], slow[i]);
+            let ratio = slow[i] / plain[i];
+            if ratio == 1.0 {
+                kept += 1;
+            } else if (ratio - 0.125).abs() < 1e-12 {
+                slowed += 1;
+            } else {
+                assert!(ratio > 0.125 && ratio < 1.0, "{i}: ratio {ratio}");
+                between += 1;
+            }
+        }
+        assert!(kept > 0 && slowed > 0 && between > 0, "bands {kept} {slowed} {between}");
     }
 }

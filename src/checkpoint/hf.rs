@@ -178,10 +178,10 @@ mod tests {
         // An unknown architecture is named.
         let mut config: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-        config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        config["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
         let err = format!("{:#}", load(&dir).unwrap_err());
-        assert!(err.contains("MistralForCausalLM"), "{err}");
+        assert!(err.contains("GPTNeoXForCausalLM"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -35,6 +35,10 @@ pub fn evaluate(
     let windows = if max_windows == 0 { available } else { available.min(max_windows) };
     let batch = batch.min(windows);
     ensure!(batch.saturating_mul(t) <= 1 << 22, "--batch × --seq must be at most 4M tokens");
+    crate::model::memory_estimate(cfg, batch, t, false).ensure(
+        &format!("evaluating {} with --batch {batch} --seq {t}", cfg.name),
+        "lower --batch (windows per forward pass) or --seq",
+    )?;
     let start = std::time::Instant::now();
     let mut model = Model::cpu(cfg, batch, t, par)?;
     let (mut tokens, mut targets) = (vec![0u32; batch * t], vec![0u32; batch * t]);

@@ -68,10 +68,16 @@ impl<'a> Decoder<'a> {
         ensure!(params.len() == layout.total, "parameters do not match the config");
         let (c, qd, kd) = (cfg.dim, cfg.q_dim(), cfg.kv_dim());
         let z = |n: usize| vec![0.0f32; n];
+        let cache = crate::memory::f32_bytes(&[cfg.n_layers, max_t, kd]);
+        crate::memory::ensure_fits(
+            &format!("a KV cache of {max_t} positions"),
+            cache.saturating_mul(2),
+            "lower --max-tokens or use a shorter prompt",
+        )?;
         Ok(Decoder {
             rope: RopeTable::for_config(max_t, cfg),
-            k_cache: z(cfg.n_layers * max_t * kd),
-            v_cache: z(cfg.n_layers * max_t * kd),
+            k_cache: crate::memory::try_vec_f32(cfg.n_layers * max_t * kd, "the key cache")?,
+            v_cache: crate::memory::try_vec_f32(cfg.n_layers * max_t * kd, "the value cache")?,
             x: z(c),
             xn: z(c),
             rstd: z(cfg.n_heads.max(1)),
@@ -233,6 +239,8 @@ pub fn generate(
     ensure!(prompt.len() <= max_t, "the prompt exceeds the model's {} positions", cfg.max_seq_len);
     let mut decoder = Decoder::new(cfg, params, max_t)?;
     let start = std::time::Instant::now();
+    crate::model::memory_estimate(cfg, 1, prompt.len(), false)
+        .ensure(&format!("prefilling a prompt of {} tokens", prompt.len()), "use a shorter prompt")?;
     let mut model = Model::cpu(cfg, 1, prompt.len(), par)?;
     decoder.prefill(&mut model, prompt)?;
     drop(model);

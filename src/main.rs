@@ -69,8 +69,9 @@ enum Command {
         /// `bpe:N` to train a byte-level BPE of N entries on the input.
         #[arg(long, default_value = "bpe:4096")]
         tokenizer: String,
-        /// Inputs: .txt files (blank-line-separated documents), .jsonl files (`text` field),
-        /// directories of those, or `builtin:stories:N`.
+        /// Inputs: .txt or .md files (blank-line-separated documents), .jsonl files (`text`
+        /// field), directories (searched at any depth; other files are skipped and named), or
+        /// `builtin:stories:N`.
         #[arg(long, num_args = 1.., required = true)]
         input: Vec<String>,
         #[arg(long)]
@@ -149,7 +150,7 @@ enum ExportDtype {
 
 #[derive(Args, Clone)]
 struct Runtime {
-    /// Worker threads (rayon pool and GEMM); default: all cores.
+    /// Worker threads (rayon pool and GEMM); default: all cores; at most 4 per core.
     #[arg(long)]
     threads: Option<usize>,
     /// GEMM implementation for every matrix product.
@@ -160,10 +161,18 @@ struct Runtime {
 impl Runtime {
     /// Builds the thread pool every op runs in; the count is explicit, never inherited.
     fn setup(&self) -> Result<(Par, rayon::ThreadPool)> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Past a few threads per core the GEMMs and row blocks only split finer; thousands of
+        // threads would exhaust the process's stacks before doing any work.
+        let cap = 4 * cores;
         let threads = match self.threads {
             Some(0) => bail!("--threads must be at least 1"),
+            Some(n) if n > cap => {
+                eprintln!("note: --threads {n} is more than 4 per core on this {cores}-core machine; using {cap}");
+                cap
+            }
             Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => cores,
         };
         if !self.gemm.available() {
             bail!("--gemm blas needs a build with `--features blas` (and libopenblas-dev on Linux)");

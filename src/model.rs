@@ -19,6 +19,7 @@
 
 use crate::backend::{Backend, LayerActs, LayerGrads, QkNormGrads};
 use crate::config::ModelConfig;
+use crate::memory::Estimate;
 use crate::ops::Par;
 use crate::ops::cross_entropy::{cross_entropy_forward, cross_entropy_fused, loss_sum};
 use crate::ops::embedding::{embedding_backward, embedding_forward};
@@ -201,6 +202,39 @@ pub struct Model {
     pub times: PhaseTimes,
 }
 
+/// What training or evaluating `cfg` on micro-batches of (B, T) allocates, from the
+/// arguments alone, to be checked (`Estimate::ensure`) before anything is built: the saved
+/// activations of every layer (with the `[B, H, T, T]` attention probabilities), the `[N, V]`
+/// logits, one layer's gradients, the backend's scratch (the `cpu` backend's; the MIL
+/// backends' is of the same order), the dW-overlap slots, and with `training` the parameter
+/// arena, its gradient and AdamW's two moments (16 bytes per parameter).
+pub fn memory_estimate(cfg: &ModelConfig, b: usize, t: usize, training: bool) -> Estimate {
+    use crate::memory::f32_bytes;
+    let n = b.saturating_mul(t);
+    let (c, f, qd, kd, v) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
+    let qkv = qd + 2 * kd;
+    let qk = usize::from(cfg.qk_norm);
+    let scores = f32_bytes(&[b, cfg.n_heads, t, t]);
+    // Per LayerActs: 4 [N, C] streams, 2 [N] rstds, q and attn [N, H·D], k and v [N, KV·D],
+    // h13 [N, 2·F] and gate [N, F], plus the QK-norm taps.
+    let per_layer =
+        f32_bytes(&[n, 4 * c + 2 + 2 * qd + 2 * kd + 3 * f + qk * (qd + kd + cfg.n_heads + cfg.n_kv_heads)]);
+    let mut est = Estimate::new();
+    est.add("activations", per_layer.saturating_mul(cfg.n_layers as u64))
+        .add("attention probabilities", scores.saturating_mul(cfg.n_layers as u64 + 1))
+        .add("logits [N, V]", f32_bytes(&[n, v]))
+        // Model: 4 [N, C] + 2 [N]; LayerGrads: [N, H·D + (H + 2·KV)·D + 3·F]; backend: head-major
+        // q/k/v, the fused projection, dq/dk/dv and QK-norm copies; dW slots: 2 × [N, C + max].
+        .add(
+            "gradients and scratch",
+            f32_bytes(&[n, 4 * c + 2 + qd + qkv + 3 * f + 3 * qkv + qk * (qd + kd) + 2 * (c + (2 * f).max(qkv))]),
+        );
+    if training {
+        est.add("weights, gradients and AdamW state", crate::memory::bytes(16, &[cfg.param_count()]));
+    }
+    est
+}
+
 impl Model {
     pub fn new(cfg: &ModelConfig, b: usize, t: usize, par: Par, backend: Box<dyn Backend>) -> Result<Self> {
         cfg.validate()?;
@@ -231,7 +265,7 @@ impl Model {
             x_final: z(n * c),
             rstd_final: z(n),
             xf: z(n * c),
-            logits: z(n * cfg.vocab_size),
+            logits: crate::memory::try_vec_f32(n * cfg.vocab_size, "the logits [B·T, V]")?,
             losses: z(n),
             dx: z(n * c),
             dxn: z(n * c),

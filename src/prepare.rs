@@ -8,29 +8,55 @@ use anyhow::{Context, Result, bail, ensure};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
+/// Bytes a generated story takes in memory, with its `String` (the average is ~560; tested).
+pub const STORY_BYTES: u64 = 1024;
+
+/// Memory the BPE trainer and the tokenizer take per vocabulary entry, beyond the text: the
+/// vocabulary and merge maps (string, id, hash-table slot) and the pair statistics. An
+/// allocation of 283 GB for 4·10⁹ entries was observed, ~71 bytes per entry.
+const BPE_BYTES_PER_ENTRY: usize = 128;
+
+/// Extensions of the text files a directory input contributes.
+const TEXT_EXTENSIONS: [&str; 3] = ["txt", "jsonl", "md"];
+
 /// Documents of one input: `builtin:stories:N` (N generated stories); a `.jsonl` file (the
-/// `text` field of each line); a `.txt` file (paragraphs separated by blank lines, or pieces
-/// separated by `<|endoftext|>` when it has that marker); a directory (its .txt and .jsonl
-/// files, sorted by name).
-pub fn read_documents(input: &str, seed: u64) -> Result<Vec<String>> {
+/// `text` field of each line); a `.txt` or `.md` file (paragraphs separated by blank lines, or
+/// pieces separated by `<|endoftext|>` when it has that marker); a directory (its .txt, .md
+/// and .jsonl files at any depth, sorted by path; every other entry is pushed to `skipped`).
+/// Devices, pipes and sockets are refused: they have no size to check and may never end.
+pub fn read_documents(input: &str, seed: u64, skipped: &mut Vec<PathBuf>) -> Result<Vec<String>> {
     if let Some(n) = input.strip_prefix("builtin:stories:") {
         let n: usize = n.parse().with_context(|| format!("'{input}': expected builtin:stories:<count>"))?;
+        crate::memory::ensure_fits(
+            &format!("generating {n} stories"),
+            crate::memory::bytes(STORY_BYTES as usize, &[n]),
+            "ask for fewer stories",
+        )?;
         return Ok(crate::corpus::stories(seed, n));
     }
     let path = Path::new(input);
-    if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("cannot list {}", path.display()))?
-            .filter_map(|e| Some(e.ok()?.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "txt" || e == "jsonl"))
-            .collect();
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_dir() {
+        let mut files = Vec::new();
+        collect_text_files(path, &mut files, skipped)?;
         files.sort();
         let mut docs = Vec::new();
         for f in files {
-            docs.extend(read_documents(f.to_str().context("non-UTF-8 path")?, seed)?);
+            docs.extend(read_documents(f.to_str().context("non-UTF-8 path")?, seed, skipped)?);
         }
         return Ok(docs);
     }
+    ensure!(
+        meta.is_file(),
+        "{} is not a regular file (a device, pipe or socket); give text files or directories",
+        path.display()
+    );
+    // The text, then the documents cut from it.
+    crate::memory::ensure_fits(
+        &format!("reading {}", path.display()),
+        meta.len().saturating_mul(2),
+        "split the corpus into smaller inputs",
+    )?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {} (UTF-8 text expected)", path.display()))?;
     let docs: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
@@ -54,6 +80,45 @@ pub fn read_documents(input: &str, seed: u64) -> Result<Vec<String>> {
     Ok(docs)
 }
 
+/// The text files under `dir` at any depth; everything else (other extensions, hidden
+/// entries, devices, unreadable entries) goes to `skipped`.
+fn collect_text_files(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry.with_context(|| format!("cannot list {}", dir.display()))?.path();
+        let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() && !hidden => collect_text_files(&path, files, skipped)?,
+            Ok(m)
+                if m.is_file()
+                    && !hidden
+                    && path.extension().is_some_and(|e| TEXT_EXTENSIONS.iter().any(|t| e == *t)) =>
+            {
+                files.push(path)
+            }
+            _ => skipped.push(path),
+        }
+    }
+    Ok(())
+}
+
+/// `skipped 3 entries (not .txt, .md or .jsonl): a.png, b.pdf, c` (at most 5 named), for
+/// printing after `read_documents`; `None` when nothing was skipped.
+pub fn skipped_note(skipped: &[PathBuf]) -> Option<String> {
+    if skipped.is_empty() {
+        return None;
+    }
+    let mut names: Vec<String> = skipped.iter().take(5).map(|p| p.display().to_string()).collect();
+    if skipped.len() > 5 {
+        names.push(format!("and {} more", skipped.len() - 5));
+    }
+    Some(format!(
+        "skipped {} entr{} (not .txt, .md or .jsonl files): {}",
+        skipped.len(),
+        if skipped.len() == 1 { "y" } else { "ies" },
+        names.join(", ")
+    ))
+}
+
 /// The tokenizer named by `spec`: `bpe:N` trains a byte-level BPE of N entries on `docs`
 /// (at most 20 MB of them); anything else is a tokenizer.json path.
 pub fn tokenizer_for(spec: &str, docs: &[String]) -> Result<Tokenizer> {
@@ -70,7 +135,18 @@ pub fn tokenizer_for(spec: &str, docs: &[String]) -> Result<Tokenizer> {
                 })
                 .cloned()
                 .collect();
-            Tokenizer::train_bpe(&sample, n)
+            // The trainer sizes its tables by the vocabulary asked for.
+            crate::memory::ensure_fits(
+                &format!("training a BPE of {n} entries"),
+                crate::memory::bytes(BPE_BYTES_PER_ENTRY, &[n]),
+                "ask for a smaller vocabulary",
+            )?;
+            // Every merge needs a pair seen at least twice and removes two or more symbols, so
+            // a sample of S bytes yields at most S/2 merges beside the 256 bytes and the
+            // document token: asking the trainer for more changes nothing but its tables.
+            let sample_bytes: usize = sample.iter().map(String::len).sum();
+            let cap = (257 + sample_bytes / 2).max(258);
+            Tokenizer::train_bpe(&sample, if n > cap { cap } else { n })
         }
         None => Tokenizer::load(Path::new(spec)),
     }
@@ -197,7 +273,11 @@ pub fn training_data(
         path if path.ends_with(".txt") || path.ends_with(".jsonl") || Path::new(path).is_dir() => {
             // A raw corpus: prepared in memory with `tokenizer` (default: a BPE of the model's
             // vocabulary trained on it); the last 1% of documents are held out.
-            let docs = read_documents(path, seed)?;
+            let mut skipped = Vec::new();
+            let docs = read_documents(path, seed, &mut skipped)?;
+            if let Some(note) = skipped_note(&skipped) {
+                eprintln!("note: {path}: {note}");
+            }
             ensure!(docs.len() >= 2, "{path}: need at least 2 documents, found {}", docs.len());
             let tok = tokenizer_for(tokenizer.unwrap_or(&format!("bpe:{vocab}")), &docs)?;
             ensure!(
@@ -232,7 +312,7 @@ mod tests {
     #[test]
     fn prepare_writes_matching_token_files() {
         let dir = std::env::temp_dir().join(format!("anetrain-prepare-{}", std::process::id()));
-        let docs = read_documents("builtin:stories:200", 3).unwrap();
+        let docs = read_documents("builtin:stories:200", 3, &mut Vec::new()).unwrap();
         let tok = tokenizer_for("bpe:300", &docs).unwrap();
         let summary = prepare(&docs, &tok, &dir, 0.1).unwrap();
         assert_eq!(summary.documents, 200);
@@ -246,9 +326,45 @@ mod tests {
         // JSON lines and blank-line-separated text.
         std::fs::write(dir.join("a.jsonl"), "{\"text\": \"one\"}\n\n{\"text\": \"two\"}\n").unwrap();
         std::fs::write(dir.join("b.txt"), "three\n\nfour\n").unwrap();
-        assert_eq!(read_documents(dir.to_str().unwrap(), 0).unwrap(), ["one", "two", "three", "four"]);
+        let mut skipped = Vec::new();
+        let docs = read_documents(dir.to_str().unwrap(), 0, &mut skipped).unwrap();
+        assert_eq!(docs, ["one", "two", "three", "four"]);
+        assert!(skipped.iter().any(|p| p.ends_with("train.tok")), "{skipped:?}");
         std::fs::write(dir.join("c.jsonl"), "{\"txt\": 1}\n").unwrap();
-        assert!(format!("{:#}", read_documents(dir.to_str().unwrap(), 0).unwrap_err()).contains("c.jsonl:1"));
+        let err = read_documents(dir.to_str().unwrap(), 0, &mut Vec::new()).unwrap_err();
+        assert!(format!("{err:#}").contains("c.jsonl:1"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn directories_are_read_at_any_depth_and_skips_are_named() {
+        let dir = std::env::temp_dir().join(format!("anetrain-prepare-tree-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+        std::fs::write(dir.join("a.txt"), "one").unwrap();
+        std::fs::write(dir.join("sub/b.md"), "two\n\nthree").unwrap();
+        std::fs::write(dir.join("sub/deeper/c.jsonl"), "{\"text\": \"four\"}\n").unwrap();
+        std::fs::write(dir.join("sub/d.png"), [0u8, 159, 146, 150]).unwrap();
+        std::fs::write(dir.join(".hidden.txt"), "never").unwrap();
+        let mut skipped = Vec::new();
+        let docs = read_documents(dir.to_str().unwrap(), 0, &mut skipped).unwrap();
+        assert_eq!(docs, ["one", "two", "three", "four"]);
+        skipped.sort();
+        assert_eq!(skipped, [dir.join(".hidden.txt"), dir.join("sub/d.png")]);
+        let note = skipped_note(&skipped).unwrap();
+        assert!(note.starts_with("skipped 2 entries (not .txt, .md or .jsonl files): ") && note.contains("d.png"));
+        assert_eq!(skipped_note(&[]), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_devices_and_absurd_story_counts() {
+        let err = read_documents("/dev/zero", 0, &mut Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("/dev/zero is not a regular file"), "{err}");
+        let err = read_documents("builtin:stories:99999999999999", 0, &mut Vec::new()).unwrap_err().to_string();
+        assert!(err.starts_with("generating 99999999999999 stories needs about 102.4 PB"), "{err}");
+        // The estimate per story holds with room to spare.
+        let stories = crate::corpus::stories(1, 1000);
+        let avg = stories.iter().map(|s| s.capacity() + 24).sum::<usize>() / stories.len();
+        assert!((avg as u64) < STORY_BYTES, "stories average {avg} bytes");
     }
 }

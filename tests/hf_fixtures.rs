@@ -112,7 +112,7 @@ fn ten_adamw_updates_match_torch() {
             eps: num("eps"),
             weight_decay: num("weight_decay"),
         };
-        let mut opt = AdamW::new(cfg, &f.model.layout);
+        let mut opt = AdamW::new(cfg, &f.model.layout).unwrap();
         let mut grads = vec![0.0f32; f.params.len()];
         let mut partials = vec![0.0; partials_len(grads.len())];
         let want: Vec<f64> = f.meta["adamw_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();

@@ -86,6 +86,8 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
     let cfg = ModelConfig::resolve(model)?;
     let (par, pool) = rt.setup()?;
     let opts = TrainOptions { accum, min_lr: 3e-5, ..TrainOptions::new(1_000_000, batch, seq) };
+    opts.validate(&cfg)?;
+    crate::cli::train::check_memory(&cfg, batch, seq)?;
     let backend = anetrain::backend::build(backend, &cfg, batch, seq, par, mil_layout)?;
     let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap, backend))?;
     let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));
@@ -246,9 +248,12 @@ pub fn prepare(
 ) -> Result<()> {
     let (_, pool) = rt.setup()?;
     let start = std::time::Instant::now();
-    let mut docs = Vec::new();
+    let (mut docs, mut skipped) = (Vec::new(), Vec::new());
     for input in inputs {
-        docs.extend(anetrain::prepare::read_documents(input, seed)?);
+        docs.extend(anetrain::prepare::read_documents(input, seed, &mut skipped)?);
+    }
+    if let Some(note) = anetrain::prepare::skipped_note(&skipped) {
+        eprintln!("note: {note}");
     }
     eprintln!(
         "read {} documents in {:.1} s; building the tokenizer ({tokenizer})",

@@ -14,14 +14,12 @@ use anetrain::train::{TrainOptions, Trainer};
 use anyhow::{Result, bail};
 use std::path::PathBuf;
 
-/// Refuses a model whose weights, gradients and AdamW moments (16 bytes per parameter) cannot
-/// fit in the memory this process may use, instead of dying in the allocator.
-fn check_memory(cfg: &ModelConfig) -> Result<()> {
-    let need = anetrain::memory::bytes(16, &[cfg.param_count()]);
-    anetrain::memory::ensure_fits(
-        &format!("{} (weights, gradients and optimizer state)", cfg.name),
-        need,
-        "choose a smaller --model",
+/// Refuses a run whose weights, optimizer state, activations and logits cannot fit in the
+/// memory this process may use, before allocating any of them.
+pub fn check_memory(cfg: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
+    anetrain::model::memory_estimate(cfg, batch, seq, true).ensure(
+        &format!("training {} with --batch {batch} --seq {seq}", cfg.name),
+        "lower --batch or --seq (--accum keeps the tokens per update), or choose a smaller --model",
     )
 }
 
@@ -89,7 +87,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
     };
     opts.validate(&cfg)?;
-    check_memory(&cfg)?;
+    check_memory(&cfg, args.batch, args.seq)?;
     let min_tokens = args.batch * (args.seq + 1) * 4;
     let prepared = anetrain::prepare::training_data(
         &args.data,

@@ -155,6 +155,11 @@ impl Dims {
             !cfg.qkv_bias,
             "the MIL kernels have no q/k/v bias inputs (a Qwen2-family model): use --backend cpu for this model"
         );
+        ensure!(
+            t <= cfg.max_seq_len,
+            "sequence length {t} exceeds the model's max_position_embeddings ({})",
+            cfg.max_seq_len
+        );
         ensure!(cfg.head_dim.is_multiple_of(2), "RoPE needs an even head_dim, got {}", cfg.head_dim);
         // QK-norm runs in fp16 inside `attn_fwd`: an eps that rounds to 0 makes padded (zero)
         // positions 0 · ∞ = NaN, which the mask cannot hide.
@@ -576,6 +581,12 @@ pub struct KernelSet {
 impl KernelSet {
     pub fn new(cfg: &ModelConfig, t: usize, layout: InputLayout) -> Result<Self> {
         let dm = Dims::new(cfg, t)?;
+        // The biggest tables are the two [S, S] causal masks (f32 while built, fp16 in the blob).
+        crate::memory::ensure_fits(
+            &format!("the MIL kernel set at T={t}"),
+            crate::memory::bytes(2 * (4 + 2), &[dm.s, dm.s]),
+            "lower --seq",
+        )?;
         Ok(KernelSet {
             attn_fwd: attn_fwd(&dm, layout)?,
             wo_fwd: wo_fwd(&dm, layout)?,

@@ -35,9 +35,12 @@ pub struct AdamW {
 const CHUNK: usize = 1 << 14;
 
 impl AdamW {
-    pub fn new(cfg: AdamWConfig, layout: &ParamLayout) -> Self {
+    /// Zero moments; an error (not an abort) when they cannot be allocated.
+    pub fn new(cfg: AdamWConfig, layout: &ParamLayout) -> anyhow::Result<Self> {
         let segments = layout.tensors.iter().map(|t| (t.range(), t.decays())).collect();
-        AdamW { cfg, step: 0, m: vec![0.0; layout.total], v: vec![0.0; layout.total], segments }
+        let m = crate::memory::try_vec_f32(layout.total, "AdamW's first moments")?;
+        let v = crate::memory::try_vec_f32(layout.total, "AdamW's second moments")?;
+        Ok(AdamW { cfg, step: 0, m, v, segments })
     }
 
     /// One update with learning rate `lr`; `grad_mult` multiplies every gradient first (it
@@ -121,7 +124,7 @@ mod tests {
         let mut params = layout.init(1);
         let start = params.clone();
         let opt_cfg = AdamWConfig { beta1: 0.8, beta2: 0.9, eps: 1e-6, weight_decay: 0.5 };
-        let mut opt = AdamW::new(opt_cfg, &layout);
+        let mut opt = AdamW::new(opt_cfg, &layout).unwrap();
         let gseq: Vec<Vec<f32>> =
             (0..4).map(|s| (0..layout.total).map(|i| ((i * 7 + s * 13) % 11) as f32 * 0.1 - 0.5).collect()).collect();
         for g in &gseq {

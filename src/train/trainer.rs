@@ -166,8 +166,8 @@ impl Trainer {
         let params = model.layout.init(opts.seed);
         let n = opts.batch * opts.seq;
         Ok(Trainer {
-            grads: vec![0.0; params.len()],
-            opt: AdamW::new(opts.adamw, &model.layout),
+            grads: crate::memory::try_vec_f32(params.len(), "the parameter gradients")?,
+            opt: AdamW::new(opts.adamw, &model.layout)?,
             partials: vec![0.0; partials_len(params.len())],
             sampler: Sampler::new(opts.seed, opts.batch, opts.seq),
             tokens: vec![0; n],

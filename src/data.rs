@@ -91,6 +91,23 @@ impl TokenData {
         Ok(data)
     }
 
+    /// The tokenizer fingerprint in a headed token file's header (None for other files),
+    /// without opening the tokens.
+    pub fn recorded_tokenizer(path: &Path) -> Result<Option<String>> {
+        let mut head = [0u8; HEADER_LEN];
+        let mut file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+        if std::io::Read::read_exact(&mut file, &mut head).is_err() || &head[..8] != MAGIC {
+            return Ok(None);
+        }
+        Ok(Some(String::from_utf8_lossy(&head[32..64]).trim_end_matches('\0').to_string()))
+    }
+
+    /// Records that these tokens were made with `tok` (for data tokenized in memory).
+    pub fn made_with(mut self, tok: &crate::tokenizer::Tokenizer) -> Self {
+        self.tokenizer = Some(tok.fingerprint.clone());
+        self
+    }
+
     /// Writes a headed token file atomically (ids must be below `vocab_size`).
     pub fn write(path: &Path, tokens: &[u32], vocab_size: usize, tokenizer: &str) -> Result<()> {
         ensure!(tokenizer.len() <= 32, "tokenizer fingerprint '{tokenizer}' is longer than 32 bytes");
@@ -104,7 +121,7 @@ impl TokenData {
         header.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
         header.extend_from_slice(tokenizer.as_bytes());
         header.resize(HEADER_LEN, 0);
-        crate::checkpoint::safetensors::write_atomically(path, |out| {
+        crate::fsio::write_atomically(path, |out| {
             std::io::Write::write_all(out, &header)?;
             for &t in tokens {
                 let bytes = t.to_le_bytes();

@@ -93,10 +93,12 @@ enum Command {
         /// The prompt as raw token ids, comma-separated (e.g. `1,2,3`); ids are printed.
         #[arg(long, value_delimiter = ',', required_unless_present = "prompt", conflicts_with = "prompt")]
         ids: Vec<u32>,
-        /// The prompt as text (needs --tokenizer); text is printed as it is decoded.
+        /// The prompt as text (with --tokenizer, or the tokenizer saved with a checkpoint or
+        /// an HF directory); text is printed as it is decoded.
         #[arg(long)]
         prompt: Option<String>,
-        /// tokenizer.json, tokenizer.model, tokenizer.bin, or a directory made by prepare.
+        /// tokenizer.json, tokenizer.model, tokenizer.bin, or a directory made by prepare
+        /// (default: the model's own; a checkpoint refuses another than it was trained with).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         #[arg(long, default_value_t = 256)]
@@ -291,9 +293,14 @@ struct TrainArgs {
     /// the model's vocabulary trained on the corpus).
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Write checkpoints into this directory (one always at the end of the run).
+    /// Write checkpoints into this directory (one always at the end of the run). It is locked
+    /// for the run; a fresh run needs it empty (or --overwrite).
     #[arg(long)]
     ckpt_dir: Option<PathBuf>,
+    /// Let a fresh run (or a resume from elsewhere) remove the checkpoints already in
+    /// --ckpt-dir.
+    #[arg(long)]
+    overwrite: bool,
     /// Also checkpoint every N updates.
     #[arg(long, default_value_t = 0)]
     ckpt_every: usize,
@@ -302,7 +309,8 @@ struct TrainArgs {
     keep_last: usize,
     /// Continue from a checkpoint: a step directory, or `latest` (in --ckpt-dir), or a
     /// checkpoint directory. Model, token data, --batch, --seq and --accum must match; --steps
-    /// (the total), the lr schedule and logging may change.
+    /// (the total), the lr schedule and logging may change. Resuming from an earlier step of
+    /// --ckpt-dir moves its later steps into superseded-<time>/.
     #[arg(long)]
     resume: Option<String>,
     #[command(flatten)]
@@ -473,12 +481,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate { model, ids, prompt, tokenizer, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
             let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
+            // Raw ids need no tokenizer; a text prompt uses --tokenizer or the model's own.
             let tokenizer = match (&prompt, &tokenizer) {
-                (Some(_), None) => bail!("--prompt needs --tokenizer (or pass raw ids with --ids)"),
-                (_, Some(path)) if path.is_dir() => Some(anetrain::tokenizer::Tokenizer::load_from_dir(path)?),
-                (_, Some(path)) => Some(anetrain::tokenizer::Tokenizer::load(path)?),
                 (None, None) => None,
+                _ => cli::commands::model_tokenizer(&model, tokenizer.as_deref())?,
             };
+            if prompt.is_some() && tokenizer.is_none() {
+                bail!(
+                    "--prompt needs --tokenizer: {} has no tokenizer saved with it (or pass raw ids with --ids)",
+                    model.display()
+                );
+            }
             generate(&model, &ids, prompt.as_deref(), tokenizer.as_ref(), max_tokens, sampling, eos, rt)
         }
         Command::Eval { model, data, seq, batch, batches, json, rt } => {

@@ -184,13 +184,52 @@ pub struct PrepareSummary {
     pub seconds: f64,
 }
 
+/// Everything `prepare` writes into its output directory.
+pub const OUTPUTS: [&str; 4] = ["train.tok", "val.tok", "tokenizer.json", "tokenizer.bin"];
+
 /// Writes `<out>/train.tok`, `<out>/val.tok` and the tokenizer (tokenizer.json, or
-/// tokenizer.bin for sentencepiece vocabularies); the last
-/// `val_fraction` of the documents (at least one) are held out.
+/// tokenizer.bin for sentencepiece vocabularies); the last `val_fraction` of the documents (at
+/// least one) are held out. The outputs are written into a temporary sibling directory that
+/// then replaces `out` as a whole, so `out` never mixes the files of two runs (a stale
+/// tokenizer beside new tokens); `out` must hold nothing but an earlier prepare's outputs.
 pub fn prepare(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) -> Result<PrepareSummary> {
     ensure!(docs.len() >= 2, "need at least 2 documents (one for validation), got {}", docs.len());
     ensure!((0.0..1.0).contains(&val_fraction), "--val-fraction must be in [0, 1)");
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    if out.exists() {
+        ensure!(out.is_dir(), "--out {} is not a directory", out.display());
+        let mut others: Vec<String> = std::fs::read_dir(out)
+            .with_context(|| format!("cannot list {}", out.display()))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| !OUTPUTS.contains(&n.as_str()))
+            .collect();
+        others.sort();
+        if !others.is_empty() {
+            bail!(
+                "--out {} holds files prepare did not write ({}); prepare replaces the whole directory, so give it a new \
+                 or empty one",
+                out.display(),
+                others.join(", ")
+            );
+        }
+    }
+    let name = out.file_name().with_context(|| format!("--out {} needs a directory name", out.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".prepare-{}", std::process::id()));
+    let tmp = out.with_file_name(tmp_name);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = write_outputs(docs, tok, &tmp, val_fraction).and_then(|summary| {
+        crate::fsio::replace_dir(&tmp, out)?;
+        Ok(summary)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_outputs(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) -> Result<PrepareSummary> {
     let start = std::time::Instant::now();
     let n_val = ((docs.len() as f64 * val_fraction).ceil() as usize).clamp(1, docs.len() - 1);
     let (train_docs, val_docs) = docs.split_at(docs.len() - n_val);
@@ -245,8 +284,8 @@ pub fn training_data(
             let train = tokenize(&tok, &docs[..docs.len() - n_val])?;
             let val = tokenize(&tok, &docs[docs.len() - n_val..])?;
             Ok(TrainingData {
-                train: TokenData::from_vec(train, vocab, "built-in stories")?,
-                val: Some(TokenData::from_vec(val, vocab, "built-in stories (held out)")?),
+                train: TokenData::from_vec(train, vocab, "built-in stories")?.made_with(&tok),
+                val: Some(TokenData::from_vec(val, vocab, "built-in stories (held out)")?.made_with(&tok)),
                 tokenizer: Some(tok),
             })
         }
@@ -289,8 +328,8 @@ pub fn training_data(
             let train = tokenize(&tok, &docs[..docs.len() - n_val])?;
             let val = tokenize(&tok, &docs[docs.len() - n_val..])?;
             Ok(TrainingData {
-                train: TokenData::from_vec(train, vocab, path)?,
-                val: Some(TokenData::from_vec(val, vocab, &format!("{path} (held out)"))?),
+                train: TokenData::from_vec(train, vocab, path)?.made_with(&tok),
+                val: Some(TokenData::from_vec(val, vocab, &format!("{path} (held out)"))?.made_with(&tok)),
                 tokenizer: Some(tok),
             })
         }
@@ -366,5 +405,52 @@ mod tests {
         let stories = crate::corpus::stories(1, 1000);
         let avg = stories.iter().map(|s| s.capacity() + 24).sum::<usize>() / stories.len();
         assert!((avg as u64) < STORY_BYTES, "stories average {avg} bytes");
+    }
+
+    /// A llama2.c tokenizer.bin of the three specials, 256 byte pieces and "▁the".
+    fn byte_sentencepiece(path: &Path) -> Tokenizer {
+        let mut bytes = 16i32.to_le_bytes().to_vec();
+        let pieces = ["<unk>".to_string(), "<s>".into(), "</s>".into()]
+            .into_iter()
+            .chain((0..256).map(|b| format!("<0x{b:02X}>")))
+            .chain([" the".to_string()]);
+        for p in pieces {
+            bytes.extend_from_slice(&0f32.to_le_bytes());
+            bytes.extend_from_slice(&(p.len() as i32).to_le_bytes());
+            bytes.extend_from_slice(p.as_bytes());
+        }
+        std::fs::write(path, bytes).unwrap();
+        Tokenizer::load(path).unwrap()
+    }
+
+    #[test]
+    fn prepare_replaces_every_output_of_an_earlier_prepare() {
+        let base = std::env::temp_dir().join(format!("anetrain-reprepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let out = base.join("data");
+        let docs = read_documents("builtin:stories:60", 3, &mut Vec::new()).unwrap();
+        let bpe = tokenizer_for("bpe:300", &docs).unwrap();
+        prepare(&docs, &bpe, &out, 0.1).unwrap();
+        assert!(out.join("tokenizer.json").is_file());
+        // Now a sentencepiece vocabulary (written as tokenizer.bin) into the same directory:
+        // the BPE's tokenizer.json must not survive beside the new tokens.
+        let sp = byte_sentencepiece(&base.join("sp.bin"));
+        prepare(&docs, &sp, &out, 0.1).unwrap();
+        assert!(!out.join("tokenizer.json").exists(), "stale tokenizer.json left beside the new tokens");
+        assert_eq!(Tokenizer::load_from_dir(&out).unwrap().fingerprint, sp.fingerprint);
+        let mut names: Vec<_> = std::fs::read_dir(&base).unwrap().flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["data", "sp.bin"], "no temporary directory left");
+        // A tokenizer file that does not match train.tok is refused, not used.
+        bpe.save_to_dir(&out).unwrap();
+        std::fs::remove_file(out.join("tokenizer.bin")).unwrap();
+        let err = format!("{:#}", Tokenizer::load_from_dir(&out).err().unwrap());
+        assert!(err.contains("train.tok was made with tokenizer sp:"), "{err}");
+        // A directory holding anything else is not replaced.
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        let err = format!("{:#}", prepare(&docs, &bpe, &out, 0.1).err().unwrap());
+        assert!(err.contains("notes.txt") && out.join("notes.txt").is_file(), "{err}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

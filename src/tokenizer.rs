@@ -5,6 +5,7 @@
 //! fingerprint — a hash of its canonical JSON — goes into every token file made with it, so
 //! data from another tokenizer is refused.
 
+use crate::hash::fnv1a as fnv;
 use anyhow::{Context, Result, anyhow, ensure};
 use std::path::Path;
 use std::str::FromStr;
@@ -27,10 +28,6 @@ pub struct Tokenizer {
     /// Id placed before each document (and the end-of-sequence for generation), if the
     /// vocabulary has one.
     pub doc_token: Option<u32>,
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl Tokenizer {
@@ -110,18 +107,33 @@ impl Tokenizer {
             }
             Inner::SentencePiece(sp) => (dir.join("tokenizer.bin"), sp.to_llama2c()),
         };
-        crate::checkpoint::safetensors::write_atomically(&path, |out| std::io::Write::write_all(out, &bytes))?;
+        crate::fsio::write_atomically(&path, |out| std::io::Write::write_all(out, &bytes))?;
         Ok(path)
     }
 
-    /// The tokenizer `prepare` wrote into `dir`.
+    /// The tokenizer `prepare` wrote into `dir`: the one whose fingerprint `train.tok` records
+    /// (a tokenizer file that does not match the tokens beside it is refused, not used).
     pub fn load_from_dir(dir: &Path) -> Result<Self> {
+        let train = dir.join("train.tok");
+        let want = if train.is_file() { crate::data::TokenData::recorded_tokenizer(&train)? } else { None };
+        let mut found = Vec::new();
         for name in ["tokenizer.json", "tokenizer.bin"] {
             if dir.join(name).is_file() {
-                return Self::load(&dir.join(name));
+                let tok = Self::load(&dir.join(name))?;
+                match &want {
+                    Some(want) if *want != tok.fingerprint => found.push(format!("{name} is {}", tok.fingerprint)),
+                    _ => return Ok(tok),
+                }
             }
         }
-        anyhow::bail!("{} has no tokenizer.json or tokenizer.bin", dir.display())
+        match want {
+            Some(want) if !found.is_empty() => anyhow::bail!(
+                "{}: train.tok was made with tokenizer {want}, but {}; re-run prepare into an empty directory",
+                dir.display(),
+                found.join(" and ")
+            ),
+            _ => anyhow::bail!("{} has no tokenizer.json or tokenizer.bin", dir.display()),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -149,7 +149,7 @@ fn best_checkpoint_follows_the_lowest_validation_loss() {
     let (best_step, best_loss) = val.iter().cloned().fold((0, f64::INFINITY), |b, v| if v.1 < b.1 { v } else { b });
     let best = native::load(&dir.join("best")).unwrap();
     assert_eq!(best.step, best_step);
-    assert_eq!(best.state["best_val_loss"].as_f64().unwrap(), best_loss);
+    assert_eq!(best.state.best_val_loss.unwrap(), best_loss);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -100,7 +100,7 @@ pub fn save(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> Resu
     let mut config = cfg.to_hf_json();
     config["torch_dtype"] = Value::from(if dtype == Dtype::BF16 { "bfloat16" } else { "float32" });
     let text = serde_json::to_string_pretty(&config)?;
-    safetensors::write_atomically(&dir.join("config.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
+    crate::fsio::write_atomically(&dir.join("config.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
 }
 
 #[cfg(test)]

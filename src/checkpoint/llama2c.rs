@@ -237,7 +237,7 @@ pub fn to_bytes(model: &Llama2c) -> Result<Vec<u8>> {
 
 pub fn save(path: &Path, model: &Llama2c) -> Result<()> {
     let bytes = to_bytes(model)?;
-    super::safetensors::write_atomically(path, |out| std::io::Write::write_all(out, &bytes))
+    crate::fsio::write_atomically(path, |out| std::io::Write::write_all(out, &bytes))
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 pub mod hf;
 pub mod llama2c;
 pub mod native;
+pub mod rundir;
 pub mod safetensors;
+pub mod state;
 
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
@@ -22,10 +24,10 @@ pub enum ModelFormat {
 }
 
 impl ModelFormat {
-    /// A directory with `state.json` or `latest` is a checkpoint, another directory an HF
+    /// A directory with `state.json` or `latest` (or a `latest` file) is a checkpoint, another directory an HF
     /// model; a file ending in `.bin` is llama2.c.
     pub fn of_path(path: &Path) -> Result<Self> {
-        if path.join("state.json").is_file() || path.join("latest").is_file() {
+        if path.join("state.json").is_file() || path.join("latest").is_file() || native::is_latest_file(path) {
             Ok(ModelFormat::Native)
         } else if path.is_dir() || path.extension().is_none() {
             Ok(ModelFormat::Hf)
@@ -56,6 +58,18 @@ pub fn load_model(path: &Path) -> Result<(ModelConfig, Vec<f32>)> {
 /// else as an HF directory in `dtype`. A llama2.c source converted to its own format keeps the
 /// RoPE tables its file carried, so the output is byte-identical to the input.
 pub fn convert(from: &Path, to: &Path, dtype: safetensors::Dtype, format: llama2c::Format) -> Result<ModelConfig> {
+    // Writing into a training checkpoint would replace its weights under its state.
+    let inside = [Some(to), to.parent()]
+        .into_iter()
+        .flatten()
+        .find(|d| ModelFormat::of_path(d).ok() == Some(ModelFormat::Native));
+    if let Some(ckpt) = inside {
+        bail!(
+            "--to {} is inside the training checkpoint {}; convert writes a new model, choose a path outside it",
+            to.display(),
+            ckpt.display()
+        );
+    }
     let (cfg, params, rope_tables) = match ModelFormat::of_path(from)? {
         ModelFormat::Llama2c => {
             let m = llama2c::load(from)?;

@@ -1,39 +1,39 @@
 //! Training checkpoints: everything needed to continue a run bit for bit.
 //!
 //! `<dir>/step-00000100/` holds `model.safetensors` (the weights under their HF names),
-//! `optimizer.safetensors` (`m.<name>`, `v.<name>`: the AdamW moments) and `state.json`
-//! (format version, model config, updates done, optimizer and sampler state, training options,
-//! and a fingerprint of the token data). A checkpoint is written into `step-….tmp`, every file
+//! `optimizer.safetensors` (`m.<name>`, `v.<name>`: the AdamW moments), the tokenizer the
+//! tokens were made with (`tokenizer.json` or `tokenizer.bin`, when training had one) and
+//! `state.json` (see `state.rs`: format version, model config, updates done, optimizer and
+//! sampler state, training options, a fingerprint of the token data, and a checksum of every
+//! other file, verified on every load). A checkpoint is written into `step-….tmp`, every file
 //! fsynced, then renamed into place, and only then is `<dir>/latest` (the name of the newest
 //! step directory) replaced atomically — a crash at any point leaves the previous checkpoint
 //! whole and `latest` pointing at it. `<dir>/best` holds the state with the lowest validation
-//! loss seen so far, replaced the same way.
+//! loss seen so far, replaced the same way. `rundir.rs` keeps one run per directory.
 
 use super::safetensors::{self, Dtype, SafeTensors};
+use super::state::{DataState, LossScaleState, OptimizerState, TokenizerState, TrainState};
+pub use super::state::{FORMAT, State, VERSION};
 use crate::config::ModelConfig;
 use crate::data::TokenData;
 use crate::params::ParamLayout;
+use crate::tokenizer::Tokenizer;
 use crate::train::Trainer;
+use crate::train::loss_scale::LossScaleMode;
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-pub const FORMAT: &str = "anetrain-checkpoint";
-pub const VERSION: u64 = 1;
 
 /// What identifies a token file well enough to refuse resuming on another one: its length and
 /// an FNV-1a hash of up to 2²⁰ evenly spaced tokens.
 pub fn data_fingerprint(data: &TokenData) -> String {
     let n = data.len();
     let stride = (n >> 20).max(1);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::hash::Fnv1a::default();
     for i in (0..n).step_by(stride) {
-        for b in data.get(i).to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
+        h.bytes(&data.get(i).to_le_bytes());
     }
-    format!("{n}:{h:016x}")
+    format!("{n}:{:016x}", h.finish())
 }
 
 /// A loaded checkpoint.
@@ -45,11 +45,7 @@ pub struct Checkpoint {
     pub v: Vec<f32>,
     /// Optimizer updates completed.
     pub step: usize,
-    pub state: Value,
-}
-
-fn hex(state: [u64; 4]) -> Vec<String> {
-    state.iter().map(|x| format!("{x:016x}")).collect()
+    pub state: State,
 }
 
 /// Fails now, rather than after hours of training, if checkpoints cannot be written to `dir`.
@@ -83,7 +79,7 @@ pub fn save(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData, keep_l
         }
     }
     write_dir(&tmp, &final_dir, |tmp| write_step(tmp, trainer, step, data))?;
-    safetensors::write_atomically(&dir.join("latest"), |out| std::io::Write::write_all(out, name.as_bytes()))?;
+    crate::fsio::write_atomically(&dir.join("latest"), |out| std::io::Write::write_all(out, name.as_bytes()))?;
     prune(dir, keep_last, &name)?;
     Ok(final_dir)
 }
@@ -127,33 +123,60 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
     let mut opt = tensors("m.", &trainer.opt.m);
     opt.extend(tensors("v.", &trainer.opt.v));
     safetensors::write(&tmp.join("optimizer.safetensors"), &opt, &BTreeMap::new())?;
+    let tokenizer = match &trainer.tokenizer {
+        Some(tok) => {
+            let path = tok.save_to_dir(tmp)?;
+            let file = path.file_name().context("tokenizer file name")?.to_string_lossy().into_owned();
+            Some(TokenizerState { file, fingerprint: tok.fingerprint.clone() })
+        }
+        None => None,
+    };
+    // Checksums of what is on disk now, before state.json (written last) commits to them.
+    let mut files = BTreeMap::new();
+    for name in super::state::TENSOR_FILES.iter().copied().chain(tokenizer.as_ref().map(|t| t.file.as_str())) {
+        files.insert(name.to_string(), crate::hash::file_checksum(&tmp.join(name))?);
+    }
     let o = &trainer.opts;
-    let state = json!({
-        "format": FORMAT,
-        "version": VERSION,
-        "config": trainer.model.cfg.to_hf_json(),
-        "step": step,
-        "optimizer": {
-            "adam_step": trainer.opt.step,
-            "beta1": o.adamw.beta1, "beta2": o.adamw.beta2, "eps": o.adamw.eps,
-            "weight_decay": o.adamw.weight_decay,
+    let state = State {
+        format: FORMAT.into(),
+        version: VERSION,
+        config: trainer.model.cfg.to_hf_json(),
+        step: step as u64,
+        optimizer: OptimizerState {
+            adam_step: trainer.opt.step,
+            beta1: o.adamw.beta1,
+            beta2: o.adamw.beta2,
+            eps: o.adamw.eps,
+            weight_decay: o.adamw.weight_decay,
         },
-        "sampler_rng": hex(trainer.sampler.rng.state()),
-        "loss_scale": {
-            "mode": format!("{:?}", trainer.scaler.mode),
-            "scale": trainer.scaler.scale,
-            "good_steps": trainer.scaler.good_steps,
+        sampler_rng: trainer.sampler.rng.state().map(|x| format!("{x:016x}")),
+        loss_scale: LossScaleState {
+            mode: trainer.scaler.mode,
+            scale: trainer.scaler.scale as f64,
+            good_steps: trainer.scaler.good_steps,
         },
-        "train": {
-            "steps": o.steps, "batch": o.batch, "seq": o.seq, "accum": o.accum,
-            "lr": o.schedule_lr, "min_lr": o.min_lr, "warmup": o.warmup,
-            "grad_clip": o.grad_clip, "seed": o.seed,
+        train: TrainState {
+            steps: o.steps as u64,
+            batch: o.batch as u64,
+            seq: o.seq as u64,
+            accum: o.accum as u64,
+            lr: o.schedule_lr,
+            min_lr: o.min_lr,
+            warmup: o.warmup as u64,
+            grad_clip: o.grad_clip,
+            seed: o.seed,
         },
-        "data": { "source": data.source, "fingerprint": data_fingerprint(data), "tokenizer": data.tokenizer },
-        "best_val_loss": if trainer.best_val_loss.is_finite() { Value::from(trainer.best_val_loss) } else { Value::Null },
-    });
+        data: DataState {
+            source: data.source.clone(),
+            fingerprint: data_fingerprint(data),
+            tokenizer: data.tokenizer.clone(),
+        },
+        best_val_loss: Some(trainer.best_val_loss).filter(|l| l.is_finite()),
+        tokenizer,
+        files,
+    };
     let text = serde_json::to_string_pretty(&state)?;
-    safetensors::write_atomically(&tmp.join("state.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
+    crate::fsio::write_atomically(&tmp.join("state.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
 }
 
 /// Removes the oldest `step-*` directories beyond `keep_last` (0 keeps all), never `current`.
@@ -175,8 +198,12 @@ fn prune(dir: &Path, keep_last: usize, current: &str) -> Result<()> {
     Ok(())
 }
 
-/// `spec` is a step directory, or a checkpoint directory (then its `latest` is used).
+/// `spec` is a step directory, a checkpoint directory (then its `latest` is used), or the
+/// `latest` file itself.
 pub fn resolve(spec: &Path) -> Result<PathBuf> {
+    if is_latest_file(spec) {
+        return resolve(spec.parent().context("`latest` has no directory")?);
+    }
     let latest = spec.join("latest");
     if latest.is_file() {
         let name = std::fs::read_to_string(&latest).with_context(|| format!("cannot read {}", latest.display()))?;
@@ -188,27 +215,44 @@ pub fn resolve(spec: &Path) -> Result<PathBuf> {
     Ok(spec.to_path_buf())
 }
 
-pub fn load(spec: &Path) -> Result<Checkpoint> {
-    let path = resolve(spec)?;
+/// Reads and validates the `state.json` of the step directory `path`.
+pub fn read_state(path: &Path) -> Result<State> {
     let state_path = path.join("state.json");
     let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
-    let state: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is corrupt (not JSON)", state_path.display()))?;
+    State::parse(&text, &state_path)
+}
+
+/// Checks `name` of the step directory `path` against its checksum in `state` (version 2).
+fn verify_file(path: &Path, state: &State, name: &str) -> Result<()> {
+    let Some(want) = state.files.get(name) else { return Ok(()) };
+    let file = path.join(name);
+    let got = crate::hash::file_checksum(&file)?;
     ensure!(
-        state["format"] == FORMAT,
-        "{} is not an anetrain checkpoint (format {})",
-        state_path.display(),
-        state["format"]
+        &got == want,
+        "{} is corrupt: its checksum is {got}, state.json recorded {want} (the file changed after the checkpoint \
+         was written; resume from another step directory)",
+        file.display()
     );
-    ensure!(
-        state["version"].as_u64() == Some(VERSION),
-        "{}: checkpoint version {} is not supported (this build reads {VERSION})",
-        state_path.display(),
-        state["version"]
-    );
-    let cfg =
-        ModelConfig::from_hf_json(&state["config"]).with_context(|| format!("{}: bad config", state_path.display()))?;
-    let step = state["step"].as_u64().with_context(|| format!("{}: no step", state_path.display()))? as usize;
+    Ok(())
+}
+
+/// Loads a checkpoint (`spec` as `resolve` takes it), verifying every file's checksum first.
+pub fn load(spec: &Path) -> Result<Checkpoint> {
+    let path = resolve(spec)?;
+    let state = read_state(&path)?;
+    if state.files.is_empty() {
+        eprintln!(
+            "note: {} is a version-{} checkpoint without checksums; its files cannot be verified",
+            path.display(),
+            state.version
+        );
+    }
+    for name in state.files.keys() {
+        verify_file(&path, &state, name)?;
+    }
+    let cfg = ModelConfig::from_hf_json(&state.config)
+        .with_context(|| format!("{}: bad config", path.join("state.json").display()))?;
+    let step = state.step as usize;
     let layout = ParamLayout::new(&cfg);
     let weights = SafeTensors::open(&path.join("model.safetensors"))?;
     let params = super::read_arena(&layout, "", |_| &weights)?;
@@ -218,6 +262,30 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
     let optimizer = SafeTensors::open(&path.join("optimizer.safetensors"))?;
     let (m, v) = (super::read_arena(&layout, "m.", |_| &optimizer)?, super::read_arena(&layout, "v.", |_| &optimizer)?);
     Ok(Checkpoint { path, cfg, params, m, v, step, state })
+}
+
+/// The tokenizer saved with the checkpoint `spec` (checksum verified), if training had one.
+pub fn saved_tokenizer(spec: &Path) -> Result<Option<Tokenizer>> {
+    let path = resolve(spec)?;
+    let state = read_state(&path)?;
+    let Some(t) = &state.tokenizer else { return Ok(None) };
+    verify_file(&path, &state, &t.file)?;
+    let tok = Tokenizer::load(&path.join(&t.file))?;
+    ensure!(
+        tok.fingerprint == t.fingerprint,
+        "{}: the tokenizer file has fingerprint {}, state.json recorded {}",
+        path.display(),
+        tok.fingerprint,
+        t.fingerprint
+    );
+    Ok(Some(tok))
+}
+
+/// The fingerprint of the tokenizer the checkpoint `spec` was trained with, when recorded (the
+/// saved tokenizer's, else the token files').
+pub fn recorded_tokenizer(spec: &Path) -> Result<Option<String>> {
+    let state = read_state(&resolve(spec)?)?;
+    Ok(state.tokenizer.map(|t| t.fingerprint).or(state.data.tokenizer))
 }
 
 impl Checkpoint {
@@ -240,7 +308,8 @@ impl Checkpoint {
                 diffs.join("; ")
             );
         }
-        if let (Some(saved), Some(now)) = (self.state["data"]["tokenizer"].as_str(), data.tokenizer.as_deref()) {
+        let st = &self.state;
+        if let (Some(saved), Some(now)) = (st.data.tokenizer.as_deref(), data.tokenizer.as_deref()) {
             ensure!(
                 saved == now,
                 "cannot resume from {}: it was trained on tokens from tokenizer {saved}, {} comes from {now}",
@@ -249,49 +318,46 @@ impl Checkpoint {
             );
         }
         let fp = data_fingerprint(data);
-        let saved = self.state["data"]["fingerprint"].as_str().unwrap_or("");
         ensure!(
-            fp == saved,
-            "cannot resume from {}: it was trained on {} (fingerprint {saved}), not {} ({fp})",
+            fp == st.data.fingerprint,
+            "cannot resume from {}: it was trained on \"{}\" (fingerprint {}), not \"{}\" ({fp})",
             self.path.display(),
-            self.state["data"]["source"],
+            st.data.source,
+            st.data.fingerprint,
             data.source
         );
-        let t = &self.state["train"];
-        for (key, ours) in [("batch", trainer.opts.batch), ("seq", trainer.opts.seq), ("accum", trainer.opts.accum)] {
+        let t = &st.train;
+        for (key, saved, ours) in [
+            ("batch", t.batch, trainer.opts.batch),
+            ("seq", t.seq, trainer.opts.seq),
+            ("accum", t.accum, trainer.opts.accum),
+        ] {
             ensure!(
-                t[key].as_u64() == Some(ours as u64),
-                "cannot resume from {}: --{key} was {} there, {ours} now",
-                self.path.display(),
-                t[key]
+                saved == ours as u64,
+                "cannot resume from {}: --{key} was {saved} there, {ours} now",
+                self.path.display()
             );
         }
-        let rng: Vec<u64> = self.state["sampler_rng"]
-            .as_array()
-            .context("checkpoint has no sampler state")?
-            .iter()
-            .map(|s| s.as_str().and_then(|s| u64::from_str_radix(s, 16).ok()))
-            .collect::<Option<_>>()
-            .context("checkpoint sampler state is corrupt")?;
-        ensure!(rng.len() == 4, "checkpoint sampler state is corrupt");
         trainer.params.copy_from_slice(&self.params);
         trainer.params_changed();
         trainer.opt.m.copy_from_slice(&self.m);
         trainer.opt.v.copy_from_slice(&self.v);
-        trainer.opt.step = self.state["optimizer"]["adam_step"].as_u64().context("no optimizer step")?;
-        trainer.sampler.rng = crate::rng::Rng::from_state([rng[0], rng[1], rng[2], rng[3]]);
+        trainer.opt.step = st.optimizer.adam_step;
+        trainer.sampler.rng = crate::rng::Rng::from_state(st.sampler_rng()?);
         // A dynamic scale continues where it was; a run resumed with another --loss-scale mode
         // starts that mode afresh (the mode may change on resume).
-        let ls = &self.state["loss_scale"];
-        if trainer.scaler.mode == crate::train::loss_scale::LossScaleMode::Dynamic && ls["mode"] == "Dynamic" {
-            let scale = ls["scale"].as_f64().context("checkpoint has no loss scale")?;
-            ensure!(scale.is_finite() && scale >= 1.0, "checkpoint loss scale {scale} is corrupt");
-            trainer.scaler.scale = scale as f32;
-            trainer.scaler.good_steps =
-                ls["good_steps"].as_u64().context("checkpoint has no loss-scale counter")? as u32;
+        let ls = &st.loss_scale;
+        if trainer.scaler.mode == LossScaleMode::Dynamic && ls.mode == LossScaleMode::Dynamic {
+            trainer.scaler.scale = ls.scale as f32;
+            trainer.scaler.good_steps = ls.good_steps;
         }
-        trainer.best_val_loss = self.state["best_val_loss"].as_f64().unwrap_or(f64::INFINITY);
+        trainer.best_val_loss = st.best_val_loss.unwrap_or(f64::INFINITY);
         trainer.start_step = self.step;
         Ok(())
     }
+}
+
+/// Whether `path` is a checkpoint directory's `latest` file.
+pub fn is_latest_file(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == "latest") && path.is_file()
 }

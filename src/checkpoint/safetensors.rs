@@ -337,35 +337,7 @@ pub fn write(path: &Path, tensors: &[TensorOut], metadata: &BTreeMap<String, Str
     })
 }
 
-/// Runs `fill` on a temporary sibling of `path`, then fsyncs and renames it into place.
-pub fn write_atomically(
-    path: &Path,
-    fill: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>,
-) -> Result<()> {
-    let mut tmp_name = path.file_name().context("atomic write needs a file name")?.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let result = (|| -> Result<()> {
-        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
-        fill(&mut out).with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
-        out.flush().with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
-        drop(out);
-        file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && let Ok(d) = File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+pub use crate::fsio::write_atomically;
 
 #[cfg(test)]
 mod tests {

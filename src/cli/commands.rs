@@ -3,13 +3,45 @@
 use crate::{ExportDtype, Runtime, group_digits};
 use anetrain::backend::BackendKind;
 use anetrain::bench;
+use anetrain::checkpoint::ModelFormat;
 use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
+use anetrain::checkpoint::native;
 use anetrain::checkpoint::safetensors::Dtype;
 use anetrain::config::ModelConfig;
 use anetrain::mil::emit::InputLayout;
 use anetrain::ops::{GemmImpl, Par};
+use anetrain::tokenizer::Tokenizer;
 use anetrain::train::TrainOptions;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// The tokenizer for `model`: `explicit` when given (refused if it is not the one a
+/// checkpoint records), else the one saved with a checkpoint, or an HF directory's
+/// tokenizer.json; None if there is none.
+pub fn model_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<Option<Tokenizer>> {
+    let is_checkpoint = ModelFormat::of_path(model).is_ok_and(|f| f == ModelFormat::Native);
+    match explicit {
+        Some(path) => {
+            let tok = if path.is_dir() { Tokenizer::load_from_dir(path)? } else { Tokenizer::load(path)? };
+            if is_checkpoint
+                && let Some(recorded) = native::recorded_tokenizer(model)?
+                && recorded != tok.fingerprint
+            {
+                bail!(
+                    "--tokenizer {} is tokenizer {}, but {} was trained with {recorded}; leave out --tokenizer to \
+                     use the one saved with the checkpoint",
+                    path.display(),
+                    tok.fingerprint,
+                    model.display()
+                );
+            }
+            Ok(Some(tok))
+        }
+        None if is_checkpoint => native::saved_tokenizer(model),
+        None if model.join("tokenizer.json").is_file() => Ok(Some(Tokenizer::load(&model.join("tokenizer.json"))?)),
+        None => Ok(None),
+    }
+}
 
 pub fn info(model: &str, seq: usize) -> Result<()> {
     let cfg = ModelConfig::resolve(model)?;
@@ -155,7 +187,13 @@ pub fn eval(
     if seq > cfg.max_seq_len {
         bail!("--seq {seq} exceeds the model's max_position_embeddings ({})", cfg.max_seq_len);
     }
-    let tokens = anetrain::data::TokenData::open(data, cfg.vocab_size, None)?;
+    // A checkpoint's recorded tokenizer must be the one that made a headed token file.
+    let recorded = match ModelFormat::of_path(model)? {
+        ModelFormat::Native => anetrain::checkpoint::native::recorded_tokenizer(model)?,
+        _ => None,
+    };
+    let tokens = anetrain::data::TokenData::open(data, cfg.vocab_size, recorded.as_deref())
+        .with_context(|| format!("{} was trained on tokens of another tokenizer", model.display()))?;
     let (par, pool) = rt.setup()?;
     let r = pool.install(|| anetrain::eval::evaluate(&cfg, &params, &tokens, seq, batch, batches, par))?;
     if json {

@@ -88,6 +88,44 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     opts.validate(&cfg)?;
     check_memory(&cfg, args.batch, args.seq)?;
+    // The checkpoint directory is locked before anything in it is read or written.
+    let _lock = match &args.ckpt_dir {
+        Some(dir) => {
+            let lock = anetrain::checkpoint::rundir::lock(dir)?;
+            anetrain::checkpoint::native::check_writable(dir)?;
+            Some(lock)
+        }
+        None => None,
+    };
+    let checkpoint = match &args.resume {
+        Some(spec) => {
+            let path = match (spec.as_str(), &args.ckpt_dir) {
+                ("latest", Some(dir)) => dir.clone(),
+                ("latest", None) => bail!("--resume latest needs --ckpt-dir"),
+                (other, _) => PathBuf::from(other),
+            };
+            let checkpoint = anetrain::checkpoint::native::load(&path)?;
+            if checkpoint.step >= args.steps {
+                println!(
+                    "nothing to do: already at step {} ({}); --steps {} is the total number of updates, raise it \
+                     to continue",
+                    checkpoint.step,
+                    checkpoint.path.display(),
+                    args.steps
+                );
+                return Ok(());
+            }
+            Some(checkpoint)
+        }
+        None => {
+            if let Some(dir) = &args.ckpt_dir {
+                for note in anetrain::checkpoint::rundir::prepare(dir, None, args.overwrite)? {
+                    println!("{note}");
+                }
+            }
+            None
+        }
+    };
     let min_tokens = args.batch * (args.seq + 1) * 4;
     let prepared = anetrain::prepare::training_data(
         &args.data,
@@ -137,30 +175,29 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let steps = args.steps;
     let every = args.print_every.max(1);
-    let resume = args.resume.clone();
-    if let Some(dir) = &args.ckpt_dir {
-        anetrain::checkpoint::native::check_writable(dir)?;
-    }
     let ckpt = args.ckpt_dir.clone().map(|dir| anetrain::train::CheckpointPolicy {
         dir,
         every: args.ckpt_every,
         keep_last: args.keep_last,
     });
+    let overwrite = args.overwrite;
     anetrain::signals::install();
-    let (summary, params) = pool.install(|| -> Result<_> {
+    let (summary, params, tokenizer) = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
         trainer.model.set_dw_overlap(dw_overlap)?;
         trainer.val_data = val_data;
-        if let Some(spec) = &resume {
-            let path = match (spec.as_str(), &ckpt) {
-                ("latest", Some(policy)) => policy.dir.clone(),
-                ("latest", None) => bail!("--resume latest needs --ckpt-dir"),
-                (other, _) => PathBuf::from(other),
-            };
-            let checkpoint = anetrain::checkpoint::native::load(&path)?;
+        trainer.tokenizer = tokenizer;
+        if let Some(checkpoint) = &checkpoint {
             checkpoint.restore(&mut trainer, &data)?;
             println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
+            if let Some(policy) = &ckpt {
+                let resumed = Some((checkpoint.path.as_path(), checkpoint.step));
+                for note in anetrain::checkpoint::rundir::prepare(&policy.dir, resumed, overwrite)? {
+                    println!("{note}");
+                }
+            }
         }
+        drop(checkpoint);
         let (started, first_step) = (std::time::Instant::now(), trainer.start_step);
         trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
             let done = ev.step - first_step;
@@ -182,7 +219,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 );
             }
         })
-        .map(|summary| (summary, trainer.params))
+        .map(|summary| (summary, trainer.params, trainer.tokenizer.take()))
     })?;
     if summary.interrupted {
         let saved = args.ckpt_dir.as_ref().map_or(String::from(" (no --ckpt-dir: nothing saved)"), |d| {

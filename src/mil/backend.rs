@@ -68,20 +68,15 @@ fn kernel_of(set: &KernelSet, which: usize) -> &Kernel {
 /// guard on top of the version promise: an update that changes whole tensors (any optimizer
 /// step, a load) changes it even if a caller forgot to bump the version.
 fn probe(weights: &[&[f32]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut mix = |x: u64| {
-        h ^= x;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
+    let mut h = crate::hash::Fnv1a::default();
     for w in weights {
         // The buffer's address and length catch "a different parameter buffer" outright.
-        mix(w.as_ptr() as u64);
-        mix(w.len() as u64);
+        h.word(w.as_ptr() as u64).word(w.len() as u64);
         for i in 0..8.min(w.len()) {
-            mix(u64::from(w[i * w.len() / 8.min(w.len())].to_bits()));
+            h.word(u64::from(w[i * w.len() / 8.min(w.len())].to_bits()));
         }
     }
-    h
+    h.finish()
 }
 
 impl Exec {

@@ -6,8 +6,11 @@
 //! reported update; on fp16 backends it keeps small gradients from flushing to zero.
 
 use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Saved in checkpoints as `"off"`, `"dynamic"` or `{"fixed": 1024.0}`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LossScaleMode {
     /// Scale 1; non-finite gradients still skip the update.
     Off,

@@ -146,6 +146,9 @@ pub struct Trainer {
     pub val_data: Option<TokenData>,
     /// Lowest validation loss so far (∞ before the first evaluation).
     pub best_val_loss: f64,
+    /// The tokenizer the training tokens were made with: saved beside the weights in every
+    /// checkpoint, so that the checkpoint can be prompted with text.
+    pub tokenizer: Option<crate::tokenizer::Tokenizer>,
     /// Bumped whenever `params` change (`params_changed`), and promised to the model as
     /// its weights version, so accelerator backends stage weights once per update.
     weights_version: u64,
@@ -179,6 +182,7 @@ impl Trainer {
             weights_version: 0,
             val_data: None,
             best_val_loss: f64::INFINITY,
+            tokenizer: None,
             params,
             model,
             opts,

@@ -212,7 +212,8 @@ fn prepare_train_generate_end_to_end() {
     assert!(out.status.success(), "{all}");
     assert!(all.contains("val ") && all.contains("--- sample"), "{all}");
     let sample = |seed: &str, tokenizer: &[&str]| {
-        let mut args = vec!["generate", "--model", &s(&ckpt), "--prompt", "Once upon a time"];
+        let model = s(&ckpt);
+        let mut args = vec!["generate", "--model", &model, "--prompt", "Once upon a time"];
         args.extend(["--max-tokens", "30", "--seed", seed]);
         args.extend(tokenizer);
         let out = anetrain(&args);

@@ -17,6 +17,9 @@ fn default_run_trains_and_writes_telemetry() {
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("run.jsonl");
     let log_path = log.to_str().unwrap();
+    let ckpt = dir.join("ckpt");
+    let _ = std::fs::remove_dir_all(&ckpt);
+    let ckpt_path = ckpt.to_str().unwrap();
     let args = [
         "train",
         "--model",
@@ -30,10 +33,17 @@ fn default_run_trains_and_writes_telemetry() {
         "2",
         "--log",
         log_path,
+        "--ckpt-dir",
+        ckpt_path,
     ];
     let out = anetrain(&args);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
+    // As the README says: the default data's checkpoint is prompted with text, no --tokenizer.
+    let latest = format!("{ckpt_path}/latest");
+    let story = anetrain(&["generate", "--model", &latest, "--prompt", "Once upon a time", "--max-tokens", "8"]);
+    let said = String::from_utf8_lossy(&story.stdout);
+    assert!(story.status.success() && said.starts_with("Once upon a time"), "{}", text(&story));
     assert!(all.contains("--- efficiency ---") && all.contains("tokens/s"), "{all}");
     assert!(all.contains("dW overlap off") && all.contains("(inline), dW wait 0.0 ms per update"), "{all}");
     let lines: Vec<serde_json::Value> =

@@ -26,6 +26,7 @@ pub mod rng;
 #[path = "../tests/common/shared_data.rs"]
 mod shared_data;
 pub mod signals;
+pub mod sysstat;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod train;

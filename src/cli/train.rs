@@ -7,7 +7,7 @@ use anetrain::bench;
 use anetrain::config::ModelConfig;
 use anetrain::data::SYNTHETIC_ENTROPY;
 use anetrain::ops::Par;
-use anetrain::telemetry::Telemetry;
+use anetrain::telemetry::{Header, Record, Report, Telemetry};
 use anetrain::train::adamw::AdamWConfig;
 use anetrain::train::loss_scale::LossScaleMode;
 use anetrain::train::{TrainOptions, Trainer};
@@ -139,7 +139,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if args.eval_every > 0 && val_data.is_none() {
         println!("note: no --val-data, so no validation (--eval-every {} ignored)", args.eval_every);
     }
+    // A resumed run appends to its log: the earlier history is the point of keeping one.
     let mut telemetry = match &args.log {
+        Some(path) if args.resume.is_some() => Telemetry::append_to_file(path)?,
         Some(path) => Telemetry::to_file(path)?,
         None => Telemetry::none(),
     };
@@ -182,7 +184,44 @@ pub fn train(args: TrainArgs) -> Result<()> {
     });
     let overwrite = args.overwrite;
     anetrain::signals::install();
-    let (summary, params, tokenizer) = pool.install(|| -> Result<_> {
+    // Measured before training so that the log's header carries it for live views.
+    let peak = if args.no_peak { None } else { Some(pool.install(|| bench::gemm_peak_gflops(par, 0.3))) };
+    let mut header = Header {
+        model: cfg.name.clone(),
+        params: cfg.param_count(),
+        layers: cfg.n_layers,
+        dim: cfg.dim,
+        heads: cfg.n_heads,
+        kv_heads: cfg.n_kv_heads,
+        vocab: cfg.vocab_size,
+        flops_per_token: cfg.train_flops_per_token(args.seq),
+        backend: backend.name().into(),
+        threads: par.threads,
+        gemm: format!("{:?}", par.gemm).to_lowercase(),
+        dw_overlap,
+        data: data.source.clone(),
+        batch: args.batch,
+        seq: args.seq,
+        accum: args.accum,
+        steps: args.steps,
+        lr: opts.schedule_lr,
+        min_lr: opts.min_lr,
+        warmup: opts.warmup,
+        weight_decay: opts.adamw.weight_decay,
+        beta1: opts.adamw.beta1,
+        beta2: opts.adamw.beta2,
+        adam_eps: opts.adamw.eps,
+        grad_clip: opts.grad_clip,
+        loss_scale: args.loss_scale.clone(),
+        eval_every: if val_data.is_some() { opts.eval_every } else { 0 },
+        eval_tokens: opts.eval_tokens,
+        seed: args.seed,
+        ckpt_dir: args.ckpt_dir.as_ref().map(|d| d.display().to_string()),
+        ckpt_every: args.ckpt_every,
+        gemm_peak_gflops: peak,
+        ..Header::new()
+    };
+    let (summary, params, tokenizer, last_step) = pool.install(|| -> Result<_> {
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
         trainer.model.set_dw_overlap(dw_overlap)?;
         trainer.val_data = val_data;
@@ -190,6 +229,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         if let Some(checkpoint) = &checkpoint {
             checkpoint.restore(&mut trainer, &data)?;
             println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
+            header.resumed_from = Some(checkpoint.path.display().to_string());
             if let Some(policy) = &ckpt {
                 let resumed = Some((checkpoint.path.as_path(), checkpoint.step));
                 for note in anetrain::checkpoint::rundir::prepare(&policy.dir, resumed, overwrite)? {
@@ -198,6 +238,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
         }
         drop(checkpoint);
+        header.start_step = trainer.start_step;
+        telemetry.record(Record::Header(Box::new(header)))?;
         let (started, first_step) = (std::time::Instant::now(), trainer.start_step);
         trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
             let done = ev.step - first_step;
@@ -219,7 +261,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 );
             }
         })
-        .map(|summary| (summary, trainer.params, trainer.tokenizer.take()))
+        .map(|summary| {
+            let last_step = trainer.start_step + summary.losses.len();
+            (summary, trainer.params, trainer.tokenizer.take(), last_step)
+        })
     })?;
     if summary.interrupted {
         let saved = args.ckpt_dir.as_ref().map_or(String::from(" (no --ckpt-dir: nothing saved)"), |d| {
@@ -227,7 +272,27 @@ pub fn train(args: TrainArgs) -> Result<()> {
         });
         println!("interrupted after {} updates{saved}", summary.losses.len());
     }
-    let peak = if args.no_peak { None } else { Some(pool.install(|| bench::gemm_peak_gflops(par, 0.3))) };
+    let share_of_peak_pct = peak.map(|p| 100.0 * summary.gflops / p);
+    telemetry.record(Record::Report(Report {
+        step: last_step,
+        interrupted: summary.interrupted,
+        updates: summary.losses.len(),
+        wall_s: summary.wall_s,
+        median_micro_ms: summary.median_micro_ms,
+        tokens: summary.tokens,
+        tokens_per_s: summary.tokens_per_s,
+        gflops: summary.gflops,
+        gemm_peak_gflops: peak,
+        share_of_peak_pct,
+        dw_overlap: summary.dw_overlap,
+        kernel_ms: summary.kernel_ms,
+        dw_ms: summary.dw_ms,
+        dw_wait_ms: summary.dw_wait_ms,
+        peak_rss_mb: bench::peak_rss_mb(),
+        cpu_s: anetrain::sysstat::process_cpu_s(),
+        first_loss: summary.losses.first().copied().unwrap_or(f64::NAN),
+        last_loss: summary.losses.last().copied().unwrap_or(f64::NAN),
+    }))?;
     println!("--- efficiency ---");
     println!("wall time            {:.2} s", summary.wall_s);
     println!("median micro-step    {:.1} ms (B·T = {} tokens)", summary.median_micro_ms, args.batch * args.seq);
@@ -247,7 +312,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(peak) = peak {
         println!(
             "GEMM peak (1024³)    {peak:.1} GFLOP/s -> {:.0}% of peak over the whole run",
-            100.0 * summary.gflops / peak
+            share_of_peak_pct.unwrap_or(0.0)
         );
     }
     println!("peak RSS             {:.0} MB", bench::peak_rss_mb());

@@ -9,7 +9,7 @@ use crate::config::ModelConfig;
 use crate::data::{Sampler, TokenData};
 use crate::model::Model;
 use crate::ops::Par;
-use crate::telemetry::{StepEvent, Telemetry};
+use crate::telemetry::{CheckpointEvent, EvalEvent, LossScaleEvent, Record, StepEvent, Telemetry};
 use anyhow::{Result, ensure};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -251,6 +251,7 @@ impl Trainer {
             loss_scale: loss_scale as f64,
             val_loss: None,
             tokens,
+            tokens_seen: (step + 1) * tokens,
             tokens_per_s: tokens as f64 / (ms_step / 1e3),
             ms_step,
             ms_forward,
@@ -259,6 +260,9 @@ impl Trainer {
             ms_kernels,
             ms_dw,
             ms_dw_wait,
+            elapsed_s: 0.0,
+            rss_mb: crate::sysstat::process_rss_mb(),
+            cpu_s: crate::sysstat::process_cpu_s(),
         })
     }
 
@@ -277,35 +281,82 @@ impl Trainer {
         let (mut kernel_ms, mut dw_ms, mut dw_wait_ms) = (0.0, 0.0, 0.0);
         let mut interrupted = false;
         for step in self.start_step..self.opts.steps {
+            let scale_before = self.scaler.scale;
             let mut event = self.step(data, step)?;
+            event.elapsed_s = start.elapsed().as_secs_f64();
             let done = step + 1;
             let eval_due =
                 self.opts.eval_every > 0 && (done.is_multiple_of(self.opts.eval_every) || done == self.opts.steps);
-            let mut improved = false;
+            let mut eval = None;
             if eval_due && let Some(val) = self.val_data.take() {
+                let eval_start = Instant::now();
+                let t = self.opts.seq;
+                let eval_tokens = (self.opts.eval_tokens / t).clamp(1, (val.len().saturating_sub(1) / t).max(1)) * t;
                 let result = self.validate(&val);
                 self.val_data = Some(val);
                 let loss = result?;
                 event.val_loss = Some(loss);
-                improved = loss < self.best_val_loss;
+                let improved = loss < self.best_val_loss;
                 self.best_val_loss = self.best_val_loss.min(loss);
+                eval = Some(EvalEvent {
+                    step: done,
+                    val_loss: loss,
+                    best_val_loss: self.best_val_loss,
+                    improved,
+                    tokens: eval_tokens,
+                    ms: eval_start.elapsed().as_secs_f64() * 1e3,
+                });
             }
-            telemetry.record(&event)?;
+            let improved = eval.as_ref().is_some_and(|e| e.improved);
             on_update(&event);
             losses.push(event.loss);
             tokens += event.tokens;
             kernel_ms += event.ms_kernels;
             dw_ms += event.ms_dw;
             dw_wait_ms += event.ms_dw_wait;
+            telemetry.record(Record::Update(event))?;
+            if let Some(eval) = eval {
+                telemetry.record(Record::Eval(eval))?;
+            }
+            if self.scaler.scale != scale_before {
+                let reason = if self.scaler.scale < scale_before { "overflow" } else { "growth" };
+                telemetry.record(Record::LossScale(LossScaleEvent {
+                    step: done,
+                    from: scale_before as f64,
+                    to: self.scaler.scale as f64,
+                    reason: reason.into(),
+                }))?;
+            }
             // A stop request (Ctrl-C) ends the run after this update, with a checkpoint.
             interrupted = crate::signals::stop_requested() && done < self.opts.steps;
             if let Some(policy) = ckpt {
                 let due = policy.every > 0 && done.is_multiple_of(policy.every);
                 if done == self.opts.steps || due || interrupted {
-                    crate::checkpoint::native::save(&policy.dir, self, done, data, policy.keep_last)?;
+                    let saved_at = Instant::now();
+                    let path = crate::checkpoint::native::save(&policy.dir, self, done, data, policy.keep_last)?;
+                    let kind = if interrupted {
+                        "stop"
+                    } else if done == self.opts.steps {
+                        "final"
+                    } else {
+                        "periodic"
+                    };
+                    telemetry.record(Record::Checkpoint(CheckpointEvent {
+                        step: done,
+                        path: path.display().to_string(),
+                        kind: kind.into(),
+                        ms: saved_at.elapsed().as_secs_f64() * 1e3,
+                    }))?;
                 }
                 if improved {
-                    crate::checkpoint::native::save_best(&policy.dir, self, done, data)?;
+                    let saved_at = Instant::now();
+                    let path = crate::checkpoint::native::save_best(&policy.dir, self, done, data)?;
+                    telemetry.record(Record::Checkpoint(CheckpointEvent {
+                        step: done,
+                        path: path.display().to_string(),
+                        kind: "best".into(),
+                        ms: saved_at.elapsed().as_secs_f64() * 1e3,
+                    }))?;
                 }
             }
             if interrupted {

@@ -46,8 +46,11 @@ fn default_run_trains_and_writes_telemetry() {
     assert!(story.status.success() && said.starts_with("Once upon a time"), "{}", text(&story));
     assert!(all.contains("--- efficiency ---") && all.contains("tokens/s"), "{all}");
     assert!(all.contains("dW overlap off") && all.contains("(inline), dW wait 0.0 ms per update"), "{all}");
-    let lines: Vec<serde_json::Value> =
+    let all_lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(all_lines[0]["type"], "header");
+    assert_eq!(all_lines.last().unwrap()["type"], "report");
+    let lines: Vec<&serde_json::Value> = all_lines.iter().filter(|l| l["type"] == "update").collect();
     assert_eq!(lines.len(), 60);
     let keys = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_forward", "ms_backward", "ms_optimizer"];
     for key in keys.into_iter().chain(["ms_kernels", "ms_dw", "ms_dw_wait"]) {

@@ -58,7 +58,8 @@ fn ctrl_c_checkpoints_and_exits_cleanly() {
     let mut child = long_run(&dir, &["--ckpt-every", "1000000", "--log", log.to_str().unwrap()]).spawn().unwrap();
     // The handler is installed before the first update; once one is logged, it is in place.
     let start = Instant::now();
-    while std::fs::read_to_string(&log).map_or(true, |s| s.is_empty()) {
+    let updates = |text: &str| text.lines().filter(|l| l.contains(r#""type":"update""#)).count();
+    while std::fs::read_to_string(&log).map_or(true, |s| updates(&s) == 0) {
         assert!(start.elapsed() < Duration::from_secs(30), "training did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -68,7 +69,9 @@ fn ctrl_c_checkpoints_and_exits_cleanly() {
     assert!(status.success(), "exit status {status:?} after one SIGINT");
     let ckpt = native::load(&dir).unwrap();
     assert!(ckpt.step > 0 && ckpt.step < 100000, "checkpoint at step {}", ckpt.step);
-    let logged = std::fs::read_to_string(&log).unwrap().lines().count();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let logged = updates(&text);
+    assert!(text.contains(r#""kind":"stop""#), "no stop checkpoint event in the log");
     assert_eq!(logged, ckpt.step, "the checkpoint is of the last completed update");
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_file(&log).unwrap();

@@ -17,14 +17,9 @@ fn anetrain(args: &[&str]) -> (bool, String) {
 }
 
 fn losses(log: &std::path::Path) -> Vec<(f64, bool, f64)> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["loss"].as_f64().unwrap(), v["skipped"].as_bool().unwrap(), v["loss_scale"].as_f64().unwrap())
-        })
-        .collect()
+    let (log, note) = anetrain::telemetry::LogReader::read_all(log).unwrap();
+    assert_eq!(note, None);
+    log.updates.iter().map(|u| (u.loss, u.skipped, u.loss_scale)).collect()
 }
 
 /// `train --backend mil-sim` on stories260k (GQA 8/4) for 50 updates follows the `cpu`

@@ -64,12 +64,11 @@ pub fn read_documents(input: &str, seed: u64, skipped: &mut Vec<PathBuf>) -> Res
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| -> Result<String> {
-                let v: serde_json::Value =
+                let _: serde::de::IgnoredAny =
                     serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-                v["text"]
-                    .as_str()
-                    .map(str::to_string)
-                    .with_context(|| format!("{}:{}: no \"text\" field", path.display(), i + 1))
+                let line: TextLine = serde_json::from_str(l)
+                    .with_context(|| format!("{}:{}: no \"text\" field with a string", path.display(), i + 1))?;
+                Ok(line.text)
             })
             .collect::<Result<_>>()?
     } else if text.contains(crate::tokenizer::DOC_TOKEN) {
@@ -117,6 +116,12 @@ pub fn skipped_note(skipped: &[PathBuf]) -> Option<String> {
         if skipped.len() == 1 { "y" } else { "ies" },
         names.join(", ")
     ))
+}
+
+/// One line of a `.jsonl` corpus (other fields are ignored).
+#[derive(serde::Deserialize)]
+struct TextLine {
+    text: String,
 }
 
 /// The tokenizer named by `spec`: `bpe:N` trains a byte-level BPE of N entries on `docs`

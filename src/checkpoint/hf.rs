@@ -6,6 +6,7 @@ use super::safetensors::{self, Dtype, SafeTensors};
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
 use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -58,6 +59,14 @@ pub fn load(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
     Ok((cfg, params))
 }
 
+/// `model.safetensors.index.json`: which shard file holds each tensor.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ShardIndex {
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Value>,
+    pub weight_map: BTreeMap<String, String>,
+}
+
 fn open_weight_files(dir: &Path) -> Result<Vec<SafeTensors>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
@@ -67,13 +76,9 @@ fn open_weight_files(dir: &Path) -> Result<Vec<SafeTensors>> {
     let text = std::fs::read_to_string(&index_path).with_context(|| {
         format!("{} holds neither model.safetensors nor model.safetensors.index.json", dir.display())
     })?;
-    let index: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
-    let map = index
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .with_context(|| format!("{} has no weight_map", index_path.display()))?;
-    let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+    let index: ShardIndex = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid shard index (JSON with a weight_map)", index_path.display()))?;
+    let shards: BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
     ensure!(!shards.is_empty(), "{}: weight_map is empty", index_path.display());
     shards
         .into_iter()
@@ -133,7 +138,7 @@ mod tests {
 
         // The same weights split over two shards with an index load identically.
         let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
-        let mut weight_map = serde_json::Map::new();
+        let mut weight_map = BTreeMap::new();
         let (mut first, mut second) = (Vec::new(), Vec::new());
         for (i, (n, info)) in st.tensors.iter().enumerate() {
             let shard =
@@ -153,8 +158,8 @@ mod tests {
         std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
         safetensors::write(&sharded.join("model-00001-of-00002.safetensors"), &first, &BTreeMap::new()).unwrap();
         safetensors::write(&sharded.join("model-00002-of-00002.safetensors"), &second, &BTreeMap::new()).unwrap();
-        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-        std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let index = ShardIndex { weight_map, ..Default::default() };
+        std::fs::write(sharded.join("model.safetensors.index.json"), serde_json::to_string(&index).unwrap()).unwrap();
         assert_eq!(load(&sharded).unwrap().1, p16);
 
         // A missing tensor is named.

@@ -8,6 +8,7 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -118,40 +119,21 @@ impl SafeTensors {
         ensure!(header_len <= MAX_HEADER, "header length {header_len} is implausible");
         let data_start = 8 + header_len as usize;
         ensure!(data_start <= map.len(), "header length {header_len} runs past the end of the file (truncated?)");
-        let header: Map<String, Value> =
+        let header: BTreeMap<String, Value> =
             serde_json::from_slice(&map[8..data_start]).context("header is not a JSON object")?;
         let data_len = map.len() - data_start;
         let mut tensors = BTreeMap::new();
         let mut metadata = BTreeMap::new();
         for (name, entry) in header {
             if name == "__metadata__" {
-                for (k, v) in entry.as_object().context("__metadata__ must be an object")? {
-                    metadata.insert(k.clone(), v.as_str().context("__metadata__ values must be strings")?.to_string());
-                }
+                metadata = serde_json::from_value(entry).context("__metadata__ must map names to strings")?;
                 continue;
             }
-            let obj = entry.as_object().with_context(|| format!("entry '{name}' is not an object"))?;
-            let dtype_name =
-                obj.get("dtype").and_then(Value::as_str).with_context(|| format!("'{name}' has no dtype"))?;
+            let HeaderEntry { dtype: dtype_name, shape, data_offsets: offsets } = serde_json::from_value(entry)
+                .with_context(|| format!("entry '{name}' is not {{dtype, shape, data_offsets: [begin, end]}}"))?;
+            let dtype_name = dtype_name.as_str();
             let dtype =
                 Dtype::parse(dtype_name).with_context(|| format!("'{name}' has unsupported dtype {dtype_name}"))?;
-            let shape: Vec<usize> = obj
-                .get("shape")
-                .and_then(Value::as_array)
-                .with_context(|| format!("'{name}' has no shape"))?
-                .iter()
-                .map(|d| d.as_u64().map(|x| x as usize))
-                .collect::<Option<_>>()
-                .with_context(|| format!("'{name}' has a malformed shape"))?;
-            let offsets: Vec<usize> = obj
-                .get("data_offsets")
-                .and_then(Value::as_array)
-                .with_context(|| format!("'{name}' has no data_offsets"))?
-                .iter()
-                .map(|d| d.as_u64().map(|x| x as usize))
-                .collect::<Option<_>>()
-                .with_context(|| format!("'{name}' has malformed data_offsets"))?;
-            ensure!(offsets.len() == 2, "'{name}': data_offsets must be [begin, end]");
             let (start, end) = (offsets[0], offsets[1]);
             ensure!(
                 start <= end && end <= data_len,
@@ -302,6 +284,14 @@ impl TensorData<'_> {
     }
 }
 
+/// One tensor's entry in the JSON header (the data offsets are relative to the data section).
+#[derive(Serialize, Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
 /// Writes a safetensors file atomically: into `<path>.tmp`, fsync, rename, fsync the
 /// directory. A failure at any point leaves an existing file at `path` untouched.
 pub fn write(path: &Path, tensors: &[TensorOut], metadata: &BTreeMap<String, String>) -> Result<()> {
@@ -318,7 +308,11 @@ pub fn write(path: &Path, tensors: &[TensorOut], metadata: &BTreeMap<String, Str
         );
         header.insert(
             t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.data.byte_len(t.dtype)]}),
+            serde_json::to_value(HeaderEntry {
+                dtype: t.dtype.name().to_string(),
+                shape: t.shape.clone(),
+                data_offsets: [offset, offset + t.data.byte_len(t.dtype)],
+            })?,
         );
         offset += t.data.byte_len(t.dtype);
     }

@@ -5,8 +5,70 @@
 use super::emit::{InputLayout, KernelSet};
 use crate::config::ModelConfig;
 use anyhow::{Context, Result};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// `manifest.json`: the kernel set's shapes and where each tensor goes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub model: String,
+    pub seq: usize,
+    pub padded_seq: usize,
+    /// `packed` or `separate`.
+    pub layout: String,
+    pub element: String,
+    pub classifier_chunks: Chunks,
+    pub kernels: Vec<KernelEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Chunks {
+    pub rows: usize,
+    pub count: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KernelEntry {
+    pub name: String,
+    pub inputs: Vec<Signature>,
+    pub outputs: Vec<OutputEntry>,
+    pub pieces: Vec<PieceEntry>,
+    /// Weight blob files, relative to the kernel's directory.
+    pub weights: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Signature {
+    pub name: String,
+    pub shape: [usize; 4],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OutputEntry {
+    pub name: String,
+    pub shape: [usize; 4],
+    pub parts: Vec<Part>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Part {
+    pub name: String,
+    pub channels: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PieceEntry {
+    pub name: String,
+    pub input: usize,
+    pub channel_offset: usize,
+    pub column_offset: usize,
+    pub channels: usize,
+    pub width: usize,
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::fsio::write_atomically(path, |out| std::io::Write::write_all(out, bytes))
+}
 
 /// Writes every kernel of `cfg` at sequence length `t` under `out`; returns how many.
 pub fn write_kernel_set(cfg: &ModelConfig, t: usize, layout: InputLayout, out: &Path) -> Result<usize> {
@@ -16,35 +78,47 @@ pub fn write_kernel_set(cfg: &ModelConfig, t: usize, layout: InputLayout, out: &
         let p = &k.program;
         let dir = out.join(&p.name);
         std::fs::create_dir_all(dir.join("weights")).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::write(dir.join("model.mil"), &p.mil).with_context(|| format!("cannot write {}", dir.display()))?;
+        write_file(&dir.join("model.mil"), p.mil.as_bytes())?;
         for (rel, bytes) in &p.blobs {
-            std::fs::write(dir.join(rel), bytes).with_context(|| format!("cannot write {}/{rel}", dir.display()))?;
+            write_file(&dir.join(rel), bytes)?;
         }
-        kernels.push(json!({
-            "name": p.name,
-            "inputs": p.inputs.iter().map(|s| json!({"name": s.name, "shape": s.shape})).collect::<Vec<_>>(),
-            "outputs": p.outputs.iter().map(|s| json!({
-                "name": s.name,
-                "shape": s.shape,
-                "parts": k.out_parts.iter().map(|(n, ch)| json!({"name": n, "channels": ch})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-            "pieces": k.pieces.iter().map(|x| json!({
-                "name": x.name, "input": x.input, "channel_offset": x.chan_off,
-                "column_offset": x.col_off, "channels": x.ch, "width": x.width,
-            })).collect::<Vec<_>>(),
-            "weights": p.blobs.iter().map(|(rel, _)| rel).collect::<Vec<_>>(),
-        }));
+        let sig = |s: &super::TensorSig| Signature { name: s.name.clone(), shape: s.shape };
+        kernels.push(KernelEntry {
+            name: p.name.clone(),
+            inputs: p.inputs.iter().map(sig).collect(),
+            outputs: p
+                .outputs
+                .iter()
+                .map(|s| OutputEntry {
+                    name: s.name.clone(),
+                    shape: s.shape,
+                    parts: k.out_parts.iter().map(|(n, ch)| Part { name: n.clone(), channels: *ch }).collect(),
+                })
+                .collect(),
+            pieces: k
+                .pieces
+                .iter()
+                .map(|x| PieceEntry {
+                    name: x.name.clone(),
+                    input: x.input,
+                    channel_offset: x.chan_off,
+                    column_offset: x.col_off,
+                    channels: x.ch,
+                    width: x.width,
+                })
+                .collect(),
+            weights: p.blobs.iter().map(|(rel, _)| rel.clone()).collect(),
+        });
     }
-    let manifest = json!({
-        "model": cfg.name,
-        "seq": t,
-        "padded_seq": set.dims.s,
-        "layout": format!("{layout:?}").to_lowercase(),
-        "element": "fp16, [1, C, 1, W], element (c, w) at c·W + w",
-        "classifier_chunks": {"rows": set.classifier_chunks.rows, "count": set.classifier_chunks.count},
-        "kernels": kernels,
-    });
-    std::fs::write(out.join("manifest.json"), serde_json::to_string_pretty(&manifest)? + "\n")
-        .with_context(|| format!("cannot write {}/manifest.json", out.display()))?;
+    let manifest = Manifest {
+        model: cfg.name.clone(),
+        seq: t,
+        padded_seq: set.dims.s,
+        layout: format!("{layout:?}").to_lowercase(),
+        element: "fp16, [1, C, 1, W], element (c, w) at c·W + w".into(),
+        classifier_chunks: Chunks { rows: set.classifier_chunks.rows, count: set.classifier_chunks.count },
+        kernels,
+    };
+    write_file(&out.join("manifest.json"), (serde_json::to_string_pretty(&manifest)? + "\n").as_bytes())?;
     Ok(set.all().len() + 1)
 }

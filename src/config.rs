@@ -5,7 +5,7 @@
 //! B batch, T positions, C model dim (`hidden_size`), H query heads, KV key/value heads,
 //! D head dim, F ffn dim (`intermediate_size`), V vocabulary, L layers, N = B·T rows.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use std::path::Path;
 
@@ -254,9 +254,22 @@ impl ModelConfig {
                 }
             }
         }
-        let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("llama");
+        let family = |arch: &str| arch.strip_suffix("ForCausalLM").unwrap_or(arch).to_lowercase();
+        let archs: Vec<&str> = obj
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map_or(Vec::new(), |a| a.iter().filter_map(Value::as_str).collect());
+        let arch_type = archs.first().map(|a| family(a));
+        let model_type = obj.get("model_type").and_then(Value::as_str).or(arch_type.as_deref()).unwrap_or("llama");
         if !["llama", "qwen3", "qwen2", "mistral"].contains(&model_type) {
             bail!("model_type '{model_type}' is not supported (expected 'llama', 'qwen2', 'qwen3' or 'mistral')");
+        }
+        // The two fields choose different defaults and layers (QK-norm, biases): they must agree.
+        for arch in &archs {
+            ensure!(
+                family(arch) == model_type,
+                "architectures names {arch} but model_type is '{model_type}'; fix whichever is wrong"
+            );
         }
         let is_qwen3 = model_type == "qwen3";
         let req = |key: &str| -> Result<usize> {
@@ -326,7 +339,14 @@ impl ModelConfig {
         let n_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
         let head_dim = match opt_usize("head_dim")? {
             Some(d) => d,
-            None if n_heads > 0 => dim / n_heads,
+            None if n_heads > 0 => {
+                ensure!(
+                    dim.is_multiple_of(n_heads),
+                    "hidden_size ({dim}) is not divisible by num_attention_heads ({n_heads}); \
+                     change one, or give head_dim explicitly"
+                );
+                dim / n_heads
+            }
             None => 0,
         };
         let cfg = ModelConfig {

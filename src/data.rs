@@ -44,6 +44,11 @@ impl TokenData {
     /// Opens a token file of either kind. `tokenizer`, when given, must match the fingerprint
     /// in a headed file's header.
     pub fn open(path: &Path, vocab_size: usize, tokenizer: Option<&str>) -> Result<Self> {
+        ensure!(
+            !path.is_dir(),
+            "{} is a directory; give a token file (a directory made by prepare holds train.tok and val.tok)",
+            path.display()
+        );
         let mut head = [0u8; 8];
         let is_headed = File::open(path)
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))

@@ -27,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    // Negative numbers parse as values, so validation can say what is wrong with them.
+    #[command(allow_negative_numbers = true)]
     /// Train a model (defaults: stories2m on the built-in story corpus, 400 updates, ~2-3 minutes on 2 cores).
     Train(Box<TrainArgs>),
     /// Print a model's shape, parameter count and FLOPs per token.
@@ -62,6 +64,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "legacy")]
         llama2c_format: Llama2cFormat,
     },
+    // Negative numbers parse as values, so validation can say what is wrong with them.
+    #[command(allow_negative_numbers = true)]
     /// Tokenize a corpus into train.tok, val.tok and the tokenizer (tokenizer.json; tokenizer.bin for
     /// a sentencepiece or llama2.c tokenizer).
     Prepare {
@@ -85,6 +89,8 @@ enum Command {
         #[command(flatten)]
         rt: Runtime,
     },
+    // Negative numbers parse as values, so validation can say what is wrong with them.
+    #[command(allow_negative_numbers = true)]
     /// Generate from a model: prefill the prompt in one pass, decode from a KV cache.
     Generate {
         /// HF model directory, llama2.c .bin, or training checkpoint directory.
@@ -119,6 +125,8 @@ enum Command {
         #[command(flatten)]
         rt: Runtime,
     },
+    // Negative numbers parse as values, so validation can say what is wrong with them.
+    #[command(allow_negative_numbers = true)]
     /// Mean cross-entropy and perplexity over consecutive windows of a token file.
     Eval {
         /// HF model directory, llama2.c .bin, or training checkpoint directory.

@@ -199,7 +199,10 @@ pub const OUTPUTS: [&str; 4] = ["train.tok", "val.tok", "tokenizer.json", "token
 /// tokenizer beside new tokens); `out` must hold nothing but an earlier prepare's outputs.
 pub fn prepare(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) -> Result<PrepareSummary> {
     ensure!(docs.len() >= 2, "need at least 2 documents (one for validation), got {}", docs.len());
-    ensure!((0.0..1.0).contains(&val_fraction), "--val-fraction must be in [0, 1)");
+    ensure!(
+        val_fraction > 0.0 && val_fraction < 1.0,
+        "--val-fraction must be in (0, 1): a share of the documents is held out for validation"
+    );
     if out.exists() {
         ensure!(out.is_dir(), "--out {} is not a directory", out.display());
         let mut others: Vec<String> = std::fs::read_dir(out)
@@ -269,6 +272,16 @@ pub struct TrainingData {
     pub tokenizer: Option<Tokenizer>,
 }
 
+/// Whether `--data` names a token file (the one source that takes `--val-data`).
+fn is_token_file(spec: &str) -> bool {
+    let p = Path::new(spec);
+    !["stories", "synthetic"].contains(&spec)
+        && !p.is_dir()
+        && !spec.ends_with(".txt")
+        && !spec.ends_with(".jsonl")
+        && !spec.ends_with(".md")
+}
+
 /// `--data`: `stories` (the built-in corpus, tokenized with a BPE of the model's vocabulary
 /// trained on it), `synthetic` (a Markov chain over ids), a directory made by `prepare`
 /// (train.tok, val.tok, tokenizer), a raw corpus (.txt, .jsonl, or a directory of them,
@@ -281,6 +294,10 @@ pub fn training_data(
     val_path: Option<&Path>,
     tokenizer: Option<&str>,
 ) -> Result<TrainingData> {
+    ensure!(
+        val_path.is_none() || is_token_file(spec),
+        "--val-data is for a token-file --data; '{spec}' holds out its own validation data"
+    );
     match spec {
         "stories" => {
             let docs = crate::corpus::stories(seed, 10_000);

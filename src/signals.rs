@@ -1,15 +1,27 @@
 //! Ctrl-C handling for training: the first SIGINT or SIGTERM asks the run to stop after the
-//! current update (the trainer then writes a final checkpoint and exits cleanly); a second one
-//! exits at once with status 130. Nothing is installed unless a command asks for it.
+//! current update (the trainer then writes a final checkpoint, and the command exits with the
+//! shell's status for that signal, 130 or 143, so scripts can tell it from a finished run); a
+//! second one exits at once with that status. Nothing is installed unless a command asks for it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
     if STOP.swap(true, Ordering::SeqCst) {
         // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(130) };
+        unsafe { libc::_exit(128 + sig) };
+    }
+}
+
+/// The exit status for a run stopped by a signal: 128 + its number (130 for SIGINT, 143 for
+/// SIGTERM); `None` when no signal arrived.
+pub fn exit_status() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(128 + sig),
     }
 }
 

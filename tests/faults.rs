@@ -1,4 +1,5 @@
-//! Faults, through the binary: Ctrl-C writes a final checkpoint and exits cleanly; SIGKILL at
+//! Faults, through the binary: Ctrl-C (SIGINT) or SIGTERM writes a final checkpoint and exits
+//! with the shell's status for the signal (130, 143); SIGKILL at
 //! random moments (including mid-checkpoint) always leaves a loadable latest checkpoint that a
 //! resume continues from; a write failing for lack of space leaves the previous checkpoint
 //! intact and exits with a clear message.
@@ -52,29 +53,35 @@ fn wait_for(path: &Path, limit: Duration) {
 }
 
 #[test]
-fn ctrl_c_checkpoints_and_exits_cleanly() {
-    let dir = scratch("sigint");
-    let log = dir.with_extension("jsonl");
-    let mut child = long_run(&dir, &["--ckpt-every", "1000000", "--log", log.to_str().unwrap()]).spawn().unwrap();
-    // The handler is installed before the first update; once one is logged, it is in place.
-    let start = Instant::now();
-    let updates = |text: &str| text.lines().filter(|l| l.contains(r#""type":"update""#)).count();
-    while std::fs::read_to_string(&log).map_or(true, |s| updates(&s) == 0) {
-        assert!(start.elapsed() < Duration::from_secs(30), "training did not start");
-        std::thread::sleep(Duration::from_millis(10));
+fn ctrl_c_and_sigterm_checkpoint_and_exit_with_the_signals_status() {
+    for (signal, name, status) in [(libc::SIGINT, "sigint", 130), (libc::SIGTERM, "sigterm", 143)] {
+        let dir = scratch(name);
+        let log = dir.with_extension("jsonl");
+        let mut cmd = long_run(&dir, &["--ckpt-every", "1000000", "--log", log.to_str().unwrap()]);
+        let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        // The handler is installed before the first update; once one is logged, it is in place.
+        let start = Instant::now();
+        let updates = |text: &str| text.lines().filter(|l| l.contains(r#""type":"update""#)).count();
+        while std::fs::read_to_string(&log).map_or(true, |s| updates(&s) == 0) {
+            assert!(start.elapsed() < Duration::from_secs(30), "training did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(status), "exit status after one {name}");
+        let ckpt = native::load(&dir).unwrap();
+        assert!(ckpt.step > 0 && ckpt.step < 100000, "checkpoint at step {}", ckpt.step);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(r#""kind":"stop""#), "no stop checkpoint event in the log");
+        assert!(text.contains(r#""type":"report""#), "no report in the log");
+        assert_eq!(updates(&text), ckpt.step, "the checkpoint is of the last completed update");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let said = format!("interrupted at step {}/100000; checkpoint in {}", ckpt.step, dir.display());
+        assert!(stdout.contains(&said), "{stdout}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(&log).unwrap();
     }
-    // SAFETY: sending a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit status {status:?} after one SIGINT");
-    let ckpt = native::load(&dir).unwrap();
-    assert!(ckpt.step > 0 && ckpt.step < 100000, "checkpoint at step {}", ckpt.step);
-    let text = std::fs::read_to_string(&log).unwrap();
-    let logged = updates(&text);
-    assert!(text.contains(r#""kind":"stop""#), "no stop checkpoint event in the log");
-    assert_eq!(logged, ckpt.step, "the checkpoint is of the last completed update");
-    std::fs::remove_dir_all(&dir).unwrap();
-    std::fs::remove_file(&log).unwrap();
 }
 
 #[test]

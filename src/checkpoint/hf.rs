@@ -69,10 +69,15 @@ pub struct ShardIndex {
 
 fn open_weight_files(dir: &Path) -> Result<Vec<SafeTensors>> {
     let single = dir.join("model.safetensors");
+    let index_path = dir.join("model.safetensors.index.json");
+    ensure!(
+        !(single.is_file() && index_path.is_file()),
+        "{} holds both model.safetensors and model.safetensors.index.json; remove the one that is stale",
+        dir.display()
+    );
     if single.is_file() {
         return Ok(vec![SafeTensors::open(&single)?]);
     }
-    let index_path = dir.join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index_path).with_context(|| {
         format!("{} holds neither model.safetensors nor model.safetensors.index.json", dir.display())
     })?;

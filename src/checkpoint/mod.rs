@@ -41,6 +41,7 @@ impl ModelFormat {
 
 /// Loads weights from an HF directory, a llama2.c file or a training checkpoint.
 pub fn load_model(path: &Path) -> Result<(ModelConfig, Vec<f32>)> {
+    anyhow::ensure!(path.exists(), "model {} does not exist", path.display());
     match ModelFormat::of_path(path)? {
         ModelFormat::Hf => hf::load(path),
         ModelFormat::Llama2c => {

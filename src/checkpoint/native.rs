@@ -318,6 +318,19 @@ impl Checkpoint {
             );
         }
         let fp = data_fingerprint(data);
+        // Same name, other tokens: say what makes them differ rather than "X, not X".
+        ensure!(
+            fp == st.data.fingerprint || st.data.source != data.source,
+            "cannot resume from {}: its {} tokens differ from these (fingerprint {}, now {fp}); {}",
+            self.path.display(),
+            data.source,
+            st.data.fingerprint,
+            if data.source.starts_with("synthetic") {
+                "synthetic data is generated from --seed: resume with the run's original --seed"
+            } else {
+                "the data changed since the checkpoint (or another --seed generated it)"
+            }
+        );
         ensure!(
             fp == st.data.fingerprint,
             "cannot resume from {}: it was trained on \"{}\" (fingerprint {}), not \"{}\" ({fp})",

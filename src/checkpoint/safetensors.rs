@@ -152,6 +152,13 @@ impl SafeTensors {
         for pair in spans.windows(2) {
             ensure!(pair[0].1 <= pair[1].0, "tensors '{}' and '{}' overlap", pair[0].2, pair[1].2);
         }
+        // Bytes past the last tensor belong to nothing: a concatenated or half-overwritten file.
+        let used = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        ensure!(
+            used == data_len,
+            "{} trailing bytes after the last tensor (the data section is {data_len} bytes, tensors end at {used})",
+            data_len - used
+        );
         Ok(SafeTensors { map, data_start, tensors, metadata, path: path.to_path_buf() })
     }
 

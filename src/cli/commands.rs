@@ -44,7 +44,18 @@ pub fn model_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<Option<T
 }
 
 pub fn info(model: &str, seq: usize) -> Result<()> {
-    let cfg = ModelConfig::resolve(model)?;
+    // A weights file or checkpoint: its config comes with the weights.
+    let path = std::path::Path::new(model);
+    let is_weights = path.extension().is_some_and(|e| e == "bin")
+        || path.join("state.json").is_file()
+        || path.join("latest").is_file()
+        || path.join("model.safetensors").is_file()
+        || path.join("model.safetensors.index.json").is_file();
+    let cfg = if ModelConfig::preset(model).is_none() && is_weights {
+        anetrain::checkpoint::load_model(path)?.0
+    } else {
+        ModelConfig::resolve(model)?
+    };
     println!("model        {}", cfg.name);
     println!("dim (C)      {}", cfg.dim);
     println!("ffn (F)      {}", cfg.ffn_dim);
@@ -94,7 +105,7 @@ pub fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, t
         print!(" {:>15.1}", total_flops / secs / 1e9);
     }
     println!();
-    print!("{:<28} {:>6} {:>6} {:>6}", "peak: square", 1024, 1024, 1024);
+    print!("{:<49}", "peak: best square (256³, 512³, 1024³)");
     for &gemm in &impls {
         print!(" {:>15.1}", pool.install(|| bench::gemm_peak_gflops(Par { gemm, ..par0 }, budget)));
     }
@@ -153,9 +164,9 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
     println!("optimizer update     {:.1} ms (once per {} micro-steps)", r.median_optimizer_ms, r.accum);
     println!("throughput           {:.1} tokens/s incl. optimizer", r.tokens_per_s);
     println!(
-        "achieved             {:.1} GFLOP/s = {:.0}% of the 1024³ GEMM peak ({peak:.1} GFLOP/s)",
+        "achieved             {:.1} GFLOP/s = {} ({peak:.1} GFLOP/s, best square SGEMM)",
         r.gflops,
-        100.0 * r.gflops / peak
+        bench::share_of_peak(r.gflops, peak)
     );
     println!("peak RSS             {:.0} MB", r.peak_rss_mb);
     Ok(())
@@ -232,11 +243,30 @@ pub fn generate(
     if let (Some(text), Some(tok)) = (prompt, tokenizer) {
         ids = tok.doc_token.into_iter().chain(tok.encode(text)?).collect();
         eos = eos.or(tok.doc_token);
-        print!("{text}");
     }
     let ids = &ids[..];
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
         bail!("prompt token id {bad} is outside the model's vocabulary ({})", cfg.vocab_size);
+    }
+    if let Some(e) = eos
+        && e as usize >= cfg.vocab_size
+    {
+        bail!("--eos {e} is outside the model's vocabulary ({})", cfg.vocab_size);
+    }
+    if ids.len() > cfg.max_seq_len {
+        bail!("the prompt is {} tokens; the model has {} positions", ids.len(), cfg.max_seq_len);
+    }
+    let room = cfg.max_seq_len - ids.len();
+    if max_tokens > room {
+        eprintln!(
+            "note: --max-tokens {max_tokens} capped at {room} (the model's {} positions less the {}-token prompt)",
+            cfg.max_seq_len,
+            ids.len()
+        );
+    }
+    // Echoed only once the prompt is known to be usable.
+    if let Some(text) = prompt.filter(|_| tokenizer.is_some()) {
+        print!("{text}");
     }
     let (par, pool) = rt.setup()?;
     let (prefill_s, decode_s, n) = pool.install(|| {
@@ -265,13 +295,19 @@ pub fn generate(
         })
     })?;
     println!();
+    // The first token comes from the prefill's logits: a decode rate needs two or more.
+    let rate = if n >= 2 {
+        format!("{:.1} tokens/s", (n - 1) as f64 / decode_s.max(1e-9))
+    } else {
+        String::from("no rate: the only token came from the prefill")
+    };
     eprintln!(
-        "prefill: {} tokens in {:.1} ms ({:.0} tokens/s); decode: {n} tokens in {:.1} ms ({:.1} tokens/s)",
+        "prefill: {} tokens in {:.1} ms ({:.0} tokens/s); decode: {n} token{} in {:.1} ms ({rate})",
         ids.len(),
         prefill_s * 1e3,
         ids.len() as f64 / prefill_s,
+        if n == 1 { "" } else { "s" },
         decode_s * 1e3,
-        n.saturating_sub(1) as f64 / decode_s.max(1e-9)
     );
     Ok(())
 }

@@ -270,7 +270,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         let saved = args.ckpt_dir.as_ref().map_or(String::from(" (no --ckpt-dir: nothing saved)"), |d| {
             format!("; checkpoint in {}, continue with --resume latest", d.display())
         });
-        println!("interrupted after {} updates{saved}", summary.losses.len());
+        // The checkpoint's step, not this process's share of it (a resumed run starts late).
+        println!("interrupted at step {last_step}/{steps}{saved}");
     }
     let share_of_peak_pct = peak.map(|p| 100.0 * summary.gflops / p);
     telemetry.record(Record::Report(Report {
@@ -311,13 +312,20 @@ pub fn train(args: TrainArgs) -> Result<()> {
     );
     if let Some(peak) = peak {
         println!(
-            "GEMM peak (1024³)    {peak:.1} GFLOP/s -> {:.0}% of peak over the whole run",
-            share_of_peak_pct.unwrap_or(0.0)
+            "GEMM peak            {peak:.1} GFLOP/s (best square SGEMM) -> {} over the whole run",
+            bench::share_of_peak(summary.gflops, peak)
         );
     }
     println!("peak RSS             {:.0} MB", bench::peak_rss_mb());
     if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
         println!("loss                 {first:.4} -> {last:.4}");
+    }
+    // Stopped by SIGINT/SIGTERM: the checkpoint is written; exit as the shell reports that
+    // signal (130/143), not 0 like a finished run, and skip the sample.
+    if summary.interrupted
+        && let Some(status) = anetrain::signals::exit_status()
+    {
+        std::process::exit(status);
     }
     if let Some(tok) = &tokenizer {
         sample_story(&cfg, &params, tok, args.seed, par, &pool)?;

@@ -81,10 +81,26 @@ impl TrainOptions {
         );
         ensure!(self.adamw.eps.is_finite() && self.adamw.eps > 0.0, "--adam-eps must be a positive number");
         ensure!(
-            self.adamw.weight_decay.is_finite()
-                && self.adamw.weight_decay >= 0.0
-                && self.schedule_lr * self.adamw.weight_decay < 1.0,
-            "--weight-decay must be non-negative with lr × weight decay < 1"
+            self.min_lr <= self.schedule_lr,
+            "--min-lr {:e} is above --lr {:e}: the schedule decays from --lr down to --min-lr",
+            self.min_lr,
+            self.schedule_lr
+        );
+        ensure!(
+            self.adamw.weight_decay.is_finite() && self.adamw.weight_decay >= 0.0,
+            "--weight-decay must be a non-negative number"
+        );
+        ensure!(
+            self.schedule_lr * self.adamw.weight_decay < 1.0,
+            "--lr {:e} × --weight-decay {} = {:.1e} must be below 1 (each update shrinks the weights by that \
+             share); lower --lr or --weight-decay",
+            self.schedule_lr,
+            self.adamw.weight_decay,
+            self.schedule_lr * self.adamw.weight_decay
+        );
+        ensure!(
+            self.eval_every == 0 || self.eval_tokens > 0,
+            "--eval-tokens must be at least 1 (--eval-every 0 turns validation off)"
         );
         // Bounds that keep every derived size (buffers, counters) far from overflow.
         ensure!(self.steps <= 1 << 40, "--steps {} is implausibly large", self.steps);

@@ -84,7 +84,7 @@ fn bad_input_fails_with_one_clear_message() {
     let bad_cfg = dir.join("config.json");
     std::fs::write(
         &bad_cfg,
-        r#"{"hidden_size": 64, "intermediate_size": 10, "num_hidden_layers": 1,
+        r#"{"hidden_size": 48, "intermediate_size": 10, "num_hidden_layers": 1,
         "num_attention_heads": 6, "num_key_value_heads": 4, "vocab_size": 10}"#,
     )
     .unwrap();

@@ -281,7 +281,8 @@ mod tests {
 
     #[test]
     fn u16_file_round_trip_and_errors() {
-        let dir = std::env::temp_dir().join(format!("anetrain-data-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new().prefix("anetrain-data-").tempdir().unwrap();
+        let dir = tmp_dir.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("toks.bin");
         let toks: Vec<u16> = (0..100).map(|i| (i * 7 % 50) as u16).collect();
@@ -295,12 +296,12 @@ mod tests {
         assert!(TokenData::open_u16(&path, 50).err().unwrap().to_string().contains("odd size"));
         std::fs::write(&path, []).unwrap();
         assert!(TokenData::open_u16(&path, 50).err().unwrap().to_string().contains("empty"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn headed_files_round_trip_and_refuse_other_tokenizers() {
-        let dir = std::env::temp_dir().join(format!("anetrain-headed-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new().prefix("anetrain-headed-").tempdir().unwrap();
+        let dir = tmp_dir.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         for (vocab, name) in [(500usize, "small.tok"), (151_936, "large.tok")] {
             let path = dir.join(name);
@@ -322,7 +323,6 @@ mod tests {
         std::fs::write(&flat, [3u8, 0, 4, 0]).unwrap();
         let data = TokenData::open(&flat, 10, Some("ignored for headerless files")).unwrap();
         assert_eq!((data.get(0), data.get(1), data.tokenizer.clone()), (3, 4, None));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

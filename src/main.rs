@@ -5,13 +5,11 @@ mod cli;
 use cli::commands::{StepArgs, bench_gemm, bench_step, convert, eval, generate, info, prepare};
 use cli::train::train;
 
-use anetrain::backend::BackendKind;
-use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
 use anetrain::config::ModelConfig;
-use anetrain::mil::emit::InputLayout;
-use anetrain::ops::{GemmImpl, Par};
+use anetrain::ops::Par;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cli::choices::{BackendArg, GemmArg, LayoutArg, Llama2cFormatArg};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -62,7 +60,7 @@ enum Command {
         dtype: ExportDtype,
         /// llama2.c format of a .bin export.
         #[arg(long, value_enum, default_value = "legacy")]
-        llama2c_format: Llama2cFormat,
+        llama2c_format: Llama2cFormatArg,
     },
     // Negative numbers parse as values, so validation can say what is wrong with them.
     #[command(allow_negative_numbers = true)]
@@ -165,7 +163,7 @@ struct Runtime {
     threads: Option<usize>,
     /// GEMM implementation for every matrix product.
     #[arg(long, value_enum, default_value = "gemm")]
-    gemm: GemmImpl,
+    gemm: GemmArg,
 }
 
 impl Runtime {
@@ -184,14 +182,15 @@ impl Runtime {
             Some(n) => n,
             None => cores,
         };
-        if !self.gemm.available() {
+        let gemm = anetrain::ops::GemmImpl::from(self.gemm);
+        if !gemm.available() {
             bail!("--gemm blas needs a build with `--features blas` (and libopenblas-dev on Linux)");
         }
         // matrixmultiply reads its thread cap from the environment, once, on first use.
         // SAFETY: set before any other thread exists in this process.
         unsafe { std::env::set_var("MATMUL_NUM_THREADS", threads.to_string()) };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("cannot start thread pool")?;
-        Ok((Par { threads, gemm: self.gemm }, pool))
+        Ok((Par { threads, gemm }, pool))
     }
 }
 
@@ -270,11 +269,11 @@ struct TrainArgs {
     /// `cpu` (f32), `mil-sim` (the MIL kernels in the fp16 simulator), or `ane` (the MIL
     /// kernels on the Neural Engine; macOS on Apple silicon only).
     #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendKind,
+    backend: BackendArg,
     /// How the MIL backends pass weights: `packed` into one input with the activations (the
     /// original system's layout) or `separate` function inputs.
     #[arg(long, value_enum, default_value = "packed")]
-    mil_layout: InputLayout,
+    mil_layout: LayoutArg,
     /// Run the per-layer dW GEMMs on a CPU worker thread beside the backend's kernels
     /// (results are bit-identical either way).
     #[arg(long, value_enum, default_value = "auto")]
@@ -352,7 +351,7 @@ enum MilCommand {
         #[arg(long, default_value_t = 256)]
         seq: usize,
         #[arg(long, value_enum, default_value = "packed")]
-        layout: InputLayout,
+        layout: LayoutArg,
         #[arg(long)]
         out: PathBuf,
     },
@@ -370,7 +369,7 @@ enum AneCommand {
         #[arg(long, default_value_t = 40)]
         seq: usize,
         #[arg(long, value_enum, default_value = "packed")]
-        layout: InputLayout,
+        layout: LayoutArg,
     },
 }
 
@@ -382,7 +381,7 @@ enum BenchCommand {
         shape: BenchShape,
         /// Benchmark only this implementation (default: all available).
         #[arg(long = "impl", value_enum)]
-        which: Option<GemmImpl>,
+        which: Option<GemmArg>,
         /// Seconds of repetitions per shape and implementation.
         #[arg(long, default_value_t = 0.5)]
         budget: f64,
@@ -409,9 +408,9 @@ enum BenchCommand {
         /// The backend whose step is measured (`mil-sim`: the fp16 simulator, a correctness
         /// tool, not a fast path).
         #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
+        backend: BackendArg,
         #[arg(long, value_enum, default_value = "packed")]
-        mil_layout: InputLayout,
+        mil_layout: LayoutArg,
     },
 }
 
@@ -457,9 +456,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(*args),
         Command::Info { model, seq } => info(&model, seq),
         Command::Bench(BenchCommand::Gemm { shape, which, budget, threads }) => {
-            bench_gemm(&shape.model, shape.batch * shape.seq, which, budget, threads)
+            bench_gemm(&shape.model, shape.batch * shape.seq, which.map(Into::into), budget, threads)
         }
         Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, dw_overlap, backend, mil_layout, rt }) => {
+            let (backend, mil_layout) = (backend.into(), mil_layout.into());
             let step = StepArgs { accum, min_micro, json, dw_overlap: dw_overlap.forced(), backend, mil_layout };
             bench_step(&shape.model, shape.batch, shape.seq, step, rt)
         }
@@ -473,7 +473,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Mil(MilCommand::Emit { model, seq, layout, out }) => {
             let cfg = ModelConfig::resolve(&model)?;
-            let written = anetrain::mil::export::write_kernel_set(&cfg, seq, layout, &out)?;
+            let written = anetrain::mil::export::write_kernel_set(&cfg, seq, layout.into(), &out)?;
             println!("wrote {} kernels for {} (T={seq}, {layout:?} layout) to {}", written, cfg.name, out.display());
             for note in anetrain::mil::emit::hardware_notes(&cfg) {
                 println!("note: {note} (unverified; `anetrain ane probe --model ...` on a Mac settles it)");
@@ -481,9 +481,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Ane(AneCommand::Probe { model, seq, layout }) => {
-            anetrain::ane::probe::run(model.as_deref(), seq, layout)
+            anetrain::ane::probe::run(model.as_deref(), seq, layout.into())
         }
-        Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format),
+        Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format.into()),
         Command::Prepare { tokenizer, input, out, val_fraction, seed, rt } => {
             prepare(&tokenizer, &input, &out, val_fraction, seed, rt)
         }

@@ -241,12 +241,15 @@ fn write_outputs(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64
     let start = std::time::Instant::now();
     let n_val = ((docs.len() as f64 * val_fraction).ceil() as usize).clamp(1, docs.len() - 1);
     let (train_docs, val_docs) = docs.split_at(docs.len() - n_val);
-    let bar = |done: usize, total: usize| {
-        let filled = done * 30 / total.max(1);
-        eprint!("\rtokenizing [{}{}] {done}/{total} documents", "#".repeat(filled), "-".repeat(30 - filled));
-    };
-    let train = tokenize_with_progress(tok, train_docs, bar)?;
-    eprintln!();
+    // On stderr, and only when it is a terminal.
+    let bar = indicatif::ProgressBar::new(train_docs.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "tokenizing [{bar:30}] {pos}/{len} documents, {per_sec}, {elapsed} elapsed, ETA {eta}",
+        )?
+        .progress_chars("#>-"),
+    );
+    let train = tokenize_with_progress(tok, train_docs, |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
     let val = tokenize(tok, val_docs)?;
     let seconds = start.elapsed().as_secs_f64();
     if train.is_empty() || val.is_empty() {
@@ -372,7 +375,8 @@ mod tests {
 
     #[test]
     fn prepare_writes_matching_token_files() {
-        let dir = std::env::temp_dir().join(format!("anetrain-prepare-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new().prefix("anetrain-prepare-").tempdir().unwrap();
+        let dir = tmp_dir.path().to_path_buf();
         let docs = read_documents("builtin:stories:200", 3, &mut Vec::new()).unwrap();
         let tok = tokenizer_for("bpe:300", &docs).unwrap();
         let summary = prepare(&docs, &tok, &dir, 0.1).unwrap();
@@ -394,12 +398,12 @@ mod tests {
         std::fs::write(dir.join("c.jsonl"), "{\"txt\": 1}\n").unwrap();
         let err = read_documents(dir.to_str().unwrap(), 0, &mut Vec::new()).unwrap_err();
         assert!(format!("{err:#}").contains("c.jsonl:1"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn directories_are_read_at_any_depth_and_skips_are_named() {
-        let dir = std::env::temp_dir().join(format!("anetrain-prepare-tree-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new().prefix("anetrain-prepare-tree-").tempdir().unwrap();
+        let dir = tmp_dir.path().to_path_buf();
         std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
         std::fs::write(dir.join("a.txt"), "one").unwrap();
         std::fs::write(dir.join("sub/b.md"), "two\n\nthree").unwrap();
@@ -414,7 +418,6 @@ mod tests {
         let note = skipped_note(&skipped).unwrap();
         assert!(note.starts_with("skipped 2 entries (not .txt, .md or .jsonl files): ") && note.contains("d.png"));
         assert_eq!(skipped_note(&[]), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -387,12 +387,12 @@ mod tests {
             assert_eq!(tok.decode(&tok.encode("Hello world").unwrap()).unwrap(), "Hello world");
         }
         // Saved into a prepared directory and reloaded: the same tokenizer.
-        let out = std::env::temp_dir().join(format!("anetrain-sp-{}", std::process::id()));
+        let tmp_out = tempfile::Builder::new().prefix("anetrain-sp-").tempdir().unwrap();
+        let out = tmp_out.path().to_path_buf();
         std::fs::create_dir_all(&out).unwrap();
         let tok = Tokenizer::load(&dir.join("tokenizer.model")).unwrap();
         tok.save_to_dir(&out).unwrap();
         assert_eq!(Tokenizer::load_from_dir(&out).unwrap().fingerprint, tok.fingerprint);
-        std::fs::remove_dir_all(&out).unwrap();
     }
 
     #[test]

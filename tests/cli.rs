@@ -13,7 +13,8 @@ fn text(out: &Output) -> String {
 
 #[test]
 fn default_run_trains_and_writes_telemetry() {
-    let dir = std::env::temp_dir().join(format!("anetrain-cli-{}", std::process::id()));
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-cli-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("run.jsonl");
     let log_path = log.to_str().unwrap();
@@ -59,7 +60,6 @@ fn default_run_trains_and_writes_telemetry() {
     let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
     assert!((loss(0) - 512f64.ln()).abs() < 0.3, "first loss {}", loss(0));
     assert!(loss(59) < loss(0) - 1.5, "loss did not fall: {} -> {}", loss(0), loss(59));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -73,7 +73,8 @@ fn info_reports_published_parameter_counts() {
 
 #[test]
 fn bad_input_fails_with_one_clear_message() {
-    let dir = std::env::temp_dir().join(format!("anetrain-bad-{}", std::process::id()));
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-bad-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
     let big_id = dir.join("big.bin");
     std::fs::write(&big_id, [1u8, 0, 0xff, 0xff]).unwrap();
@@ -121,7 +122,6 @@ fn bad_input_fails_with_one_clear_message() {
         assert!(err.contains(needle), "{args:?}: stderr '{err}' lacks '{needle}'");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Bad files of every kind, through the commands that read them: a checkpoint that is
@@ -130,8 +130,8 @@ fn bad_input_fails_with_one_clear_message() {
 #[test]
 fn bad_files_fail_with_one_clear_message() {
     use anetrain::data::TokenData;
-    let dir = std::env::temp_dir().join(format!("anetrain-badfiles-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-badfiles-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let ckpt = dir.join("ckpt");
@@ -192,14 +192,13 @@ fn bad_files_fail_with_one_clear_message() {
         assert!(!out.status.success() && err.contains(needle) && !err.contains("panicked"), "{file}: '{err}'");
         std::fs::write(&path, good).unwrap();
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// prepare → train → generate, end to end through the binary, on the built-in stories.
 #[test]
 fn prepare_train_generate_end_to_end() {
-    let dir = std::env::temp_dir().join(format!("anetrain-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-e2e-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let (data, ckpt) = (dir.join("data"), dir.join("ckpt"));
     let out = anetrain(&["prepare", "--input", "builtin:stories:400", "--tokenizer", "bpe:512", "--out", &s(&data)]);
@@ -238,7 +237,6 @@ fn prepare_train_generate_end_to_end() {
     assert_eq!(sample("5", &["--tokenizer", &s(&data)]), story, "same seed, same text");
     // The checkpoint carries its tokenizer: no --tokenizer needed.
     assert_eq!(sample("5", &[]), story, "the saved tokenizer is the one training used");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `eval` on 7 windows with `--batch 4` (a short last batch of 3 windows): the reported loss

@@ -6,7 +6,7 @@
 
 use anetrain::checkpoint::native;
 use anetrain::rng::Rng;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,10 +14,9 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_anetrain")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anetrain-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A fresh directory, removed when the returned guard drops.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("anetrain-{name}-")).tempdir().unwrap()
 }
 
 /// A long training run of the tiny default model that checkpoints after every update.
@@ -55,7 +54,8 @@ fn wait_for(path: &Path, limit: Duration) {
 #[test]
 fn ctrl_c_and_sigterm_checkpoint_and_exit_with_the_signals_status() {
     for (signal, name, status) in [(libc::SIGINT, "sigint", 130), (libc::SIGTERM, "sigterm", 143)] {
-        let dir = scratch(name);
+        let tmp = scratch(name);
+        let dir = tmp.path().to_path_buf();
         let log = dir.with_extension("jsonl");
         let mut cmd = long_run(&dir, &["--ckpt-every", "1000000", "--log", log.to_str().unwrap()]);
         let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
@@ -79,14 +79,14 @@ fn ctrl_c_and_sigterm_checkpoint_and_exit_with_the_signals_status() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let said = format!("interrupted at step {}/100000; checkpoint in {}", ckpt.step, dir.display());
         assert!(stdout.contains(&said), "{stdout}");
-        std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_file(&log).unwrap();
     }
 }
 
 #[test]
 fn sigkill_at_random_moments_leaves_a_loadable_checkpoint() {
-    let dir = scratch("sigkill");
+    let tmp = scratch("sigkill");
+    let dir = tmp.path().to_path_buf();
     let mut rng = Rng::new(2026);
     let mut last_step = 0;
     for trial in 0..6 {
@@ -110,12 +110,12 @@ fn sigkill_at_random_moments_leaves_a_loadable_checkpoint() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(native::load(&dir).unwrap().step, last_step + 3);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_full_disk_during_a_checkpoint_loses_nothing() {
-    let dir = scratch("diskfull");
+    let tmp = scratch("diskfull");
+    let dir = tmp.path().to_path_buf();
     let first = Command::new(bin())
         .args(["train", "--model", "stories260k", "--data", "synthetic", "--steps", "3", "--batch", "2", "--seq", "16"])
         .args(["--no-peak", "--threads", "1"])
@@ -148,5 +148,4 @@ fn a_full_disk_during_a_checkpoint_loses_nothing() {
         .map(|e| e.file_name())
         .collect();
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -111,11 +111,9 @@ fn tiny() -> ModelConfig {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anetrain-fuzz-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory, removed when the returned guard drops.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("anetrain-fuzz-{name}-")).tempdir().unwrap()
 }
 
 fn read_everything(st: &SafeTensors) {
@@ -128,7 +126,8 @@ fn read_everything(st: &SafeTensors) {
 
 #[test]
 fn fuzz_safetensors() {
-    let dir = scratch("st");
+    let tmp = scratch("st");
+    let dir = tmp.path().to_path_buf();
     let cfg = ModelConfig { qk_norm: true, tied_embeddings: false, ..tiny() };
     hf::save(&dir, &cfg, &ParamLayout::new(&cfg).init(1), anetrain::checkpoint::safetensors::Dtype::BF16).unwrap();
     let mut seeds = vec![std::fs::read(dir.join("model.safetensors")).unwrap()];
@@ -143,7 +142,6 @@ fn fuzz_safetensors() {
             read_everything(&st);
         }
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -181,7 +179,8 @@ fn fuzz_hf_config_json() {
 
 #[test]
 fn fuzz_hf_directory() {
-    let dir = scratch("hf");
+    let tmp = scratch("hf");
+    let dir = tmp.path().to_path_buf();
     let cfg = ModelConfig { qk_norm: true, ..tiny() };
     hf::save(&dir, &cfg, &ParamLayout::new(&cfg).init(3), anetrain::checkpoint::safetensors::Dtype::F32).unwrap();
     let config = std::fs::read(dir.join("config.json")).unwrap();
@@ -195,7 +194,6 @@ fn fuzz_hf_directory() {
         std::fs::write(dir.join("model.safetensors"), w).unwrap();
         let _ = hf::load(&dir);
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -203,7 +201,8 @@ fn fuzz_checkpoint() {
     use anetrain::backend::cpu::CpuBackend;
     use anetrain::ops::Par;
     use anetrain::train::{TrainOptions, Trainer};
-    let dir = scratch("ckpt");
+    let tmp = scratch("ckpt");
+    let dir = tmp.path().to_path_buf();
     let cfg = tiny();
     let data = TokenData::from_vec(anetrain::data::synthetic_tokens(32, 2000, 1), 32, "synthetic").unwrap();
     let opts = TrainOptions {
@@ -244,12 +243,12 @@ fn fuzz_checkpoint() {
         }
         restore_into(&dir);
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn fuzz_token_files() {
-    let dir = scratch("tok");
+    let tmp = scratch("tok");
+    let dir = tmp.path().to_path_buf();
     let path = dir.join("tokens.bin");
     let seed: Vec<u8> =
         anetrain::data::synthetic_tokens(500, 300, 2).iter().flat_map(|&t| (t as u16).to_le_bytes()).collect();
@@ -261,13 +260,13 @@ fn fuzz_token_files() {
             let _ = sampler.next_batch(&data, &mut x, &mut y);
         }
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn fuzz_tokenizer_files() {
     let Some(shared) = shared_data::shared_data("data/tokenizers/llama2") else { return };
-    let dir = scratch("tokenizer");
+    let tmp = scratch("tokenizer");
+    let dir = tmp.path().to_path_buf();
     // Byte 0 picks the format; the rest is the mutated file.
     let seeds = vec![
         [vec![0], std::fs::read(shared.join("tokenizer.bin")).unwrap()].concat(),
@@ -283,7 +282,6 @@ fn fuzz_tokenizer_files() {
             let _ = tok.decode(&ids);
         }
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

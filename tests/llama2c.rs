@@ -33,11 +33,11 @@ fn stories260k_round_trips_byte_for_byte() {
     assert!(llama2c::to_bytes(&model).unwrap() == original, "export differs from the original file");
 
     // Through an HF directory and back: identical weights.
-    let dir = std::env::temp_dir().join(format!("anetrain-l2c-{}", std::process::id()));
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-l2c-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     hf::save(&dir, &model.cfg, &model.params, Dtype::F32).unwrap();
     let (_, params) = hf::load(&dir).unwrap();
     assert!(params == model.params);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

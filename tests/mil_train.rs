@@ -27,7 +27,8 @@ fn losses(log: &std::path::Path) -> Vec<(f64, bool, f64)> {
 #[test]
 fn mil_sim_training_tracks_the_cpu_loss_curve() {
     const TOL: f64 = 1.5e-3;
-    let dir = std::env::temp_dir().join(format!("anetrain-milsim-{}", std::process::id()));
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-milsim-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
     let mut curves = Vec::new();
     // The separate-layout run also puts the dW GEMMs on the worker thread, as on hardware.
@@ -84,7 +85,6 @@ fn mil_sim_training_tracks_the_cpu_loss_curve() {
         }
         eprintln!("worst relative loss gap over 50 updates: {worst:.2e}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A loss scale that overflows fp16 turns into skipped updates, each halving the scale,
@@ -132,7 +132,8 @@ fn the_neural_engine_path_without_the_hardware() {
     let (ok, out) = anetrain(&["ane", "probe"]);
     assert!(!ok && out.contains("needs macOS on Apple silicon"), "{out}");
 
-    let dir = std::env::temp_dir().join(format!("anetrain-emit-{}", std::process::id()));
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-emit-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     let (ok, out) = anetrain(&["mil", "emit", "--model", "stories15m", "--seq", "100", "--out", dir.to_str().unwrap()]);
     assert!(ok, "{out}");
     let manifest: serde_json::Value =
@@ -156,5 +157,4 @@ fn the_neural_engine_path_without_the_hardware() {
     std::fs::write(&bad, std::fs::read_to_string(&good).unwrap().replace("matmul(", "matmull(")).unwrap();
     let (ok, out) = anetrain(&["mil", "check", bad.to_str().unwrap()]);
     assert!(!ok && out.contains("bad.mil: line ") && out.contains("unsupported op `matmull`"), "{out}");
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -58,8 +58,8 @@ fn resume_is_bit_exact() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let cfg = cfg();
     let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
-    let dir = std::env::temp_dir().join(format!("anetrain-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-resume-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     pool.install(|| {
         // One uninterrupted run of 20 updates, checkpointing every 5 (keeping 2).
         let mut whole = trainer(&cfg);
@@ -126,15 +126,14 @@ fn resume_is_bit_exact() {
     std::fs::write(&model_file, &bytes[..bytes.len() / 2]).unwrap();
     let err = format!("{:#}", native::load(&dir.join("split")).err().unwrap());
     assert!(err.contains("model.safetensors"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn best_checkpoint_follows_the_lowest_validation_loss() {
     let cfg = cfg();
     let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
-    let dir = std::env::temp_dir().join(format!("anetrain-best-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-best-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     let mut t = trainer_with(&cfg, TrainOptions { eval_every: 4, eval_tokens: 64, ..opts() });
     t.val_data = Some(TokenData::from_vec(synthetic_tokens(64, 500, 9), 64, "val").unwrap());
     let mut val = Vec::new();
@@ -150,7 +149,6 @@ fn best_checkpoint_follows_the_lowest_validation_loss() {
     let best = native::load(&dir.join("best")).unwrap();
     assert_eq!(best.step, best_step);
     assert_eq!(best.state.best_val_loss.unwrap(), best_loss);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The same on the fp16 MIL simulator, whose backend keeps each layer's weights staged
@@ -163,8 +161,8 @@ fn resume_is_bit_exact_on_mil_sim() {
     use anetrain::mil::sim::SimRunner;
     let cfg = cfg();
     let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
-    let dir = std::env::temp_dir().join(format!("anetrain-resume-sim-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-resume-sim-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     let par = Par { threads: 2, gemm: GemmImpl::Gemm };
     let sim = || {
         let opts = TrainOptions { steps: 12, ..opts() };
@@ -189,7 +187,6 @@ fn resume_is_bit_exact_on_mil_sim() {
     losses.extend(b);
     assert_eq!(bits_f64(&losses), bits_f64(&all));
     assert!(bits(&second.params) == bits(&whole.params), "final weights differ");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn bits_f64(x: &[f64]) -> Vec<u64> {
@@ -234,8 +231,8 @@ fn restore_restages_weights_on_mil_backends() {
     }
     let cfg = cfg();
     let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
-    let dir = std::env::temp_dir().join(format!("anetrain-restage-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp_dir = tempfile::Builder::new().prefix("anetrain-restage-").tempdir().unwrap();
+    let dir = tmp_dir.path().to_path_buf();
     let par = Par { threads: 2, gemm: GemmImpl::Gemm };
     let writes_in_next_update = |restore: bool| -> usize {
         let count = Arc::new(AtomicUsize::new(0));
@@ -256,5 +253,4 @@ fn restore_restages_weights_on_mil_backends() {
     };
     let (plain, restored) = (writes_in_next_update(false), writes_in_next_update(true));
     assert!(restored > plain, "a restore must restage: {restored} input writes vs {plain} without a restore");
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -327,7 +327,7 @@ impl KernelRunner for AneRunner {
     }
 
     fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize> {
-        layout::check_program(program, slots)?;
+        crate::mil::rules::check_program(program, slots)?;
         let k = self.build_kernel(program, slots)?;
         self.kernels.push(k);
         Ok(self.kernels.len() - 1)

@@ -17,17 +17,13 @@
 //! directory so that the user can delete it); another program compiling an identical kernel
 //! through the framework deletes the directory when it unloads, which nothing here prevents.
 
-use super::layout::check_relative;
+use crate::mil::rules::check_relative;
+use crate::mil::rules::{MIL_FILE, OWNER_FILE};
 use anyhow::{Context, Result, bail};
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// The MIL text, at the directory root.
-pub const MIL_FILE: &str = "model.mil";
-/// The owner marker (not read by the framework).
-pub const OWNER_FILE: &str = ".anetrain-owner";
 
 /// Who claimed a directory: a process and one runner within it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,24 +169,9 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    /// A fresh scratch directory under the system temp dir, removed on drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(tag: &str) -> Scratch {
-            static N: AtomicU64 = AtomicU64::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!("anetrain-ane-test-{}-{tag}-{n}", std::process::id()));
-            let _ = fs::remove_dir_all(&p);
-            fs::create_dir_all(&p).unwrap();
-            Scratch(p)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
+    /// A fresh scratch directory, removed on drop.
+    fn scratch(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("anetrain-ane-test-{tag}-")).tempdir().unwrap()
     }
 
     /// Every file under `dir` as (relative path, contents).
@@ -215,32 +196,32 @@ mod tests {
 
     #[test]
     fn populate_writes_exactly_the_program_files() {
-        let s = Scratch::new("pop");
+        let s = scratch("pop");
         let blobs =
             vec![("weights/mask.bin".to_string(), vec![1, 2, 3]), ("weights/l0/w1.bin".to_string(), vec![9; 130])];
-        populate(&s.0, "program(1.3)\n", &blobs).unwrap();
+        populate(s.path(), "program(1.3)\n", &blobs).unwrap();
         let expect: BTreeMap<String, Vec<u8>> = [
             ("model.mil".to_string(), b"program(1.3)\n".to_vec()),
             ("weights/mask.bin".to_string(), vec![1, 2, 3]),
             ("weights/l0/w1.bin".to_string(), vec![9; 130]),
         ]
         .into();
-        assert_eq!(tree(&s.0), expect);
+        assert_eq!(tree(s.path()), expect);
         // a second population overwrites in place
-        populate(&s.0, "program(1.3) v2\n", &blobs[..1]).unwrap();
-        assert_eq!(fs::read(s.0.join("model.mil")).unwrap(), b"program(1.3) v2\n");
+        populate(s.path(), "program(1.3) v2\n", &blobs[..1]).unwrap();
+        assert_eq!(fs::read(s.path().join("model.mil")).unwrap(), b"program(1.3) v2\n");
     }
 
     #[test]
     fn populate_refuses_escaping_paths_before_writing() {
-        let s = Scratch::new("esc");
-        let inner = s.0.join("model");
+        let s = scratch("esc");
+        let inner = s.path().join("model");
         fs::create_dir(&inner).unwrap();
         for bad in ["../x.bin", "/tmp/x.bin", "weights/../../x.bin", "model.mil"] {
             let blobs = vec![("weights/ok.bin".to_string(), vec![1]), (bad.to_string(), vec![2])];
             let e = populate(&inner, "p", &blobs).unwrap_err();
             assert!(format!("{e:#}").contains(bad), "{bad}: {e:#}");
-            assert!(tree(&s.0).is_empty(), "{bad}: wrote {:?}", tree(&s.0).keys());
+            assert!(tree(s.path()).is_empty(), "{bad}: wrote {:?}", tree(s.path()).keys());
         }
     }
 
@@ -254,8 +235,8 @@ mod tests {
 
     #[test]
     fn a_fresh_directory_is_created_marked_and_removed_on_drop() {
-        let s = Scratch::new("fresh");
-        let dir = s.0.join("abc123");
+        let s = scratch("fresh");
+        let dir = s.path().join("abc123");
         let Claim::Created(owned) = claim(&dir, ME, &|_| panic!("no owner to probe")).unwrap() else {
             panic!("expected a new claim")
         };
@@ -271,8 +252,8 @@ mod tests {
     /// name before our runner is dropped, our drop must leave its directory alone.
     #[test]
     fn a_directory_reclaimed_by_another_process_survives_our_drop() {
-        let s = Scratch::new("reclaimed");
-        let dir = s.0.join("abc123");
+        let s = scratch("reclaimed");
+        let dir = s.path().join("abc123");
         let Claim::Created(owned) = claim(&dir, ME, &|_| panic!("no owner to probe")).unwrap() else {
             panic!("expected a new claim")
         };
@@ -287,8 +268,8 @@ mod tests {
 
     #[test]
     fn live_owners_and_foreign_directories_are_refused_untouched() {
-        let s = Scratch::new("live");
-        let dir = s.0.join("abc123");
+        let s = scratch("live");
+        let dir = s.path().join("abc123");
         let Claim::Created(owned) = claim(&dir, ME, &|_| true).unwrap() else { panic!() };
         fs::write(dir.join(MIL_FILE), "theirs").unwrap();
 
@@ -301,7 +282,7 @@ mod tests {
         assert_eq!(fs::read_to_string(dir.join(MIL_FILE)).unwrap(), "theirs");
         std::mem::forget(owned); // still the first runner's; the scratch dir cleans up
 
-        let foreign = s.0.join("def456");
+        let foreign = s.path().join("def456");
         fs::create_dir(&foreign).unwrap();
         fs::write(foreign.join(MIL_FILE), "x").unwrap();
         let e = claim(&foreign, ME, &|_| false).unwrap_err().to_string();
@@ -311,8 +292,8 @@ mod tests {
 
     #[test]
     fn a_dead_owners_directory_is_taken_over() {
-        let s = Scratch::new("stale");
-        let dir = s.0.join("abc123");
+        let s = scratch("stale");
+        let dir = s.path().join("abc123");
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join(OWNER_FILE), Owner { pid: 999, runner: 3 }.line()).unwrap();
         fs::write(dir.join("leftover.bin"), "old").unwrap();

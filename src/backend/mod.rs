@@ -11,41 +11,6 @@
 
 pub mod cpu;
 
-/// Which backend runs the kernel set (`--backend`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum BackendKind {
-    /// Native Rust kernels and a real GEMM, f32.
-    Cpu,
-    /// The generated MIL programs, run by the fp16 MIL simulator on the CPU.
-    MilSim,
-    /// The generated MIL programs on the Apple Neural Engine (macOS on Apple silicon only;
-    /// compiled and unit-tested on Linux, never run by the authors on hardware).
-    Ane,
-}
-
-/// Builds a backend for micro-batches of B sequences of T positions. `layout` chooses how
-/// the MIL backends pass weights to their kernels.
-pub fn build(
-    kind: BackendKind,
-    cfg: &ModelConfig,
-    b: usize,
-    t: usize,
-    par: crate::ops::Par,
-    layout: crate::mil::emit::InputLayout,
-) -> Result<Box<dyn Backend>> {
-    use crate::mil::backend::MilBackend;
-    Ok(match kind {
-        BackendKind::Cpu => Box::new(cpu::CpuBackend::new(cfg, b, t, par)),
-        BackendKind::MilSim => {
-            Box::new(MilBackend::new(cfg, b, t, layout, Box::new(crate::mil::sim::SimRunner::new(par)))?)
-        }
-        BackendKind::Ane => {
-            let runner = crate::ane::AneRunner::new(crate::ane::AneOptions::default())?;
-            Box::new(MilBackend::new(cfg, b, t, layout, Box::new(runner))?)
-        }
-    })
-}
-
 use crate::config::ModelConfig;
 use crate::params::LayerTensors;
 use anyhow::Result;

@@ -120,7 +120,8 @@ mod tests {
 
     #[test]
     fn save_load_round_trip_and_clear_errors() {
-        let dir = std::env::temp_dir().join(format!("anetrain-hf-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new().prefix("anetrain-hf-").tempdir().unwrap();
+        let dir = tmp_dir.path().to_path_buf();
         let cfg = ModelConfig {
             n_layers: 2,
             vocab_size: 50,
@@ -192,6 +193,5 @@ mod tests {
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
         let err = format!("{:#}", load(&dir).unwrap_err());
         assert!(err.contains("GPTNeoXForCausalLM"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

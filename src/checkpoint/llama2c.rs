@@ -20,7 +20,7 @@ use std::path::Path;
 
 const MAGIC: u32 = 0x616b_3432;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// 7-int header, RoPE tables, negative vocab for an untied classifier.
     Legacy,

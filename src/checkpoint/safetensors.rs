@@ -7,6 +7,7 @@
 //! with its name, rather than failing later.
 
 use anyhow::{Context, Result, bail, ensure};
+use half::{bf16, f16};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -187,10 +188,10 @@ impl SafeTensors {
                 bytes.chunks_exact(4).zip(out).for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             }
             Dtype::BF16 => {
-                bytes.chunks_exact(2).zip(out).for_each(|(b, o)| *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                bytes.chunks_exact(2).zip(out).for_each(|(b, o)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32())
             }
             Dtype::F16 => {
-                bytes.chunks_exact(2).zip(out).for_each(|(b, o)| *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                bytes.chunks_exact(2).zip(out).for_each(|(b, o)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32())
             }
             other => bail!("{}: '{name}' is {}, not a float tensor", self.path.display(), other.name()),
         }
@@ -209,38 +210,6 @@ impl SafeTensors {
             other => bail!("{}: '{name}' is {}, not an integer tensor", self.path.display(), other.name()),
         })
     }
-}
-
-pub fn bf16_to_f32(x: u16) -> f32 {
-    f32::from_bits((x as u32) << 16)
-}
-
-/// Round-to-nearest-even, as torch's `.to(torch.bfloat16)`; NaN stays NaN.
-pub fn f32_to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let round = 0x7FFF + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
-}
-
-pub fn f16_to_f32(x: u16) -> f32 {
-    let sign = ((x >> 15) as u32) << 31;
-    let exp = ((x >> 10) & 0x1F) as u32;
-    let frac = (x & 0x3FF) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // Subnormal: value = f · 2⁻²⁴, exactly representable in f32.
-            let magnitude = f as f32 * 2f32.powi(-24);
-            return if sign != 0 { -magnitude } else { magnitude };
-        }
-        (0x1F, 0) => sign | 0x7F80_0000,
-        (0x1F, f) => sign | 0x7FC0_0000 | (f << 13),
-        (e, f) => sign | ((e + 112) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// A tensor to write: name, dtype, shape and its little-endian bytes.
@@ -280,7 +249,9 @@ impl TensorData<'_> {
                 for chunk in values.chunks(4096) {
                     buf.clear();
                     match dtype {
-                        Dtype::BF16 => chunk.iter().for_each(|&v| buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
+                        Dtype::BF16 => {
+                            chunk.iter().for_each(|&v| buf.extend_from_slice(&bf16::from_f32(v).to_le_bytes()))
+                        }
                         _ => chunk.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
                     }
                     out.write_all(&buf)?;
@@ -348,30 +319,35 @@ mod tests {
     fn encode_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
         match dtype {
             Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Dtype::BF16 => values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
+            Dtype::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
             other => panic!("encode_f32: unsupported dtype {}", other.name()),
         }
     }
 
+    /// What the readers and the bf16 writer rely on from `half`: exact f16 decoding (subnormals,
+    /// infinities, NaN) and torch's round-to-nearest-even for f32 → bf16.
     #[test]
     fn half_conversions() {
-        assert_eq!(f16_to_f32(0x3C00), 1.0);
-        assert_eq!(f16_to_f32(0xC000), -2.0);
-        assert_eq!(f16_to_f32(0x7BFF), 65504.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x8001), -(2f32.powi(-24)));
-        assert!(f16_to_f32(0x7C00).is_infinite());
-        assert!(f16_to_f32(0x7E00).is_nan());
-        assert_eq!(bf16_to_f32(0x3F80), 1.0);
-        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        let f16 = |bits: u16| f16::from_bits(bits).to_f32();
+        assert_eq!(f16(0x3C00), 1.0);
+        assert_eq!(f16(0xC000), -2.0);
+        assert_eq!(f16(0x7BFF), 65504.0);
+        assert_eq!(f16(0x0001), 2f32.powi(-24));
+        assert_eq!(f16(0x8001), -(2f32.powi(-24)));
+        assert!(f16(0x7C00).is_infinite());
+        assert!(f16(0x7E00).is_nan());
+        assert_eq!(bf16::from_bits(0x3F80).to_f32(), 1.0);
+        assert_eq!(bf16::from_f32(1.0).to_bits(), 0x3F80);
         // 1 + 2⁻⁸ is halfway between bf16 neighbours 1 and 1 + 2⁻⁷: ties to even (1.0).
-        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8)), 0x3F80);
-        assert_eq!(f32_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3F82);
+        assert_eq!(bf16::from_f32(1.0 + 2f32.powi(-8)).to_bits(), 0x3F80);
+        assert_eq!(bf16::from_f32(1.0 + 3.0 * 2f32.powi(-8)).to_bits(), 0x3F82);
+        assert!(bf16::from_f32(f32::NAN).to_f32().is_nan());
     }
 
     #[test]
     fn round_trip_and_corruption_is_refused() {
-        let dir = std::env::temp_dir().join(format!("anetrain-st-{}", std::process::id()));
+        let tmp_dir = tempfile::Builder::new().prefix("anetrain-st-").tempdir().unwrap();
+        let dir = tmp_dir.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.safetensors");
         let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
@@ -411,6 +387,5 @@ mod tests {
         garbage[10] = b'{';
         std::fs::write(&path, &garbage).unwrap();
         assert!(SafeTensors::open(&path).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

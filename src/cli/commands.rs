@@ -1,7 +1,7 @@
 //! The other subcommands: info, bench, convert, eval, generate, prepare.
 
 use crate::{ExportDtype, Runtime, group_digits};
-use anetrain::backend::BackendKind;
+use anetrain::backends::BackendKind;
 use anetrain::bench;
 use anetrain::checkpoint::ModelFormat;
 use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
@@ -81,7 +81,7 @@ pub fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, t
     if impls.iter().any(|g| !g.available()) {
         bail!("--impl blas needs a build with `--features blas`");
     }
-    let (par0, pool) = Runtime { threads, gemm: GemmImpl::Gemm }.setup()?;
+    let (par0, pool) = Runtime { threads, gemm: super::choices::GemmArg::Gemm }.setup()?;
     println!("GEMM throughput at {} shapes, N = B·T = {n}, {} threads (GFLOP/s, median)", cfg.name, par0.threads);
     let shapes = bench::model_gemm_shapes(&cfg, n);
     print!("{:<28} {:>6} {:>6} {:>6}", "shape", "m", "n", "k");
@@ -131,7 +131,7 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
     let opts = TrainOptions { accum, min_lr: 3e-5, ..TrainOptions::new(1_000_000, batch, seq) };
     opts.validate(&cfg)?;
     crate::cli::train::check_memory(&cfg, batch, seq)?;
-    let backend = anetrain::backend::build(backend, &cfg, batch, seq, par, mil_layout)?;
+    let backend = anetrain::backends::build(backend, &cfg, batch, seq, par, mil_layout)?;
     let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap, backend))?;
     let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));
     if json {

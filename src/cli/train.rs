@@ -12,6 +12,7 @@ use anetrain::train::adamw::AdamWConfig;
 use anetrain::train::loss_scale::LossScaleMode;
 use anetrain::train::{TrainOptions, Trainer};
 use anyhow::{Result, bail};
+use indicatif::{HumanDuration, ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 /// Refuses a run whose weights, optimizer state, activations and logits cannot fit in the
@@ -43,24 +44,6 @@ fn sample_story(
     let text = tok.decode(&ids)?;
     println!("--- sample (temperature 0.8, top-p 0.9) ---\n{}", text.trim());
     Ok(())
-}
-
-/// `[#####-----]` for `done` of `total`.
-fn progress_bar(done: usize, total: usize) -> String {
-    let filled = (done * 20).checked_div(total).unwrap_or(20).min(20);
-    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
-}
-
-/// `1h02m`, `3m05s` or `12s`.
-fn format_duration(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
-    }
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -146,7 +129,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         None => Telemetry::none(),
     };
     let backend: Box<dyn Backend> =
-        anetrain::backend::build(args.backend, &cfg, args.batch, args.seq, par, args.mil_layout)?;
+        anetrain::backends::build(args.backend.into(), &cfg, args.batch, args.seq, par, args.mil_layout.into())?;
     let dw_overlap = args.dw_overlap.forced().unwrap_or(backend.overlaps_dw());
     println!(
         "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?} | dW overlap {}",
@@ -240,28 +223,37 @@ pub fn train(args: TrainArgs) -> Result<()> {
         drop(checkpoint);
         header.start_step = trainer.start_step;
         telemetry.record(Record::Header(Box::new(header)))?;
-        let (started, first_step) = (std::time::Instant::now(), trainer.start_step);
-        trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
-            let done = ev.step - first_step;
-            let eta = started.elapsed().as_secs_f64() / done as f64 * (steps - ev.step) as f64;
+        // Drawn on stderr only when it is a terminal; the periodic lines below go to stdout
+        // either way (suspend clears the bar while they print).
+        let bar = ProgressBar::new(steps as u64).with_style(
+            ProgressStyle::with_template("[{bar:30}] {pos}/{len} updates | {msg} | {elapsed} elapsed, ETA {eta}")?
+                .progress_chars("#>-"),
+        );
+        bar.set_position(trainer.start_step as u64);
+        bar.reset_eta();
+        let result = trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
+            bar.set_message(format!("loss {:.4} | {:.0} tok/s", ev.loss, ev.tokens_per_s));
+            bar.set_position(ev.step as u64);
             if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped || ev.val_loss.is_some()
             {
-                println!(
-                    "step {:>5}/{steps} {} | loss {:.4}{} | lr {:.2e} | grad norm {:.3}{} | {:>6.0} tok/s | {:>6.1} ms | ETA {}",
-                    ev.step,
-                    progress_bar(ev.step, steps),
-                    ev.loss,
-                    ev.val_loss.map_or(String::new(), |v| format!(" | val {v:.4}")),
-                    ev.lr,
-                    ev.grad_norm,
-                    if ev.skipped { " (non-finite: update skipped, loss scale halved)" } else { "" },
-                    ev.tokens_per_s,
-                    ev.ms_step,
-                    format_duration(eta)
-                );
+                bar.suspend(|| {
+                    println!(
+                        "step {:>5}/{steps} | loss {:.4}{} | lr {:.2e} | grad norm {:.3}{} | {:>6.0} tok/s | {:>6.1} ms | ETA {}",
+                        ev.step,
+                        ev.loss,
+                        ev.val_loss.map_or(String::new(), |v| format!(" | val {v:.4}")),
+                        ev.lr,
+                        ev.grad_norm,
+                        if ev.skipped { " (non-finite: update skipped, loss scale halved)" } else { "" },
+                        ev.tokens_per_s,
+                        ev.ms_step,
+                        HumanDuration(bar.eta())
+                    )
+                });
             }
-        })
-        .map(|summary| {
+        });
+        bar.finish_and_clear();
+        result.map(|summary| {
             let last_step = trainer.start_step + summary.losses.len();
             (summary, trainer.params, trainer.tokenizer.take(), last_step)
         })

@@ -50,7 +50,7 @@ pub const SPATIAL_GRANULE: usize = 16;
 /// score under −35504 still sends the sum to −inf, which exp maps to 0 all the same).
 pub const MASK_VALUE: f32 = -30000.0;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputLayout {
     /// Activations and weights side by side in one `[1, C, 1, W]` input.
     Packed,

@@ -1,7 +1,8 @@
 //! The Neural Engine path, everything except the Apple runtime itself: MIL programs for the
 //! kernel set (`emit`), their weight blob files (`blob`), a parser for the MIL subset we emit
-//! (`parse`), an fp16 interpreter of it (`sim`), and a `Backend` that runs the kernel set on
-//! any `KernelRunner` — the simulator here, the hardware in `crate::ane`.
+//! (`parse`), the rules every program must meet (`rules`), an fp16 interpreter of it (`sim`),
+//! and a `Backend` that runs the kernel set on any `KernelRunner` — the simulator here, the
+//! hardware in `crate::ane` (which depends on this module, never the reverse).
 //!
 //! Layout on the accelerator side is the original system's: a tensor `[1, C, 1, W]` in fp16,
 //! element (c, w) at `c·W + w`; activations occupy W = S positions (T padded to a multiple
@@ -75,5 +76,6 @@ pub mod emit;
 pub mod export;
 mod graph;
 pub mod parse;
+pub mod rules;
 pub mod sim;
 pub mod types;

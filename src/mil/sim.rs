@@ -411,7 +411,7 @@ impl KernelRunner for SimRunner {
 
     fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize> {
         // What the hardware runner would refuse, the simulator refuses too.
-        crate::ane::layout::check_program(program, slots)?;
+        super::rules::check_program(program, slots)?;
         let sim = Sim::load(program, self.par)?;
         let inputs = (0..slots).map(|_| program.inputs.iter().map(|s| vec![f16::ZERO; s.elems()]).collect()).collect();
         let outputs = program.outputs.iter().map(|s| vec![f16::ZERO; s.elems()]).collect();

@@ -8,7 +8,7 @@ use super::Par;
 use rayon::prelude::*;
 
 /// Which GEMM computes the products.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmImpl {
     /// The `gemm` crate (pure Rust, runtime-dispatched AVX2/AVX-512/NEON kernels, rayon).
     Gemm,

@@ -236,6 +236,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
             bar.set_position(ev.step as u64);
             if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped || ev.val_loss.is_some()
             {
+                // Read before suspend, which holds the bar's lock while its closure runs.
+                let eta = HumanDuration(bar.eta());
                 bar.suspend(|| {
                     println!(
                         "step {:>5}/{steps} | loss {:.4}{} | lr {:.2e} | grad norm {:.3}{} | {:>6.0} tok/s | {:>6.1} ms | ETA {}",
@@ -247,7 +249,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                         if ev.skipped { " (non-finite: update skipped, loss scale halved)" } else { "" },
                         ev.tokens_per_s,
                         ev.ms_step,
-                        HumanDuration(bar.eta())
+                        eta
                     )
                 });
             }

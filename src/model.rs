@@ -251,7 +251,8 @@ impl Model {
         let n = b * t;
         let c = cfg.dim;
         let z = |len: usize| vec![0.0f32; len];
-        let acts = (0..cfg.n_layers).map(|_| LayerActs::new(cfg, b, t)).collect();
+        let keep_probs = backend.keeps_probs();
+        let acts = (0..cfg.n_layers).map(|_| LayerActs::new(cfg, b, t, keep_probs)).collect();
         let grads = LayerGrads::new(cfg, b, t);
         let overlap = backend.overlaps_dw();
         let mut model = Model {
@@ -531,5 +532,24 @@ impl Model {
 fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
         *o = x + y;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attention probabilities `[B, H, T, T]` are saved only for backends that read them
+    /// back; the MIL backends recompute them, so no layer of theirs allocates the buffer.
+    #[test]
+    fn probs_are_allocated_only_for_backends_that_keep_them() {
+        let cfg = ModelConfig { n_layers: 2, ..ModelConfig::preset("stories260k").unwrap() };
+        let (b, t, par) = (1, 32, Par::seq());
+        let cpu = Model::cpu(&cfg, b, t, par).unwrap();
+        assert!(cpu.acts.iter().all(|a| a.probs.len() == b * cfg.n_heads * t * t));
+        let runner = Box::new(crate::mil::sim::SimRunner::new(par));
+        let mil = crate::mil::backend::MilBackend::new(&cfg, b, t, crate::mil::emit::InputLayout::Packed, runner);
+        let sim = Model::new(&cfg, b, t, par, Box::new(mil.unwrap())).unwrap();
+        assert!(sim.acts.iter().all(|a| a.probs.is_empty()));
     }
 }

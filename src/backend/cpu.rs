@@ -1,15 +1,15 @@
 //! The `cpu` backend: the kernel set on the crate's own ops and a real GEMM, in f32.
 
+use super::qkv::qkv_backward;
 use super::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
 use crate::config::ModelConfig;
 use crate::ops::Par;
 use crate::ops::attention::{AttnBackwardScratch, AttnDims, attention_backward, attention_forward};
-use crate::ops::matmul::{bias_forward, matmul_backward_dx, matmul_forward};
-use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use crate::ops::matmul::{Operand, bias_forward, matmul_backward_dx, matmul_forward, sgemm};
+use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{RopeTable, rope_backward, rope_forward};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
 use anyhow::Result;
-use rayon::prelude::*;
 
 pub struct CpuBackend {
     par: Par,
@@ -27,47 +27,11 @@ pub struct CpuBackend {
     hm_v: Vec<f32>,
     /// `[B, H, T, T]` dP → dS
     ds: Vec<f32>,
-    /// `[N, (H + 2·KV)·D]` fused projection output, split into q, k, v after the GEMM
-    qkv: Vec<f32>,
     /// `[N, H·D]`, `[N, KV·D]`, `[N, KV·D]`: attention's q/k/v gradients (after RoPE
-    /// backward), gathered into the fused `dqkv` for one dx and one dW GEMM
+    /// backward), before QK-norm's backward writes them into `dqkv`
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
-    /// `[N, H·D]`, `[N, KV·D]`: q/k gradients through QK-norm backward (QK-norm only)
-    dq_raw: Vec<f32>,
-    dk_raw: Vec<f32>,
-}
-
-/// Copies the column blocks of `src` `[N, Σ widths]` into separate `[N, width]` buffers.
-fn split_columns(src: &[f32], dsts: [(&mut [f32], usize); 3]) {
-    let w: usize = dsts.iter().map(|d| d.1).sum();
-    let mut at = 0;
-    for (dst, width) in dsts {
-        let rows = crate::ops::rows_per_task(w);
-        dst.par_chunks_mut(rows * width).zip(src.par_chunks(rows * w)).for_each(|(d, s)| {
-            for (d, s) in d.chunks_exact_mut(width).zip(s.chunks_exact(w)) {
-                d.copy_from_slice(&s[at..at + width]);
-            }
-        });
-        at += width;
-    }
-}
-
-/// The inverse of `split_columns`: `[N, width]` buffers side by side into `dst` `[N, Σ widths]`.
-fn join_columns(dst: &mut [f32], srcs: [(&[f32], usize); 3]) {
-    let w: usize = srcs.iter().map(|s| s.1).sum();
-    let rows = crate::ops::rows_per_task(w);
-    dst.par_chunks_mut(rows * w).enumerate().for_each(|(blk, d)| {
-        for (r, d) in d.chunks_exact_mut(w).enumerate() {
-            let row = blk * rows + r;
-            let mut at = 0;
-            for (src, width) in &srcs {
-                d[at..at + width].copy_from_slice(&src[row * width..(row + 1) * width]);
-                at += width;
-            }
-        }
-    });
 }
 
 impl CpuBackend {
@@ -75,7 +39,6 @@ impl CpuBackend {
     pub fn new(cfg: &ModelConfig, b: usize, t: usize, par: Par) -> Self {
         let n = b * t;
         let dims = AttnDims { b, t, h: cfg.n_heads, kv: cfg.n_kv_heads, d: cfg.head_dim };
-        let qk = if cfg.qk_norm { 1 } else { 0 };
         CpuBackend {
             par,
             c: cfg.dim,
@@ -88,12 +51,9 @@ impl CpuBackend {
             hm_k: vec![0.0; n * cfg.kv_dim()],
             hm_v: vec![0.0; n * cfg.kv_dim()],
             ds: vec![0.0; dims.probs_len()],
-            qkv: vec![0.0; n * (cfg.q_dim() + 2 * cfg.kv_dim())],
             dq: vec![0.0; n * cfg.q_dim()],
             dk: vec![0.0; n * cfg.kv_dim()],
             dv: vec![0.0; n * cfg.kv_dim()],
-            dq_raw: vec![0.0; qk * n * cfg.q_dim()],
-            dk_raw: vec![0.0; qk * n * cfg.kv_dim()],
         }
     }
 }
@@ -111,17 +71,27 @@ impl Backend for CpuBackend {
         let (par, n, c, eps) = (self.par, self.n, self.c, self.eps);
         let AttnDims { t, h, kv, d, .. } = self.dims;
         let (qd, kd) = (h * d, kv * d);
-        matmul_forward(par, &mut self.qkv, &acts.xn1, w.wqkv, n, c, qd + 2 * kd);
+        // The fused projection's row blocks Wq `[QD, C]`, Wk, Wv `[KD, C]`, each product
+        // written straight into its own buffer (no fused output to split).
+        let (wq, rest) = w.wqkv.split_at(qd * c);
+        let (wk, wv) = rest.split_at(kd * c);
+        let norm = w.q_norm.zip(w.k_norm);
+        let (q_out, k_out) =
+            if norm.is_some() { (&mut acts.q_raw, &mut acts.k_raw) } else { (&mut acts.q, &mut acts.k) };
+        let xn1 = Operand::n(&acts.xn1, c);
+        sgemm(par, n, qd, c, xn1, Operand::t(wq, c), q_out, qd, false);
+        sgemm(par, n, kd, c, xn1, Operand::t(wk, c), k_out, kd, false);
+        sgemm(par, n, kd, c, xn1, Operand::t(wv, c), &mut acts.v, kd, false);
         if let Some(bias) = w.bqkv {
-            bias_forward(&mut self.qkv, bias);
+            let (bq, rest) = bias.split_at(qd);
+            let (bk, bv) = rest.split_at(kd);
+            bias_forward(q_out, bq);
+            bias_forward(k_out, bk);
+            bias_forward(&mut acts.v, bv);
         }
-        match (w.q_norm, w.k_norm) {
-            (Some(qn), Some(kn)) => {
-                split_columns(&self.qkv, [(&mut acts.q_raw, qd), (&mut acts.k_raw, kd), (&mut acts.v, kd)]);
-                rmsnorm_forward(&mut acts.q, &mut acts.q_rstd, &acts.q_raw, qn, n * h, d, eps);
-                rmsnorm_forward(&mut acts.k, &mut acts.k_rstd, &acts.k_raw, kn, n * kv, d, eps);
-            }
-            _ => split_columns(&self.qkv, [(&mut acts.q, qd), (&mut acts.k, kd), (&mut acts.v, kd)]),
+        if let Some((qn, kn)) = norm {
+            rmsnorm_forward(&mut acts.q, &mut acts.q_rstd, &acts.q_raw, qn, n * h, d, eps);
+            rmsnorm_forward(&mut acts.k, &mut acts.k_rstd, &acts.k_raw, kn, n * kv, d, eps);
         }
         rope_forward(&mut acts.q, &self.rope, n, t, h);
         rope_forward(&mut acts.k, &self.rope, n, t, kv);
@@ -188,17 +158,7 @@ impl Backend for CpuBackend {
         );
         rope_backward(dq, &self.rope, n, t, h);
         rope_backward(dk, &self.rope, n, t, kv);
-        // With QK-norm, the q/k gradients so far are post-norm; the norm's backward takes them
-        // to the raw projection outputs.
-        let (dq, dk): (&[f32], &[f32]) = match (w.q_norm, w.k_norm, norm_grads.q_norm, norm_grads.k_norm) {
-            (Some(qn), Some(kn), Some(dqn), Some(dkn)) => {
-                rmsnorm_backward(&mut self.dq_raw, dqn, &self.dq, &acts.q_rstd, &acts.q_raw, qn, n * h, d, false);
-                rmsnorm_backward(&mut self.dk_raw, dkn, &self.dk, &acts.k_rstd, &acts.k_raw, kn, n * kv, d, false);
-                (&self.dq_raw, &self.dk_raw)
-            }
-            _ => (&self.dq, &self.dk),
-        };
-        join_columns(&mut g.dqkv, [(dq, qd), (dk, kd), (&self.dv, kd)]);
+        qkv_backward(&mut g.dqkv, norm_grads, &self.dq, &self.dk, &self.dv, acts, w, n, h, kv, d);
         matmul_backward_dx(par, dxn, &g.dqkv, w.wqkv, n, c, qd + 2 * kd, false);
         Ok(())
     }

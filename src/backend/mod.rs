@@ -10,6 +10,7 @@
 //! `attention_backward_dx`.
 
 pub mod cpu;
+pub mod qkv;
 
 use crate::config::ModelConfig;
 use crate::params::LayerTensors;
@@ -57,8 +58,9 @@ pub struct LayerActs {
 }
 
 impl LayerActs {
-    /// Zeroed buffers for one layer at micro-batch shape (B, T).
-    pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+    /// Zeroed buffers for one layer at micro-batch shape (B, T); `probs` stays empty unless
+    /// `keep_probs` (see `Backend::keeps_probs`).
+    pub fn new(cfg: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> Self {
         let n = b * t;
         let (c, f, qd, kd) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
         let qk = usize::from(cfg.qk_norm);
@@ -74,7 +76,7 @@ impl LayerActs {
             q: z(n * qd),
             k: z(n * kd),
             v: z(n * kd),
-            probs: z(b * cfg.n_heads * t * t),
+            probs: z(usize::from(keep_probs) * b * cfg.n_heads * t * t),
             attn: z(n * qd),
             x_mid: z(n * c),
             rstd2: z(n),
@@ -134,6 +136,13 @@ pub trait Backend: Send {
     /// accelerator); the `cpu` backend would compete with itself for the same cores.
     fn overlaps_dw(&self) -> bool {
         false
+    }
+
+    /// Whether `attention_forward` saves the attention probabilities in `LayerActs::probs`
+    /// (`[B, H, T, T]`, the largest activation at long T); a backend that recomputes them in
+    /// its backward says false and the buffer is never allocated.
+    fn keeps_probs(&self) -> bool {
+        true
     }
 
     /// `Some(v)`: the weights passed to the kernels stay the same while `v` does, so a

@@ -18,9 +18,9 @@
 
 use super::KernelRunner;
 use super::emit::{InputLayout, Kernel, KernelSet, Piece};
+use crate::backend::qkv::qkv_backward;
 use crate::backend::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
 use crate::config::ModelConfig;
-use crate::ops::rmsnorm::rmsnorm_backward;
 use anyhow::{Context, Result};
 use half::f16;
 
@@ -134,6 +134,14 @@ impl Exec {
     }
 
     /// Reads output part `name` of kernel `which` into `[T, ld]` rows at column `col`.
+    /// Copies kernel `which`'s fp16 output into `buf` unconverted; returns it with output
+    /// part `name`'s first channel, for `take` and for the next kernel (`Src::Half`).
+    fn read_half<'b>(&mut self, which: usize, name: &str, buf: &'b mut [f16]) -> Result<(&'b [f16], usize)> {
+        let (chan, _) = kernel_of(&self.set, which).out_part(name);
+        self.runner.read_output(self.ids[which], 0, &mut |out| buf[..out.len()].copy_from_slice(out))?;
+        Ok((buf, chan))
+    }
+
     fn read(&mut self, which: usize, name: &str, rows: &mut [f32], ld: usize, col: usize) -> Result<()> {
         let (chan, ch) = kernel_of(&self.set, which).out_part(name);
         let (s, t) = (self.s, self.t);
@@ -157,9 +165,9 @@ pub struct MilBackend {
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
-    /// `[N, H·D]`, `[N, KV·D]`: through QK-norm's backward (QK-norm models only)
-    dq_raw: Vec<f32>,
-    dk_raw: Vec<f32>,
+    /// fp16 copy of `ffn_bwd_w2t`'s or `wo_bwd`'s output `[1, F or H·D, 1, S]`: the next
+    /// kernel takes dgate / dattn from it unconverted
+    grad_out: Vec<f16>,
     /// `[N, C]` the q projection's share of the attention input's gradient
     dx_q: Vec<f32>,
 }
@@ -279,8 +287,8 @@ impl MilBackend {
         let staged = slots.iter().map(|&n| vec![None; n]).collect();
         let n = b * t;
         let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
-        let qk = usize::from(cfg.qk_norm);
         let bwd1 = set.sdpa_bwd1.program.outputs[0].elems();
+        let grad_out = set.ffn_bwd_w2t.program.outputs[0].elems().max(set.wo_bwd.program.outputs[0].elems());
         let s = set.dims.s;
         Ok(MilBackend {
             exec: Exec { runner, set, ids, t, s, version: None, staged, stagings: 0 },
@@ -295,8 +303,7 @@ impl MilBackend {
             dq: vec![0.0; n * qd],
             dk: vec![0.0; n * kd],
             dv: vec![0.0; n * kd],
-            dq_raw: vec![0.0; qk * n * qd],
-            dk_raw: vec![0.0; qk * n * kd],
+            grad_out: vec![f16::ZERO; grad_out],
             dx_q: vec![0.0; n * cfg.dim],
         })
     }
@@ -342,6 +349,10 @@ impl Backend for MilBackend {
 
     /// Only when the kernels really run off the CPU: the simulator's kernels would compete
     /// with the dW worker for the same cores (`--dw-overlap on` still forces it).
+    fn keeps_probs(&self) -> bool {
+        false // sdpa_bwd1 recomputes them
+    }
+
     fn overlaps_dw(&self) -> bool {
         self.exec.runner.name() == "ane"
     }
@@ -435,11 +446,12 @@ impl Backend for MilBackend {
             let stage = bi == 0 && fresh_w2t;
             let srcs = [("dout", Some(act(d_out, bi, t, c))), ("w2", stage.then_some(Src::Weight(w.w2)))];
             e.run(FFN_BWD_W2T, w.layer, &srcs)?;
-            e.read(FFN_BWD_W2T, "out", seq_mut(&mut g.dgate, bi, t, f), f, 0)?;
+            let (out, chan) = e.read_half(FFN_BWD_W2T, "out", &mut self.grad_out)?;
+            take(out, e.s, chan, f, seq_mut(&mut g.dgate, bi, t, f), f, 0, t);
             let h13 = seq(&acts.h13, bi, t, 2 * f);
             let stage = bi == 0 && fresh_w13t;
             let srcs = [
-                ("dgate", Some(act(&g.dgate, bi, t, f))),
+                ("dgate", Some(Src::Half { data: out, chan })),
                 ("h1", Some(Src::Act { rows: h13, ld: 2 * f, col: 0 })),
                 ("h3", Some(Src::Act { rows: h13, ld: 2 * f, col: f })),
                 ("w1", stage.then_some(Src::Weight(w1))),
@@ -478,12 +490,13 @@ impl Backend for MilBackend {
             let stage = bi == 0 && fresh_wob;
             let srcs = [("do", Some(act(d_o, bi, t, c))), ("wo", stage.then_some(Src::Weight(w.wo)))];
             e.run(WO_BWD, w.layer, &srcs)?;
-            e.read(WO_BWD, "out", seq_mut(&mut g.dattn, bi, t, qd), qd, 0)?;
+            let (out, chan) = e.read_half(WO_BWD, "out", &mut self.grad_out)?;
+            take(out, e.s, chan, qd, seq_mut(&mut g.dattn, bi, t, qd), qd, 0, t);
             let srcs = [
                 ("q", Some(act(&acts.q, bi, t, qd))),
                 ("k", Some(act(&acts.k, bi, t, kd))),
                 ("v", Some(act(&acts.v, bi, t, kd))),
-                ("dattn", Some(act(&g.dattn, bi, t, qd))),
+                ("dattn", Some(Src::Half { data: out, chan })),
             ];
             e.run(SDPA_BWD1, w.layer, &srcs)?;
             let bwd1 = &mut self.bwd1_out;
@@ -499,30 +512,20 @@ impl Backend for MilBackend {
             e.read(SDPA_BWD2, "dq", seq_mut(&mut self.dq, bi, t, qd), qd, 0)?;
             e.read(SDPA_BWD2, "dk", seq_mut(&mut self.dk, bi, t, kd), kd, 0)?;
         }
-        let (dq, dk): (&[f32], &[f32]) = match (w.q_norm, w.k_norm, norm_grads.q_norm, norm_grads.k_norm) {
-            (Some(qn), Some(kn), Some(dqn), Some(dkn)) => {
-                rmsnorm_backward(&mut self.dq_raw, dqn, &self.dq, &acts.q_rstd, &acts.q_raw, qn, n * h, d, false);
-                rmsnorm_backward(&mut self.dk_raw, dkn, &self.dk, &acts.k_rstd, &acts.k_raw, kn, n * kv, d, false);
-                (&self.dq_raw, &self.dk_raw)
-            }
-            _ => (&self.dq, &self.dk),
-        };
-        // g.dqkv `[N, QD + 2·KD]` feeds the dW GEMM of the fused projection.
+        // g.dqkv `[N, QD + 2·KD]` feeds the dW GEMM of the fused projection, and its column
+        // blocks are the q_bwd / kv_bwd inputs.
+        qkv_backward(&mut g.dqkv, norm_grads, &self.dq, &self.dk, &self.dv, acts, w, n, h, kv, d);
         let width = qd + 2 * kd;
-        for (row, dst) in g.dqkv.chunks_exact_mut(width).enumerate().take(n) {
-            dst[..qd].copy_from_slice(&dq[row * qd..(row + 1) * qd]);
-            dst[qd..qd + kd].copy_from_slice(&dk[row * kd..(row + 1) * kd]);
-            dst[qd + kd..].copy_from_slice(&self.dv[row * kd..(row + 1) * kd]);
-        }
+        let part = |bi: usize, col: usize| Src::Act { rows: seq(&g.dqkv, bi, t, width), ld: width, col };
         for bi in 0..self.b {
             let stage = bi == 0 && fresh_qb;
-            let srcs = [("dq", Some(act(dq, bi, t, qd))), ("wq", stage.then_some(Src::Weight(wq)))];
+            let srcs = [("dq", Some(part(bi, 0))), ("wq", stage.then_some(Src::Weight(wq)))];
             e.run(Q_BWD, w.layer, &srcs)?;
             e.read(Q_BWD, "out", seq_mut(&mut self.dx_q, bi, t, c), c, 0)?;
             let stage = bi == 0 && fresh_kvb;
             let srcs = [
-                ("dk", Some(act(dk, bi, t, kd))),
-                ("dv", Some(act(&self.dv, bi, t, kd))),
+                ("dk", Some(part(bi, qd))),
+                ("dv", Some(part(bi, qd + kd))),
                 ("wk", stage.then_some(Src::Weight(wk))),
                 ("wv", stage.then_some(Src::Weight(wv))),
             ];

@@ -44,16 +44,7 @@ pub fn rmsnorm_backward(
     type Rows<'a> = (((&'a mut [f32], &'a [f32]), &'a [f32]), &'a [f32]);
     let body = |(((dx, dy), r), x): Rows| {
         for (((dx, dy), &r), x) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(r).zip(x.chunks_exact(c)) {
-            // mean(g ⊙ x̂) = r · Σ(w ⊙ dy ⊙ x) / C
-            let mut s = 0.0f32;
-            for ((wi, gi), xi) in w.iter().zip(dy).zip(x) {
-                s += wi * gi * xi;
-            }
-            let m = s * r / c as f32;
-            for (((dxi, wi), gi), xi) in dx.iter_mut().zip(w).zip(dy).zip(x) {
-                let v = r * (wi * gi - xi * r * m);
-                *dxi = if accumulate { *dxi + v } else { v };
-            }
+            rmsnorm_backward_row(dx, dy, r, x, w, accumulate);
         }
     };
     let chunks = dinp
@@ -62,7 +53,27 @@ pub fn rmsnorm_backward(
         .zip(rstd.par_chunks(rows))
         .zip(inp.par_chunks(rows * c));
     chunks.for_each(body);
-    // Sequential over rows: a fixed summation order keeps dw bit-reproducible; it is O(N·C).
+    rmsnorm_dw(dw, dout, rstd, inp, c);
+}
+
+/// `rmsnorm_backward`'s dx for one row of C: dx `[C]` from dy, r (1/rms of the row), the
+/// input row x and the gain w (overwritten, or added to when `accumulate`).
+pub fn rmsnorm_backward_row(dx: &mut [f32], dy: &[f32], r: f32, x: &[f32], w: &[f32], accumulate: bool) {
+    // mean(g ⊙ x̂) = r · Σ(w ⊙ dy ⊙ x) / C
+    let mut s = 0.0f32;
+    for ((wi, gi), xi) in w.iter().zip(dy).zip(x) {
+        s += wi * gi * xi;
+    }
+    let m = s * r / w.len() as f32;
+    for (((dxi, wi), gi), xi) in dx.iter_mut().zip(w).zip(dy).zip(x) {
+        let v = r * (wi * gi - xi * r * m);
+        *dxi = if accumulate { *dxi + v } else { v };
+    }
+}
+
+/// `rmsnorm_backward`'s gain gradient: `dw += Σ_rows dout ⊙ x̂` over rows of C. Sequential
+/// over rows: a fixed summation order keeps dw bit-reproducible; it is O(N·C).
+pub fn rmsnorm_dw(dw: &mut [f32], dout: &[f32], rstd: &[f32], inp: &[f32], c: usize) {
     for ((dy, &r), x) in dout.chunks_exact(c).zip(rstd).zip(inp.chunks_exact(c)) {
         for ((dwi, gi), xi) in dw.iter_mut().zip(dy).zip(x) {
             *dwi += gi * (xi * r);

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod fsio;
 pub mod generate;

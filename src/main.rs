@@ -320,6 +320,15 @@ struct TrainArgs {
     /// --ckpt-dir moves its later steps into superseded-<time>/.
     #[arg(long)]
     resume: Option<String>,
+    /// Under mpirun (a build with `--features mpi`), how the ranks sum gradients: `exact`
+    /// (fixed order: bit-identical to one process with the same --accum) or `allreduce`
+    /// (MPI_Allreduce: faster with several micro-batches per rank, not bit-exact).
+    #[arg(long, value_enum)]
+    dp_reduce: Option<anetrain::dist::ReduceMode>,
+    /// Under mpirun: end a rank whose MPI call has waited this many seconds (a dead rank or
+    /// network); longer than rank 0's slowest evaluation or checkpoint.
+    #[arg(long, default_value_t = 600)]
+    dp_timeout: u64,
     #[command(flatten)]
     rt: Runtime,
 }
@@ -446,6 +455,10 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     if let Err(err) = run(Cli::parse()) {
+        // A data-parallel rank other than 0 whose reason rank 0 reports.
+        if err.downcast_ref::<anetrain::dist::QuietExit>().is_some() {
+            std::process::exit(1);
+        }
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

@@ -16,6 +16,12 @@
 //! slots. The worker runs the very same `matmul_backward_dw` calls on the same values with
 //! the same `Par`, and every gradient tensor is written by exactly one job, so results are
 //! bit-identical with overlap on or off.
+//!
+//! **Gradient-ready hook.** With `Model::set_grad_ready`, every per-layer gradient tensor of
+//! a micro-batch is handed to a callback as soon as the backward has written it for the last
+//! time (the dW GEMMs' outputs from whichever thread ran them, the norm gains from the main
+//! thread), so data-parallel training (`crate::dist`) can reduce a layer while the backward
+//! works on the next.
 
 use crate::backend::{Backend, LayerActs, LayerGrads, QkNormGrads};
 use crate::config::ModelConfig;
@@ -59,6 +65,31 @@ pub struct PhaseTimes {
     pub dw_wait_ms: f64,
 }
 
+/// Receives one finished gradient tensor of a micro-batch: its offset in the gradient arena
+/// passed to `forward_backward` and its values. Called from the main thread and from the dW
+/// worker, so it must be cheap and thread-safe (see `Model::set_grad_ready`).
+pub type GradReady = std::sync::Arc<GradReadyFn>;
+
+/// The callback behind `GradReady`.
+pub type GradReadyFn = dyn Fn(usize, &[f32]) + Send + Sync;
+
+/// The hook as `forward_backward` passes it around: the callback and the arena's address.
+#[derive(Clone, Copy)]
+struct Ready<'a> {
+    hook: Option<&'a GradReadyFn>,
+    /// Address of the gradient arena's first value.
+    base: usize,
+}
+
+impl Ready<'_> {
+    /// Reports `grad`, a slice of the arena, as final for this micro-batch.
+    fn report(&self, grad: &[f32]) {
+        if let Some(hook) = self.hook {
+            hook((grad.as_ptr() as usize - self.base) / std::mem::size_of::<f32>(), grad);
+        }
+    }
+}
+
 /// Slots of copied gradients for the dW worker: two is double buffering, so the worker
 /// always has the next block's job queued while the main thread prepares another; more
 /// would only let the main thread run further ahead of a worker that is the bottleneck.
@@ -98,6 +129,7 @@ struct BlockDw<'a> {
     /// `[N, C]` saved input of the input projection (the normed residual stream)
     in_proj_in: &'a [f32],
     w_in: usize,
+    ready: Ready<'a>,
 }
 
 impl BlockDw<'_> {
@@ -107,6 +139,8 @@ impl BlockDw<'_> {
         let start = Instant::now();
         matmul_backward_dw(par, self.d_out_proj, dout, self.out_proj_in, n, self.w_out, c);
         matmul_backward_dw(par, self.d_in_proj, &dproj[..n * self.w_in], self.in_proj_in, n, c, self.w_in);
+        self.ready.report(self.d_out_proj);
+        self.ready.report(self.d_in_proj);
         ms_since(start)
     }
 }
@@ -199,6 +233,7 @@ pub struct Model {
     grads: LayerGrads,
     /// Present while dW overlap is on.
     dw: Option<DwOverlap>,
+    grad_ready: Option<GradReady>,
     pub times: PhaseTimes,
 }
 
@@ -272,6 +307,7 @@ impl Model {
             dxn: z(n * c),
             grads,
             dw: None,
+            grad_ready: None,
             times: PhaseTimes::default(),
         };
         model.set_dw_overlap(overlap)?;
@@ -305,6 +341,14 @@ impl Model {
     /// Whether dW overlap is on (see `set_dw_overlap`).
     pub fn dw_overlap(&self) -> bool {
         self.dw.is_some()
+    }
+
+    /// Calls `hook` from `forward_backward` with each per-layer gradient tensor (Wqkv, Wo,
+    /// the norm gains, W13, W2 of every layer) once the micro-batch's backward has finished
+    /// it; the embedding, final norm and classifier gradients are final when
+    /// `forward_backward` returns and are not reported. `None` removes the hook.
+    pub fn set_grad_ready(&mut self, hook: Option<GradReady>) {
+        self.grad_ready = hook;
     }
 
     /// Declares that the parameters passed to `forward`/`forward_backward` stay unchanged
@@ -443,8 +487,9 @@ impl Model {
         let n_layers = self.cfg.n_layers;
         // Field by field, so that the worker can borrow the activations and slots while the
         // main thread keeps the backend and the gradient buffers it overwrites.
-        let Model { layout, backend, acts, dx, dxn, grads: g, dw, .. } = self;
+        let Model { layout, backend, acts, dx, dxn, grads: g, dw, grad_ready, .. } = self;
         let (layout, acts): (&ParamLayout, &[LayerActs]) = (layout, acts);
+        let ready = Ready { hook: grad_ready.as_deref(), base: grads.as_ptr() as usize };
         let layer_grads = layout.layers_mut_rev(grads);
         // The scope joins the worker before returning, even on an error or a panic.
         let (kernel_bwd_ms, dw_ms, dw_wait_ms) = std::thread::scope(|s| -> Result<(f64, f64, f64)> {
@@ -468,7 +513,7 @@ impl Model {
                 for (l, gw) in (0..n_layers).rev().zip(layer_grads) {
                     let w = layout.layer(params, l);
                     let a = &acts[l];
-                    let LayerTensors { attn_norm, wqkv, wo, bqkv, q_norm, k_norm, ffn_norm, w13, w2, .. } = gw;
+                    let LayerTensors { attn_norm, wqkv, wo, bqkv, mut q_norm, mut k_norm, ffn_norm, w13, w2, .. } = gw;
                     // FFN block: its output gradient is the residual gradient dx.
                     timed(&mut kernel_ms, || backend.ffn_backward_dx(dxn, g, dx, a, &w))?;
                     let ffn = BlockDw {
@@ -478,12 +523,17 @@ impl Model {
                         d_in_proj: w13,
                         in_proj_in: &a.xn2,
                         w_in: 2 * f,
+                        ready,
                     };
                     sink.submit(par, n, c, ffn, dx, &g.dh13)?;
                     rmsnorm_backward(dx, ffn_norm, dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
+                    ready.report(ffn_norm);
                     // Attention block.
-                    let norm_grads = QkNormGrads { q_norm, k_norm };
+                    let norm_grads = QkNormGrads { q_norm: q_norm.as_deref_mut(), k_norm: k_norm.as_deref_mut() };
                     timed(&mut kernel_ms, || backend.attention_backward_dx(dxn, g, norm_grads, dx, a, &w))?;
+                    for qk in [&q_norm, &k_norm].into_iter().flatten() {
+                        ready.report(qk);
+                    }
                     let attn = BlockDw {
                         d_out_proj: wo,
                         out_proj_in: &a.attn,
@@ -491,13 +541,16 @@ impl Model {
                         d_in_proj: wqkv,
                         in_proj_in: &a.xn1,
                         w_in: qd + 2 * kd,
+                        ready,
                     };
                     sink.submit(par, n, c, attn, dx, &g.dqkv)?;
                     if let Some(db) = bqkv {
                         // Tiny next to the GEMMs; on this thread, before g.dqkv is reused.
                         bias_backward(db, &g.dqkv);
+                        ready.report(db);
                     }
                     rmsnorm_backward(dx, attn_norm, dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
+                    ready.report(attn_norm);
                 }
                 Ok(())
             };

@@ -177,6 +177,11 @@ impl ParamLayout {
         self.layer_ranges.len()
     }
 
+    /// The arena range holding all of layer `l`'s tensors.
+    pub fn layer_range(&self, l: usize) -> Range<usize> {
+        self.layer_ranges[l].clone()
+    }
+
     /// Layer `l`'s tensors as slices of `buf`.
     pub fn layer<'a>(&self, buf: &'a [f32], l: usize) -> LayerTensors<&'a [f32]> {
         let mut rest = &buf[self.layer_ranges[l].clone()];

@@ -380,3 +380,48 @@ fn trainer_with_dw_overlap_matches_inline_and_reports_times() {
         assert!(off.ms_kernels > 0.0 && off.ms_dw > 0.0 && off.ms_dw_wait == 0.0, "{off:?}");
     }
 }
+
+/// The gradient-ready hook (data-parallel training's per-layer buckets) reports every tensor
+/// of every layer exactly once per micro-batch, with the final values, with the dW GEMMs
+/// inline and on the worker, for every layer shape (QK-norm, q/k/v biases).
+#[test]
+fn grad_ready_reports_each_layer_tensor_once_with_its_final_values() {
+    use std::sync::{Arc, Mutex};
+    /// (arena offset, values) of each report
+    type Reports = Mutex<Vec<(usize, Vec<f32>)>>;
+    for name in ["mha-tied", "gqa-qknorm-untied", "qwen2-bias"] {
+        let cfg = ModelConfig { n_layers: 3, ..tiny(name) };
+        let (b, t) = (2, 8);
+        let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+        pool(2).install(|| {
+            for overlap in [false, true] {
+                let mut model = Model::cpu(&cfg, b, t, par).unwrap();
+                model.set_dw_overlap(overlap).unwrap();
+                let seen: Arc<Reports> = Arc::default();
+                let sink = seen.clone();
+                model.set_grad_ready(Some(Arc::new(move |at, values: &[f32]| {
+                    sink.lock().unwrap().push((at, values.to_vec()));
+                })));
+                let params = rough_params(&model, 3);
+                let mut grads = vec![0.0f32; params.len()];
+                let (tokens, targets) = random_batch(&mut Rng::new(9), cfg.vocab_size, b * t);
+                model.forward_backward(&params, &mut grads, &tokens, &targets, 1.0, 1).unwrap();
+                let mut covered = vec![0u8; params.len()];
+                for (at, values) in seen.lock().unwrap().iter() {
+                    covered[*at..at + values.len()].iter_mut().for_each(|c| *c += 1);
+                    assert!(values == &grads[*at..at + values.len()], "{name}: a reported tensor changed afterwards");
+                }
+                for l in 0..cfg.n_layers {
+                    let range = model.layout.layer_range(l);
+                    assert!(covered[range].iter().all(|&c| c == 1), "{name}, overlap {overlap}: layer {l}");
+                }
+                let layers = model.layout.layer_range(0).start..model.layout.layer_range(cfg.n_layers - 1).end;
+                assert_eq!(
+                    covered.iter().map(|&c| c as usize).sum::<usize>(),
+                    layers.len(),
+                    "{name}: outside the layers"
+                );
+            }
+        });
+    }
+}

@@ -6,6 +6,7 @@ use anetrain::backend::Backend;
 use anetrain::bench;
 use anetrain::config::ModelConfig;
 use anetrain::data::SYNTHETIC_ENTROPY;
+use anetrain::dist;
 use anetrain::ops::Par;
 use anetrain::telemetry::{Header, Record, Report, Telemetry};
 use anetrain::train::adamw::AdamWConfig;
@@ -16,9 +17,16 @@ use indicatif::{HumanDuration, ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 /// Refuses a run whose weights, optimizer state, activations and logits cannot fit in the
-/// memory this process may use, before allocating any of them.
-pub fn check_memory(cfg: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
-    anetrain::model::memory_estimate(cfg, batch, seq, true).ensure(
+/// memory this process may use, before allocating any of them. `extra_arenas` counts further
+/// parameter-sized f32 buffers (the micro-batch gradient of --accum, the data-parallel
+/// exchange's buckets and accumulator).
+pub fn check_memory(cfg: &ModelConfig, batch: usize, seq: usize, extra_arenas: usize) -> Result<()> {
+    let mut estimate = anetrain::model::memory_estimate(cfg, batch, seq, true);
+    if extra_arenas > 0 {
+        let bytes = anetrain::memory::f32_bytes(&[extra_arenas, cfg.param_count()]);
+        estimate.add("gradient buffers (--accum, data parallelism)", bytes);
+    }
+    estimate.ensure(
         &format!("training {} with --batch {batch} --seq {seq}", cfg.name),
         "lower --batch or --seq (--accum keeps the tokens per update), or choose a smaller --model",
     )
@@ -46,7 +54,44 @@ fn sample_story(
     Ok(())
 }
 
+/// The MPI job this process is a rank of, when an MPI launcher started it.
+#[cfg(feature = "mpi")]
+type MpiJob = Option<anetrain::dist::mpi::MpiRuntime>;
+#[cfg(not(feature = "mpi"))]
+type MpiJob = Option<std::convert::Infallible>;
+
+/// Joins the MPI job when `mpirun` started this process (silencing ranks > 0); refuses MPI
+/// options and launchers in a build without the `mpi` feature.
+fn start_mpi(args: &TrainArgs) -> Result<MpiJob> {
+    #[cfg(feature = "mpi")]
+    {
+        if dist::launched_by_mpi().is_none() {
+            return Ok(None);
+        }
+        let job = dist::mpi::MpiRuntime::start(std::time::Duration::from_secs(args.dp_timeout.max(1)))?;
+        if job.rank != 0 {
+            dist::silence_stdout()?;
+        }
+        dist::check_divides(job.rank, job.size, args.accum)?;
+        Ok(Some(job))
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        dist::check_no_mpi_build(args.dp_reduce.is_some())?;
+        Ok(None)
+    }
+}
+
 pub fn train(args: TrainArgs) -> Result<()> {
+    let job = start_mpi(&args)?;
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
+    let (rank, ranks) = job.as_ref().map_or((0, 1), |j| {
+        #[cfg(feature = "mpi")]
+        return (j.rank, j.size);
+        #[cfg(not(feature = "mpi"))]
+        match *j {}
+    });
+    let mode = args.dp_reduce.unwrap_or(dist::ReduceMode::Exact);
     let cfg = ModelConfig::resolve(&args.model)?;
     let (par, pool) = args.rt.setup()?;
     let opts = TrainOptions {
@@ -70,15 +115,19 @@ pub fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
     };
     opts.validate(&cfg)?;
-    check_memory(&cfg, args.batch, args.seq)?;
-    // The checkpoint directory is locked before anything in it is read or written.
+    // Gradient buffers beyond weights, gradients and optimizer state: one process with
+    // --accum > 1 keeps one micro-batch's gradient apart; a rank keeps the exchange's buckets
+    // and accumulator.
+    check_memory(&cfg, args.batch, args.seq, if job.is_some() { 2 } else { usize::from(args.accum > 1) })?;
+    // The checkpoint directory is locked before anything in it is read or written; only rank
+    // 0 of a data-parallel job writes it (the others only read a checkpoint to resume).
     let _lock = match &args.ckpt_dir {
-        Some(dir) => {
+        Some(dir) if rank == 0 => {
             let lock = anetrain::checkpoint::rundir::lock(dir)?;
             anetrain::checkpoint::native::check_writable(dir)?;
             Some(lock)
         }
-        None => None,
+        _ => None,
     };
     let checkpoint = match &args.resume {
         Some(spec) => {
@@ -101,7 +150,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
             Some(checkpoint)
         }
         None => {
-            if let Some(dir) = &args.ckpt_dir {
+            if let Some(dir) = &args.ckpt_dir
+                && rank == 0
+            {
                 for note in anetrain::checkpoint::rundir::prepare(dir, None, args.overwrite)? {
                     println!("{note}");
                 }
@@ -119,11 +170,28 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.tokenizer.as_deref(),
     )?;
     let (data, val_data, tokenizer) = (prepared.train, prepared.val, prepared.tokenizer);
+    // Only rank 0 evaluates (and logs, checkpoints and samples).
+    let val_data = if rank == 0 { val_data } else { None };
+    #[cfg(feature = "mpi")]
+    if let Some(job) = &job {
+        use dist::{Agreement, FNV_START, fnv1a};
+        let config = format!("{cfg:?}|{opts:?}|{mode:?}|{:?}", args.backend);
+        let fingerprint = anetrain::checkpoint::native::data_fingerprint(&data);
+        job.agree(Agreement {
+            config: fnv1a(FNV_START, config.as_bytes()),
+            data: fnv1a(FNV_START, fingerprint.as_bytes()),
+            binary: Agreement::binary_digest()?,
+        })?;
+    }
     if args.eval_every > 0 && val_data.is_none() {
         println!("note: no --val-data, so no validation (--eval-every {} ignored)", args.eval_every);
     }
     // A resumed run appends to its log: the earlier history is the point of keeping one.
     let mut telemetry = match &args.log {
+        Some(path) if rank != 0 => {
+            let _ = path;
+            Telemetry::none()
+        }
         Some(path) if args.resume.is_some() => Telemetry::append_to_file(path)?,
         Some(path) => Telemetry::to_file(path)?,
         None => Telemetry::none(),
@@ -152,6 +220,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
         opts.min_lr,
         opts.warmup
     );
+    if ranks > 1 {
+        println!(
+            "data parallel: {ranks} ranks, {} micro-batches each per update, gradient sum {}",
+            args.accum / ranks,
+            match mode {
+                dist::ReduceMode::Exact => "exact (fixed order)",
+                dist::ReduceMode::Allreduce => "allreduce (MPI's order)",
+            }
+        );
+    }
     if args.data == "synthetic" {
         println!(
             "data: synthetic Markov chain; loss starts near ln(V) = {:.2}, floor ≈ {SYNTHETIC_ENTROPY:.2} nats",
@@ -168,7 +246,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let overwrite = args.overwrite;
     anetrain::signals::install();
     // Measured before training so that the log's header carries it for live views.
-    let peak = if args.no_peak { None } else { Some(pool.install(|| bench::gemm_peak_gflops(par, 0.3))) };
+    let peak = if args.no_peak || rank != 0 { None } else { Some(pool.install(|| bench::gemm_peak_gflops(par, 0.3))) };
     let mut header = Header {
         model: cfg.name.clone(),
         params: cfg.param_count(),
@@ -205,7 +283,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
         ..Header::new()
     };
     let (summary, params, tokenizer, last_step) = pool.install(|| -> Result<_> {
+        let accum = opts.accum;
         let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
+        #[cfg(feature = "mpi")]
+        if let Some(job) = job {
+            let plan = dist::Plan::new(&trainer.model.layout, job.rank, job.size, accum, mode)?;
+            trainer.set_dist(job.exchange(plan, trainer.params.len())?);
+        }
+        #[cfg(not(feature = "mpi"))]
+        let _ = (job, accum, mode);
         trainer.model.set_dw_overlap(dw_overlap)?;
         trainer.val_data = val_data;
         trainer.tokenizer = tokenizer;
@@ -213,7 +299,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
             checkpoint.restore(&mut trainer, &data)?;
             println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
             header.resumed_from = Some(checkpoint.path.display().to_string());
-            if let Some(policy) = &ckpt {
+            if let Some(policy) = &ckpt
+                && rank == 0
+            {
                 let resumed = Some((checkpoint.path.as_path(), checkpoint.step));
                 for note in anetrain::checkpoint::rundir::prepare(&policy.dir, resumed, overwrite)? {
                     println!("{note}");
@@ -231,7 +319,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         );
         bar.set_position(trainer.start_step as u64);
         bar.reset_eta();
-        let result = trainer.run(&data, &mut telemetry, ckpt.as_ref(), |ev| {
+        let ckpt = if rank == 0 { ckpt.as_ref() } else { None };
+        let result = trainer.run(&data, &mut telemetry, ckpt, |ev| {
             bar.set_message(format!("loss {:.4} | {:.0} tok/s", ev.loss, ev.tokens_per_s));
             bar.set_position(ev.step as u64);
             if ev.step == 1 || ev.step == steps || ev.step.is_multiple_of(every) || ev.skipped || ev.val_loss.is_some()
@@ -255,6 +344,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
         });
         bar.finish_and_clear();
+        #[cfg(feature = "mpi")]
+        if result.is_ok() {
+            dist::mpi::mark_success();
+        }
         result.map(|summary| {
             let last_step = trainer.start_step + summary.losses.len();
             (summary, trainer.params, trainer.tokenizer.take(), last_step)
@@ -283,6 +376,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         kernel_ms: summary.kernel_ms,
         dw_ms: summary.dw_ms,
         dw_wait_ms: summary.dw_wait_ms,
+        comm_wait_ms: summary.comm_wait_ms,
+        comm_bytes: summary.comm_bytes,
         peak_rss_mb: bench::peak_rss_mb(),
         cpu_s: anetrain::sysstat::process_cpu_s(),
         first_loss: summary.losses.first().copied().unwrap_or(f64::NAN),
@@ -299,6 +394,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         if summary.dw_overlap { "overlapped" } else { "inline" },
         summary.dw_wait_ms
     );
+    if ranks > 1 {
+        println!(
+            "data parallel        {ranks} ranks: comm wait {:.1} ms, {:.1} MB sent per update (this rank)",
+            summary.comm_wait_ms,
+            summary.comm_bytes as f64 / 1e6
+        );
+    }
     println!(
         "achieved             {:.1} GFLOP/s ({:.3} GFLOP/token)",
         summary.gflops,
@@ -321,7 +423,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     {
         std::process::exit(status);
     }
-    if let Some(tok) = &tokenizer {
+    if let Some(tok) = &tokenizer
+        && rank == 0
+    {
         sample_story(&cfg, &params, tok, args.seed, par, &pool)?;
     }
     Ok(())

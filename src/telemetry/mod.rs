@@ -152,6 +152,13 @@ pub struct StepEvent {
     /// Time the backward spent blocked on the dW worker (0 without overlap).
     #[serde(default)]
     pub ms_dw_wait: f64,
+    /// Data-parallel runs: time blocked on the gradient exchange (after the last backward,
+    /// and waiting for a bucket buffer during it); 0 for one process.
+    #[serde(default)]
+    pub ms_comm_wait: f64,
+    /// Data-parallel runs: gradient bytes this rank sent in the update (0 for one process).
+    #[serde(default)]
+    pub comm_bytes: u64,
     /// Seconds since this process started the run.
     #[serde(default)]
     pub elapsed_s: f64,
@@ -221,6 +228,12 @@ pub struct Report {
     pub kernel_ms: f64,
     pub dw_ms: f64,
     pub dw_wait_ms: f64,
+    /// Data-parallel runs: mean time per update blocked on the gradient exchange, and mean
+    /// gradient bytes rank 0 sent per update (0 for one process).
+    #[serde(default)]
+    pub comm_wait_ms: f64,
+    #[serde(default)]
+    pub comm_bytes: u64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub peak_rss_mb: f64,
     pub cpu_s: f64,

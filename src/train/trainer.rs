@@ -145,6 +145,10 @@ pub struct TrainSummary {
     pub kernel_ms: f64,
     pub dw_ms: f64,
     pub dw_wait_ms: f64,
+    /// Mean per update: time blocked on the data-parallel gradient exchange, and gradient
+    /// bytes this rank sent (0 for one process).
+    pub comm_wait_ms: f64,
+    pub comm_bytes: u64,
 }
 
 pub struct Trainer {
@@ -170,6 +174,15 @@ pub struct Trainer {
     weights_version: u64,
     /// Test hook: make one gradient NaN in this (0-based) update, as an fp16 overflow would.
     pub inject_nonfinite_at: Option<usize>,
+    /// Data-parallel training across ranks (`set_dist`); `None` for one process.
+    dist: Option<Box<dyn crate::dist::Exchange>>,
+    /// Some rank asked to stop (a signal) in the last update's exchange.
+    dist_stop: bool,
+    /// `[P]` one micro-batch's gradient, for one process with accum > 1 (see `step`)
+    scratch: Vec<f32>,
+    /// This rank's mean loss per micro-batch of the update, then every rank's in order.
+    micro_losses: Vec<f64>,
+    all_losses: Vec<f64>,
     tokens: Vec<u32>,
     targets: Vec<u32>,
     partials: Vec<f64>,
@@ -184,7 +197,17 @@ impl Trainer {
         model.set_weights_version(Some(0));
         let params = model.layout.init(opts.seed);
         let n = opts.batch * opts.seq;
+        let scratch = if opts.accum > 1 {
+            crate::memory::try_vec_f32(params.len(), "the micro-batch gradient of --accum")?
+        } else {
+            Vec::new()
+        };
         Ok(Trainer {
+            dist: None,
+            dist_stop: false,
+            scratch,
+            micro_losses: Vec::with_capacity(opts.accum),
+            all_losses: Vec::with_capacity(opts.accum),
             grads: crate::memory::try_vec_f32(params.len(), "the parameter gradients")?,
             opt: AdamW::new(opts.adamw, &model.layout)?,
             partials: vec![0.0; partials_len(params.len())],
@@ -213,34 +236,90 @@ impl Trainer {
         self.model.set_weights_version(Some(self.weights_version));
     }
 
+    /// Makes this trainer one rank of a data-parallel job (`crate::dist`): it computes only
+    /// its share of each update's micro-batches and exchanges gradients through `dist`.
+    /// Call before the first `step`.
+    pub fn set_dist(&mut self, dist: Box<dyn crate::dist::Exchange>) {
+        self.model.set_grad_ready(Some(dist.grad_ready()));
+        // Ranks compute every micro-batch's gradient from zero in `grads`.
+        self.scratch = Vec::new();
+        self.dist = Some(dist);
+    }
+
+    /// (rank, number of ranks): (0, 1) for one process.
+    pub fn rank_and_size(&self) -> (usize, usize) {
+        self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.size()))
+    }
+
+    /// A stop was requested (a signal). In a data-parallel job: on any rank before the last
+    /// update's exchange, as agreed there, never this rank's own flag alone (a signal that
+    /// arrives after the exchange would stop this rank one update before the others).
+    fn stop_requested(&self) -> bool {
+        if self.dist.is_some() { self.dist_stop } else { crate::signals::stop_requested() }
+    }
+
+    /// One optimizer update over `accum` micro-batches drawn from `data`.
+    ///
+    /// The update's gradient is the micro-batch gradients, each computed from zero, summed in
+    /// micro-batch order, ((G₀ + G₁) + G₂) + …: one process keeps G₀ in `grads` and adds each
+    /// later one from `scratch`; the ranks of a data-parallel job draw every micro-batch (so
+    /// the data order does not depend on their number), compute micro-batches rank, rank + N,
+    /// …, and the exchange adds them in the same order (`crate::dist`).
     pub fn step(&mut self, data: &TokenData, step: usize) -> Result<StepEvent> {
         let start = Instant::now();
         let accum = self.opts.accum;
-        self.grads.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
-        let (mut loss, mut ms_forward, mut ms_backward) = (0.0, 0.0, 0.0);
+        let (rank, world) = self.rank_and_size();
+        zero(&mut self.grads);
+        let (mut ms_forward, mut ms_backward) = (0.0, 0.0);
         let (mut ms_kernels, mut ms_dw, mut ms_dw_wait) = (0.0, 0.0, 0.0);
         let loss_scale = self.scaler.scale;
-        for _ in 0..accum {
+        let exact_ranks = self.dist.as_ref().is_some_and(|d| d.mode() == crate::dist::ReduceMode::Exact);
+        self.micro_losses.clear();
+        for k in 0..accum {
             self.sampler.next_batch(data, &mut self.tokens, &mut self.targets)?;
+            if k % world != rank {
+                continue;
+            }
             let micro = Instant::now();
+            let into_scratch = self.dist.is_none() && k > 0;
+            if into_scratch {
+                zero(&mut self.scratch);
+            } else if exact_ranks && k >= world {
+                zero(&mut self.grads);
+            }
             let ls = self.model.forward_backward(
                 &self.params,
-                &mut self.grads,
+                if into_scratch { &mut self.scratch } else { &mut self.grads },
                 &self.tokens,
                 &self.targets,
                 loss_scale,
                 accum,
             )?;
+            if into_scratch {
+                add_into(&mut self.grads, &self.scratch);
+            }
+            if let Some(dist) = &mut self.dist {
+                dist.micro_done(&self.grads);
+            }
             if self.micro_ms.len() < self.micro_ms.capacity() {
                 self.micro_ms.push(micro.elapsed().as_secs_f64() * 1e3);
             }
-            loss += ls.mean() / accum as f64;
+            self.micro_losses.push(ls.mean());
             ms_forward += self.model.times.forward_ms;
             ms_backward += self.model.times.backward_ms;
             ms_kernels += self.model.times.kernel_ms;
             ms_dw += self.model.times.dw_ms;
             ms_dw_wait += self.model.times.dw_wait_ms;
         }
+        let mut comm = crate::dist::CommStats::default();
+        if let Some(dist) = &mut self.dist {
+            let stop = crate::signals::stop_requested();
+            let (stats, stop_any) = dist.finish(&mut self.grads, &self.micro_losses, stop, &mut self.all_losses)?;
+            (comm, self.dist_stop) = (stats, stop_any);
+        } else {
+            self.all_losses.clone_from(&self.micro_losses);
+        }
+        let loss = self.all_losses.iter().fold(0.0, |sum, l| sum + l / accum as f64);
         let opt_start = Instant::now();
         if self.inject_nonfinite_at == Some(step) {
             self.grads[0] = f32::NAN;
@@ -279,6 +358,8 @@ impl Trainer {
             elapsed_s: 0.0,
             rss_mb: crate::sysstat::process_rss_mb(),
             cpu_s: crate::sysstat::process_cpu_s(),
+            ms_comm_wait: comm.wait_ms,
+            comm_bytes: comm.bytes_sent,
         })
     }
 
@@ -295,6 +376,7 @@ impl Trainer {
         let mut losses = Vec::with_capacity(self.opts.steps.saturating_sub(self.start_step).min(1 << 20));
         let mut tokens = 0;
         let (mut kernel_ms, mut dw_ms, mut dw_wait_ms) = (0.0, 0.0, 0.0);
+        let (mut comm_wait_ms, mut comm_bytes) = (0.0, 0);
         let mut interrupted = false;
         for step in self.start_step..self.opts.steps {
             let scale_before = self.scaler.scale;
@@ -330,6 +412,8 @@ impl Trainer {
             kernel_ms += event.ms_kernels;
             dw_ms += event.ms_dw;
             dw_wait_ms += event.ms_dw_wait;
+            comm_wait_ms += event.ms_comm_wait;
+            comm_bytes += event.comm_bytes;
             telemetry.record(Record::Update(event))?;
             if let Some(eval) = eval {
                 telemetry.record(Record::Eval(eval))?;
@@ -344,7 +428,7 @@ impl Trainer {
                 }))?;
             }
             // A stop request (Ctrl-C) ends the run after this update, with a checkpoint.
-            interrupted = crate::signals::stop_requested() && done < self.opts.steps;
+            interrupted = self.stop_requested() && done < self.opts.steps;
             if let Some(policy) = ckpt {
                 let due = policy.every > 0 && done.is_multiple_of(policy.every);
                 if done == self.opts.steps || due || interrupted {
@@ -394,6 +478,8 @@ impl Trainer {
             kernel_ms: kernel_ms / updates,
             dw_ms: dw_ms / updates,
             dw_wait_ms: dw_wait_ms / updates,
+            comm_wait_ms: comm_wait_ms / updates,
+            comm_bytes: comm_bytes / updates as u64,
         })
     }
 }
@@ -422,6 +508,21 @@ impl Trainer {
         )?;
         Ok(sum / count.max(1) as f64)
     }
+}
+
+/// Fills with zeros, in parallel.
+fn zero(buf: &mut [f32]) {
+    buf.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
+}
+
+/// `acc += g`, elementwise in f32: each element is one addition, so the result does not
+/// depend on how the work is split (the data-parallel exchange adds the same way).
+fn add_into(acc: &mut [f32], g: &[f32]) {
+    acc.par_chunks_mut(1 << 16).zip(g.par_chunks(1 << 16)).for_each(|(a, g)| {
+        for (a, g) in a.iter_mut().zip(g) {
+            *a += *g;
+        }
+    });
 }
 
 /// Median of the values (sorts them); 0 for none.

@@ -218,19 +218,28 @@ impl ModelConfig {
         Some(cfg)
     }
 
-    /// `--model` argument: a preset name or a path to an HF-style `config.json`.
+    /// `--model` argument: a preset name, a path to an HF-style `config.json` (or a directory
+    /// holding one), or a `.gguf` file (its metadata).
     pub fn resolve(spec: &str) -> Result<Self> {
         if let Some(cfg) = Self::preset(spec) {
             return Ok(cfg);
         }
         let path = Path::new(spec);
+        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            let mut cfg = crate::checkpoint::gguf::GgufFile::open(path)?.config()?;
+            cfg.name = spec.to_string();
+            return Ok(cfg);
+        }
         if path.is_file() {
             return Self::from_hf_json_file(path);
         }
         if path.is_dir() && path.join("config.json").is_file() {
             return Self::from_hf_json_file(&path.join("config.json"));
         }
-        bail!("unknown model '{spec}': expected one of {} or a path to an HF config.json", PRESETS.join(", "))
+        bail!(
+            "unknown model '{spec}': expected one of {}, a path to an HF config.json or a .gguf file",
+            PRESETS.join(", ")
+        )
     }
 
     pub fn from_hf_json_file(path: &Path) -> Result<Self> {

@@ -22,6 +22,7 @@ pub mod model;
 pub mod ops;
 pub mod params;
 pub mod prepare;
+pub mod quant;
 pub mod reference;
 pub mod rng;
 #[cfg(test)]

@@ -31,7 +31,7 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Print a model's shape, parameter count and FLOPs per token.
     Info {
-        /// Preset name or path to an HF config.json.
+        /// Preset name, path to an HF config.json, or a .gguf file.
         #[arg(long, default_value = "stories110m")]
         model: String,
         /// Context length for the attention FLOPs.
@@ -47,15 +47,15 @@ enum Command {
     /// The Apple Neural Engine runtime.
     #[command(subcommand)]
     Ane(AneCommand),
-    /// Convert a model between HF directories and llama2.c .bin files.
+    /// Convert a model between HF directories, llama2.c .bin files and GGUF files.
     Convert {
-        /// HF model directory, llama2.c .bin, or training checkpoint directory.
+        /// HF model directory, llama2.c .bin, .gguf, or training checkpoint directory.
         #[arg(long)]
         from: PathBuf,
-        /// Output: a directory (HF) or a file ending in .bin (llama2.c).
+        /// Output: a directory (HF), a file ending in .bin (llama2.c) or .gguf (GGUF).
         #[arg(long)]
         to: PathBuf,
-        /// Tensor dtype of an HF export.
+        /// Matrix dtype: f32 or bf16 for HF; f32, f16 or q8_0 for GGUF.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: ExportDtype,
         /// llama2.c format of a .bin export.
@@ -91,14 +91,14 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     /// Generate from a model: prefill the prompt in one pass, decode from a KV cache.
     Generate {
-        /// HF model directory, llama2.c .bin, or training checkpoint directory.
+        /// HF model directory, llama2.c .bin, .gguf, or training checkpoint directory.
         #[arg(long)]
         model: PathBuf,
         /// The prompt as raw token ids, comma-separated (e.g. `1,2,3`); ids are printed.
         #[arg(long, value_delimiter = ',', required_unless_present = "prompt", conflicts_with = "prompt")]
         ids: Vec<u32>,
-        /// The prompt as text (with --tokenizer, or the tokenizer saved with a checkpoint or
-        /// an HF directory); text is printed as it is decoded.
+        /// The prompt as text (with --tokenizer, or the model's own: a GGUF file's, an HF
+        /// directory's, or the one saved with a checkpoint); text is printed as it is decoded.
         #[arg(long)]
         prompt: Option<String>,
         /// tokenizer.json, tokenizer.model, tokenizer.bin, or a directory made by prepare
@@ -127,7 +127,7 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     /// Mean cross-entropy and perplexity over consecutive windows of a token file.
     Eval {
-        /// HF model directory, llama2.c .bin, or training checkpoint directory.
+        /// HF model directory, llama2.c .bin, .gguf, or training checkpoint directory.
         #[arg(long)]
         model: PathBuf,
         /// Token file (headed, or llama2.c's flat u16 .bin).
@@ -153,7 +153,10 @@ enum Command {
 #[derive(Clone, Copy, ValueEnum)]
 enum ExportDtype {
     F32,
+    F16,
     Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Args, Clone)]
@@ -219,10 +222,15 @@ impl DwOverlap {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Preset (stories260k, stories2m, stories15m, stories42m, stories110m, qwen3-0.6b) or HF
-    /// config.json.
-    #[arg(long, default_value = "stories2m")]
-    model: String,
+    /// Preset (stories260k, stories2m, stories15m, stories42m, stories110m, qwen3-0.6b), HF
+    /// config.json, or .gguf (its shape; random weights) [default: stories2m].
+    #[arg(long, conflicts_with = "init")]
+    model: Option<String>,
+    /// Start from a pretrained model's weights (HF directory, .gguf, llama2.c .bin or training
+    /// checkpoint) with a fresh optimizer; the shape comes from it, and raw-text --data is
+    /// tokenized with its own tokenizer.
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
     /// `stories` (the built-in story corpus, BPE-tokenized), `synthetic` (a Markov chain over
     /// ids), a directory made by `prepare`, a raw corpus (.txt/.jsonl file or directory,
     /// tokenized with --tokenizer), or a token file (headed, or llama2.c's flat u16).
@@ -284,6 +292,9 @@ struct TrainArgs {
     /// Print every N-th update (the first and last always print).
     #[arg(long, default_value_t = 10)]
     print_every: usize,
+    /// Tokens of the sample printed after training (0: none).
+    #[arg(long, default_value_t = 160)]
+    sample_tokens: usize,
     /// Skip measuring the GEMM peak for the efficiency report.
     #[arg(long)]
     no_peak: bool,
@@ -502,18 +513,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate { model, ids, prompt, tokenizer, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
             let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
-            // Raw ids need no tokenizer; a text prompt uses --tokenizer or the model's own.
+            // Raw ids need no tokenizer; --tokenizer is checked against a checkpoint's record.
+            // Without it, a text prompt uses the model's own (loaded with the model).
             let tokenizer = match (&prompt, &tokenizer) {
-                (None, None) => None,
-                _ => cli::commands::model_tokenizer(&model, tokenizer.as_deref())?,
+                (_, Some(path)) => cli::commands::model_tokenizer(&model, Some(path))?,
+                _ => None,
             };
-            if prompt.is_some() && tokenizer.is_none() {
-                bail!(
-                    "--prompt needs --tokenizer: {} has no tokenizer saved with it (or pass raw ids with --ids)",
-                    model.display()
-                );
-            }
-            generate(&model, &ids, prompt.as_deref(), tokenizer.as_ref(), max_tokens, sampling, eos, rt)
+            generate(&model, &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, rt)
         }
         Command::Eval { model, data, seq, batch, batches, json, rt } => {
             eval(&model, &data, seq, batch, batches, json, rt)

@@ -289,6 +289,8 @@ fn is_token_file(spec: &str) -> bool {
 /// trained on it), `synthetic` (a Markov chain over ids), a directory made by `prepare`
 /// (train.tok, val.tok, tokenizer), a raw corpus (.txt, .jsonl, or a directory of them,
 /// tokenized with `tokenizer`), or a token file (with `--val-data` for validation).
+/// `model_tokenizer` is the tokenizer a pretrained model (`train --init`) came with: raw text
+/// and the built-in stories are tokenized with it unless `tokenizer` names another.
 pub fn training_data(
     spec: &str,
     vocab: usize,
@@ -296,6 +298,7 @@ pub fn training_data(
     min_tokens: usize,
     val_path: Option<&Path>,
     tokenizer: Option<&str>,
+    model_tokenizer: Option<Tokenizer>,
 ) -> Result<TrainingData> {
     ensure!(
         val_path.is_none() || is_token_file(spec),
@@ -304,7 +307,10 @@ pub fn training_data(
     match spec {
         "stories" => {
             let docs = crate::corpus::stories(seed, 10_000);
-            let tok = Tokenizer::train_bpe(&docs[..2_000], vocab)?;
+            let tok = match model_tokenizer {
+                Some(t) => t,
+                None => Tokenizer::train_bpe(&docs[..2_000], vocab)?,
+            };
             let n_val = docs.len() / 50;
             let train = tokenize(&tok, &docs[..docs.len() - n_val])?;
             let val = tokenize(&tok, &docs[docs.len() - n_val..])?;
@@ -343,7 +349,11 @@ pub fn training_data(
                 eprintln!("note: {path}: {note}");
             }
             ensure!(docs.len() >= 2, "{path}: need at least 2 documents, found {}", docs.len());
-            let tok = tokenizer_for(tokenizer.unwrap_or(&format!("bpe:{vocab}")), &docs)?;
+            let tok = match (tokenizer, model_tokenizer) {
+                (Some(spec), _) => tokenizer_for(spec, &docs)?,
+                (None, Some(t)) => t,
+                (None, None) => tokenizer_for(&format!("bpe:{vocab}"), &docs)?,
+            };
             ensure!(
                 tok.vocab_size() <= vocab,
                 "the tokenizer has {} entries, the model's vocabulary {vocab}",

@@ -52,6 +52,34 @@ impl Tokenizer {
         Tokenizer { fingerprint: format!("sp:{:016x}", fnv(&h)), doc_token, inner: Inner::SentencePiece(sp) }
     }
 
+    /// Wraps an HF tokenizer built elsewhere (e.g. from a GGUF file's metadata).
+    pub fn from_hf(inner: tokenizers::Tokenizer) -> Result<Self> {
+        Self::wrap(inner)
+    }
+
+    /// A Llama sentencepiece-style tokenizer from its pieces and scores (e.g. a GGUF file's
+    /// `tokenizer.ggml.tokens` / `scores`); byte fallback pieces must sit at ids 3–258.
+    pub fn from_pieces(pieces: Vec<String>, scores: Vec<f32>) -> Result<Self> {
+        ensure!(pieces.len() == scores.len(), "{} pieces but {} scores", pieces.len(), scores.len());
+        Ok(Self::wrap_sp(SentencePiece::new(pieces, scores)?))
+    }
+
+    /// The HF tokenizer inside, if this is one.
+    pub fn as_hf(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.inner {
+            Inner::Hf(t) => Some(t),
+            Inner::SentencePiece(_) => None,
+        }
+    }
+
+    /// (pieces, scores) of a sentencepiece-style tokenizer.
+    pub fn as_pieces(&self) -> Option<(&[String], &[f32])> {
+        match &self.inner {
+            Inner::Hf(_) => None,
+            Inner::SentencePiece(sp) => Some((&sp.pieces, &sp.scores)),
+        }
+    }
+
     /// Loads a tokenizer by file kind: HF `tokenizer.json`, sentencepiece `tokenizer.model`,
     /// or llama2.c `tokenizer.bin`.
     pub fn load(path: &Path) -> Result<Self> {

@@ -163,6 +163,39 @@ fn fuzz_llama2c() {
 }
 
 #[test]
+fn fuzz_gguf() {
+    use anetrain::checkpoint::gguf::{GgufFile, writer};
+    use anetrain::quant::GgmlType;
+    let texts = anetrain::corpus::stories(1, 40);
+    let tok = anetrain::tokenizer::Tokenizer::train_bpe(&texts, 260).unwrap();
+    let mut seeds = Vec::new();
+    for (ty, cfg) in [
+        (GgmlType::F16, ModelConfig { vocab_size: 260, ..tiny() }),
+        (GgmlType::Q8_0, ModelConfig { dim: 32, vocab_size: 260, qk_norm: true, tied_embeddings: false, ..tiny() }),
+    ] {
+        let dir = scratch("gguf");
+        let path = dir.join("m.gguf");
+        let extras = writer::Extras { tokenizer: Some(&tok), chat_template: Some("{{ x }}"), ..Default::default() };
+        writer::save_model(&path, &cfg, &ParamLayout::new(&cfg).init(4), ty, &extras).unwrap();
+        seeds.push(std::fs::read(&path).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    for ty in ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q4_1"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/gguf/dequant_{ty}.gguf"));
+        seeds.push(std::fs::read(path).unwrap());
+    }
+    fuzz("gguf", &seeds, |bytes| {
+        if let Ok(f) = GgufFile::from_bytes(bytes.to_vec(), "fuzz.gguf") {
+            for t in &f.header.tensors {
+                let mut buf = vec![0.0f32; t.numel() as usize];
+                let _ = f.read_f32(t, &mut buf);
+            }
+            let _ = f.load();
+        }
+    });
+}
+
+#[test]
 fn fuzz_hf_config_json() {
     let seeds: Vec<Vec<u8>> = ["stories260k", "qwen3-0.6b"]
         .iter()

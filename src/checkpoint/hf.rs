@@ -113,6 +113,101 @@ pub fn save(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> Resu
     crate::fsio::write_atomically(&dir.join("config.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
 }
 
+/// `tokenizer_config.json` fields this crate reads and writes (transformers' names).
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct TokenizerConfig {
+    /// A template string, or a list of `{name, template}` (the one named `default` is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chat_template: Option<Value>,
+    /// A token string or an `AddedToken` object with `content`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bos_token: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    eos_token: Option<Value>,
+}
+
+/// `config.json`'s special-token ids (either may be a list; the first is used).
+#[derive(serde::Deserialize, Default)]
+struct SpecialIds {
+    #[serde(default)]
+    bos_token_id: Option<Value>,
+    #[serde(default)]
+    eos_token_id: Option<Value>,
+}
+
+/// Reads `tokenizer.json` (or sentencepiece `tokenizer.model`), the chat template and the
+/// special ids of an HF directory into `m`; absent files leave the fields `None`.
+pub fn read_tokenizer_files(dir: &Path, m: &mut super::LoadedModel) -> Result<()> {
+    for name in ["tokenizer.json", "tokenizer.model", "tokenizer.bin"] {
+        if dir.join(name).is_file() {
+            let tok = crate::tokenizer::Tokenizer::load(&dir.join(name))?;
+            ensure!(
+                tok.vocab_size() <= m.cfg.vocab_size,
+                "{}: the tokenizer has {} entries, more than the model's vocabulary ({})",
+                dir.display(),
+                tok.vocab_size(),
+                m.cfg.vocab_size
+            );
+            m.tokenizer = Some(tok);
+            break;
+        }
+    }
+    let id_of = |v: &Value| -> Option<u32> {
+        let v = if let Value::Array(a) = v { a.first()? } else { v };
+        v.as_u64().and_then(|x| u32::try_from(x).ok()).filter(|&x| (x as usize) < m.cfg.vocab_size)
+    };
+    let cfg_path = dir.join("config.json");
+    if cfg_path.is_file() {
+        let ids: SpecialIds = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?).unwrap_or_default();
+        m.bos = ids.bos_token_id.as_ref().and_then(id_of);
+        m.eos = ids.eos_token_id.as_ref().and_then(id_of);
+    }
+    let tc_path = dir.join("tokenizer_config.json");
+    if tc_path.is_file() {
+        let text = std::fs::read_to_string(&tc_path).with_context(|| format!("cannot read {}", tc_path.display()))?;
+        let tc: TokenizerConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid tokenizer_config.json", tc_path.display()))?;
+        m.chat_template = match tc.chat_template {
+            Some(Value::String(s)) => Some(s),
+            Some(Value::Array(list)) => {
+                list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string)
+            }
+            _ => None,
+        };
+        let token_id = |v: &Option<Value>| -> Option<u32> {
+            let text = match v.as_ref()? {
+                Value::String(s) => s.as_str(),
+                other => other.get("content")?.as_str()?,
+            };
+            m.tokenizer.as_ref()?.as_hf()?.token_to_id(text)
+        };
+        if let Some(id) = token_id(&tc.bos_token) {
+            m.bos = Some(id);
+        }
+        if let Some(id) = token_id(&tc.eos_token) {
+            m.eos = Some(id);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the model's tokenizer (tokenizer.json or tokenizer.model's llama2.c form) and a
+/// tokenizer_config.json with its chat template and special tokens, when it has a tokenizer.
+pub fn write_tokenizer_files(dir: &Path, m: &super::LoadedModel) -> Result<()> {
+    let Some(tok) = &m.tokenizer else { return Ok(()) };
+    tok.save_to_dir(dir)?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.as_hf()?.id_to_token(i)).map(Value::String);
+    let tc = TokenizerConfig {
+        chat_template: m.chat_template.clone().map(Value::String),
+        bos_token: name(m.bos),
+        eos_token: name(m.eos),
+    };
+    let text = serde_json::to_string_pretty(&tc)?;
+    crate::fsio::write_atomically(&dir.join("tokenizer_config.json"), |out| {
+        std::io::Write::write_all(out, text.as_bytes())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

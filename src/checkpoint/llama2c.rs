@@ -70,7 +70,7 @@ fn blocks(layout: &ParamLayout, format: Format, shared: bool) -> Vec<Vec<usize>>
 
 /// Meta interleaved → rotate-half, for a `[heads·D, C]` matrix: HF row `h·D + j·D/2 + i` is
 /// Meta row `h·D + 2i + j`.
-fn permute_rows(w: &[f32], heads: usize, d: usize, c: usize, to_meta: bool) -> Vec<f32> {
+pub(crate) fn permute_rows(w: &[f32], heads: usize, d: usize, c: usize, to_meta: bool) -> Vec<f32> {
     let mut out = vec![0.0; w.len()];
     let half = d / 2;
     for h in 0..heads {

@@ -6,7 +6,6 @@ use anetrain::bench;
 use anetrain::checkpoint::ModelFormat;
 use anetrain::checkpoint::llama2c::Format as Llama2cFormat;
 use anetrain::checkpoint::native;
-use anetrain::checkpoint::safetensors::Dtype;
 use anetrain::config::ModelConfig;
 use anetrain::mil::emit::InputLayout;
 use anetrain::ops::{GemmImpl, Par};
@@ -173,9 +172,12 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
 }
 
 pub fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype, format: Llama2cFormat) -> Result<()> {
+    use anetrain::checkpoint::ExportDtype as D;
     let dtype = match dtype {
-        ExportDtype::F32 => Dtype::F32,
-        ExportDtype::Bf16 => Dtype::BF16,
+        ExportDtype::F32 => D::F32,
+        ExportDtype::F16 => D::F16,
+        ExportDtype::Bf16 => D::Bf16,
+        ExportDtype::Q8_0 => D::Q8_0,
     };
     let cfg = anetrain::checkpoint::convert(from, to, dtype, format)?;
     println!("wrote {} ({} parameters) from {}", to.display(), group_digits(cfg.param_count()), from.display());
@@ -223,7 +225,7 @@ pub fn generate(
     model: &std::path::Path,
     ids: &[u32],
     prompt: Option<&str>,
-    tokenizer: Option<&anetrain::tokenizer::Tokenizer>,
+    tokenizer: Option<anetrain::tokenizer::Tokenizer>,
     max_tokens: usize,
     sampling: anetrain::generate::Sampling,
     eos: Option<u32>,
@@ -236,14 +238,44 @@ pub fn generate(
     if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let (cfg, params) = anetrain::checkpoint::load_model(model)?;
-    // Text prompts start a document (BOS / document token) and stop at the next one.
+    let loaded = anetrain::checkpoint::load(model)?;
+    let (cfg, params) = (&loaded.cfg, &loaded.params);
     let mut ids = ids.to_vec();
     let mut eos = eos;
-    if let (Some(text), Some(tok)) = (prompt, tokenizer) {
-        ids = tok.doc_token.into_iter().chain(tok.encode(text)?).collect();
-        eos = eos.or(tok.doc_token);
-    }
+    let tokenizer = match (tokenizer, loaded.tokenizer) {
+        (Some(t), _) => {
+            // Text prompts start a document (BOS / document token) and stop at the next one.
+            if let Some(text) = prompt {
+                ids = t.doc_token.into_iter().chain(t.encode(text)?).collect();
+                eos = eos.or(t.doc_token);
+            }
+            Some(t)
+        }
+        (None, Some(t)) => {
+            // The model's own tokenizer. A model that declares BOS/EOS (GGUF, HF) gets its BOS
+            // only where its files ask for it, and stops at its EOS; one that does not (a
+            // checkpoint) starts and stops at the document token, as with --tokenizer.
+            if let Some(text) = prompt {
+                if loaded.bos.is_some() || loaded.eos.is_some() {
+                    let bos = loaded.bos.filter(|_| loaded.add_bos);
+                    ids = bos.into_iter().chain(t.encode(text)?).collect();
+                    eos = eos.or(loaded.eos);
+                } else {
+                    ids = t.doc_token.into_iter().chain(t.encode(text)?).collect();
+                    eos = eos.or(t.doc_token);
+                }
+            }
+            Some(t)
+        }
+        (None, None) if prompt.is_some() => {
+            bail!(
+                "--prompt needs --tokenizer: {} has no tokenizer saved with it (or pass raw ids with --ids)",
+                model.display()
+            )
+        }
+        (None, None) => None,
+    };
+    let tokenizer = tokenizer.as_ref();
     let ids = &ids[..];
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
         bail!("prompt token id {bad} is outside the model's vocabulary ({})", cfg.vocab_size);
@@ -273,7 +305,7 @@ pub fn generate(
         // Text is printed as the difference between successive decodings of everything
         // generated so far (a token may be half of a character).
         let (mut generated, mut shown) = (Vec::new(), 0usize);
-        anetrain::generate::generate(&cfg, &params, ids, max_tokens, sampling, eos, par, |t| {
+        anetrain::generate::generate(cfg, params, ids, max_tokens, sampling, eos, par, |t| {
             let mut out = std::io::stdout().lock();
             match tokenizer.filter(|_| prompt.is_some()) {
                 Some(tok) => {

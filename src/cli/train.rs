@@ -37,6 +37,7 @@ fn sample_story(
     cfg: &ModelConfig,
     params: &[f32],
     tok: &anetrain::tokenizer::Tokenizer,
+    max_new: usize,
     seed: u64,
     par: Par,
     pool: &rayon::ThreadPool,
@@ -45,7 +46,7 @@ fn sample_story(
     prompt.extend(tok.encode("Once upon a time")?);
     let sampling = anetrain::generate::Sampling { temperature: 0.8, top_k: 0, top_p: 0.9, seed };
     let mut ids = prompt.clone();
-    let max_new = 160.min(cfg.max_seq_len.saturating_sub(prompt.len()));
+    let max_new = max_new.min(cfg.max_seq_len.saturating_sub(prompt.len()));
     pool.install(|| {
         anetrain::generate::generate(cfg, params, &prompt, max_new, sampling, tok.doc_token, par, |t| ids.push(t))
     })?;
@@ -92,7 +93,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
         match *j {}
     });
     let mode = args.dp_reduce.unwrap_or(dist::ReduceMode::Exact);
-    let cfg = ModelConfig::resolve(&args.model)?;
+    // --init: the model's config, weights and tokenizer; the weights go into the trainer below.
+    let (cfg, mut init) = match &args.init {
+        Some(path) => {
+            let m = anetrain::checkpoint::load(path)?;
+            println!("initialising from {} ({} parameters)", path.display(), group_digits(m.cfg.param_count()));
+            (m.cfg.clone(), Some(m))
+        }
+        None => (ModelConfig::resolve(args.model.as_deref().unwrap_or("stories2m"))?, None),
+    };
     let (par, pool) = args.rt.setup()?;
     let opts = TrainOptions {
         steps: args.steps,
@@ -168,6 +177,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         min_tokens,
         args.val_data.as_deref(),
         args.tokenizer.as_deref(),
+        init.as_mut().and_then(|m| m.tokenizer.take()),
     )?;
     let (data, val_data, tokenizer) = (prepared.train, prepared.val, prepared.tokenizer);
     // Only rank 0 evaluates (and logs, checkpoints and samples).
@@ -295,6 +305,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         trainer.model.set_dw_overlap(dw_overlap)?;
         trainer.val_data = val_data;
         trainer.tokenizer = tokenizer;
+        if let Some(m) = init.take() {
+            trainer.params = m.params;
+            trainer.params_changed();
+        }
         if let Some(checkpoint) = &checkpoint {
             checkpoint.restore(&mut trainer, &data)?;
             println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
@@ -423,10 +437,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
     {
         std::process::exit(status);
     }
-    if let Some(tok) = &tokenizer
+    if let Some(tok) = tokenizer.as_ref().filter(|_| args.sample_tokens > 0)
         && rank == 0
     {
-        sample_story(&cfg, &params, tok, args.seed, par, &pool)?;
+        sample_story(&cfg, &params, tok, args.sample_tokens, args.seed, par, &pool)?;
     }
     Ok(())
 }

@@ -174,11 +174,10 @@ fn fuzz_gguf() {
         (GgmlType::Q8_0, ModelConfig { dim: 32, vocab_size: 260, qk_norm: true, tied_embeddings: false, ..tiny() }),
     ] {
         let dir = scratch("gguf");
-        let path = dir.join("m.gguf");
+        let path = dir.path().join("m.gguf");
         let extras = writer::Extras { tokenizer: Some(&tok), chat_template: Some("{{ x }}"), ..Default::default() };
         writer::save_model(&path, &cfg, &ParamLayout::new(&cfg).init(4), ty, &extras).unwrap();
         seeds.push(std::fs::read(&path).unwrap());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
     for ty in ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q4_1"] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/gguf/dequant_{ty}.gguf"));

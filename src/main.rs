@@ -220,6 +220,24 @@ impl DwOverlap {
     }
 }
 
+/// `--dp-reduce`: how data-parallel ranks sum gradients.
+#[derive(Clone, Copy, ValueEnum)]
+enum DpReduce {
+    /// Fixed-order sum: bit-identical to one process with the same --accum.
+    Exact,
+    /// MPI_Allreduce: the library's summation order (not bit-exact).
+    Allreduce,
+}
+
+impl DpReduce {
+    fn mode(self) -> anetrain::dist::ReduceMode {
+        match self {
+            DpReduce::Exact => anetrain::dist::ReduceMode::Exact,
+            DpReduce::Allreduce => anetrain::dist::ReduceMode::Allreduce,
+        }
+    }
+}
+
 #[derive(Args)]
 struct TrainArgs {
     /// Preset (stories260k, stories2m, stories15m, stories42m, stories110m, qwen3-0.6b), HF
@@ -335,7 +353,7 @@ struct TrainArgs {
     /// (fixed order: bit-identical to one process with the same --accum) or `allreduce`
     /// (MPI_Allreduce: faster with several micro-batches per rank, not bit-exact).
     #[arg(long, value_enum)]
-    dp_reduce: Option<anetrain::dist::ReduceMode>,
+    dp_reduce: Option<DpReduce>,
     /// Under mpirun: end a rank whose MPI call has waited this many seconds (a dead rank or
     /// network); longer than rank 0's slowest evaluation or checkpoint.
     #[arg(long, default_value_t = 600)]

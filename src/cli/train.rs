@@ -92,7 +92,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         #[cfg(not(feature = "mpi"))]
         match *j {}
     });
-    let mode = args.dp_reduce.unwrap_or(dist::ReduceMode::Exact);
+    let mode = args.dp_reduce.map_or(dist::ReduceMode::Exact, |d| d.mode());
     // --init: the model's config, weights and tokenizer; the weights go into the trainer below.
     let (cfg, mut init) = match &args.init {
         Some(path) => {

@@ -43,7 +43,7 @@ use anyhow::{Result, bail, ensure};
 use std::ops::Range;
 
 /// How the ranks sum their gradients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceMode {
     /// Fixed-order sum: bit-identical to one process with the same --accum.
     Exact,

@@ -21,6 +21,7 @@ pub mod mil;
 pub mod model;
 pub mod ops;
 pub mod params;
+pub mod plot;
 pub mod prepare;
 pub mod quant;
 pub mod reference;

@@ -25,6 +25,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Watch a training run in the terminal: `dashboard -- <train arguments>` runs it,
+    /// `dashboard --attach run.jsonl` follows a running or finished run's log.
+    Dashboard {
+        /// Follow this telemetry log instead of starting a run.
+        #[arg(long)]
+        attach: Option<PathBuf>,
+        /// `train` arguments (after `--`).
+        #[arg(last = true, allow_hyphen_values = true)]
+        train_args: Vec<String>,
+    },
+    /// Plot telemetry logs (loss vs updates and tokens, learning rate, gradient norm,
+    /// tokens/s; several runs overlaid), or export them as CSV.
+    Plot {
+        /// Logs written by `train --log`.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// Output file (default: loss.png, loss.svg with --svg, telemetry.csv with --csv).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Write SVG instead of PNG.
+        #[arg(long, conflicts_with = "csv")]
+        svg: bool,
+        /// Write every update as a CSV row instead of a plot.
+        #[arg(long)]
+        csv: bool,
+    },
     // Negative numbers parse as values, so validation can say what is wrong with them.
     #[command(allow_negative_numbers = true)]
     /// Train a model (defaults: stories2m on the built-in story corpus, 400 updates, ~2-3 minutes on 2 cores).
@@ -495,6 +521,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Command::Dashboard { attach, train_args } => cli::dashboard::dashboard(attach, train_args),
+        Command::Plot { logs, out, svg, csv } => cli::plot::plot(&logs, out, svg, csv),
         Command::Train(args) => train(*args),
         Command::Info { model, seq } => info(&model, seq),
         Command::Bench(BenchCommand::Gemm { shape, which, budget, threads }) => {

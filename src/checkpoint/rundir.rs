@@ -29,6 +29,7 @@ fn entries(dir: &Path) -> Result<Vec<String>> {
 fn is_ours(name: &str) -> bool {
     name == "latest"
         || name == "best"
+        || name == "loss.png"
         || name.starts_with("step-")
         || name.starts_with("superseded-")
         || name.ends_with(".tmp")

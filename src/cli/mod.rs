@@ -3,4 +3,7 @@
 
 pub mod choices;
 pub mod commands;
+pub mod dashboard;
+pub mod dashboard_ui;
+pub mod plot;
 pub mod train;

@@ -287,6 +287,12 @@ impl Telemetry {
         Ok(Telemetry { out: Some(BufWriter::new(file)), path: Some(path.to_path_buf()), history: reader.log })
     }
 
+    /// Draws the history into `out` as PNG (the checkpoint directory's loss.png).
+    pub fn plot(&self, out: &Path) -> Result<()> {
+        let name = self.history.header().map_or_else(|| "run".to_string(), |h| h.model.clone());
+        crate::plot::write(&[crate::plot::Run { name, log: &self.history }], out, crate::plot::Format::Png)
+    }
+
     /// The log file, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

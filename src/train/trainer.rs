@@ -430,6 +430,7 @@ impl Trainer {
             // A stop request (Ctrl-C) ends the run after this update, with a checkpoint.
             interrupted = self.stop_requested() && done < self.opts.steps;
             if let Some(policy) = ckpt {
+                let mut saved = false;
                 let due = policy.every > 0 && done.is_multiple_of(policy.every);
                 if done == self.opts.steps || due || interrupted {
                     let saved_at = Instant::now();
@@ -441,6 +442,7 @@ impl Trainer {
                     } else {
                         "periodic"
                     };
+                    saved = true;
                     telemetry.record(Record::Checkpoint(CheckpointEvent {
                         step: done,
                         path: path.display().to_string(),
@@ -451,12 +453,17 @@ impl Trainer {
                 if improved {
                     let saved_at = Instant::now();
                     let path = crate::checkpoint::native::save_best(&policy.dir, self, done, data)?;
+                    saved = true;
                     telemetry.record(Record::Checkpoint(CheckpointEvent {
                         step: done,
                         path: path.display().to_string(),
                         kind: "best".into(),
                         ms: saved_at.elapsed().as_secs_f64() * 1e3,
                     }))?;
+                }
+                // A picture of the run beside its checkpoints; a failure costs only the picture.
+                if saved && let Err(e) = telemetry.plot(&policy.dir.join("loss.png")) {
+                    eprintln!("warning: cannot write loss.png: {e:#}");
                 }
             }
             if interrupted {

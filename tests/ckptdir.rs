@@ -77,11 +77,15 @@ fn one_history_per_directory() {
     let dir = scratch("history");
     let out = train(&dir, 4, &["--ckpt-every", "1", "--keep-last", "3"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(names(&dir), [".lock", "latest", "step-00000002", "step-00000003", "step-00000004"]);
+    assert_eq!(names(&dir), [".lock", "latest", "loss.png", "step-00000002", "step-00000003", "step-00000004"]);
 
     // A fresh run into it is refused, and nothing is touched.
     let out = train(&dir, 4, &[]);
-    assert!(!out.status.success() && text(&out).contains("already holds latest, step-00000002"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("already holds latest, loss.png, step-00000002"),
+        "{}",
+        text(&out)
+    );
     assert!(text(&out).contains("--overwrite"), "{}", text(&out));
     assert_eq!(native::load(&dir).unwrap().step, 4);
 
@@ -114,7 +118,7 @@ fn one_history_per_directory() {
     // --overwrite starts afresh: the earlier entries go.
     let out = train(&dir, 2, &["--overwrite"]);
     assert!(out.status.success() && text(&out).contains("--overwrite: removed"), "{}", text(&out));
-    assert_eq!(names(&dir), [".lock", "latest", "step-00000002"]);
+    assert_eq!(names(&dir), [".lock", "latest", "loss.png", "step-00000002"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -70,7 +70,7 @@ fn resume_is_bit_exact() {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         kept.sort();
-        assert_eq!(kept, ["latest", "step-00000015", "step-00000020"]);
+        assert_eq!(kept, ["latest", "loss.png", "step-00000015", "step-00000020"]);
 
         // 10 updates, a checkpoint, a fresh process-equivalent trainer, 10 more.
         let mut first = trainer(&cfg);

@@ -82,7 +82,9 @@ pub fn windows_loss(
             let base = (w + r.min(rows - 1)) * t;
             for i in 0..t {
                 tokens[r * t + i] = data.get(base + i);
-                targets[r * t + i] = if r < rows { data.get(base + i + 1) } else { crate::ops::cross_entropy::IGNORE };
+                // Tokens a loss mask leaves out (the user's side of chat data) are not scored.
+                let counted = r < rows && data.is_target(base + i + 1);
+                targets[r * t + i] = if counted { data.get(base + i + 1) } else { crate::ops::cross_entropy::IGNORE };
             }
         }
         let loss = model.forward(params, tokens, targets)?;

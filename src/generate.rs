@@ -7,12 +7,13 @@ use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::ops::Par;
 use crate::ops::cross_entropy::IGNORE;
-use crate::ops::matmul::matvec;
+use crate::ops::matmul::{bias_forward, matvec_rows};
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{RopeTable, rope_forward_at};
 use crate::params::ParamLayout;
 use crate::rng::Rng;
 use anyhow::{Result, ensure};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Sampling {
@@ -25,136 +26,200 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// One-token decoding against a KV cache. Buffers are sized once for `max_t` positions.
-pub struct Decoder<'a> {
-    cfg: ModelConfig,
-    layout: ParamLayout,
-    params: &'a [f32],
-    rope: RopeTable,
-    max_t: usize,
+/// One sequence's keys and values after QK-norm and RoPE, `[L, max_t, KV·D]` each; positions
+/// `0..pos` are filled.
+pub struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    kd: usize,
+    pub max_t: usize,
     /// Positions already in the cache.
     pub pos: usize,
-    /// `[L, max_t, KV·D]` each
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
-    /// `[C]`, `[C]`, `[1]`
-    x: Vec<f32>,
-    xn: Vec<f32>,
-    rstd: Vec<f32>,
-    /// `[(H + 2·KV)·D]` q|k|v of the new token; `[H·D]` q after QK-norm
-    qkv: Vec<f32>,
-    q: Vec<f32>,
-    /// `[max_t]` one head's scores
-    scores: Vec<f32>,
-    /// `[H·D]`
-    attn: Vec<f32>,
-    /// `[C]`
-    out: Vec<f32>,
-    /// `[2·F]`, `[F]`
-    h13: Vec<f32>,
-    gate: Vec<f32>,
-    /// `[V]`
-    pub logits: Vec<f32>,
 }
 
-impl<'a> Decoder<'a> {
-    pub fn new(cfg: &ModelConfig, params: &'a [f32], max_t: usize) -> Result<Self> {
-        ensure!(
-            max_t > 0 && max_t <= cfg.max_seq_len,
-            "generation length {max_t} exceeds {} positions",
-            cfg.max_seq_len
-        );
-        let layout = ParamLayout::new(cfg);
-        ensure!(params.len() == layout.total, "parameters do not match the config");
-        let (c, qd, kd) = (cfg.dim, cfg.q_dim(), cfg.kv_dim());
-        let z = |n: usize| vec![0.0f32; n];
-        let cache = crate::memory::f32_bytes(&[cfg.n_layers, max_t, kd]);
+impl KvCache {
+    /// An empty cache; refuses (with the estimate and the memory available) when it does not
+    /// fit.
+    pub fn new(cfg: &ModelConfig, max_t: usize) -> Result<Self> {
+        let n = cfg.n_layers * max_t * cfg.kv_dim();
         crate::memory::ensure_fits(
             &format!("a KV cache of {max_t} positions"),
-            cache.saturating_mul(2),
-            "lower --max-tokens or use a shorter prompt",
+            crate::memory::f32_bytes(&[cfg.n_layers, max_t, cfg.kv_dim()]).saturating_mul(2),
+            "lower --max-tokens, --ctx or the prompt's length",
         )?;
-        Ok(Decoder {
-            rope: RopeTable::for_config(max_t, cfg),
-            k_cache: crate::memory::try_vec_f32(cfg.n_layers * max_t * kd, "the key cache")?,
-            v_cache: crate::memory::try_vec_f32(cfg.n_layers * max_t * kd, "the value cache")?,
-            x: z(c),
-            xn: z(c),
-            rstd: z(cfg.n_heads.max(1)),
-            qkv: z(qd + 2 * kd),
-            q: z(qd),
-            scores: z(max_t),
-            attn: z(qd),
-            out: z(c),
-            h13: z(2 * cfg.ffn_dim),
-            gate: z(cfg.ffn_dim),
-            logits: z(cfg.vocab_size),
-            cfg: cfg.clone(),
-            layout,
-            params,
+        Ok(KvCache {
+            k: crate::memory::try_vec_f32(n, "the key cache")?,
+            v: crate::memory::try_vec_f32(n, "the value cache")?,
+            kd: cfg.kv_dim(),
             max_t,
             pos: 0,
         })
     }
 
-    /// Runs the prompt through `model` (built with B = 1, T = prompt length) and fills the
-    /// cache with its keys and values; leaves the last position's logits in `self.logits`.
-    pub fn prefill(&mut self, model: &mut Model, prompt: &[u32]) -> Result<()> {
-        ensure!(model.b == 1 && model.t == prompt.len(), "prefill model must be B=1, T=prompt length");
-        ensure!(prompt.len() <= self.max_t, "prompt of {} tokens exceeds {} positions", prompt.len(), self.max_t);
-        let ignore = vec![IGNORE; prompt.len()];
-        model.forward(self.params, prompt, &ignore)?;
-        let (kd, t) = (self.cfg.kv_dim(), prompt.len());
-        for l in 0..self.cfg.n_layers {
-            let (k, v) = model.kv(l);
-            let at = l * self.max_t * kd;
-            self.k_cache[at..at + t * kd].copy_from_slice(&k[..t * kd]);
-            self.v_cache[at..at + t * kd].copy_from_slice(&v[..t * kd]);
-        }
-        let vsz = self.cfg.vocab_size;
-        self.logits.copy_from_slice(&model.logits()[(t - 1) * vsz..t * vsz]);
-        self.pos = t;
-        Ok(())
+    /// Layer `l`'s `[max_t, KV·D]` keys and values.
+    fn layer(&self, l: usize) -> (&[f32], &[f32]) {
+        let at = l * self.max_t * self.kd;
+        (&self.k[at..at + self.max_t * self.kd], &self.v[at..at + self.max_t * self.kd])
     }
 
-    /// Feeds `token` at the next position; its next-token logits land in `self.logits`.
-    pub fn step(&mut self, token: u32) -> Result<()> {
-        ensure!(self.pos < self.max_t, "the KV cache is full ({} positions)", self.max_t);
-        ensure!((token as usize) < self.cfg.vocab_size, "token id {token} is outside the vocabulary");
+    /// Layer `l`'s key and value rows at `pos`.
+    fn rows_mut(&mut self, l: usize, pos: usize) -> (&mut [f32], &mut [f32]) {
+        let at = (l * self.max_t + pos) * self.kd;
+        (&mut self.k[at..at + self.kd], &mut self.v[at..at + self.kd])
+    }
+}
+
+/// One row of a batched forward pass: `token` at position `pos` of sequence `seq` (an index
+/// into the caches passed along).
+#[derive(Clone, Copy, Debug)]
+pub struct Row {
+    pub seq: usize,
+    pub token: u32,
+    pub pos: usize,
+}
+
+/// The forward pass of R rows against KV caches: one decode step of each of R sequences
+/// (continuous batching), or R new tokens of one sequence (a chat turn), or any mix. Each
+/// weight matrix is streamed once per call for all rows (`matvec_rows`), which is what makes
+/// batched decoding cheaper per token than R separate steps on a memory-bound machine. Every
+/// output element is computed in the same order whatever R is, so a sequence's logits are
+/// bit-identical alone or batched.
+pub struct BatchDecoder<'a> {
+    cfg: ModelConfig,
+    layout: ParamLayout,
+    params: &'a [f32],
+    rope: RopeTable,
+    /// Rows per call at most (R).
+    pub max_rows: usize,
+    /// `[R, C]` residual stream, normed input, block output
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    out: Vec<f32>,
+    /// `[R·max(H, KV)]`
+    rstd: Vec<f32>,
+    /// `[R, (H + 2·KV)·D]` q|k|v of each row
+    qkv: Vec<f32>,
+    /// `[R, H·D]` q after QK-norm and RoPE; attention output
+    q: Vec<f32>,
+    attn: Vec<f32>,
+    /// `[R, 2·F]`, `[R, F]`
+    h13: Vec<f32>,
+    gate: Vec<f32>,
+    /// `[R, V]`
+    logits: Vec<f32>,
+    /// `[max(V, 2·F, (H + 2·KV)·D), R]` matvec_rows' transposed output
+    scratch: Vec<f32>,
+    /// `[R·H, positions]` attention scores, grown to the longest sequence seen
+    scores: Vec<f32>,
+}
+
+impl<'a> BatchDecoder<'a> {
+    /// Buffers for up to `max_rows` rows; positions up to `max_t` (the RoPE table).
+    pub fn new(cfg: &ModelConfig, params: &'a [f32], max_t: usize, max_rows: usize) -> Result<Self> {
+        ensure!(
+            max_t > 0 && max_t <= cfg.max_seq_len,
+            "generation length {max_t} exceeds {} positions",
+            cfg.max_seq_len
+        );
+        ensure!(max_rows > 0, "a batch needs at least one row");
+        let layout = ParamLayout::new(cfg);
+        ensure!(params.len() == layout.total, "parameters do not match the config");
+        let (c, qd, kd, f, v, r) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size, max_rows);
+        let widest = v.max(2 * f).max(qd + 2 * kd).max(c);
+        let z = |n: usize| vec![0.0f32; n];
+        Ok(BatchDecoder {
+            rope: RopeTable::for_config(max_t, cfg),
+            x: z(r * c),
+            xn: z(r * c),
+            out: z(r * c),
+            rstd: z(r * cfg.n_heads.max(cfg.n_kv_heads).max(1)),
+            qkv: z(r * (qd + 2 * kd)),
+            q: z(r * qd),
+            attn: z(r * qd),
+            h13: z(r * 2 * f),
+            gate: z(r * f),
+            logits: z(r * v),
+            scratch: z(widest * r),
+            scores: Vec::new(),
+            cfg: cfg.clone(),
+            layout,
+            params,
+            max_rows,
+        })
+    }
+
+    /// Runs `rows` (at most `max_rows`; a sequence's rows in increasing position, each
+    /// position the next one its cache lacks) and returns their next-token logits `[rows, V]`.
+    /// Every row's keys and values are written into its cache before any row attends, so a
+    /// row sees the earlier rows of its own sequence.
+    pub fn forward(&mut self, caches: &mut [&mut KvCache], rows: &[Row]) -> Result<&[f32]> {
+        let r = rows.len();
+        ensure!(r > 0 && r <= self.max_rows, "{r} rows for a batch of at most {}", self.max_rows);
+        for row in rows {
+            ensure!((row.token as usize) < self.cfg.vocab_size, "token id {} is outside the vocabulary", row.token);
+            let cache = caches.get(row.seq).ok_or_else(|| anyhow::anyhow!("row names sequence {}", row.seq))?;
+            ensure!(row.pos < cache.max_t, "the KV cache is full ({} positions)", cache.max_t);
+            ensure!(
+                row.pos < self.rope.cos.len() / self.rope.half.max(1),
+                "position {} beyond the RoPE table",
+                row.pos
+            );
+        }
         let cfg = &self.cfg;
-        let (c, f, eps) = (cfg.dim, cfg.ffn_dim, cfg.norm_eps as f32);
+        let (c, f, eps, v) = (cfg.dim, cfg.ffn_dim, cfg.norm_eps as f32, cfg.vocab_size);
         let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let (qd, kd, group, pos) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_heads / cfg.n_kv_heads, self.pos);
+        let (qd, kd, group) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_heads / cfg.n_kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
+        let span = rows.iter().map(|row| row.pos + 1).max().unwrap_or(1);
+        if self.scores.len() < r * h * span {
+            let want = self.max_rows * h * span;
+            self.scores.try_reserve_exact(want.saturating_sub(self.scores.len())).map_err(|_| {
+                anyhow::anyhow!("cannot allocate attention scores for {span} positions ({:.1} MB)", want as f64 * 4e-6)
+            })?;
+            self.scores.resize(want, 0.0);
+        }
         let embed = self.layout.view(self.params, self.layout.embed);
-        self.x.copy_from_slice(&embed[token as usize * c..(token as usize + 1) * c]);
+        for (x, row) in self.x.chunks_exact_mut(c).zip(rows) {
+            x.copy_from_slice(&embed[row.token as usize * c..(row.token as usize + 1) * c]);
+        }
+        let (x, xn, out) = (&mut self.x[..r * c], &mut self.xn[..r * c], &mut self.out[..r * c]);
         for l in 0..cfg.n_layers {
             let w = self.layout.layer(self.params, l);
-            rmsnorm_forward(&mut self.xn, &mut self.rstd[..1], &self.x, w.attn_norm, 1, c, eps);
-            matvec(&mut self.qkv, &self.xn, w.wqkv, c, qd + 2 * kd);
-            let (q_raw, kv_raw) = self.qkv.split_at_mut(qd);
-            let (k_raw, v_new) = kv_raw.split_at_mut(kd);
-            let cache = l * self.max_t * kd + pos * kd;
-            let k_row = &mut self.k_cache[cache..cache + kd];
-            match (w.q_norm, w.k_norm) {
-                (Some(qn), Some(kn)) => {
-                    rmsnorm_forward(&mut self.q, &mut self.rstd[..h], q_raw, qn, h, d, eps);
-                    rmsnorm_forward(k_row, &mut self.rstd[..kv], k_raw, kn, kv, d, eps);
-                }
-                _ => {
-                    self.q.copy_from_slice(q_raw);
-                    k_row.copy_from_slice(k_raw);
-                }
+            rmsnorm_forward(xn, &mut self.rstd, x, w.attn_norm, r, c, eps);
+            let qkv = &mut self.qkv[..r * (qd + 2 * kd)];
+            matvec_rows(qkv, &mut self.scratch, xn, w.wqkv, r, c, qd + 2 * kd);
+            if let Some(bias) = w.bqkv {
+                bias_forward(qkv, bias);
             }
-            rope_forward_at(&mut self.q, &self.rope, pos);
-            rope_forward_at(k_row, &self.rope, pos);
-            self.v_cache[cache..cache + kd].copy_from_slice(v_new);
-            let keys = &self.k_cache[l * self.max_t * kd..];
-            let values = &self.v_cache[l * self.max_t * kd..];
-            for head in 0..h {
+            for ((qkv, q), row) in qkv.chunks_exact_mut(qd + 2 * kd).zip(self.q.chunks_exact_mut(qd)).zip(rows) {
+                let (q_raw, kv_raw) = qkv.split_at_mut(qd);
+                let (k_raw, v_new) = kv_raw.split_at_mut(kd);
+                let (k_row, v_row) = caches[row.seq].rows_mut(l, row.pos);
+                match (w.q_norm, w.k_norm) {
+                    (Some(qn), Some(kn)) => {
+                        rmsnorm_forward(q, &mut self.rstd[..h], q_raw, qn, h, d, eps);
+                        rmsnorm_forward(k_row, &mut self.rstd[..kv], k_raw, kn, kv, d, eps);
+                    }
+                    _ => {
+                        q.copy_from_slice(q_raw);
+                        k_row.copy_from_slice(k_raw);
+                    }
+                }
+                rope_forward_at(q, &self.rope, row.pos);
+                rope_forward_at(k_row, &self.rope, row.pos);
+                v_row.copy_from_slice(v_new);
+            }
+            // One task per (row, head); each owns its output slice and its scores slice.
+            let caches: &[&mut KvCache] = caches;
+            let q = &self.q[..r * qd];
+            let attn = &mut self.attn[..r * qd];
+            let scores = &mut self.scores[..r * h * span];
+            attn.par_chunks_mut(d).zip(scores.par_chunks_mut(span)).enumerate().for_each(|(i, (out, scores))| {
+                let (row, head) = (rows[i / h], i % h);
+                let (keys, values) = caches[row.seq].layer(l);
                 let kvh = head / group;
-                let q = &self.q[head * d..(head + 1) * d];
-                let scores = &mut self.scores[..=pos];
+                let q = &q[(i / h) * qd + head * d..][..d];
+                let scores = &mut scores[..=row.pos];
                 for (s, j) in scores.iter_mut().zip(0..) {
                     *s = crate::ops::dot(q, &keys[j * kd + kvh * d..][..d]) * scale;
                 }
@@ -164,27 +229,94 @@ impl<'a> Decoder<'a> {
                     *s = (*s - max).exp();
                     sum += *s;
                 });
-                let out = &mut self.attn[head * d..(head + 1) * d];
                 out.fill(0.0);
                 for (j, &p) in scores.iter().enumerate() {
                     crate::ops::axpy(out, p / sum, &values[j * kd + kvh * d..][..d]);
                 }
-            }
-            matvec(&mut self.out, &self.attn, w.wo, qd, c);
-            self.x.iter_mut().zip(&self.out).for_each(|(x, o)| *x += o);
-            rmsnorm_forward(&mut self.xn, &mut self.rstd[..1], &self.x, w.ffn_norm, 1, c, eps);
-            matvec(&mut self.h13, &self.xn, w.w13, c, 2 * f);
-            crate::ops::swiglu::swiglu_forward(&mut self.gate, &self.h13, f);
-            matvec(&mut self.out, &self.gate, w.w2, f, c);
-            self.x.iter_mut().zip(&self.out).for_each(|(x, o)| *x += o);
+            });
+            matvec_rows(out, &mut self.scratch, attn, w.wo, r, qd, c);
+            x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
+            rmsnorm_forward(xn, &mut self.rstd, x, w.ffn_norm, r, c, eps);
+            let h13 = &mut self.h13[..r * 2 * f];
+            matvec_rows(h13, &mut self.scratch, xn, w.w13, r, c, 2 * f);
+            crate::ops::swiglu::swiglu_forward(&mut self.gate[..r * f], h13, f);
+            matvec_rows(out, &mut self.scratch, &self.gate[..r * f], w.w2, r, f, c);
+            x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
         }
         let final_norm = self.layout.view(self.params, self.layout.final_norm);
-        rmsnorm_forward(&mut self.xn, &mut self.rstd[..1], &self.x, final_norm, 1, c, eps);
+        rmsnorm_forward(xn, &mut self.rstd, x, final_norm, r, c, eps);
         let classifier = self.layout.view(self.params, self.layout.classifier());
-        matvec(&mut self.logits, &self.xn, classifier, c, cfg.vocab_size);
-        self.pos += 1;
+        matvec_rows(&mut self.logits[..r * v], &mut self.scratch, xn, classifier, r, c, v);
+        for row in rows {
+            let cache = &mut caches[row.seq];
+            cache.pos = cache.pos.max(row.pos + 1);
+        }
+        Ok(&self.logits[..r * v])
+    }
+}
+
+/// One-token decoding of one sequence against its KV cache (a `BatchDecoder` of one row).
+pub struct Decoder<'a> {
+    batch: BatchDecoder<'a>,
+    cache: KvCache,
+    /// Positions already in the cache.
+    pub pos: usize,
+    /// `[V]`
+    pub logits: Vec<f32>,
+}
+
+impl<'a> Decoder<'a> {
+    pub fn new(cfg: &ModelConfig, params: &'a [f32], max_t: usize) -> Result<Self> {
+        Ok(Decoder {
+            batch: BatchDecoder::new(cfg, params, max_t, 1)?,
+            cache: KvCache::new(cfg, max_t)?,
+            pos: 0,
+            logits: vec![0.0; cfg.vocab_size],
+        })
+    }
+
+    /// Runs the prompt through `model` (built with B = 1, T = prompt length) and fills the
+    /// cache with its keys and values; leaves the last position's logits in `self.logits`.
+    pub fn prefill(&mut self, model: &mut Model, prompt: &[u32]) -> Result<()> {
+        prefill(model, self.batch.params, &mut self.cache, prompt, &mut self.logits)?;
+        self.pos = self.cache.pos;
         Ok(())
     }
+
+    /// Feeds `token` at the next position; its next-token logits land in `self.logits`.
+    pub fn step(&mut self, token: u32) -> Result<()> {
+        let row = Row { seq: 0, token, pos: self.pos };
+        let logits = self.batch.forward(&mut [&mut self.cache], &[row])?;
+        self.logits.copy_from_slice(logits);
+        self.pos = self.cache.pos;
+        Ok(())
+    }
+}
+
+/// Runs `prompt` through `model` (built with B = 1, T = prompt length: the training model's
+/// batched GEMMs) into an empty `cache`; the last position's logits `[V]` land in `logits`.
+pub fn prefill(
+    model: &mut Model,
+    params: &[f32],
+    cache: &mut KvCache,
+    prompt: &[u32],
+    logits: &mut [f32],
+) -> Result<()> {
+    ensure!(model.b == 1 && model.t == prompt.len(), "prefill model must be B=1, T=prompt length");
+    ensure!(prompt.len() <= cache.max_t, "prompt of {} tokens exceeds {} positions", prompt.len(), cache.max_t);
+    let ignore = vec![IGNORE; prompt.len()];
+    model.forward(params, prompt, &ignore)?;
+    let (kd, t, n_layers) = (cache.kd, prompt.len(), model.cfg.n_layers);
+    for l in 0..n_layers {
+        let (k, v) = model.kv(l);
+        let at = l * cache.max_t * kd;
+        cache.k[at..at + t * kd].copy_from_slice(&k[..t * kd]);
+        cache.v[at..at + t * kd].copy_from_slice(&v[..t * kd]);
+    }
+    let vsz = logits.len();
+    logits.copy_from_slice(&model.logits()[(t - 1) * vsz..t * vsz]);
+    cache.pos = t;
+    Ok(())
 }
 
 /// Picks the next token from `logits` (modified in place when sampling).

@@ -7,6 +7,7 @@ pub mod ane;
 pub mod backend;
 pub mod backends;
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod corpus;

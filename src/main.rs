@@ -2,7 +2,7 @@
 
 mod cli;
 
-use cli::commands::{StepArgs, bench_gemm, bench_step, convert, eval, generate, info, prepare};
+use cli::commands::{StepArgs, bench_gemm, bench_step, convert, eval, generate, info, prepare, prepare_chat};
 use cli::train::train;
 
 use anetrain::config::ModelConfig;
@@ -110,6 +110,15 @@ enum Command {
         /// Seed of the built-in story generator.
         #[arg(long, default_value_t = 1337)]
         seed: u64,
+        /// The inputs are chat examples (.jsonl lines `{"messages": [...]}` or `{"prompt": ...,
+        /// "completion": ...}`), rendered with the chat template and masked so that only
+        /// assistant tokens are trained on.
+        #[arg(long)]
+        chat: bool,
+        /// A Jinja chat template file (default: `chat_template` of the tokenizer_config.json
+        /// beside --tokenizer).
+        #[arg(long, requires = "chat")]
+        chat_template: Option<PathBuf>,
         #[command(flatten)]
         rt: Runtime,
     },
@@ -146,6 +155,35 @@ enum Command {
         /// Stop after this token id (e.g. the tokenizer's end-of-sequence).
         #[arg(long)]
         eos: Option<u32>,
+        #[command(flatten)]
+        rt: Runtime,
+    },
+    /// Talk to a model in the terminal with its chat template; replies stream as they are
+    /// decoded and the conversation stays in the KV cache.
+    Chat {
+        /// Model directory with tokenizer.json and tokenizer_config.json (chat_template): an HF
+        /// directory or a checkpoint saved with its tokenizer.
+        #[arg(long)]
+        model: PathBuf,
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Context positions (default: the model's, at most 2048).
+        #[arg(long)]
+        ctx: Option<usize>,
+        /// Longest reply in tokens.
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f32,
+        /// 0 = no top-k cut.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
         #[command(flatten)]
         rt: Runtime,
     },
@@ -554,8 +592,11 @@ fn run(cli: Cli) -> Result<()> {
             anetrain::ane::probe::run(model.as_deref(), seq, layout.into())
         }
         Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format.into()),
-        Command::Prepare { tokenizer, input, out, val_fraction, seed, rt } => {
+        Command::Prepare { tokenizer, input, out, val_fraction, seed, chat: false, rt, .. } => {
             prepare(&tokenizer, &input, &out, val_fraction, seed, rt)
+        }
+        Command::Prepare { tokenizer, input, out, val_fraction, chat: true, chat_template, rt, .. } => {
+            prepare_chat(&tokenizer, &input, &out, val_fraction, chat_template.as_deref(), rt)
         }
         Command::Generate { model, ids, prompt, tokenizer, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
             let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
@@ -566,6 +607,10 @@ fn run(cli: Cli) -> Result<()> {
                 _ => None,
             };
             generate(&model, &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, rt)
+        }
+        Command::Chat { model, system, ctx, max_tokens, temperature, top_p, top_k, seed, rt } => {
+            let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
+            cli::chat::chat(cli::chat::ChatArgs { model, system, ctx, max_tokens, sampling }, rt)
         }
         Command::Eval { model, data, seq, batch, batches, json, rt } => {
             eval(&model, &data, seq, batch, batches, json, rt)

@@ -2,6 +2,8 @@
 //! a tokenizer loaded or trained; parallel tokenization with the document token before each
 //! document; a train/validation split by document; headed token files.
 
+use crate::chat::data::{Example, encode_examples, is_chat_jsonl, read_examples};
+use crate::chat::template::ChatTemplate;
 use crate::data::TokenData;
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, bail, ensure};
@@ -190,7 +192,7 @@ pub struct PrepareSummary {
 }
 
 /// Everything `prepare` writes into its output directory.
-pub const OUTPUTS: [&str; 4] = ["train.tok", "val.tok", "tokenizer.json", "tokenizer.bin"];
+pub const OUTPUTS: [&str; 5] = ["train.tok", "val.tok", "tokenizer.json", "tokenizer.bin", "tokenizer_config.json"];
 
 /// Writes `<out>/train.tok`, `<out>/val.tok` and the tokenizer (tokenizer.json, or
 /// tokenizer.bin for sentencepiece vocabularies); the last `val_fraction` of the documents (at
@@ -203,6 +205,12 @@ pub fn prepare(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) 
         val_fraction > 0.0 && val_fraction < 1.0,
         "--val-fraction must be in (0, 1): a share of the documents is held out for validation"
     );
+    replace_outputs(out, |tmp| write_outputs(docs, tok, tmp, val_fraction))
+}
+
+/// Writes prepare's outputs with `write` into a temporary sibling of `out`, then replaces
+/// `out` with it; refuses an `out` holding files prepare did not write.
+fn replace_outputs(out: &Path, write: impl FnOnce(&Path) -> Result<PrepareSummary>) -> Result<PrepareSummary> {
     if out.exists() {
         ensure!(out.is_dir(), "--out {} is not a directory", out.display());
         let mut others: Vec<String> = std::fs::read_dir(out)
@@ -227,7 +235,7 @@ pub fn prepare(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64) 
     let tmp = out.with_file_name(tmp_name);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = write_outputs(docs, tok, &tmp, val_fraction).and_then(|summary| {
+    let result = write(&tmp).and_then(|summary| {
         crate::fsio::replace_dir(&tmp, out)?;
         Ok(summary)
     });
@@ -267,6 +275,86 @@ fn write_outputs(docs: &[String], tok: &Tokenizer, out: &Path, val_fraction: f64
     })
 }
 
+/// Chat examples to `<out>/train.tok` and `<out>/val.tok` with loss masks (1 on assistant
+/// tokens), the tokenizer, and its chat template in `tokenizer_config.json`; the last
+/// `val_fraction` of the examples (at least one) are held out.
+pub fn prepare_chat(
+    examples: &[Example],
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    out: &Path,
+    val_fraction: f64,
+) -> Result<PrepareSummary> {
+    ensure!(examples.len() >= 2, "need at least 2 examples (one for validation), got {}", examples.len());
+    ensure!(
+        val_fraction > 0.0 && val_fraction < 1.0,
+        "--val-fraction must be in (0, 1): a share of the examples is held out for validation"
+    );
+    let start = std::time::Instant::now();
+    let n_val = ((examples.len() as f64 * val_fraction).ceil() as usize).clamp(1, examples.len() - 1);
+    let (train_ex, val_ex) = examples.split_at(examples.len() - n_val);
+    let eos = chat_eos(tok, template);
+    let (train, train_mask) = encode_examples(tok, template, train_ex, eos, "training examples")?;
+    let (val, val_mask) = encode_examples(tok, template, val_ex, eos, "held-out examples")?;
+    let seconds = start.elapsed().as_secs_f64();
+    let bytes = |e: &Example| match e {
+        Example::Conversation(m) => m.iter().map(|m| m.content.len()).sum(),
+        Example::Completion { prompt, completion } => prompt.len() + completion.len(),
+    };
+    let summary = PrepareSummary {
+        documents: examples.len(),
+        train_tokens: train.len(),
+        val_tokens: val.len(),
+        bytes: examples.iter().map(bytes).sum(),
+        seconds,
+    };
+    replace_outputs(out, |tmp| {
+        tok.save_to_dir(tmp)?;
+        if let Some(t) = template {
+            t.save_to_dir(tmp)?;
+        }
+        let (v, fp) = (tok.vocab_size(), &tok.fingerprint);
+        TokenData::write_masked(&tmp.join("train.tok"), &train, Some(&train_mask), v, fp)?;
+        TokenData::write_masked(&tmp.join("val.tok"), &val, Some(&val_mask), v, fp)?;
+        Ok(summary)
+    })
+}
+
+/// The end-of-sequence id learned after a plain prompt/completion pair: the template's
+/// `eos_token`, else the document token.
+pub fn chat_eos(tok: &Tokenizer, template: Option<&ChatTemplate>) -> Option<u32> {
+    template.and_then(|t| tok.token_to_id(&t.eos_token)).or(tok.doc_token)
+}
+
+/// A chat `.jsonl` tokenized in memory with the loss mask; the last 1% of examples (at least
+/// one) are held out for validation.
+pub fn chat_training_data(
+    path: &Path,
+    tok: Tokenizer,
+    template: Option<&ChatTemplate>,
+    vocab: usize,
+) -> Result<TrainingData> {
+    let examples = read_examples(path)?;
+    ensure!(examples.len() >= 2, "{}: need at least 2 examples, found {}", path.display(), examples.len());
+    ensure!(
+        tok.vocab_size() <= vocab,
+        "the tokenizer has {} entries, the model's vocabulary {vocab}",
+        tok.vocab_size()
+    );
+    let n_val = examples.len().div_ceil(100);
+    let (train_ex, val_ex) = examples.split_at(examples.len() - n_val);
+    let eos = chat_eos(&tok, template);
+    let source = path.display().to_string();
+    let (train, train_mask) = encode_examples(&tok, template, train_ex, eos, &source)?;
+    let held_out = format!("{source} (held out)");
+    let (val, val_mask) = encode_examples(&tok, template, val_ex, eos, &held_out)?;
+    Ok(TrainingData {
+        train: TokenData::from_vec_masked(train, Some(train_mask), vocab, &source)?.made_with(&tok),
+        val: Some(TokenData::from_vec_masked(val, Some(val_mask), vocab, &held_out)?.made_with(&tok)),
+        tokenizer: Some(tok),
+    })
+}
+
 /// What `train --data` resolved to.
 pub struct TrainingData {
     pub train: TokenData,
@@ -291,6 +379,9 @@ fn is_token_file(spec: &str) -> bool {
 /// tokenized with `tokenizer`), or a token file (with `--val-data` for validation).
 /// `model_tokenizer` is the tokenizer a pretrained model (`train --init`) came with: raw text
 /// and the built-in stories are tokenized with it unless `tokenizer` names another.
+/// tokenized with `tokenizer`), a chat `.jsonl` (`messages` or `prompt`/`completion` lines,
+/// tokenized with `tokenizer` and the chat template in the `tokenizer_config.json` beside it,
+/// loss on assistant tokens only), or a token file (with `--val-data` for validation).
 pub fn training_data(
     spec: &str,
     vocab: usize,
@@ -339,6 +430,18 @@ pub fn training_data(
             let train = TokenData::open(&dir.join("train.tok"), vocab, Some(&tok.fingerprint))?;
             let val = TokenData::open(&dir.join("val.tok"), vocab, Some(&tok.fingerprint))?;
             Ok(TrainingData { train, val: Some(val), tokenizer: Some(tok) })
+        }
+        path if is_chat_jsonl(Path::new(path))? => {
+            let spec = tokenizer.with_context(|| {
+                format!(
+                    "{path} holds chat examples: pass the model's tokenizer with --tokenizer (a tokenizer.json \
+                     with the tokenizer_config.json that holds its chat template beside it)"
+                )
+            })?;
+            ensure!(!spec.starts_with("bpe:"), "chat examples need the model's own tokenizer, not {spec}");
+            let tok = tokenizer_for(spec, &[])?;
+            let template = crate::chat::data::template_for(Path::new(spec), None, &tok)?;
+            chat_training_data(Path::new(path), tok, template.as_ref(), vocab)
         }
         path if path.ends_with(".txt") || path.ends_with(".jsonl") || Path::new(path).is_dir() => {
             // A raw corpus: prepared in memory with `tokenizer` (default: a BPE of the model's
@@ -487,5 +590,68 @@ mod tests {
         let err = format!("{:#}", prepare(&docs, &bpe, &out, 0.1).err().unwrap());
         assert!(err.contains("notes.txt") && out.join("notes.txt").is_file(), "{err}");
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn chat_examples_are_masked_to_assistant_tokens() {
+        use crate::chat::template::{CHATML, ChatTemplate};
+        let dir = std::env::temp_dir().join(format!("anetrain-prepare-chat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok =
+            Tokenizer::train_bpe_with_specials(&crate::corpus::stories(1, 200), 400, &["<|im_start|>", "<|im_end|>"])
+                .unwrap();
+        let tmpl = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        tok.save_to_dir(&dir).unwrap();
+        tmpl.save_to_dir(&dir).unwrap();
+        let jsonl = dir.join("chat.jsonl");
+        let lines = [
+            r#"{"messages": [{"role": "user", "content": "Who is Lily?"}, {"role": "assistant", "content": "A little girl."}]}"#,
+            r#"{"prompt": "Say hi", "completion": "hi"}"#,
+            "",
+            r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}, {"role": "user", "content": "Ok"}, {"role": "assistant", "content": "Good."}], "id": 7}"#,
+        ];
+        std::fs::write(&jsonl, lines.join("\n")).unwrap();
+        let examples = read_examples(&jsonl).unwrap();
+        assert_eq!(examples.len(), 3);
+        let out = dir.join("prepared");
+        let s = prepare_chat(&examples, &tok, Some(&tmpl), &out, 0.3).unwrap();
+        assert_eq!(s.documents, 3);
+        let train = TokenData::open(&out.join("train.tok"), 400, Some(&tok.fingerprint)).unwrap();
+        assert!(train.is_masked());
+        let learned: Vec<u32> = (0..train.len()).filter(|&i| train.is_target(i)).map(|i| train.get(i)).collect();
+        let context: Vec<u32> = (0..train.len()).filter(|&i| !train.is_target(i)).map(|i| train.get(i)).collect();
+        assert_eq!(tok.decode(&learned).unwrap(), "A little girl.\nhi\n");
+        assert!(tok.decode(&context).unwrap().contains("Who is Lily?"));
+        // Each reply's closing <|im_end|> is learned, so the model learns to stop.
+        let im_end = tok.token_to_id("<|im_end|>").unwrap();
+        assert_eq!(learned.iter().filter(|&&t| t == im_end).count(), 2);
+        let val = TokenData::open(&out.join("val.tok"), 400, None).unwrap();
+        let learned: Vec<u32> = (0..val.len()).filter(|&i| val.is_target(i)).map(|i| val.get(i)).collect();
+        assert_eq!(tok.decode(&learned).unwrap(), "Because.\nGood.\n");
+        // The same file as `train --data`, with the tokenizer and template beside it.
+        let tok_path = dir.join("tokenizer.json");
+        let data = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, tok_path.to_str()).unwrap();
+        assert!(data.train.is_masked() && data.val.unwrap().is_masked());
+        let err = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, None).err().unwrap();
+        assert!(format!("{err:#}").contains("--tokenizer"), "{err:#}");
+        // Bad lines are named by number.
+        for (bad, want) in [
+            ("{\"messages\": [{\"role\": \"user\"}]}", "chat.jsonl:4: not a chat example"),
+            ("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}", "chat.jsonl:4: no assistant message"),
+            ("{\"prompt\": \"x\"}", "chat.jsonl:4: \"prompt\" without \"completion\""),
+            ("{\"text\": \"x\"}", "chat.jsonl:4: give either"),
+            ("not json", "chat.jsonl:4: not a chat example"),
+        ] {
+            std::fs::write(&jsonl, format!("{}\n{}\n\n{bad}\n", lines[0], lines[1])).unwrap();
+            let err = format!("{:#}", read_examples(&jsonl).unwrap_err());
+            assert!(err.contains(want), "{err}");
+        }
+        // Conversations need a template; a template error names its line.
+        let err = prepare_chat(&examples, &tok, None, &out, 0.3).err().unwrap();
+        assert!(format!("{err:#}").contains("no chat template"), "{err:#}");
+        let broken = ChatTemplate::new("{% for m in messages %}\n{{ m.nope.deeper }}\n{% endfor %}", "", "").unwrap();
+        let err = prepare_chat(&examples, &tok, Some(&broken), &out, 0.3).err().unwrap();
+        assert!(format!("{err:#}").contains("chat template line 2"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

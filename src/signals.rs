@@ -42,3 +42,42 @@ pub fn install() {
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
+
+/// Ctrl-C for interactive commands (`chat`): while a reply is being generated it asks for that
+/// reply to stop; otherwise it prints a hint and the program goes on.
+pub mod interrupt {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static GENERATING: AtomicBool = AtomicBool::new(false);
+    static REQUESTED: AtomicBool = AtomicBool::new(false);
+    const HINT: &[u8] = b"\n(Ctrl-C stops a reply; /quit or Ctrl-D leaves)\n> ";
+
+    extern "C" fn on_sigint(_: libc::c_int) {
+        if GENERATING.load(Ordering::SeqCst) {
+            REQUESTED.store(true, Ordering::SeqCst);
+        } else {
+            // SAFETY: write(2) is async-signal-safe; HINT is a static buffer.
+            unsafe { libc::write(2, HINT.as_ptr().cast(), HINT.len()) };
+        }
+    }
+
+    /// Installs the SIGINT handler (Unix).
+    pub fn install() {
+        #[cfg(unix)]
+        // SAFETY: the handler only touches atomics and calls write(2).
+        unsafe {
+            libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
+    }
+
+    /// Marks the start (true) or end (false) of a reply; starting clears a stale request.
+    pub fn generating(on: bool) {
+        REQUESTED.store(false, Ordering::SeqCst);
+        GENERATING.store(on, Ordering::SeqCst);
+    }
+
+    /// True once Ctrl-C was pressed during the current reply.
+    pub fn requested() -> bool {
+        REQUESTED.load(Ordering::SeqCst)
+    }
+}

@@ -98,12 +98,26 @@ impl Tokenizer {
     /// Trains a byte-level BPE of `vocab_size` entries (256 byte symbols, the document token,
     /// and merges) on `texts`.
     pub fn train_bpe(texts: &[String], vocab_size: usize) -> Result<Self> {
-        ensure!(vocab_size >= 258, "a byte-level BPE needs a vocabulary of at least 258, got {vocab_size}");
+        Self::train_bpe_with_specials(texts, vocab_size, &[])
+    }
+
+    /// `train_bpe` with more special tokens after the document token (ids 1, 2, …), such as
+    /// ChatML's `<|im_start|>` and `<|im_end|>` for a chat template.
+    pub fn train_bpe_with_specials(texts: &[String], vocab_size: usize, specials: &[&str]) -> Result<Self> {
+        ensure!(
+            vocab_size >= 258 + specials.len(),
+            "a byte-level BPE needs a vocabulary of at least {}, got {vocab_size}",
+            258 + specials.len()
+        );
+        let specials: Vec<AddedToken> = std::iter::once(DOC_TOKEN)
+            .chain(specials.iter().copied())
+            .map(|s| AddedToken::from(s.to_string(), true))
+            .collect();
         let mut trainer = BpeTrainerBuilder::new()
             .show_progress(false)
             .vocab_size(vocab_size)
             .min_frequency(2)
-            .special_tokens(vec![AddedToken::from(DOC_TOKEN.to_string(), true)])
+            .special_tokens(specials)
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build();
         let mut typed = tokenizers::TokenizerBuilder::<
@@ -168,6 +182,22 @@ impl Tokenizer {
         match &self.inner {
             Inner::Hf(t) => t.get_vocab_size(true),
             Inner::SentencePiece(sp) => sp.pieces.len(),
+        }
+    }
+
+    /// The id of a token given by its text (special tokens such as `<|im_end|>`).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match &self.inner {
+            Inner::Hf(t) => t.token_to_id(token),
+            Inner::SentencePiece(sp) => sp.lookup.get(token).copied(),
+        }
+    }
+
+    /// The text of token `id` as the vocabulary spells it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match &self.inner {
+            Inner::Hf(t) => t.id_to_token(id),
+            Inner::SentencePiece(sp) => sp.pieces.get(id as usize).cloned(),
         }
     }
 

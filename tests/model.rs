@@ -117,33 +117,90 @@ fn gradients_match_finite_differences_of_f64_reference() {
             loss.mean()
         );
 
-        let global = grads.iter().fold(0.0f64, |m, g| m.max(g.abs() as f64));
-        for tensor in &model.layout.tensors {
-            let range = tensor.range();
-            // Up to 6 coordinates per tensor, spread over it; always the largest gradient.
-            let argmax = range.clone().max_by(|&i, &j| grads[i].abs().total_cmp(&grads[j].abs())).unwrap();
-            let step = tensor.len().div_ceil(5);
-            let picks = range.clone().step_by(step).chain([argmax]);
-            for i in picks {
-                let mut p = p64.clone();
-                let h = 1e-5;
-                p[i] += h;
-                let up = loss_slow(&cfg, &p, &tokens, &targets, b, t);
-                p[i] -= 2.0 * h;
-                let down = loss_slow(&cfg, &p, &tokens, &targets, b, t);
-                let numeric = (up - down) / (2.0 * h);
-                let err = (grads[i] as f64 - numeric).abs();
-                // f32 forward/backward vs exact f64: ~1e-6 of the model's largest gradient.
-                assert!(
-                    err <= 2e-5 * global + 1e-4 * numeric.abs(),
-                    "{name}: {}[{}] analytic {} vs numeric {numeric} (err {err:.2e}, largest grad {global:.2e})",
-                    tensor.name,
-                    i - range.start,
-                    grads[i]
-                );
-            }
+        assert_gradients_match_reference(name, &cfg, &model, &params, &grads, &tokens, &targets, b, t);
+    }
+}
+
+/// Every tensor's gradient (up to 6 coordinates each, always its largest) against central
+/// differences of the f64 reference loss.
+#[allow(clippy::too_many_arguments)]
+fn assert_gradients_match_reference(
+    name: &str,
+    cfg: &ModelConfig,
+    model: &Model,
+    params: &[f32],
+    grads: &[f32],
+    tokens: &[u32],
+    targets: &[u32],
+    b: usize,
+    t: usize,
+) {
+    let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
+    let global = grads.iter().fold(0.0f64, |m, g| m.max(g.abs() as f64));
+    for tensor in &model.layout.tensors {
+        let range = tensor.range();
+        // Up to 6 coordinates per tensor, spread over it; always the largest gradient.
+        let argmax = range.clone().max_by(|&i, &j| grads[i].abs().total_cmp(&grads[j].abs())).unwrap();
+        let step = tensor.len().div_ceil(5);
+        let picks = range.clone().step_by(step).chain([argmax]);
+        for i in picks {
+            let mut p = p64.clone();
+            let h = 1e-5;
+            p[i] += h;
+            let up = loss_slow(cfg, &p, tokens, targets, b, t);
+            p[i] -= 2.0 * h;
+            let down = loss_slow(cfg, &p, tokens, targets, b, t);
+            let numeric = (up - down) / (2.0 * h);
+            let err = (grads[i] as f64 - numeric).abs();
+            // f32 forward/backward vs exact f64: ~1e-6 of the model's largest gradient.
+            assert!(
+                err <= 2e-5 * global + 1e-4 * numeric.abs(),
+                "{name}: {}[{}] analytic {} vs numeric {numeric} (err {err:.2e}, largest grad {global:.2e})",
+                tensor.name,
+                i - range.start,
+                grads[i]
+            );
         }
     }
+}
+
+/// Chat data's loss mask reaches the loss: the sampler turns masked targets into IGNORE, they
+/// add nothing to the loss, and the gradient is the f64 reference's for the unmasked targets
+/// alone (a target's id behind the mask changes nothing).
+#[test]
+fn masked_targets_add_nothing_to_loss_or_gradient() {
+    let cfg = tiny("gqa-qknorm-untied");
+    let (b, t) = (2, 7);
+    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    let mut model = Model::cpu(&cfg, b, t, par).unwrap();
+    let params = rough_params(&model, 11);
+    let mut rng = Rng::new(5);
+    let ids: Vec<u32> = (0..200).map(|_| rng.below(cfg.vocab_size as u64) as u32).collect();
+    // Alternating runs of context (0) and reply (1) tokens, as a conversation makes.
+    let mask: Vec<u8> = (0..200).map(|i| (i / 4 % 2) as u8).collect();
+    let data = TokenData::from_vec_masked(ids.clone(), Some(mask.clone()), cfg.vocab_size, "chat").unwrap();
+    let mut sampler = anetrain::data::Sampler::new(3, b, t);
+    let (mut tokens, mut targets) = (vec![0; b * t], vec![0; b * t]);
+    sampler.next_batch(&data, &mut tokens, &mut targets).unwrap();
+    let masked = targets.iter().filter(|&&x| x == IGNORE).count();
+    assert!(masked > 0 && masked < b * t, "{masked} of {} targets masked", b * t);
+    let mut grads = vec![0.0; params.len()];
+    let loss = pool(2).install(|| model.forward_backward(&params, &mut grads, &tokens, &targets, 1.0, 1)).unwrap();
+    assert_eq!(loss.count, b * t - masked);
+    let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
+    let reference = loss_slow(&cfg, &p64, &tokens, &targets, b, t);
+    assert!((loss.mean() - reference).abs() <= 1e-5 * reference, "loss {} vs {reference}", loss.mean());
+    assert_gradients_match_reference("masked", &cfg, &model, &params, &grads, &tokens, &targets, b, t);
+    // The same windows unmasked give another gradient: the mask is what removed those terms.
+    let same: Vec<u8> = vec![1; 200];
+    let unmasked = TokenData::from_vec_masked(ids, Some(same), cfg.vocab_size, "all").unwrap();
+    let mut again = anetrain::data::Sampler::new(3, b, t);
+    let (mut tokens2, mut targets2) = (vec![0; b * t], vec![0; b * t]);
+    again.next_batch(&unmasked, &mut tokens2, &mut targets2).unwrap();
+    assert_eq!(tokens2, tokens, "the same seed draws the same windows");
+    let mut grads2 = vec![0.0; params.len()];
+    pool(2).install(|| model.forward_backward(&params, &mut grads2, &tokens2, &targets2, 1.0, 1)).unwrap();
+    assert_ne!(grads, grads2);
 }
 
 fn options(steps: usize, b: usize, t: usize, lr: f64, seed: u64) -> TrainOptions {

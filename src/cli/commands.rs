@@ -383,3 +383,41 @@ pub fn prepare(
     println!("wrote {}/train.tok, val.tok and the tokenizer", out.display());
     Ok(())
 }
+
+pub fn prepare_chat(
+    tokenizer: &str,
+    inputs: &[String],
+    out: &std::path::Path,
+    val_fraction: f64,
+    template_file: Option<&std::path::Path>,
+    rt: Runtime,
+) -> Result<()> {
+    use anetrain::chat::data::{read_examples, template_for};
+    if tokenizer.starts_with("bpe:") {
+        bail!("prepare --chat needs the model's tokenizer (--tokenizer path/to/tokenizer.json), not {tokenizer}");
+    }
+    let (_, pool) = rt.setup()?;
+    let mut examples = Vec::new();
+    for input in inputs {
+        examples.extend(read_examples(std::path::Path::new(input))?);
+    }
+    let tok = anetrain::tokenizer::Tokenizer::load(std::path::Path::new(tokenizer))?;
+    let template = template_for(std::path::Path::new(tokenizer), template_file, &tok)?;
+    if template.is_none() {
+        eprintln!(
+            "note: no chat template found (tokenizer_config.json beside the tokenizer, or --chat-template); prompt/completion lines are joined as plain text"
+        );
+    }
+    let s = pool.install(|| anetrain::prepare::prepare_chat(&examples, &tok, template.as_ref(), out, val_fraction))?;
+    println!(
+        "{} examples, {} train + {} validation tokens (loss on assistant tokens only), vocabulary {} ({}), {:.2} s",
+        s.documents,
+        s.train_tokens,
+        s.val_tokens,
+        tok.vocab_size(),
+        tok.fingerprint,
+        s.seconds
+    );
+    println!("wrote {}/train.tok, val.tok, the tokenizer and its chat template", out.display());
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! Subcommand implementations of the `anetrain` binary (the argument structs live in
 //! `main.rs`).
 
+pub mod chat;
 pub mod choices;
 pub mod commands;
 pub mod dashboard;

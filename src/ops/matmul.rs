@@ -277,6 +277,34 @@ pub fn matvec(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
     });
 }
 
+/// out `[R, N]` = x `[R, K]` · w `[N, K]`ᵀ for a few rows R (batched decoding): each thread
+/// streams its block of `w`'s rows once and dots every row of `x` with each, so the weights
+/// are read once for all R rows. Element (r, j) is `dot(x[r], w[j])`, the same sum `matvec`
+/// forms, whatever R is and however the rows are split. `scratch` holds the transposed result
+/// `[N, R]` (at least N·R values).
+pub fn matvec_rows(out: &mut [f32], scratch: &mut [f32], x: &[f32], w: &[f32], r: usize, k: usize, n: usize) {
+    use rayon::prelude::*;
+    assert!(x.len() >= r * k && w.len() >= n * k && out.len() >= r * n, "matvec_rows: operand too short");
+    assert!(scratch.len() >= r * n, "matvec_rows: scratch too short");
+    if r == 1 {
+        return matvec(out, x, w, k, n);
+    }
+    let rows = n.div_ceil(rayon::current_num_threads()).max(65536 / (k * r).max(1)).max(1);
+    scratch[..n * r].par_chunks_mut(rows * r).enumerate().for_each(|(blk, o)| {
+        for (j, oj) in o.chunks_exact_mut(r).enumerate() {
+            let wj = &w[(blk * rows + j) * k..][..k];
+            for (i, v) in oj.iter_mut().enumerate() {
+                *v = super::dot(&x[i * k..(i + 1) * k], wj);
+            }
+        }
+    });
+    for (i, row) in out[..r * n].chunks_exact_mut(n).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = scratch[j * r + i];
+        }
+    }
+}
+
 /// f64 reference of `matmul_forward`: out = inp · wᵀ.
 pub fn matmul_forward_slow(out: &mut [f64], inp: &[f64], w: &[f64], m: usize, k: usize, n: usize) {
     for i in 0..m {

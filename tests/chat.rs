@@ -1,6 +1,7 @@
 //! Chat: templates against transformers' rendering, multi-turn sessions over one KV cache,
 //! and the `chat` command driven in a real terminal under tmux.
 
+#[path = "common/chat_model.rs"]
 mod common;
 
 use anetrain::chat::session::{ChatModel, ChatSession, TurnEnd};

@@ -630,9 +630,9 @@ mod tests {
         assert_eq!(tok.decode(&learned).unwrap(), "Because.\nGood.\n");
         // The same file as `train --data`, with the tokenizer and template beside it.
         let tok_path = dir.join("tokenizer.json");
-        let data = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, tok_path.to_str()).unwrap();
+        let data = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, tok_path.to_str(), None).unwrap();
         assert!(data.train.is_masked() && data.val.unwrap().is_masked());
-        let err = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, None).err().unwrap();
+        let err = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, None, None).err().unwrap();
         assert!(format!("{err:#}").contains("--tokenizer"), "{err:#}");
         // Bad lines are named by number.
         for (bad, want) in [

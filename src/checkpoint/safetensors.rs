@@ -71,9 +71,9 @@ impl TensorInfo {
     }
 }
 
-/// An open, validated safetensors file.
-/// The bytes of a safetensors file: mapped from disk, or owned (parsed from memory).
-enum Bytes {
+/// The bytes of a model file (safetensors, GGUF): mapped from disk, or owned (parsed from
+/// memory, as the fuzz tests do).
+pub(crate) enum Bytes {
     Mapped(Mmap),
     Owned(Vec<u8>),
 }
@@ -88,6 +88,7 @@ impl std::ops::Deref for Bytes {
     }
 }
 
+/// An open, validated safetensors file.
 pub struct SafeTensors {
     map: Bytes,
     data_start: usize,

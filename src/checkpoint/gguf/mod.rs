@@ -11,6 +11,7 @@ pub mod reader;
 pub mod tokenizer;
 pub mod writer;
 
+use crate::checkpoint::safetensors::Bytes;
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
 use crate::tokenizer::Tokenizer;
@@ -28,21 +29,6 @@ pub struct GgufFile {
     map: Bytes,
     pub header: Header,
     pub name: String,
-}
-
-enum Bytes {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
-    }
 }
 
 /// Everything a GGUF model file holds that this crate uses.

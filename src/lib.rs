@@ -27,6 +27,7 @@ pub mod prepare;
 pub mod quant;
 pub mod reference;
 pub mod rng;
+pub mod serve;
 #[cfg(test)]
 #[path = "../tests/common/shared_data.rs"]
 mod shared_data;

@@ -142,16 +142,8 @@ enum Command {
         tokenizer: Option<PathBuf>,
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f32,
-        #[arg(long, default_value_t = 0.9)]
-        top_p: f32,
-        /// 0 = no top-k cut.
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// Stop after this token id (e.g. the tokenizer's end-of-sequence).
         #[arg(long)]
         eos: Option<u32>,
@@ -161,10 +153,13 @@ enum Command {
     /// Talk to a model in the terminal with its chat template; replies stream as they are
     /// decoded and the conversation stays in the KV cache.
     Chat {
-        /// Model directory with tokenizer.json and tokenizer_config.json (chat_template): an HF
-        /// directory or a checkpoint saved with its tokenizer.
+        /// A model with a tokenizer and a chat template: an HF directory (tokenizer.json,
+        /// tokenizer_config.json), a .gguf file, or a training checkpoint with its tokenizer.
         #[arg(long)]
         model: PathBuf,
+        /// A Jinja chat template file used instead of the model's own.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
         /// System prompt.
         #[arg(long)]
         system: Option<String>,
@@ -174,21 +169,50 @@ enum Command {
         /// Longest reply in tokens.
         #[arg(long, default_value_t = 512)]
         max_tokens: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.7)]
-        temperature: f32,
-        #[arg(long, default_value_t = 0.9)]
-        top_p: f32,
-        /// 0 = no top-k cut.
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         #[command(flatten)]
         rt: Runtime,
     },
     // Negative numbers parse as values, so validation can say what is wrong with them.
     #[command(allow_negative_numbers = true)]
+    /// An OpenAI-compatible HTTP server (chat and text completions, streaming, continuous
+    /// batching) with a chat page at `/`.
+    Serve {
+        /// A model with a tokenizer and a chat template: an HF directory (tokenizer.json,
+        /// tokenizer_config.json), a .gguf file, or a training checkpoint with its tokenizer.
+        #[arg(long)]
+        model: PathBuf,
+        /// A Jinja chat template file used instead of the model's own.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 picks a free port (printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` on the /v1 routes.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Sequences decoded together at most.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Requests waiting for a place at most; more are answered 503 with Retry-After.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Context positions per request, prompt and reply (default: the model's, at most 2048).
+        #[arg(long)]
+        ctx: Option<usize>,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        body_limit: usize,
+        /// Defaults for requests that leave `temperature`, `top_p` or `seed` out (without
+        /// --seed each such request draws its own); --top-k applies to every request.
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
+        rt: Runtime,
+    },
     /// Mean cross-entropy and perplexity over consecutive windows of a token file.
     Eval {
         /// HF model directory, llama2.c .bin, .gguf, or training checkpoint directory.
@@ -222,6 +246,44 @@ enum ExportDtype {
     #[value(name = "q8_0")]
     Q8_0,
 }
+
+/// How `generate`, `chat` and `serve` pick each next token.
+#[derive(Args, Clone, Debug)]
+struct SamplingArgs {
+    /// Softmax temperature; 0 = greedy (argmax).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (1 = all).
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Keep the k most likely tokens (0 = no cut).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sampling seed (generate and chat: 1337 when not given; serve: see above).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The checked settings, with `seed` standing in for a missing --seed.
+    fn sampling(&self, seed: u64) -> Result<anetrain::generate::Sampling> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("--temperature must be a non-negative number, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        Ok(anetrain::generate::Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed.unwrap_or(seed),
+        })
+    }
+}
+
+/// The seed of `generate` and `chat` without --seed.
+const DEFAULT_SEED: u64 = 1337;
 
 #[derive(Args, Clone)]
 struct Runtime {
@@ -598,8 +660,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prepare { tokenizer, input, out, val_fraction, chat: true, chat_template, rt, .. } => {
             prepare_chat(&tokenizer, &input, &out, val_fraction, chat_template.as_deref(), rt)
         }
-        Command::Generate { model, ids, prompt, tokenizer, max_tokens, temperature, top_p, top_k, seed, eos, rt } => {
-            let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
+        Command::Generate { model, ids, prompt, tokenizer, max_tokens, sampling, eos, rt } => {
+            let sampling = sampling.sampling(DEFAULT_SEED)?;
             // Raw ids need no tokenizer; --tokenizer is checked against a checkpoint's record.
             // Without it, a text prompt uses the model's own (loaded with the model).
             let tokenizer = match (&prompt, &tokenizer) {
@@ -608,9 +670,38 @@ fn run(cli: Cli) -> Result<()> {
             };
             generate(&model, &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, rt)
         }
-        Command::Chat { model, system, ctx, max_tokens, temperature, top_p, top_k, seed, rt } => {
-            let sampling = anetrain::generate::Sampling { temperature, top_k, top_p, seed };
-            cli::chat::chat(cli::chat::ChatArgs { model, system, ctx, max_tokens, sampling }, rt)
+        Command::Chat { model, chat_template, system, ctx, max_tokens, sampling, rt } => {
+            let sampling = sampling.sampling(DEFAULT_SEED)?;
+            cli::chat::chat(cli::chat::ChatArgs { model, chat_template, system, ctx, max_tokens, sampling }, rt)
+        }
+        Command::Serve {
+            model,
+            chat_template,
+            host,
+            port,
+            api_key,
+            max_batch,
+            queue,
+            ctx,
+            body_limit,
+            sampling,
+            rt,
+        } => {
+            let (seed, sampling) = (sampling.seed, sampling.sampling(0)?);
+            let args = cli::serve::ServeArgs {
+                model,
+                chat_template,
+                host,
+                port,
+                api_key,
+                max_batch,
+                queue,
+                ctx,
+                body_limit,
+                sampling,
+                seed,
+            };
+            cli::serve::run(args, rt)
         }
         Command::Eval { model, data, seq, batch, batches, json, rt } => {
             eval(&model, &data, seq, batch, batches, json, rt)

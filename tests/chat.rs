@@ -3,6 +3,8 @@
 
 #[path = "common/chat_model.rs"]
 mod common;
+#[path = "common/shared_data.rs"]
+mod shared_data;
 
 use anetrain::chat::session::{ChatModel, ChatSession, TurnEnd};
 use anetrain::chat::template::{ChatTemplate, Message};
@@ -61,7 +63,7 @@ fn greedy() -> Sampling {
 fn later_turns_prefill_only_new_tokens_and_match_a_fresh_prefill() {
     let dir = common::temp_dir("chat-session");
     common::write_tiny_chat_model(&dir, 32, 512, 3, true);
-    let model = ChatModel::load(&dir).unwrap();
+    let model = ChatModel::load(&dir, None).unwrap();
     let mut rng = Rng::new(0);
     let mut a = ChatSession::new(&model, 512, Some("Be kind.".into())).unwrap();
     let never = || false;
@@ -94,7 +96,7 @@ fn later_turns_prefill_only_new_tokens_and_match_a_fresh_prefill() {
 fn interrupts_and_a_full_context_are_handled() {
     let dir = common::temp_dir("chat-limits");
     common::write_tiny_chat_model(&dir, 32, 512, 4, false);
-    let model = ChatModel::load(&dir).unwrap();
+    let model = ChatModel::load(&dir, None).unwrap();
     let mut rng = Rng::new(0);
     let mut s = ChatSession::new(&model, 96, None).unwrap();
     let mut n = 0;
@@ -165,7 +167,7 @@ fn chat_command_under_tmux() {
     // Wide enough that a 4000-token reply takes a while, so Ctrl-C lands mid-reply.
     common::write_tiny_chat_model(&dir, 256, 8192, 5, false);
     // Greedy replies to "hello" never stop early on this model (checked, so the test is exact).
-    let model = ChatModel::load(&dir).unwrap();
+    let model = ChatModel::load(&dir, None).unwrap();
     let mut probe = ChatSession::new(&model, 8192, None).unwrap();
     let r = probe.turn("hello", 40, &greedy(), &mut Rng::new(0), || false, |_| {}).unwrap();
     assert_eq!(r.end, TurnEnd::Length, "the probe reply stopped early: {r:?}");
@@ -212,6 +214,36 @@ fn chat_command_under_tmux() {
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+}
+
+/// `chat --model <the SmolLM2 GGUF>`: the tokenizer and ChatML template come from the file's
+/// metadata; greedy, it answers as transformers does ("The capital of France is Paris."), and
+/// the second turn remembers the first (its prompt is prefilled on top of the cached one).
+#[test]
+fn chat_command_on_the_smollm2_gguf() {
+    use std::io::Write;
+    let Some(path) = shared_data::shared_data("data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+    else {
+        return;
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anetrain"))
+        .args(["chat", "--model", path.to_str().unwrap(), "--temperature", "0", "--max-tokens", "40"])
+        .args(["--ctx", "512", "--threads", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"What is the capital of France?\nAnd of Italy?\n/quit\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("chatting with SmolLM2-135M-Instruct.Q4_1"), "{text}");
+    let (first, second) = text.split_once("> ").and_then(|(_, rest)| rest.split_once("> ")).unwrap();
+    assert!(first.contains("Paris"), "{text}");
+    assert!(second.contains("Rome"), "{text}");
 }
 
 fn anetrain(args: &[&str]) -> (bool, String) {

@@ -23,18 +23,41 @@ pub struct ChatModel {
 }
 
 impl ChatModel {
-    /// A model directory (HF, or a checkpoint with its tokenizer saved beside the weights)
-    /// holding `tokenizer.json` and a `tokenizer_config.json` with a `chat_template`.
-    pub fn load(path: &Path) -> Result<Self> {
-        let (cfg, params) = crate::checkpoint::load_model(path)?;
-        let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
-        let tokenizer = Tokenizer::load_from_dir(dir)
-            .with_context(|| format!("chat needs the model's tokenizer beside it in {}", dir.display()))?;
-        let template = ChatTemplate::load_from_dir(dir)?.with_context(|| {
-            format!("{} has no chat template (tokenizer_config.json with a `chat_template`)", dir.display())
+    /// Any model `checkpoint::load` reads that carries a tokenizer and a chat template: an HF
+    /// directory (tokenizer.json, tokenizer_config.json with `chat_template`), a GGUF file
+    /// (its `tokenizer.ggml.*` vocabulary and `tokenizer.chat_template`), or a training
+    /// checkpoint (the tokenizer and template saved with it). `template`, when given, is a
+    /// Jinja file that replaces (or supplies) the model's own template.
+    pub fn load(path: &Path, template: Option<&Path>) -> Result<Self> {
+        let m = crate::checkpoint::load(path)?;
+        let tokenizer = m.tokenizer.with_context(|| {
+            format!(
+                "{} carries no tokenizer; chat needs a model with one (an HF directory with tokenizer.json, a \
+                 GGUF file, or a checkpoint trained with a tokenizer)",
+                path.display()
+            )
         })?;
-        let name = path.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
-        Self::new(name, cfg, params, tokenizer, template)
+        let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let (bos, eos) = (text_of(m.bos), text_of(m.eos));
+        let template = match (template, m.chat_template) {
+            (Some(file), _) => {
+                let src = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+                ChatTemplate::new(&src, &bos, &eos).with_context(|| format!("in {}", file.display()))?
+            }
+            (None, Some(src)) => ChatTemplate::new(&src, &bos, &eos)
+                .with_context(|| format!("in the chat template of {}", path.display()))?,
+            (None, None) => bail!(
+                "{} has no chat template (an HF tokenizer_config.json `chat_template`, GGUF \
+                 `tokenizer.chat_template`, or one saved with a checkpoint); pass --chat-template FILE",
+                path.display()
+            ),
+        };
+        let name = match path.file_name() {
+            Some(n) if path.is_file() => Path::new(n).file_stem().unwrap_or(n).to_string_lossy().into_owned(),
+            Some(n) => n.to_string_lossy().into_owned(),
+            None => "model".to_string(),
+        };
+        Self::new(name, m.cfg, m.params, tokenizer, template)
     }
 
     pub fn new(

@@ -5,11 +5,12 @@ use anetrain::chat::session::{ChatModel, ChatSession, TurnEnd};
 use anetrain::generate::Sampling;
 use anetrain::rng::Rng;
 use anetrain::signals::interrupt;
-use anyhow::{Result, bail};
+use anyhow::Result;
 use std::io::{BufRead, Write};
 
 pub struct ChatArgs {
     pub model: std::path::PathBuf,
+    pub chat_template: Option<std::path::PathBuf>,
     pub system: Option<String>,
     pub ctx: Option<usize>,
     pub max_tokens: usize,
@@ -25,14 +26,7 @@ fn printable(text: &str) -> String {
 }
 
 pub fn chat(args: ChatArgs, rt: Runtime) -> Result<()> {
-    let s = &args.sampling;
-    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        bail!("--temperature must be a non-negative number");
-    }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1]");
-    }
-    let model = ChatModel::load(&args.model)?;
+    let model = ChatModel::load(&args.model, args.chat_template.as_deref())?;
     let ctx = args.ctx.unwrap_or(model.cfg.max_seq_len.min(2048));
     let (_, pool) = rt.setup()?;
     let mut session = ChatSession::new(&model, ctx, args.system.clone())?;

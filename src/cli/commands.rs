@@ -232,12 +232,6 @@ pub fn generate(
     rt: Runtime,
 ) -> Result<()> {
     use std::io::Write;
-    if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
-        bail!("--temperature must be a non-negative number");
-    }
-    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1]");
-    }
     let loaded = anetrain::checkpoint::load(model)?;
     let (cfg, params) = (&loaded.cfg, &loaded.params);
     let mut ids = ids.to_vec();

@@ -7,4 +7,5 @@ pub mod commands;
 pub mod dashboard;
 pub mod dashboard_ui;
 pub mod plot;
+pub mod serve;
 pub mod train;

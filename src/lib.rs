@@ -17,6 +17,7 @@ pub mod eval;
 pub mod fsio;
 pub mod generate;
 pub mod hash;
+pub mod lora;
 pub mod memory;
 pub mod mil;
 pub mod model;

@@ -34,6 +34,9 @@ use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::params::{LayerTensors, ParamLayout};
 use anyhow::{Context, Result, anyhow, ensure};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+mod lora;
+pub use lora::LoraRun;
 use std::time::Instant;
 
 /// Loss of one micro-batch: the sum over counted targets and their number.
@@ -234,6 +237,8 @@ pub struct Model {
     /// Present while dW overlap is on.
     dw: Option<DwOverlap>,
     grad_ready: Option<GradReady>,
+    /// Present when training LoRA adapters (`set_lora`).
+    lora: Option<LoraRun>,
     pub times: PhaseTimes,
 }
 
@@ -308,6 +313,7 @@ impl Model {
             grads,
             dw: None,
             grad_ready: None,
+            lora: None,
             times: PhaseTimes::default(),
         };
         model.set_dw_overlap(overlap)?;
@@ -320,6 +326,8 @@ impl Model {
     /// Switching on starts the worker's thread pool and allocates its slots (2 × N·(C +
     /// max(2·F, (H + 2·KV)·D)) floats): do it before the step loop, not in it.
     pub fn set_dw_overlap(&mut self, on: bool) -> Result<()> {
+        // A LoRA backward has no base dW GEMMs to overlap.
+        let on = on && self.lora.is_none();
         if on == self.dw.is_some() {
             return Ok(());
         }
@@ -397,24 +405,40 @@ impl Model {
 
     /// Forward pass through the classifier; leaves logits in place. Returns the raw loss.
     pub fn forward(&mut self, params: &[f32], tokens: &[u32], targets: &[u32]) -> Result<LossSum> {
+        self.forward_with(params, None, tokens, targets)
+    }
+
+    /// `forward`, with LoRA adapters merged in when given (the model must have `set_lora`).
+    pub fn forward_with(
+        &mut self,
+        params: &[f32],
+        adapters: Option<&[f32]>,
+        tokens: &[u32],
+        targets: &[u32],
+    ) -> Result<LossSum> {
         self.check_batch(params, tokens, targets)?;
+        self.check_adapters(adapters)?;
         let start = Instant::now();
-        let kernel_ms = self.forward_to_logits(params, tokens)?;
+        let kernel_ms = self.forward_to_logits(params, adapters, tokens)?;
         cross_entropy_forward(&mut self.losses, &self.logits, targets, self.cfg.vocab_size);
         let (sum, count) = loss_sum(&self.losses, targets);
         self.times = PhaseTimes { forward_ms: ms_since(start), kernel_ms, ..PhaseTimes::default() };
         Ok(LossSum { sum, count })
     }
 
-    /// Returns the time spent in backend kernels, in ms.
-    fn forward_to_logits(&mut self, params: &[f32], tokens: &[u32]) -> Result<f64> {
+    /// Returns the time spent in backend kernels, in ms. With `adapters` (LoRA on), each
+    /// layer runs on its weights with the adapters merged in.
+    fn forward_to_logits(&mut self, params: &[f32], adapters: Option<&[f32]>, tokens: &[u32]) -> Result<f64> {
         let (par, n, c, v) = (self.par, self.n(), self.cfg.dim, self.cfg.vocab_size);
         let eps = self.cfg.norm_eps as f32;
         let layout = &self.layout;
         let mut kernel_ms = 0.0;
         embedding_forward(&mut self.acts[0].x_in, tokens, layout.view(params, layout.embed), c);
         for l in 0..self.cfg.n_layers {
-            let w = layout.layer(params, l);
+            let w = match (self.lora.as_mut(), adapters) {
+                (Some(lr), Some(ad)) => lr.merged_layer(par, layout, params, ad, l),
+                _ => layout.layer(params, l),
+            };
             let (this, rest) = self.acts[l..].split_first_mut().expect("layer exists");
             let x_out = match rest.first_mut() {
                 Some(next) => &mut next.x_in,
@@ -456,7 +480,8 @@ impl Model {
         self.check_batch(params, tokens, targets)?;
         ensure!(grads.len() == params.len(), "gradient arena does not match the parameters");
         let start = Instant::now();
-        let kernel_fwd_ms = self.forward_to_logits(params, tokens)?;
+        ensure!(self.lora.is_none(), "this model trains LoRA adapters: call forward_backward_lora");
+        let kernel_fwd_ms = self.forward_to_logits(params, None, tokens)?;
         let (par, n, c, v) = (self.par, self.n(), self.cfg.dim, self.cfg.vocab_size);
         let count = targets.iter().filter(|&&t| t != crate::ops::cross_entropy::IGNORE).count();
         let dscale = loss_scale / (count.max(1) * accum.max(1)) as f32;

@@ -192,6 +192,17 @@ impl ParamLayout {
         })
     }
 
+    /// Layer `l`'s tensors as slices of `layer_buf`, a copy of just that layer's range (LoRA
+    /// merges adapters into such a copy).
+    pub fn layer_in<'a>(&self, layer_buf: &'a [f32], l: usize) -> LayerTensors<&'a [f32]> {
+        let mut rest = &layer_buf[..self.layer_ranges[l].len()];
+        self.split_layer(l, |len| {
+            let (head, tail) = rest.split_at(len);
+            rest = tail;
+            head
+        })
+    }
+
     /// Layer `l`'s tensors as disjoint mutable slices of `buf`.
     pub fn layer_mut<'a>(&self, buf: &'a mut [f32], l: usize) -> LayerTensors<&'a mut [f32]> {
         let mut rest = &mut buf[self.layer_ranges[l].clone()];

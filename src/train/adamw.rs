@@ -37,9 +37,14 @@ const CHUNK: usize = 1 << 14;
 impl AdamW {
     /// Zero moments; an error (not an abort) when they cannot be allocated.
     pub fn new(cfg: AdamWConfig, layout: &ParamLayout) -> anyhow::Result<Self> {
-        let segments = layout.tensors.iter().map(|t| (t.range(), t.decays())).collect();
-        let m = crate::memory::try_vec_f32(layout.total, "AdamW's first moments")?;
-        let v = crate::memory::try_vec_f32(layout.total, "AdamW's second moments")?;
+        Self::for_tensors(cfg, &layout.tensors, layout.total)
+    }
+
+    /// Over an arena of `total` values described by `tensors` (e.g. LoRA adapters).
+    pub fn for_tensors(cfg: AdamWConfig, tensors: &[crate::params::TensorInfo], total: usize) -> anyhow::Result<Self> {
+        let segments = tensors.iter().map(|t| (t.range(), t.decays())).collect();
+        let m = crate::memory::try_vec_f32(total, "AdamW's first moments")?;
+        let v = crate::memory::try_vec_f32(total, "AdamW's second moments")?;
         Ok(AdamW { cfg, step: 0, m, v, segments })
     }
 

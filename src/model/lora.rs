@@ -1,0 +1,230 @@
+//! The LoRA forward/backward of `Model` (see `crate::lora`): the frozen base gets no
+//! gradient — no classifier, norm, embedding or base dW GEMMs — and each adapter's dA, dB come
+//! from the projection-output gradient the dx kernels already produce and the saved inputs.
+
+use super::{LossSum, Model, PhaseTimes, ms_since, timed};
+use crate::backend::QkNormGrads;
+use crate::lora::{Adapter, LoraLayout, LoraScratch, Target, lora_backward, merge_adapters};
+use crate::ops::Par;
+use crate::ops::cross_entropy::{IGNORE, cross_entropy_fused, loss_sum};
+use crate::ops::matmul::matmul_backward_dx;
+use crate::ops::rmsnorm::rmsnorm_backward;
+use crate::params::{LayerTensors, ParamLayout};
+use anyhow::{Context, Result, ensure};
+use std::time::Instant;
+
+/// A model's LoRA state: the adapter layout and the scratch its forward and backward use.
+pub struct LoraRun {
+    pub layout: LoraLayout,
+    /// One layer's weights with that layer's adapters merged in `[layer range]`.
+    merged: Vec<f32>,
+    /// s·B `[OC, r]` for the merge.
+    sb: Vec<f32>,
+    /// `[N, r]` twice.
+    scratch: LoraScratch,
+    /// `[C + 2·D]`: the frozen norm gains' gradients, computed by the fused norm backward and
+    /// dropped.
+    frozen: Vec<f32>,
+}
+
+impl LoraRun {
+    /// Copies layer `l` of `params` into the scratch, merges `s·B·A` into it, and returns its
+    /// views.
+    pub(super) fn merged_layer<'a>(
+        &'a mut self,
+        par: Par,
+        layout: &ParamLayout,
+        params: &[f32],
+        adapters: &[f32],
+        l: usize,
+    ) -> LayerTensors<&'a [f32]> {
+        merge_layer(&mut self.merged, &mut self.sb, &self.layout, par, layout, params, adapters, l)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn merge_layer<'a>(
+    merged: &'a mut [f32],
+    sb: &mut Vec<f32>,
+    lora: &LoraLayout,
+    par: Par,
+    layout: &ParamLayout,
+    params: &[f32],
+    adapters: &[f32],
+    l: usize,
+) -> LayerTensors<&'a [f32]> {
+    let range = layout.layer_range(l);
+    let merged = &mut merged[..range.len()];
+    merged.copy_from_slice(&params[range]);
+    merge_adapters(par, lora.layer(l), lora.cfg.scale(), merged, adapters, sb);
+    layout.layer_in(merged, l)
+}
+
+/// `dy` (with its row stride) and the saved input `x` of adapter `ad`'s projection, given
+/// the block's output gradient `d_out` `[N, C]` and the stacked projection gradient `dproj`.
+fn operands<'a>(
+    ad: &Adapter,
+    m: &'a Model,
+    l: usize,
+    d_out: &'a [f32],
+    dqkv: &'a [f32],
+    dh13: &'a [f32],
+) -> (&'a [f32], usize, &'a [f32]) {
+    let a = &m.acts[l];
+    let (c, f, qd, kd) = (m.cfg.dim, m.cfg.ffn_dim, m.cfg.q_dim(), m.cfg.kv_dim());
+    let w = qd + 2 * kd;
+    match ad.target {
+        Target::Q => (dqkv, w, &a.xn1),
+        Target::K => (&dqkv[qd..], w, &a.xn1),
+        Target::V => (&dqkv[qd + kd..], w, &a.xn1),
+        Target::O => (d_out, c, &a.attn),
+        Target::Gate => (dh13, 2 * f, &a.xn2),
+        Target::Up => (&dh13[f..], 2 * f, &a.xn2),
+        Target::Down => (d_out, c, &a.gate),
+    }
+}
+
+impl Model {
+    /// Trains LoRA adapters of `layout` on this model from now on: `forward_backward_lora`
+    /// replaces `forward_backward`, and dW overlap is off (there are no base dW GEMMs).
+    pub fn set_lora(&mut self, layout: LoraLayout) -> Result<()> {
+        let n = self.n();
+        let r = layout.cfg.rank;
+        let widest = (0..self.cfg.n_layers).map(|l| self.layout.layer_range(l).len()).max().unwrap_or(0);
+        let max_oc = layout.adapters.iter().map(|a| a.oc).max().unwrap_or(0);
+        let floats = widest + max_oc * r + 2 * n * r + self.cfg.dim + 2 * self.cfg.head_dim;
+        crate::memory::ensure_fits("the LoRA scratch", crate::memory::bytes(4, &[floats]), "lower --lora-rank")?;
+        self.dw = None;
+        self.lora = Some(LoraRun {
+            layout,
+            merged: vec![0.0; widest],
+            sb: Vec::with_capacity(max_oc * r),
+            scratch: LoraScratch { u: vec![0.0; n * r], v: vec![0.0; n * r] },
+            frozen: vec![0.0; self.cfg.dim + 2 * self.cfg.head_dim],
+        });
+        Ok(())
+    }
+
+    /// The adapter layout, when LoRA is on.
+    pub fn lora(&self) -> Option<&LoraLayout> {
+        self.lora.as_ref().map(|l| &l.layout)
+    }
+
+    pub(super) fn check_adapters(&self, adapters: Option<&[f32]>) -> Result<()> {
+        if let Some(ad) = adapters {
+            let lora = self.lora.as_ref().context("adapters given to a model without LoRA (call set_lora)")?;
+            ensure!(
+                ad.len() == lora.layout.total,
+                "adapter arena has {} values, LoRA layout needs {}",
+                ad.len(),
+                lora.layout.total
+            );
+        }
+        Ok(())
+    }
+
+    /// Forward and backward of one micro-batch with LoRA: gradients of `loss_scale ·
+    /// mean_loss / accum` are **added** to `agrads` (the adapter arena's layout); `params`
+    /// (the base) is read only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_lora(
+        &mut self,
+        params: &[f32],
+        adapters: &[f32],
+        agrads: &mut [f32],
+        tokens: &[u32],
+        targets: &[u32],
+        loss_scale: f32,
+        accum: usize,
+    ) -> Result<LossSum> {
+        self.check_batch(params, tokens, targets)?;
+        self.check_adapters(Some(adapters))?;
+        ensure!(agrads.len() == adapters.len(), "adapter gradient arena does not match the adapters");
+        let start = Instant::now();
+        let kernel_fwd_ms = self.forward_to_logits(params, Some(adapters), tokens)?;
+        let (par, n, c, v) = (self.par, self.n(), self.cfg.dim, self.cfg.vocab_size);
+        let count = targets.iter().filter(|&&t| t != IGNORE).count();
+        let dscale = loss_scale / (count.max(1) * accum.max(1)) as f32;
+        cross_entropy_fused(&mut self.losses, &mut self.logits, targets, v, dscale);
+        let (sum, count) = loss_sum(&self.losses, targets);
+        let mid = Instant::now();
+        let forward_ms = (mid - start).as_secs_f64() * 1e3;
+
+        let layout = &self.layout;
+        matmul_backward_dx(par, &mut self.dxn, &self.logits, layout.view(params, layout.classifier()), n, c, v, false);
+        // Out of `self` while the layers run, so the loop can borrow the model's other fields.
+        let mut lora = self.lora.take().expect("checked above");
+        let final_norm = layout.view(params, layout.final_norm);
+        let dnorm = &mut lora.frozen[..c];
+        rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &self.rstd_final, &self.x_final, final_norm, n, c, false);
+        let s = lora.layout.cfg.scale();
+        let mut kernel_ms = 0.0;
+        let result = (|| -> Result<()> {
+            for l in (0..self.cfg.n_layers).rev() {
+                let LoraRun { layout: ll, merged, sb, scratch, frozen } = &mut lora;
+                let w = merge_layer(merged, sb, ll, par, &self.layout, params, adapters, l);
+                let (dnorm, dqk) = frozen.split_at_mut(c);
+                let (dqn, dkn) = dqk.split_at_mut(dqk.len() / 2);
+                let a = &self.acts[l];
+                timed(&mut kernel_ms, || {
+                    self.backend.ffn_backward_dx(&mut self.dxn, &mut self.grads, &self.dx, a, &w)
+                })?;
+                for ad in ll.layer(l).iter().filter(|ad| ad.target >= Target::Gate) {
+                    let (dy, ld, x) = operands(ad, self, l, &self.dx, &self.grads.dqkv, &self.grads.dh13);
+                    let (da, db) = agrads[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
+                    lora_backward(
+                        par,
+                        da,
+                        db,
+                        scratch,
+                        dy,
+                        ld,
+                        x,
+                        &adapters[ad.a.clone()],
+                        &adapters[ad.b.clone()],
+                        n,
+                        ad,
+                        s,
+                    );
+                }
+                rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
+                let norm_grads = QkNormGrads {
+                    q_norm: w.q_norm.is_some().then_some(&mut dqn[..]),
+                    k_norm: w.k_norm.is_some().then_some(&mut dkn[..]),
+                };
+                timed(&mut kernel_ms, || {
+                    self.backend.attention_backward_dx(&mut self.dxn, &mut self.grads, norm_grads, &self.dx, a, &w)
+                })?;
+                for ad in ll.layer(l).iter().filter(|ad| ad.target <= Target::O) {
+                    let (dy, ld, x) = operands(ad, self, l, &self.dx, &self.grads.dqkv, &self.grads.dh13);
+                    let (da, db) = agrads[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
+                    lora_backward(
+                        par,
+                        da,
+                        db,
+                        scratch,
+                        dy,
+                        ld,
+                        x,
+                        &adapters[ad.a.clone()],
+                        &adapters[ad.b.clone()],
+                        n,
+                        ad,
+                        s,
+                    );
+                }
+                rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
+            }
+            Ok(())
+        })();
+        self.lora = Some(lora);
+        result?;
+        self.times = PhaseTimes {
+            forward_ms,
+            backward_ms: ms_since(mid),
+            kernel_ms: kernel_fwd_ms + kernel_ms,
+            ..PhaseTimes::default()
+        };
+        Ok(LossSum { sum, count })
+    }
+}

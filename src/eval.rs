@@ -42,7 +42,7 @@ pub fn evaluate(
     let start = std::time::Instant::now();
     let mut model = Model::cpu(cfg, batch, t, par)?;
     let (mut tokens, mut targets) = (vec![0u32; batch * t], vec![0u32; batch * t]);
-    let (sum, count) = windows_loss(&mut model, params, data, windows, &mut tokens, &mut targets)?;
+    let (sum, count) = windows_loss(&mut model, params, None, data, windows, &mut tokens, &mut targets)?;
     let seconds = start.elapsed().as_secs_f64();
     let loss = sum / count as f64;
     Ok(EvalResult {
@@ -61,6 +61,7 @@ pub fn evaluate(
 pub fn windows_loss(
     model: &mut Model,
     params: &[f32],
+    adapters: Option<&[f32]>,
     data: &TokenData,
     windows: usize,
     tokens: &mut [u32],
@@ -87,7 +88,7 @@ pub fn windows_loss(
                 targets[r * t + i] = if counted { data.get(base + i + 1) } else { crate::ops::cross_entropy::IGNORE };
             }
         }
-        let loss = model.forward(params, tokens, targets)?;
+        let loss = model.forward_with(params, adapters, tokens, targets)?;
         sum += loss.sum;
         count += loss.count;
         w += rows;

@@ -484,6 +484,16 @@ struct TrainArgs {
     /// network); longer than rank 0's slowest evaluation or checkpoint.
     #[arg(long, default_value_t = 600)]
     dp_timeout: u64,
+    /// Train LoRA adapters of this rank on the frozen model instead of every weight
+    /// (checkpoints then hold the adapters as a PEFT adapter directory).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha: the adapters are scaled by alpha / rank (default: 2 × rank).
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Projections to adapt: a comma list of q, k, v, o, gate, up, down, or `all`.
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    lora_targets: String,
     #[command(flatten)]
     rt: Runtime,
 }

@@ -371,6 +371,11 @@ impl Model {
         Self::new(cfg, b, t, par, Box::new(crate::backend::cpu::CpuBackend::new(cfg, b, t, par)))
     }
 
+    /// The parallelism the model's ops run with.
+    pub fn par(&self) -> Par {
+        self.par
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
     }

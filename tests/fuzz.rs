@@ -251,6 +251,7 @@ fn fuzz_checkpoint() {
         eval_every: 0,
         eval_tokens: 0,
         seed: 1,
+        lora: None,
     };
     let par = Par::seq();
     let mut trainer = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, 1, 8, par))).unwrap();

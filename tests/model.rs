@@ -218,6 +218,7 @@ fn options(steps: usize, b: usize, t: usize, lr: f64, seed: u64) -> TrainOptions
         eval_every: 0,
         eval_tokens: 0,
         seed,
+        lora: None,
     }
 }
 

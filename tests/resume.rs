@@ -37,6 +37,7 @@ fn opts() -> TrainOptions {
         eval_every: 0,
         eval_tokens: 0,
         seed: 42,
+        lora: None,
     }
 }
 
@@ -253,4 +254,62 @@ fn restore_restages_weights_on_mil_backends() {
     };
     let (plain, restored) = (writes_in_next_update(false), writes_in_next_update(true));
     assert!(restored > plain, "a restore must restage: {restored} input writes vs {plain} without a restore");
+}
+
+/// A LoRA run: the checkpoint holds the adapters (as a PEFT adapter directory) and their AdamW
+/// moments, not the frozen base; resuming continues bit for bit; mismatches are refused.
+#[test]
+fn lora_resume_is_bit_exact() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let cfg = cfg();
+    let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
+    let dir = std::env::temp_dir().join(format!("anetrain-lora-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let lora = |rank| anetrain::lora::LoraConfig {
+        rank,
+        alpha: 8.0,
+        targets: anetrain::lora::Target::parse_list("q,v,o,down").unwrap(),
+    };
+    let lora_opts = |rank| TrainOptions { steps: 12, lora: Some(lora(rank)), ..opts() };
+    pool.install(|| {
+        let mut whole = trainer_with(&cfg, lora_opts(4));
+        let base = whole.params.clone();
+        let all = whole.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses;
+        assert!(whole.params == base, "the frozen base changed");
+        assert!(whole.grads.is_empty() && whole.opt.m.len() == whole.lora.as_ref().unwrap().adapters.len());
+
+        let mut first = trainer_with(&cfg, lora_opts(4));
+        let mut losses: Vec<f64> = (0..6).map(|s| first.step(&data, s).unwrap().loss).collect();
+        let step_dir = native::save(&dir, &first, 6, &data, 0).unwrap();
+        assert!(step_dir.join("adapter_config.json").is_file() && step_dir.join("adapter_model.safetensors").is_file());
+        assert!(!step_dir.join("model.safetensors").exists(), "the frozen base is not saved");
+        drop(first);
+        let mut second = trainer_with(&cfg, lora_opts(4));
+        native::load(&dir).unwrap().restore(&mut second, &data).unwrap();
+        losses.extend(second.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses);
+        assert_eq!(bits_of(&losses), bits_of(&all));
+        let (a, b) = (second.lora.as_ref().unwrap(), whole.lora.as_ref().unwrap());
+        assert!(bits(&a.adapters) == bits(&b.adapters), "final adapters differ");
+        assert!(bits(&second.opt.m) == bits(&whole.opt.m) && bits(&second.opt.v) == bits(&whole.opt.v));
+
+        // Another rank, a full fine-tuning run, or another base: refused, naming why.
+        let err = format!(
+            "{:#}",
+            native::load(&dir).unwrap().restore(&mut trainer_with(&cfg, lora_opts(2)), &data).unwrap_err()
+        );
+        assert!(err.contains("LoRA adapters are"), "{err}");
+        let err = format!("{:#}", native::load(&dir).unwrap().restore(&mut trainer(&cfg), &data).unwrap_err());
+        assert!(err.contains("add --lora-rank"), "{err}");
+        let mut other_base = trainer_with(&cfg, TrainOptions { seed: 7, ..lora_opts(4) });
+        let err = format!("{:#}", native::load(&dir).unwrap().restore(&mut other_base, &data).unwrap_err());
+        assert!(err.contains("another base model"), "{err}");
+        // Loading it as a model says what it is.
+        let err = format!("{:#}", anetrain::checkpoint::load_model(&dir).unwrap_err());
+        assert!(err.contains("LoRA adapters only"), "{err}");
+    });
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn bits_of(x: &[f64]) -> Vec<u64> {
+    x.iter().map(|v| v.to_bits()).collect()
 }

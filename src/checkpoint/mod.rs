@@ -96,6 +96,15 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         }
         ModelFormat::Native => {
             let c = native::load(path)?;
+            if c.lora.is_some() {
+                bail!(
+                    "{} holds LoRA adapters only (a PEFT adapter directory); use it with `--model BASE --lora {}`, \
+                     or merge it into its base with `convert --from BASE --lora {} --to OUT`",
+                    c.path.display(),
+                    c.path.display(),
+                    c.path.display()
+                );
+            }
             let mut m = LoadedModel::bare(c.cfg, c.params);
             m.tokenizer = native::saved_tokenizer(path)?;
             Ok(m)

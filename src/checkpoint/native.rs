@@ -12,10 +12,11 @@
 //! loss seen so far, replaced the same way. `rundir.rs` keeps one run per directory.
 
 use super::safetensors::{self, Dtype, SafeTensors};
-use super::state::{DataState, LossScaleState, OptimizerState, TokenizerState, TrainState};
+use super::state::{DataState, LoraState, LossScaleState, OptimizerState, TokenizerState, TrainState};
 pub use super::state::{FORMAT, State, VERSION};
 use crate::config::ModelConfig;
 use crate::data::TokenData;
+use crate::lora::{LoraConfig, LoraLayout, Target, peft};
 use crate::params::ParamLayout;
 use crate::tokenizer::Tokenizer;
 use crate::train::Trainer;
@@ -36,11 +37,29 @@ pub fn data_fingerprint(data: &TokenData) -> String {
     format!("{n}:{:016x}", h.finish())
 }
 
+/// What identifies a frozen LoRA base well enough to refuse resuming on another: its length
+/// and an FNV-1a hash of the bits of up to 2¹⁶ evenly spaced weights.
+pub fn base_fingerprint(params: &[f32]) -> String {
+    let n = params.len();
+    let stride = (n >> 16).max(1);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in (0..n).step_by(stride) {
+        for b in params[i].to_bits().to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{n}:{h:016x}")
+}
+
 /// A loaded checkpoint.
 pub struct Checkpoint {
     pub path: PathBuf,
     pub cfg: ModelConfig,
+    /// The weights; empty for a LoRA checkpoint (its base is not saved: see `lora`).
     pub params: Vec<f32>,
+    /// A LoRA run's adapter layout and adapters (the step directory is also a PEFT adapter
+    /// directory).
+    pub lora: Option<(LoraLayout, Vec<f32>)>,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
     /// Optimizer updates completed.
@@ -59,6 +78,15 @@ pub fn check_writable(dir: &Path) -> Result<()> {
 
 /// Writes the trainer's state after `step` completed updates; returns the step directory.
 pub fn save(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData, keep_last: usize) -> Result<PathBuf> {
+    if let (Some(l), Some(layout)) = (&trainer.lora, trainer.model.lora())
+        && let Some(t) = layout.tensors.iter().find(|t| l.adapters[t.range()].iter().any(|x| !x.is_finite()))
+    {
+        bail!(
+            "the adapter '{}' became NaN or Inf by update {step}; not overwriting the last good checkpoint \
+             (lower --lr)",
+            t.name
+        );
+    }
     if let Some(t) = trainer.model.layout.first_nonfinite(&trainer.params) {
         bail!(
             "the weights of '{}' became NaN or Inf by update {step}; not overwriting the last good checkpoint \
@@ -117,12 +145,28 @@ pub fn save_best(dir: &Path, trainer: &Trainer, step: usize, data: &TokenData) -
 
 fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> Result<()> {
     let layout = &trainer.model.layout;
-    let tensors = |prefix: &str, buf| super::arena_tensors(layout, buf, prefix, Dtype::F32);
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::write(&tmp.join("model.safetensors"), &tensors("", &trainer.params), &meta)?;
-    let mut opt = tensors("m.", &trainer.opt.m);
-    opt.extend(tensors("v.", &trainer.opt.v));
-    safetensors::write(&tmp.join("optimizer.safetensors"), &opt, &BTreeMap::new())?;
+    let mut lora_state = None;
+    if let (Some(l), Some(lora)) = (&trainer.lora, trainer.model.lora()) {
+        // The step directory is a PEFT adapter directory; the frozen base is not saved.
+        peft::save(tmp, lora, &l.adapters, &trainer.model.cfg.name)?;
+        let mut opt = peft::tensors_out(&lora.tensors, &trainer.opt.m, "m.");
+        opt.extend(peft::tensors_out(&lora.tensors, &trainer.opt.v, "v."));
+        safetensors::write(&tmp.join("optimizer.safetensors"), &opt, &BTreeMap::new())?;
+        lora_state = Some(LoraState {
+            rank: lora.cfg.rank,
+            alpha: lora.cfg.alpha,
+            targets: lora.cfg.targets.iter().map(|t| t.short().to_string()).collect(),
+            base_fingerprint: base_fingerprint(&trainer.params),
+            base_bf16: false,
+        });
+    } else {
+        let tensors = |prefix: &str, buf| super::arena_tensors(layout, buf, prefix, Dtype::F32);
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::write(&tmp.join("model.safetensors"), &tensors("", &trainer.params), &meta)?;
+        let mut opt = tensors("m.", &trainer.opt.m);
+        opt.extend(tensors("v.", &trainer.opt.v));
+        safetensors::write(&tmp.join("optimizer.safetensors"), &opt, &BTreeMap::new())?;
+    }
     let tokenizer = match &trainer.tokenizer {
         Some(tok) => {
             let path = tok.save_to_dir(tmp)?;
@@ -133,7 +177,8 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
     };
     // Checksums of what is on disk now, before state.json (written last) commits to them.
     let mut files = BTreeMap::new();
-    for name in super::state::TENSOR_FILES.iter().copied().chain(tokenizer.as_ref().map(|t| t.file.as_str())) {
+    let tensor_files = super::state::tensor_files(lora_state.is_some());
+    for name in tensor_files.iter().copied().chain(tokenizer.as_ref().map(|t| t.file.as_str())) {
         files.insert(name.to_string(), crate::hash::file_checksum(&tmp.join(name))?);
     }
     let o = &trainer.opts;
@@ -174,6 +219,7 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
         best_val_loss: Some(trainer.best_val_loss).filter(|l| l.is_finite()),
         tokenizer,
         files,
+        lora: lora_state,
     };
     let text = serde_json::to_string_pretty(&state)?;
     crate::fsio::write_atomically(&tmp.join("state.json"), |out| std::io::Write::write_all(out, text.as_bytes()))
@@ -254,6 +300,15 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
         .with_context(|| format!("{}: bad config", path.join("state.json").display()))?;
     let step = state.step as usize;
     let layout = ParamLayout::new(&cfg);
+    if let Some(l) = &state.lora {
+        let lcfg = LoraConfig { rank: l.rank, alpha: l.alpha, targets: Target::parse_list(&l.targets.join(","))? };
+        let (lora, adapters) = peft::load(&path, &cfg, &layout)?;
+        ensure!(lora.cfg == lcfg, "{}: adapter_config.json disagrees with state.json", path.display());
+        let optimizer = SafeTensors::open(&path.join("optimizer.safetensors"))?;
+        let m = peft::read_tensors(&optimizer, &lora.tensors, lora.total, "m.")?;
+        let v = peft::read_tensors(&optimizer, &lora.tensors, lora.total, "v.")?;
+        return Ok(Checkpoint { path, cfg, params: Vec::new(), lora: Some((lora, adapters)), m, v, step, state });
+    }
     let weights = SafeTensors::open(&path.join("model.safetensors"))?;
     let params = super::read_arena(&layout, "", |_| &weights)?;
     if let Some(t) = layout.first_nonfinite(&params) {
@@ -261,7 +316,7 @@ pub fn load(spec: &Path) -> Result<Checkpoint> {
     }
     let optimizer = SafeTensors::open(&path.join("optimizer.safetensors"))?;
     let (m, v) = (super::read_arena(&layout, "m.", |_| &optimizer)?, super::read_arena(&layout, "v.", |_| &optimizer)?);
-    Ok(Checkpoint { path, cfg, params, m, v, step, state })
+    Ok(Checkpoint { path, cfg, params, lora: None, m, v, step, state })
 }
 
 /// The tokenizer saved with the checkpoint `spec` (checksum verified), if training had one.
@@ -351,7 +406,41 @@ impl Checkpoint {
                 self.path.display()
             );
         }
-        trainer.params.copy_from_slice(&self.params);
+        match (&self.lora, &mut trainer.lora, trainer.model.lora(), &st.lora) {
+            (None, None, _, _) => trainer.params.copy_from_slice(&self.params),
+            (Some((saved, adapters)), Some(ours), Some(layout), Some(ls)) => {
+                ensure!(
+                    saved.cfg == layout.cfg,
+                    "cannot resume from {}: its LoRA adapters are {:?}, this run's {:?}",
+                    self.path.display(),
+                    saved.cfg,
+                    layout.cfg
+                );
+                let now = base_fingerprint(&trainer.params);
+                ensure!(
+                    ls.base_fingerprint == now,
+                    "cannot resume from {}: its adapters were trained on another base model (fingerprint {}, \
+                     this run's base {now})",
+                    self.path.display(),
+                    ls.base_fingerprint
+                );
+                let dtype = |bf16: bool| if bf16 { "bf16" } else { "f32" };
+                ensure!(
+                    !ls.base_bf16,
+                    "cannot resume from {}: its base was held in {}, this run's in {} (--base-dtype)",
+                    self.path.display(),
+                    dtype(ls.base_bf16),
+                    dtype(false)
+                );
+                ours.adapters.copy_from_slice(adapters);
+            }
+            (Some(_), ..) => {
+                bail!("cannot resume from {}: it holds LoRA adapters; add --lora-rank", self.path.display())
+            }
+            (None, ..) => {
+                bail!("cannot resume from {}: it is a full fine-tuning checkpoint, not LoRA", self.path.display())
+            }
+        }
         trainer.params_changed();
         trainer.opt.m.copy_from_slice(&self.m);
         trainer.opt.v.copy_from_slice(&self.v);

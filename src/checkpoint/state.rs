@@ -21,6 +21,13 @@ pub const FORMAT: &str = "anetrain-checkpoint";
 pub const VERSION: u64 = 2;
 /// Files every version-2 step directory lists in `files`.
 pub const TENSOR_FILES: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
+/// Those of a LoRA run's step directory (a PEFT adapter directory plus the moments).
+pub const LORA_FILES: [&str; 3] = ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors"];
+
+/// The checksummed files of a step directory.
+pub fn tensor_files(lora: bool) -> &'static [&'static str] {
+    if lora { &LORA_FILES } else { &TENSOR_FILES }
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct State {
@@ -45,6 +52,22 @@ pub struct State {
     /// (empty in version 1).
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// A LoRA run: the adapters' shape and what identifies the frozen base (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoraState {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Short target names (`q`, `k`, `v`, `o`, `gate`, `up`, `down`).
+    pub targets: Vec<String>,
+    /// `native::base_fingerprint` of the base arena the adapters were trained on.
+    pub base_fingerprint: String,
+    /// The frozen layers were held in bf16 (`--base-dtype bf16`).
+    #[serde(default)]
+    pub base_bf16: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -170,7 +193,8 @@ impl State {
             );
         }
         if self.version >= 2 {
-            for name in TENSOR_FILES.iter().chain(self.tokenizer.as_ref().map(|t| t.file.as_str()).as_ref()) {
+            let files = tensor_files(self.lora.is_some());
+            for name in files.iter().chain(self.tokenizer.as_ref().map(|t| t.file.as_str()).as_ref()) {
                 ensure!(self.files.contains_key(*name), "files has no checksum of {name}");
             }
         }

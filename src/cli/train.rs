@@ -18,12 +18,26 @@ use std::path::PathBuf;
 
 /// Refuses a run whose weights, optimizer state, activations and logits cannot fit in the
 /// memory this process may use, before allocating any of them. `extra_arenas` counts further
-/// parameter-sized f32 buffers (the micro-batch gradient of --accum, the data-parallel
-/// exchange's buckets and accumulator).
-pub fn check_memory(cfg: &ModelConfig, batch: usize, seq: usize, extra_arenas: usize) -> Result<()> {
-    let mut estimate = anetrain::model::memory_estimate(cfg, batch, seq, true);
+/// f32 buffers the size of the trained arena (the micro-batch gradient of --accum, the
+/// data-parallel exchange's buckets and accumulator). With LoRA the frozen base needs only its
+/// weights; the adapters need weights, gradients, AdamW moments and a layer-sized merge scratch.
+pub fn check_memory(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    extra_arenas: usize,
+    lora: Option<&anetrain::lora::LoraConfig>,
+) -> Result<()> {
+    let mut estimate = anetrain::model::memory_estimate(cfg, batch, seq, lora.is_none());
+    let trained = match lora {
+        None => cfg.param_count(),
+        Some(lc) => {
+            anetrain::lora::memory_estimate(cfg, lc, batch * seq, &mut estimate);
+            lc.adapter_count(cfg)
+        }
+    };
     if extra_arenas > 0 {
-        let bytes = anetrain::memory::f32_bytes(&[extra_arenas, cfg.param_count()]);
+        let bytes = anetrain::memory::f32_bytes(&[extra_arenas, trained]);
         estimate.add("gradient buffers (--accum, data parallelism)", bytes);
     }
     estimate.ensure(
@@ -122,12 +136,27 @@ pub fn train(args: TrainArgs) -> Result<()> {
         eval_every: args.eval_every,
         eval_tokens: args.eval_tokens,
         seed: args.seed,
+        lora: match args.lora_rank {
+            None => None,
+            Some(rank) => Some(anetrain::lora::LoraConfig {
+                rank,
+                alpha: args.lora_alpha.unwrap_or(2.0 * rank as f64),
+                targets: anetrain::lora::Target::parse_list(&args.lora_targets)?,
+            }),
+        },
     };
+    if opts.lora.is_none() && args.lora_alpha.is_some() {
+        bail!("--lora-alpha needs --lora-rank");
+    }
     opts.validate(&cfg)?;
     // Gradient buffers beyond weights, gradients and optimizer state: one process with
     // --accum > 1 keeps one micro-batch's gradient apart; a rank keeps the exchange's buckets
     // and accumulator.
-    check_memory(&cfg, args.batch, args.seq, if job.is_some() { 2 } else { usize::from(args.accum > 1) })?;
+    let extra = if job.is_some() { 2 } else { usize::from(args.accum > 1) };
+    check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref())?;
+    if job.is_some() && opts.lora.is_some() {
+        bail!("--lora-rank cannot run data-parallel under mpirun yet: run LoRA fine-tuning as a single process");
+    }
     // The checkpoint directory is locked before anything in it is read or written; only rank
     // 0 of a data-parallel job writes it (the others only read a checkpoint to resume).
     let _lock = match &args.ckpt_dir {
@@ -298,7 +327,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         #[cfg(feature = "mpi")]
         if let Some(job) = job {
             let plan = dist::Plan::new(&trainer.model.layout, job.rank, job.size, accum, mode)?;
-            trainer.set_dist(job.exchange(plan, trainer.params.len())?);
+            trainer.set_dist(job.exchange(plan, trainer.params.len())?)?;
         }
         #[cfg(not(feature = "mpi"))]
         let _ = (job, accum, mode);
@@ -364,7 +393,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         }
         result.map(|summary| {
             let last_step = trainer.start_step + summary.losses.len();
-            (summary, trainer.params, trainer.tokenizer.take(), last_step)
+            let tokenizer = trainer.tokenizer.take();
+            (summary, trainer.into_effective_params(), tokenizer, last_step)
         })
     })?;
     if summary.interrupted {

@@ -120,6 +120,27 @@ impl LoraConfig {
     }
 }
 
+impl LoraConfig {
+    /// Adapter parameters over all layers: Σ over targets of r·(IC + OC), per layer.
+    pub fn adapter_count(&self, cfg: &ModelConfig) -> usize {
+        let per_layer: usize = self.targets.iter().map(|t| t.dims(cfg)).map(|(oc, ic)| self.rank * (oc + ic)).sum();
+        per_layer * cfg.n_layers
+    }
+}
+
+/// Adds a LoRA run's own memory to `est` (which already counts activations and scratch):
+/// the frozen base's f32 weights, the adapters with gradients and AdamW moments (4 arenas),
+/// and the merge scratch (one layer's weights, s·B, two `[N, r]`).
+pub fn memory_estimate(cfg: &ModelConfig, lora: &LoraConfig, n: usize, est: &mut crate::memory::Estimate) {
+    use crate::memory::f32_bytes;
+    let max_oc = lora.targets.iter().map(|t| t.dims(cfg).0).max().unwrap_or(0);
+    let (c, f, qkv) = (cfg.dim, cfg.ffn_dim, cfg.q_dim() + 2 * cfg.kv_dim());
+    let layer = c * qkv + cfg.q_dim() * c + 3 * c * f + 2 * c;
+    est.add("frozen weights", f32_bytes(&[cfg.param_count()]))
+        .add("LoRA adapters, gradients and AdamW state", f32_bytes(&[4, lora.adapter_count(cfg)]))
+        .add("LoRA merge scratch", f32_bytes(&[layer + max_oc * lora.rank + 2 * n * lora.rank]));
+}
+
 /// One adapted projection of one layer.
 #[derive(Clone, Debug)]
 pub struct Adapter {

@@ -36,6 +36,8 @@ pub struct TrainOptions {
     /// Tokens per evaluation (rounded down to whole windows of T, at least one).
     pub eval_tokens: usize,
     pub seed: u64,
+    /// Train LoRA adapters on a frozen base instead of every weight.
+    pub lora: Option<crate::lora::LoraConfig>,
 }
 
 impl TrainOptions {
@@ -57,17 +59,16 @@ impl TrainOptions {
             eval_every: 0,
             eval_tokens: 0,
             seed: 1,
+            lora: None,
         }
     }
 
     /// Checks every option, and the sequence length against the model, before any work starts.
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
-        ensure!(
-            self.seq <= cfg.max_seq_len,
-            "--seq {} exceeds the model's max_position_embeddings ({})",
-            self.seq,
-            cfg.max_seq_len
-        );
+        cfg.check_seq(self.seq)?;
+        if let Some(lora) = &self.lora {
+            lora.validate(cfg)?;
+        }
         ensure!(self.steps > 0, "--steps must be at least 1");
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.seq > 0, "--seq must be at least 1");
@@ -151,11 +152,22 @@ pub struct TrainSummary {
     pub comm_bytes: u64,
 }
 
+/// The trained arena of a LoRA run: adapters and their gradients (the AdamW moments are the
+/// trainer's `opt`, over the adapter layout).
+pub struct LoraTrain {
+    pub adapters: Vec<f32>,
+    pub grads: Vec<f32>,
+}
+
 pub struct Trainer {
     pub model: Model,
-    /// The weights. After changing them outside `step`, call `params_changed`.
+    /// The weights (with LoRA, the frozen base). After changing them, or the adapters,
+    /// outside `step`, call `params_changed`.
     pub params: Vec<f32>,
+    /// Gradients of `params`; empty with LoRA (the base gets none).
     pub grads: Vec<f32>,
+    /// Present when training LoRA adapters.
+    pub lora: Option<LoraTrain>,
     pub opt: AdamW,
     pub sampler: Sampler,
     pub opts: TrainOptions,
@@ -197,8 +209,24 @@ impl Trainer {
         model.set_weights_version(Some(0));
         let params = model.layout.init(opts.seed);
         let n = opts.batch * opts.seq;
+        let (grads, opt, lora) = match &opts.lora {
+            None => (
+                crate::memory::try_vec_f32(params.len(), "the parameter gradients")?,
+                AdamW::new(opts.adamw, &model.layout)?,
+                None,
+            ),
+            Some(lc) => {
+                let layout = crate::lora::LoraLayout::new(cfg, &model.layout, lc)?;
+                let opt = AdamW::for_tensors(opts.adamw, &layout.tensors, layout.total)?;
+                let adapters = layout.init(opts.seed);
+                let grads = crate::memory::try_vec_f32(layout.total, "the adapter gradients")?;
+                model.set_lora(layout)?;
+                (Vec::new(), opt, Some(LoraTrain { adapters, grads }))
+            }
+        };
+        let trained = lora.as_ref().map_or(params.len(), |l| l.adapters.len());
         let scratch = if opts.accum > 1 {
-            crate::memory::try_vec_f32(params.len(), "the micro-batch gradient of --accum")?
+            crate::memory::try_vec_f32(trained, "the micro-batch gradient of --accum")?
         } else {
             Vec::new()
         };
@@ -208,9 +236,10 @@ impl Trainer {
             scratch,
             micro_losses: Vec::with_capacity(opts.accum),
             all_losses: Vec::with_capacity(opts.accum),
-            grads: crate::memory::try_vec_f32(params.len(), "the parameter gradients")?,
-            opt: AdamW::new(opts.adamw, &model.layout)?,
-            partials: vec![0.0; partials_len(params.len())],
+            grads,
+            opt,
+            lora,
+            partials: vec![0.0; partials_len(trained)],
             sampler: Sampler::new(opts.seed, opts.batch, opts.seq),
             tokens: vec![0; n],
             targets: vec![0; n],
@@ -228,6 +257,25 @@ impl Trainer {
         })
     }
 
+    /// The weights the model computes with: the base with any LoRA adapters merged in (a
+    /// copy; for sampling, evaluation or export).
+    pub fn effective_params(&self) -> Vec<f32> {
+        let mut params = self.params.clone();
+        if let (Some(l), Some(layout)) = (&self.lora, self.model.lora()) {
+            layout.merge_into(self.model.par(), &self.model.layout, &mut params, &l.adapters);
+        }
+        params
+    }
+
+    /// `effective_params`, merging into the base in place (no copy) as the trainer ends.
+    pub fn into_effective_params(self) -> Vec<f32> {
+        let mut params = self.params;
+        if let (Some(l), Some(layout)) = (&self.lora, self.model.lora()) {
+            layout.merge_into(self.model.par(), &self.model.layout, &mut params, &l.adapters);
+        }
+        params
+    }
+
     /// One optimizer update over `accum` micro-batches drawn from `data`.
     /// Must follow any change to `params` made outside `step` (which calls it after each
     /// update) so that backends holding staged weights restage them.
@@ -239,11 +287,18 @@ impl Trainer {
     /// Makes this trainer one rank of a data-parallel job (`crate::dist`): it computes only
     /// its share of each update's micro-batches and exchanges gradients through `dist`.
     /// Call before the first `step`.
-    pub fn set_dist(&mut self, dist: Box<dyn crate::dist::Exchange>) {
+    pub fn set_dist(&mut self, dist: Box<dyn crate::dist::Exchange>) -> Result<()> {
+        // The exchange reduces the full parameter gradient arena; LoRA's adapter arena is
+        // not wired into it (nor tested under mpirun).
+        ensure!(
+            self.lora.is_none(),
+            "--lora-rank cannot run data-parallel under mpirun yet: run LoRA fine-tuning as a single process"
+        );
         self.model.set_grad_ready(Some(dist.grad_ready()));
         // Ranks compute every micro-batch's gradient from zero in `grads`.
         self.scratch = Vec::new();
         self.dist = Some(dist);
+        Ok(())
     }
 
     /// (rank, number of ranks): (0, 1) for one process.
@@ -269,7 +324,7 @@ impl Trainer {
         let start = Instant::now();
         let accum = self.opts.accum;
         let (rank, world) = self.rank_and_size();
-        zero(&mut self.grads);
+        zero(self.lora.as_mut().map_or(&mut self.grads, |l| &mut l.grads));
         let (mut ms_forward, mut ms_backward) = (0.0, 0.0);
         let (mut ms_kernels, mut ms_dw, mut ms_dw_wait) = (0.0, 0.0, 0.0);
         let loss_scale = self.scaler.scale;
@@ -287,16 +342,28 @@ impl Trainer {
             } else if exact_ranks && k >= world {
                 zero(&mut self.grads);
             }
-            let ls = self.model.forward_backward(
-                &self.params,
-                if into_scratch { &mut self.scratch } else { &mut self.grads },
-                &self.tokens,
-                &self.targets,
-                loss_scale,
-                accum,
-            )?;
+            let (tokens, targets) = (&self.tokens, &self.targets);
+            let ls = match &mut self.lora {
+                None => self.model.forward_backward(
+                    &self.params,
+                    if into_scratch { &mut self.scratch } else { &mut self.grads },
+                    tokens,
+                    targets,
+                    loss_scale,
+                    accum,
+                )?,
+                Some(l) => self.model.forward_backward_lora(
+                    &self.params,
+                    &l.adapters,
+                    if into_scratch { &mut self.scratch } else { &mut l.grads },
+                    tokens,
+                    targets,
+                    loss_scale,
+                    accum,
+                )?,
+            };
             if into_scratch {
-                add_into(&mut self.grads, &self.scratch);
+                add_into(self.lora.as_mut().map_or(&mut self.grads, |l| &mut l.grads), &self.scratch);
             }
             if let Some(dist) = &mut self.dist {
                 dist.micro_done(&self.grads);
@@ -321,16 +388,20 @@ impl Trainer {
         }
         let loss = self.all_losses.iter().fold(0.0, |sum, l| sum + l / accum as f64);
         let opt_start = Instant::now();
+        let (trained, grads) = match &mut self.lora {
+            None => (&mut self.params, &mut self.grads),
+            Some(l) => (&mut l.adapters, &mut l.grads),
+        };
         if self.inject_nonfinite_at == Some(step) {
-            self.grads[0] = f32::NAN;
+            grads[0] = f32::NAN;
         }
         // The norm of the scaled gradients, unscaled: power-of-two scales make this exact.
-        let grad_norm = sum_squares(&self.grads, &mut self.partials).sqrt() / loss_scale as f64;
+        let grad_norm = sum_squares(grads, &mut self.partials).sqrt() / loss_scale as f64;
         let lr = self.opts.schedule().lr_at(step);
         let skipped = !grad_norm.is_finite();
         if !skipped {
             let mult = clip_multiplier(grad_norm, self.opts.grad_clip) / loss_scale;
-            self.opt.update(&mut self.params, &self.grads, lr, mult);
+            self.opt.update(trained, grads, lr, mult);
             self.params_changed();
         }
         self.scaler.update(!skipped);
@@ -508,6 +579,7 @@ impl Trainer {
         let (sum, count) = crate::eval::windows_loss(
             &mut self.model,
             &self.params,
+            self.lora.as_ref().map(|l| l.adapters.as_slice()),
             val,
             windows,
             &mut self.tokens,

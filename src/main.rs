@@ -87,6 +87,10 @@ enum Command {
         /// llama2.c format of a .bin export.
         #[arg(long, value_enum, default_value = "legacy")]
         llama2c_format: Llama2cFormatArg,
+        /// Merge these LoRA adapters (a PEFT adapter directory or a LoRA checkpoint) into
+        /// --from, the base they were trained on, and write the merged model.
+        #[arg(long)]
+        merge_lora: Option<PathBuf>,
     },
     // Negative numbers parse as values, so validation can say what is wrong with them.
     #[command(allow_negative_numbers = true)]
@@ -129,6 +133,9 @@ enum Command {
         /// HF model directory, llama2.c .bin, .gguf, or training checkpoint directory.
         #[arg(long)]
         model: PathBuf,
+        /// LoRA adapters (a PEFT adapter directory or a LoRA checkpoint) to apply to --model.
+        #[arg(long)]
+        lora: Option<PathBuf>,
         /// The prompt as raw token ids, comma-separated (e.g. `1,2,3`); ids are printed.
         #[arg(long, value_delimiter = ',', required_unless_present = "prompt", conflicts_with = "prompt")]
         ids: Vec<u32>,
@@ -218,6 +225,9 @@ enum Command {
         /// HF model directory, llama2.c .bin, .gguf, or training checkpoint directory.
         #[arg(long)]
         model: PathBuf,
+        /// LoRA adapters (a PEFT adapter directory or a LoRA checkpoint) to apply to --model.
+        #[arg(long)]
+        lora: Option<PathBuf>,
         /// Token file (headed, or llama2.c's flat u16 .bin).
         #[arg(long)]
         data: PathBuf,
@@ -663,14 +673,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ane(AneCommand::Probe { model, seq, layout }) => {
             anetrain::ane::probe::run(model.as_deref(), seq, layout.into())
         }
-        Command::Convert { from, to, dtype, llama2c_format } => convert(&from, &to, dtype, llama2c_format.into()),
+        Command::Convert { from, to, dtype, llama2c_format, merge_lora } => {
+            convert(&from, &to, dtype, llama2c_format.into(), merge_lora.as_deref())
+        }
         Command::Prepare { tokenizer, input, out, val_fraction, seed, chat: false, rt, .. } => {
             prepare(&tokenizer, &input, &out, val_fraction, seed, rt)
         }
         Command::Prepare { tokenizer, input, out, val_fraction, chat: true, chat_template, rt, .. } => {
             prepare_chat(&tokenizer, &input, &out, val_fraction, chat_template.as_deref(), rt)
         }
-        Command::Generate { model, ids, prompt, tokenizer, max_tokens, sampling, eos, rt } => {
+        Command::Generate { model, lora, ids, prompt, tokenizer, max_tokens, sampling, eos, rt } => {
             let sampling = sampling.sampling(DEFAULT_SEED)?;
             // Raw ids need no tokenizer; --tokenizer is checked against a checkpoint's record.
             // Without it, a text prompt uses the model's own (loaded with the model).
@@ -678,7 +690,7 @@ fn run(cli: Cli) -> Result<()> {
                 (_, Some(path)) => cli::commands::model_tokenizer(&model, Some(path))?,
                 _ => None,
             };
-            generate(&model, &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, rt)
+            generate(&model, lora.as_deref(), &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, rt)
         }
         Command::Chat { model, chat_template, system, ctx, max_tokens, sampling, rt } => {
             let sampling = sampling.sampling(DEFAULT_SEED)?;
@@ -713,8 +725,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             cli::serve::run(args, rt)
         }
-        Command::Eval { model, data, seq, batch, batches, json, rt } => {
-            eval(&model, &data, seq, batch, batches, json, rt)
+        Command::Eval { model, lora, data, seq, batch, batches, json, rt } => {
+            eval(&model, lora.as_deref(), &data, seq, batch, batches, json, rt)
         }
     }
 }

@@ -125,6 +125,29 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     }
 }
 
+/// Merges the LoRA adapters in `dir` (a PEFT adapter directory or a LoRA checkpoint) into
+/// `model`'s weights, checking that they fit its shapes; prints what it merged to stderr.
+pub fn apply_lora(model: &mut LoadedModel, dir: &Path) -> Result<()> {
+    let layout = crate::lora::peft::merge_dir(dir, &model.cfg, &mut model.params, crate::ops::Par::seq())?;
+    eprintln!(
+        "merged LoRA adapters from {} (rank {}, alpha {}, {} projections per layer)",
+        dir.display(),
+        layout.cfg.rank,
+        layout.cfg.alpha,
+        layout.cfg.targets.len()
+    );
+    Ok(())
+}
+
+/// `load`, with the LoRA adapters in `lora` merged in when given.
+pub fn load_with_lora(path: &Path, lora: Option<&Path>) -> Result<LoadedModel> {
+    let mut model = load(path)?;
+    if let Some(dir) = lora {
+        apply_lora(&mut model, dir)?;
+    }
+    Ok(model)
+}
+
 /// Loads weights from an HF directory, a llama2.c file, a GGUF file or a training checkpoint.
 pub fn load_model(path: &Path) -> Result<(ModelConfig, Vec<f32>)> {
     let m = load(path)?;
@@ -145,7 +168,16 @@ pub enum ExportDtype {
 /// bf16, with tokenizer.json and tokenizer_config.json when the source has a tokenizer). A
 /// llama2.c source converted to its own format keeps the RoPE tables its file carried, so the
 /// output is byte-identical to the input.
-pub fn convert(from: &Path, to: &Path, dtype: ExportDtype, format: llama2c::Format) -> Result<ModelConfig> {
+///
+/// With `merge_lora` (a PEFT adapter directory or a LoRA checkpoint trained on `from`), the
+/// adapters are merged into the weights first (`W + s·B·A`), so `to` is the fine-tuned model.
+pub fn convert(
+    from: &Path,
+    to: &Path,
+    dtype: ExportDtype,
+    format: llama2c::Format,
+    merge_lora: Option<&Path>,
+) -> Result<ModelConfig> {
     // Writing into a training checkpoint would replace its weights under its state.
     let inside = [Some(to), to.parent()]
         .into_iter()
@@ -158,7 +190,7 @@ pub fn convert(from: &Path, to: &Path, dtype: ExportDtype, format: llama2c::Form
             ckpt.display()
         );
     }
-    let (model, rope_tables) = match ModelFormat::of_path(from)? {
+    let (mut model, rope_tables) = match ModelFormat::of_path(from)? {
         ModelFormat::Llama2c => {
             let m = llama2c::load(from)?;
             let tables = if m.format == format { m.rope_tables } else { None };
@@ -166,6 +198,9 @@ pub fn convert(from: &Path, to: &Path, dtype: ExportDtype, format: llama2c::Form
         }
         _ => (load(from)?, None),
     };
+    if let Some(dir) = merge_lora {
+        apply_lora(&mut model, dir)?;
+    }
     let cfg = model.cfg.clone();
     if to.extension().is_some_and(|e| e == "bin") {
         llama2c::save(to, &llama2c::Llama2c { cfg: model.cfg, params: model.params, format, rope_tables })?;

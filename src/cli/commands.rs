@@ -171,7 +171,13 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
     Ok(())
 }
 
-pub fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype, format: Llama2cFormat) -> Result<()> {
+pub fn convert(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    dtype: ExportDtype,
+    format: Llama2cFormat,
+    merge_lora: Option<&std::path::Path>,
+) -> Result<()> {
     use anetrain::checkpoint::ExportDtype as D;
     let dtype = match dtype {
         ExportDtype::F32 => D::F32,
@@ -179,13 +185,15 @@ pub fn convert(from: &std::path::Path, to: &std::path::Path, dtype: ExportDtype,
         ExportDtype::Bf16 => D::Bf16,
         ExportDtype::Q8_0 => D::Q8_0,
     };
-    let cfg = anetrain::checkpoint::convert(from, to, dtype, format)?;
+    let cfg = anetrain::checkpoint::convert(from, to, dtype, format, merge_lora)?;
     println!("wrote {} ({} parameters) from {}", to.display(), group_digits(cfg.param_count()), from.display());
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn eval(
     model: &std::path::Path,
+    lora: Option<&std::path::Path>,
     data: &std::path::Path,
     seq: usize,
     batch: usize,
@@ -193,7 +201,8 @@ pub fn eval(
     json: bool,
     rt: Runtime,
 ) -> Result<()> {
-    let (cfg, params) = anetrain::checkpoint::load_model(model)?;
+    let loaded = anetrain::checkpoint::load_with_lora(model, lora)?;
+    let (cfg, params) = (loaded.cfg, loaded.params);
     if seq == 0 || batch == 0 {
         bail!("--seq and --batch must be at least 1");
     }
@@ -223,6 +232,7 @@ pub fn eval(
 #[allow(clippy::too_many_arguments)]
 pub fn generate(
     model: &std::path::Path,
+    lora: Option<&std::path::Path>,
     ids: &[u32],
     prompt: Option<&str>,
     tokenizer: Option<anetrain::tokenizer::Tokenizer>,
@@ -232,7 +242,7 @@ pub fn generate(
     rt: Runtime,
 ) -> Result<()> {
     use std::io::Write;
-    let loaded = anetrain::checkpoint::load(model)?;
+    let loaded = anetrain::checkpoint::load_with_lora(model, lora)?;
     let (cfg, params) = (&loaded.cfg, &loaded.params);
     let mut ids = ids.to_vec();
     let mut eos = eos;

@@ -159,3 +159,14 @@ pub fn load(dir: &Path, model: &ModelConfig, base: &ParamLayout) -> Result<(Lora
     let adapters = read_tensors(&st, &layout.tensors, layout.total, "")?;
     Ok((layout, adapters))
 }
+
+/// Merges the adapters in `dir` (a PEFT adapter directory, a LoRA training checkpoint step, or
+/// a checkpoint directory whose `latest` is one) into `params`, the base they were trained on.
+pub fn merge_dir(dir: &Path, cfg: &ModelConfig, params: &mut [f32], par: crate::ops::Par) -> Result<LoraLayout> {
+    let dir = if dir.join("latest").is_file() { crate::checkpoint::native::resolve(dir)? } else { dir.to_path_buf() };
+    let base = ParamLayout::new(cfg);
+    let (layout, adapters) = load(&dir, cfg, &base)
+        .with_context(|| format!("cannot use {} as LoRA adapters of this model", dir.display()))?;
+    layout.merge_into(par, &base, params, &adapters);
+    Ok(layout)
+}

@@ -43,11 +43,17 @@ networkx jinja2 fsspec numpy does NOT work: ``import torch`` fails with
 "libcudart.so.13: cannot open shared object file" (libtorch links the CUDA
 runtime), so the plain install is needed.  See tools/requirements-bench.txt.
 
+LoRA (``--lora-rank R``, needs ``pip install peft``; peft 0.21.2 was used): HF
+PEFT's ``get_peft_model`` with ``--lora-targets`` (default all seven projections),
+alpha = ``--lora-alpha`` (default 2R), dropout 0; AdamW over the adapters only
+(the base is frozen by PEFT).  The model counts and FLOPs printed are the base's.
+
 Examples:
 
     python3 tools/bench_pytorch.py                      # Stories110M, B=1 T=256 K=10
     python3 tools/bench_pytorch.py --model stories15m --seq 64 --accum 2 --steps 2
     python3 tools/bench_pytorch.py --json --threads 2
+    python3 tools/bench_pytorch.py --model smollm2-135m --batch 4 --seq 256 --accum 1 --lora-rank 16
 """
 
 from __future__ import annotations
@@ -87,6 +93,10 @@ PRESETS = {
     "stories110m": dict(arch="llama", dim=768, hidden=2048, layers=12, heads=12,
                         kv_heads=12, vocab=32000, head_dim=None, theta=10000.0,
                         eps=1e-5, qk_norm=False, tied=True),
+    # SmolLM2-135M shape (random init; Llama architecture)
+    "smollm2-135m": dict(arch="llama", dim=576, hidden=1536, layers=30, heads=9,
+                         kv_heads=3, vocab=49152, head_dim=64, theta=1e5,
+                         eps=1e-5, qk_norm=False, tied=True),
     # Qwen3-0.6B shape (random init)
     "qwen3-0.6b": dict(arch="qwen3", dim=1024, hidden=3072, layers=28, heads=16,
                        kv_heads=8, vocab=151936, head_dim=128, theta=1e6,
@@ -290,6 +300,9 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    ap.add_argument("--lora-rank", type=int, default=0, help="train PEFT LoRA adapters of this rank (0: full)")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     args = ap.parse_args()
 
     def log(msg):
@@ -318,14 +331,22 @@ def main():
     if model is None:
         model = NativeLlama(p, T, args.attn)
         impl_name = f"hand-written NativeLlama (attn={args.attn})"
-    model.train()
-
     n_params = sum(x.numel() for x in model.parameters())  # tied weight counted once
+    if args.lora_rank > 0:
+        import peft
+
+        lcfg = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+                               target_modules=args.lora_targets.split(","), lora_dropout=0.0, bias="none",
+                               task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, lcfg)
+        impl_name += f" + peft {peft.__version__} LoRA r={args.lora_rank}"
+    model.train()
     n_matmul = matmul_params(p)
     flops_tok = train_flops_per_token(p, T)
 
-    decay = [x for x in model.parameters() if x.dim() >= 2]
-    no_decay = [x for x in model.parameters() if x.dim() < 2]
+    trainable = [x for x in model.parameters() if x.requires_grad]
+    decay = [x for x in trainable if x.dim() >= 2]
+    no_decay = [x for x in trainable if x.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -395,6 +416,8 @@ def main():
         "batch": B, "seq": T, "accum": K, "steps": steps, "warmup": args.warmup,
         "attn": args.attn,
         "params": n_params,
+        "lora_rank": args.lora_rank,
+        "trainable_params": sum(x.numel() for x in trainable),
         "matmul_params": n_matmul,
         "train_flops_per_token": flops_tok,
         "timed_micro_steps": len(micro_t),

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# LoRA benchmark, alternating back to back (docs/BENCHMARKS.md "LoRA"): anetrain LoRA,
+# anetrain full fine-tuning and PyTorch + PEFT LoRA on the same model shape and batch,
+# ROUNDS times in turn, each run a fresh process. Prints one line per run; take medians.
+#
+#   tools/bench_lora.sh [ROUNDS=3] [MODEL=smollm2-135m] [B=4] [T=256] [RANK=16] [STEPS=3]
+#
+# Needs a release build (cargo build --release) and a Python with torch, transformers and
+# peft (PYTHON, default /work/venv/bin/python). Random init (timing and memory only).
+set -euo pipefail
+ROUNDS=${1:-3}; MODEL=${2:-smollm2-135m}; B=${3:-4}; T=${4:-256}; RANK=${5:-16}; STEPS=${6:-3}
+PYTHON=${PYTHON:-/work/venv/bin/python}
+BIN=${BIN:-target/release/anetrain}
+THREADS=${THREADS:-2}
+run_anetrain() {
+    local label=$1; shift
+    local out
+    out=$("$BIN" train --model "$MODEL" --data synthetic --batch "$B" --seq "$T" --steps "$STEPS" \
+        --warmup 0 --eval-every 0 --no-peak --threads "$THREADS" --print-every 1000 "$@")
+    local micro rss
+    micro=$(grep -o 'median micro-step *[0-9.]* ms' <<<"$out" | grep -o '[0-9.]* ms' | cut -d' ' -f1)
+    rss=$(grep -o 'peak RSS *[0-9]* MB' <<<"$out" | grep -o '[0-9]* MB' | cut -d' ' -f1)
+    echo "$label median_micro_ms=$micro tokens_per_s=$(awk "BEGIN{printf \"%.1f\", $B*$T/($micro/1000)}") peak_rss_mb=$rss"
+}
+run_torch() {
+    local json
+    json=$("$PYTHON" tools/bench_pytorch.py --model "$MODEL" --batch "$B" --seq "$T" --accum 1 \
+        --steps "$STEPS" --warmup 1 --min-timed "$STEPS" --threads "$THREADS" --lora-rank "$RANK" --json 2>/dev/null)
+    "$PYTHON" -c 'import json,sys; r=json.loads(sys.argv[1]); print("torch+peft median_micro_ms=%.1f tokens_per_s=%.1f peak_rss_mb=%.0f" % (r["micro_step_ms_median"], r["tokens_per_s"], r["peak_rss_mb"]))' "$json"
+}
+for round in $(seq 1 "$ROUNDS"); do
+    echo "# round $round"
+    run_anetrain "anetrain-lora" --lora-rank "$RANK"
+    run_torch
+    run_anetrain "anetrain-full"
+done

@@ -255,3 +255,24 @@ fn unknown_targets_list_the_valid_ones() {
     let err = format!("{:#}", LoraLayout::new(&cfg, &ParamLayout::new(&cfg), &too_big).unwrap_err());
     assert!(err.contains("--lora-rank 13"), "{err}");
 }
+
+/// The memory check of a LoRA run counts the adapters the layout really allocates, and the
+/// frozen base at 4 bytes per parameter instead of full fine-tuning's 16.
+#[test]
+fn memory_estimate_counts_the_adapters_and_a_frozen_base() {
+    let cfg = ModelConfig::preset("smollm2-135m").unwrap();
+    let lc = LoraConfig { rank: 16, alpha: 32.0, targets: Target::ALL.to_vec() };
+    let layout = LoraLayout::new(&cfg, &ParamLayout::new(&cfg), &lc).unwrap();
+    assert_eq!(lc.adapter_count(&cfg), layout.total);
+    let (b, t) = (4, 256);
+    let full = anetrain::model::memory_estimate(&cfg, b, t, true).total();
+    let mut lora = anetrain::model::memory_estimate(&cfg, b, t, false);
+    let acts = lora.total();
+    anetrain::lora::memory_estimate(&cfg, &lc, b * t, &mut lora);
+    let base = 4 * cfg.param_count() as u64;
+    let adapters = 16 * layout.total as u64;
+    assert!(lora.total() >= acts + base + adapters, "{} < {}", lora.total(), acts + base + adapters);
+    // The merge scratch is one layer, far below a second copy of the base.
+    assert!(lora.total() < acts + base + adapters + base / 10);
+    assert!(lora.total() + 11 * cfg.param_count() as u64 <= full);
+}

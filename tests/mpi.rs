@@ -272,6 +272,19 @@ mod with_mpi {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// LoRA's adapter arena is not wired into the gradient exchange: refused, not run wrong.
+    #[test]
+    fn lora_under_mpirun_is_refused_once() {
+        let dir = scratch("lora");
+        let out = mpirun(2).args(train_args(2, 2, &dir.join("c"))).args(["--lora-rank", "2"]).output().unwrap();
+        assert!(!out.status.success());
+        let shown = text(&out);
+        let sentence = "--lora-rank cannot run data-parallel under mpirun: run LoRA fine-tuning as a single process";
+        assert_eq!(shown.matches(sentence).count(), 1, "{shown}");
+        assert!(!dir.join("c").join("latest").exists(), "nothing was trained");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 #[cfg(not(feature = "mpi"))]

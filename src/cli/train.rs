@@ -155,7 +155,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let extra = if job.is_some() { 2 } else { usize::from(args.accum > 1) };
     check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref())?;
     if job.is_some() && opts.lora.is_some() {
-        bail!("--lora-rank cannot run data-parallel under mpirun yet: run LoRA fine-tuning as a single process");
+        let why = "--lora-rank cannot run data-parallel under mpirun: run LoRA fine-tuning as a single process";
+        return Err(dist::fail_from_rank0(rank, why.into()));
     }
     // The checkpoint directory is locked before anything in it is read or written; only rank
     // 0 of a data-parallel job writes it (the others only read a checkpoint to resume).

@@ -292,7 +292,7 @@ impl Trainer {
         // not wired into it (nor tested under mpirun).
         ensure!(
             self.lora.is_none(),
-            "--lora-rank cannot run data-parallel under mpirun yet: run LoRA fine-tuning as a single process"
+            "--lora-rank cannot run data-parallel under mpirun: run LoRA fine-tuning as a single process"
         );
         self.model.set_grad_ready(Some(dist.grad_ready()));
         // Ranks compute every micro-batch's gradient from zero in `grads`.

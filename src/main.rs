@@ -356,6 +356,15 @@ impl DwOverlap {
     }
 }
 
+/// `--ane-mode`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AneModeArg {
+    /// Weights as kernel inputs; every kernel compiled once.
+    Dynamic,
+    /// Weights baked into per-layer programs, recompiled every --recompile-every updates.
+    Static,
+}
+
 /// `--dp-reduce`: how data-parallel ranks sum gradients.
 #[derive(Clone, Copy, ValueEnum)]
 enum DpReduce {
@@ -440,6 +449,23 @@ struct TrainArgs {
     /// (results are bit-identical either way).
     #[arg(long, value_enum, default_value = "auto")]
     dw_overlap: DwOverlap,
+    /// How the MIL backends give kernels their weights: `dynamic` (inputs, compiled once) or
+    /// `static` (baked into per-layer programs as constants, recompiled every
+    /// --recompile-every updates, stale in between; the original's large-model pipeline).
+    #[arg(long, value_enum, default_value = "dynamic")]
+    ane_mode: AneModeArg,
+    /// Static mode: updates between recompiles of the baked weights.
+    #[arg(long, default_value_t = 10)]
+    recompile_every: usize,
+    /// Kernel compiles one process may make (default: 100 on `ane`, which fails past about
+    /// 119; no limit on `mil-sim`). When the next recompile would pass it, training
+    /// checkpoints (needs --ckpt-dir) and re-executes itself with `--resume latest`.
+    #[arg(long)]
+    compile_budget: Option<usize>,
+    /// The most compile-budget restarts one run may make (counted across processes through
+    /// the ANETRAIN_RESTARTS environment variable).
+    #[arg(long, default_value_t = 10_000)]
+    max_restarts: usize,
     /// Write one JSON line per update to this file.
     #[arg(long)]
     log: Option<PathBuf>,

@@ -362,6 +362,21 @@ impl Model {
     /// Declares that the parameters passed to `forward`/`forward_backward` stay unchanged
     /// while `version` does (`None`: no promise, the default). Backends that stage weights
     /// (the MIL backends) then keep each layer's weights staged across micro-batches.
+    /// See `Backend::begin_update`.
+    pub fn begin_update(&mut self, update: usize) {
+        self.backend.begin_update(update);
+    }
+
+    /// See `Backend::compiles_needed`.
+    pub fn compiles_needed(&self, update: usize) -> usize {
+        self.backend.compiles_needed(update)
+    }
+
+    /// See `Backend::compiles`.
+    pub fn compiles(&self) -> usize {
+        self.backend.compiles()
+    }
+
     pub fn set_weights_version(&mut self, version: Option<u64>) {
         self.backend.set_weights_version(version);
     }

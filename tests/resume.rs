@@ -229,6 +229,9 @@ fn restore_restages_weights_on_mil_backends() {
         fn compiles(&self) -> usize {
             self.0.compiles()
         }
+        fn unload(&mut self, k: usize) -> anyhow::Result<()> {
+            self.0.unload(k)
+        }
     }
     let cfg = cfg();
     let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();

@@ -115,7 +115,8 @@ pub struct AneRunner {
     /// An empty NSDictionary, the `options:` of every call (facts §5.4), made once so that
     /// `eval` builds nothing.
     no_options: Obj,
-    kernels: Vec<Kernel>,
+    /// `None` once unloaded (handles are never reused).
+    kernels: Vec<Option<Kernel>>,
     /// Declared after `kernels`: directories go only once every model is unloaded.
     dirs: Vec<OwnedDir>,
 }
@@ -168,7 +169,7 @@ impl AneRunner {
     /// failure (dropping the runner does the same silently).
     pub fn close(mut self) -> Result<()> {
         let mut first = Ok(());
-        for k in &mut self.kernels {
+        for k in self.kernels.iter_mut().flatten() {
             let r = k.unload();
             if first.is_ok() {
                 first = r;
@@ -178,7 +179,10 @@ impl AneRunner {
     }
 
     fn kernel(&self, kernel: usize) -> Result<&Kernel> {
-        self.kernels.get(kernel).ok_or_else(|| anyhow!("ANE kernel handle {kernel} was never returned by load"))
+        self.kernels
+            .get(kernel)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| anyhow!("ANE kernel handle {kernel} was never returned by load, or was unloaded"))
     }
 
     /// `{"@model_path/<path>": {"offset": 0, "data": <bytes>}}` (facts §4.6, §5.2 step 2). The
@@ -329,8 +333,15 @@ impl KernelRunner for AneRunner {
     fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize> {
         crate::mil::rules::check_program(program, slots)?;
         let k = self.build_kernel(program, slots)?;
-        self.kernels.push(k);
+        self.kernels.push(Some(k));
         Ok(self.kernels.len() - 1)
+    }
+
+    fn unload(&mut self, kernel: usize) -> Result<()> {
+        let Some(mut k) = self.kernels.get_mut(kernel).and_then(Option::take) else {
+            bail!("ANE kernel handle {kernel} was never returned by load, or was already unloaded")
+        };
+        k.unload()
     }
 
     fn write_input(

@@ -150,6 +150,21 @@ pub trait Backend: Send {
     /// such promise, stage them on every call.
     fn set_weights_version(&mut self, _version: Option<u64>) {}
 
+    /// Update `update` (0-based, counted over the whole run) is about to start. Backends that
+    /// compile weights into their kernels (static mode) decide from it when to recompile.
+    fn begin_update(&mut self, _update: usize) {}
+
+    /// Kernel compiles that running update `update` would make beyond those made so far.
+    fn compiles_needed(&self, _update: usize) -> usize {
+        0
+    }
+
+    /// Kernels this backend's runner has compiled in this process (the Neural Engine fails
+    /// past about 119 per process).
+    fn compiles(&self) -> usize {
+        0
+    }
+
     /// The classifier, if this backend runs it: `logits [N, V] = xf [N, C] · Eᵀ` for `e`
     /// `[V, C]`; returns false (the default) to leave it to the model's f32 GEMM. Its
     /// backward (dxf and dE) always stays on the CPU with the dW GEMMs.

@@ -7,5 +7,6 @@ pub mod commands;
 pub mod dashboard;
 pub mod dashboard_ui;
 pub mod plot;
+pub mod restart;
 pub mod serve;
 pub mod train;

@@ -160,7 +160,20 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     // The checkpoint directory is locked before anything in it is read or written; only rank
     // 0 of a data-parallel job writes it (the others only read a checkpoint to resume).
-    let _lock = match &args.ckpt_dir {
+    let static_mode = args.ane_mode == crate::AneModeArg::Static;
+    if static_mode && job.is_some() {
+        bail!("--ane-mode static restarts processes past the compile budget, which mpirun cannot follow; use dynamic");
+    }
+    let ane_mode = if static_mode {
+        anetrain::backends::AneMode::Static { every: args.recompile_every }
+    } else {
+        anetrain::backends::AneMode::Dynamic
+    };
+    let compile_budget =
+        args.compile_budget.or(matches!(args.backend, crate::cli::choices::BackendArg::Ane)
+            .then_some(anetrain::backends::ANE_COMPILE_BUDGET));
+    let restarts = super::restart::restarts_so_far()?;
+    let lock = match &args.ckpt_dir {
         Some(dir) if rank == 0 => {
             let lock = anetrain::checkpoint::rundir::lock(dir)?;
             anetrain::checkpoint::native::check_writable(dir)?;
@@ -199,6 +212,21 @@ pub fn train(args: TrainArgs) -> Result<()> {
             None
         }
     };
+    // A static run that will need a restart must have somewhere to checkpoint, known now
+    // rather than when the budget runs out. Per bake: 8 weight-bearing kernels per layer.
+    if let (anetrain::backends::AneMode::Static { every }, Some(budget), None) =
+        (ane_mode, compile_budget, &args.ckpt_dir)
+    {
+        let start = checkpoint.as_ref().map_or(0, |c| c.step);
+        let bakes = (start..args.steps).filter(|&u| u == start || u % every.max(1) == 0).count();
+        let needed = 2 + bakes * 8 * cfg.n_layers;
+        if needed > budget {
+            bail!(
+                "--ane-mode static needs about {needed} compiles for this run and --compile-budget is {budget}: give \
+                 --ckpt-dir so that it can checkpoint and restart past the budget"
+            );
+        }
+    }
     let min_tokens = args.batch * (args.seq + 1) * 4;
     let prepared = anetrain::prepare::training_data(
         &args.data,
@@ -236,8 +264,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
         Some(path) => Telemetry::to_file(path)?,
         None => Telemetry::none(),
     };
-    let backend: Box<dyn Backend> =
-        anetrain::backends::build(args.backend.into(), &cfg, args.batch, args.seq, par, args.mil_layout.into())?;
+    let backend: Box<dyn Backend> = anetrain::backends::build_with(
+        args.backend.into(),
+        &cfg,
+        args.batch,
+        args.seq,
+        par,
+        args.mil_layout.into(),
+        ane_mode,
+        compile_budget,
+    )?;
     let dw_overlap = args.dw_overlap.forced().unwrap_or(backend.overlaps_dw());
     println!(
         "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?} | dW overlap {}",
@@ -333,6 +369,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         #[cfg(not(feature = "mpi"))]
         let _ = (job, accum, mode);
         trainer.model.set_dw_overlap(dw_overlap)?;
+        trainer.compile_budget = compile_budget;
         trainer.val_data = val_data;
         trainer.tokenizer = tokenizer;
         if let Some(m) = init.take() {
@@ -341,7 +378,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
         }
         if let Some(checkpoint) = &checkpoint {
             checkpoint.restore(&mut trainer, &data)?;
-            println!("resumed from {} after {} updates", checkpoint.path.display(), checkpoint.step);
+            println!(
+                "resumed from {} after {} updates{}",
+                checkpoint.path.display(),
+                checkpoint.step,
+                if restarts > 0 { format!(" (compile-budget restart {restarts})") } else { String::new() }
+            );
             header.resumed_from = Some(checkpoint.path.display().to_string());
             if let Some(policy) = &ckpt
                 && rank == 0
@@ -398,6 +440,18 @@ pub fn train(args: TrainArgs) -> Result<()> {
             (summary, trainer.into_effective_params(), tokenizer, last_step)
         })
     })?;
+    if summary.restart {
+        println!(
+            "compile budget: {} compiles allowed per process; checkpointed at step {last_step}/{steps}, restarting \
+             with --resume latest",
+            compile_budget.unwrap_or(0)
+        );
+        // exec runs no destructors: close the log and release the directory lock first.
+        drop(telemetry);
+        drop(lock);
+        std::io::Write::flush(&mut std::io::stdout())?;
+        match super::restart::exec_resume(args.max_restarts)? {}
+    }
     if summary.interrupted {
         let saved = args.ckpt_dir.as_ref().map_or(String::from(" (no --ckpt-dir: nothing saved)"), |d| {
             format!("; checkpoint in {}, continue with --resume latest", d.display())

@@ -21,7 +21,7 @@ use super::emit::{InputLayout, Kernel, KernelSet, Piece};
 use crate::backend::qkv::qkv_backward;
 use crate::backend::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
 use crate::config::ModelConfig;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use half::f16;
 
 /// One source for a piece of a kernel input.
@@ -57,6 +57,46 @@ struct Exec {
     staged: Vec<Vec<Option<(u64, u64)>>>,
     /// Weight stagings so far (kernel × slot), for tests and telemetry.
     stagings: usize,
+    /// Per kernel: the runner handle evaluated last, whose output `read` reads (in static
+    /// mode each layer has its own program).
+    last: [usize; 11],
+    /// Static mode: weights baked into per-layer programs.
+    statics: Option<Static>,
+}
+
+/// Static mode (`--ane-mode static`, the original's large-model pipeline, facts §3.7, §6.2).
+///
+/// Every weight-bearing kernel is compiled once per layer with that layer's weights baked in
+/// as BLOBFILE constants (`super::bake`); the weight-free attention-backward kernels and the
+/// CPU parts are shared with dynamic mode. Weights are baked at the first kernel call of the
+/// layer in each *bake epoch*, `update / every`: so a layer's programs hold the weights as
+/// they were before update `k·every`, and updates `k·every .. (k+1)·every − 1` run their
+/// forward and dx kernels on those stale weights, as the original did between recompiles.
+/// Everything on the CPU uses the current weights: embedding, RMSNorms, the classifier
+/// (on the CPU in static mode, as in the original's static pipeline), the loss, and every
+/// weight-gradient GEMM (which reads activations, not weights). A backend never told the
+/// update (`begin_update`) stays in epoch 0: its first weights are baked once.
+///
+/// Because the epoch is a function of the update index, a process restarted at an epoch
+/// boundary (the compile-budget restart) bakes exactly what an uninterrupted process bakes.
+/// A manual `--resume` from a checkpoint inside an epoch bakes the resumed weights, which
+/// an uninterrupted run would not have used until the next boundary.
+struct Static {
+    every: usize,
+    /// The epoch the next kernel calls must run in.
+    want: usize,
+    /// Per layer: the epoch whose weights its programs hold.
+    epoch_of: Vec<Option<usize>>,
+    /// `[kernel][layer]` runner handle and baked kernel, for the kernels in `BAKED`.
+    baked: Vec<Vec<Option<(usize, Kernel)>>>,
+}
+
+/// The weight-bearing kernels, baked per layer in static mode.
+const BAKED: [usize; 8] = [ATTN_FWD, WO_FWD, FFN_FWD, FFN_BWD_W2T, FFN_BWD_W13T, WO_BWD, Q_BWD, KV_BWD];
+
+/// Whether piece `name` of a kernel is a weight (baked in static mode).
+fn is_weight(name: &str) -> bool {
+    matches!(name, "wq" | "wk" | "wv" | "qn" | "kn" | "wo" | "w1" | "w3" | "w2")
 }
 
 /// Kernel `which` of the set: a `KernelSet::all()` index, or `CLASSIFIER`.
@@ -84,6 +124,9 @@ impl Exec {
     /// version, else when the version or the probe differs from what was staged there.
     /// Records the new state, so the caller must then stage them.
     fn stale(&mut self, which: usize, slot: usize, weights: &[&[f32]]) -> bool {
+        if self.statics.is_some() && BAKED.contains(&which) {
+            return false; // the weights are constants of the layer's own program
+        }
         let now = self.version.map(|v| (v, probe(weights)));
         let cell = &mut self.staged[which][slot];
         if now.is_some() && *cell == now {
@@ -97,8 +140,13 @@ impl Exec {
     /// Writes the given pieces into `slot` of kernel `which` and evaluates it.
     /// Pieces given as `None` are left as they are (weights already staged in that slot).
     fn run(&mut self, which: usize, slot: usize, srcs: &[(&str, Option<Src>)]) -> Result<()> {
-        let k = kernel_of(&self.set, which);
-        let (t, id) = (self.t, self.ids[which]);
+        let baked = self.statics.as_ref().and_then(|st| st.baked[which].get(slot)?.as_ref());
+        let (k, id, slot) = match baked {
+            Some((id, k)) => (k, *id, 0),
+            None => (kernel_of(&self.set, which), self.ids[which], slot),
+        };
+        self.last[which] = id;
+        let t = self.t;
         let runner = &mut self.runner;
         let mut attempt = || -> Result<()> {
             for (input, sig) in k.program.inputs.iter().enumerate() {
@@ -138,14 +186,14 @@ impl Exec {
     /// part `name`'s first channel, for `take` and for the next kernel (`Src::Half`).
     fn read_half<'b>(&mut self, which: usize, name: &str, buf: &'b mut [f16]) -> Result<(&'b [f16], usize)> {
         let (chan, _) = kernel_of(&self.set, which).out_part(name);
-        self.runner.read_output(self.ids[which], 0, &mut |out| buf[..out.len()].copy_from_slice(out))?;
+        self.runner.read_output(self.last[which], 0, &mut |out| buf[..out.len()].copy_from_slice(out))?;
         Ok((buf, chan))
     }
 
     fn read(&mut self, which: usize, name: &str, rows: &mut [f32], ld: usize, col: usize) -> Result<()> {
         let (chan, ch) = kernel_of(&self.set, which).out_part(name);
         let (s, t) = (self.s, self.t);
-        self.runner.read_output(self.ids[which], 0, &mut |out| take(out, s, chan, ch, rows, ld, col, t))
+        self.runner.read_output(self.last[which], 0, &mut |out| take(out, s, chan, ch, rows, ld, col, t))
     }
 }
 
@@ -271,19 +319,56 @@ impl MilBackend {
         b: usize,
         t: usize,
         layout: InputLayout,
+        runner: Box<dyn KernelRunner>,
+    ) -> Result<Self> {
+        Self::build(cfg, b, t, layout, runner, None)
+    }
+
+    /// Static mode (see `Static`): weights baked into per-layer programs, rebaked every
+    /// `recompile_every` updates. Only the weight-free kernels are compiled here; each
+    /// layer's programs are compiled at its first kernel call.
+    pub fn new_static(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        recompile_every: usize,
+        runner: Box<dyn KernelRunner>,
+    ) -> Result<Self> {
+        ensure!(recompile_every >= 1, "--recompile-every must be at least 1 (updates between recompiles)");
+        Self::build(cfg, b, t, InputLayout::Separate, runner, Some(recompile_every))
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        layout: InputLayout,
         mut runner: Box<dyn KernelRunner>,
+        recompile_every: Option<usize>,
     ) -> Result<Self> {
         cfg.validate()?;
         let set = KernelSet::new(cfg, t, layout)?;
         // One slot per layer (each layer's weights stay staged in its own input buffers),
-        // one per vocabulary chunk for the classifier.
-        let mut ids = [0; 11];
+        // one per vocabulary chunk for the classifier. Static mode loads only the
+        // weight-free kernels here (and runs the classifier on the CPU).
+        let mut ids = [usize::MAX; 11];
         let slots: Vec<usize> = [cfg.n_layers; 10].into_iter().chain([set.classifier_chunks.count]).collect();
-        for ((id, k), &n) in ids.iter_mut().zip(set.all().into_iter().chain([&set.classifier])).zip(&slots) {
+        for (which, ((id, k), &n)) in
+            ids.iter_mut().zip(set.all().into_iter().chain([&set.classifier])).zip(&slots).enumerate()
+        {
+            if recompile_every.is_some() && (BAKED.contains(&which) || which == CLASSIFIER) {
+                continue;
+            }
             *id = runner
                 .load(&k.program, n)
                 .with_context(|| format!("loading kernel {} on {}", k.program.name, runner.name()))?;
         }
+        let statics = recompile_every.map(|every| Static {
+            every,
+            want: 0,
+            epoch_of: vec![None; cfg.n_layers],
+            baked: (0..11).map(|_| (0..cfg.n_layers).map(|_| None).collect()).collect(),
+        });
         let staged = slots.iter().map(|&n| vec![None; n]).collect();
         let n = b * t;
         let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
@@ -291,7 +376,7 @@ impl MilBackend {
         let grad_out = set.ffn_bwd_w2t.program.outputs[0].elems().max(set.wo_bwd.program.outputs[0].elems());
         let s = set.dims.s;
         Ok(MilBackend {
-            exec: Exec { runner, set, ids, t, s, version: None, staged, stagings: 0 },
+            exec: Exec { runner, set, ids, t, s, version: None, staged, stagings: 0, last: ids, statics },
             c: cfg.dim,
             h: cfg.n_heads,
             kv: cfg.n_kv_heads,
@@ -336,6 +421,59 @@ impl MilBackend {
     pub fn weight_stagings(&self) -> usize {
         self.exec.stagings
     }
+
+    /// Static mode: compiles layer `w.layer`'s programs with its current weights baked in,
+    /// unless they already hold the wanted epoch's (unloading the ones they replace).
+    fn ensure_baked(&mut self, w: &Weights) -> Result<()> {
+        let e = &mut self.exec;
+        let Some(st) = e.statics.as_mut() else { return Ok(()) };
+        let layer = w.layer;
+        if st.epoch_of[layer] == Some(st.want) {
+            return Ok(());
+        }
+        let (c, d) = (self.c, self.d);
+        let (qd, kd) = (self.h * d, self.kv * d);
+        let (wq, rest) = w.wqkv.split_at(qd * c);
+        let (wk, wv) = rest.split_at(kd * c);
+        let (w1, w3) = w.w13.split_at(self.f * c);
+        for which in BAKED {
+            if let Some((id, _)) = st.baked[which][layer].take() {
+                e.runner.unload(id)?;
+            }
+            let k = kernel_of(&e.set, which);
+            let names: Vec<&str> = k.pieces.iter().map(|p| p.name.as_str()).filter(|n| is_weight(n)).collect();
+            let forward = matches!(which, ATTN_FWD | WO_FWD | FFN_FWD);
+            let baked = super::bake::bake(k, &names, &mut |name, buf| {
+                let matrix = match name {
+                    "wq" => wq,
+                    "wk" => wk,
+                    "wv" => wv,
+                    "wo" => w.wo,
+                    "w1" => w1,
+                    "w3" => w3,
+                    "w2" => w.w2,
+                    "qn" => w.q_norm.unwrap_or(&[]),
+                    _ => w.k_norm.unwrap_or(&[]),
+                };
+                // Each matrix in the form its dynamic kernel is staged with.
+                let src = match name {
+                    "qn" | "kn" => Src::Column(matrix),
+                    "w2" if which == FFN_FWD => Src::Weight(matrix),
+                    _ if forward => Src::WeightT(matrix),
+                    _ => Src::Weight(matrix),
+                };
+                let p = k.piece(name);
+                put(buf, k.program.inputs[p.input].shape[3], p, &src, e.t);
+            })?;
+            let id = e
+                .runner
+                .load(&baked.program, 1)
+                .with_context(|| format!("compiling layer {layer}'s {} on {}", baked.program.name, e.runner.name()))?;
+            st.baked[which][layer] = Some((id, baked));
+        }
+        st.epoch_of[layer] = Some(st.want);
+        Ok(())
+    }
 }
 
 impl Backend for MilBackend {
@@ -361,12 +499,33 @@ impl Backend for MilBackend {
         self.exec.version = version;
     }
 
+    fn begin_update(&mut self, update: usize) {
+        if let Some(st) = self.exec.statics.as_mut() {
+            st.want = update / st.every;
+        }
+    }
+
+    fn compiles_needed(&self, update: usize) -> usize {
+        self.exec.statics.as_ref().map_or(0, |st| {
+            let want = Some(update / st.every);
+            st.epoch_of.iter().filter(|&&e| e != want).count() * BAKED.len()
+        })
+    }
+
+    fn compiles(&self) -> usize {
+        self.exec.runner.compiles()
+    }
+
     fn classifier_forward(&mut self, logits: &mut [f32], xf: &[f32], e: &[f32]) -> Result<bool> {
+        if self.exec.statics.is_some() {
+            return Ok(false);
+        }
         self.classifier_logits(logits, xf, e)?;
         Ok(true)
     }
 
     fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+        self.ensure_baked(w)?;
         let (c, t, d) = (self.c, self.exec.t, self.d);
         let (qd, kd) = (self.h * d, self.kv * d);
         let (wq, rest) = w.wqkv.split_at(qd * c);
@@ -408,6 +567,7 @@ impl Backend for MilBackend {
     }
 
     fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+        self.ensure_baked(w)?;
         let (c, f, t) = (self.c, self.f, self.exec.t);
         let (w1, w3) = w.w13.split_at(f * c);
         let fresh_ffn = self.exec.stale(FFN_FWD, w.layer, &[w.w13, w.w2]);
@@ -437,6 +597,7 @@ impl Backend for MilBackend {
         acts: &LayerActs,
         w: &Weights,
     ) -> Result<()> {
+        self.ensure_baked(w)?;
         let (c, f, t) = (self.c, self.f, self.exec.t);
         let (w1, w3) = w.w13.split_at(f * c);
         let fresh_w2t = self.exec.stale(FFN_BWD_W2T, w.layer, &[w.w2]);
@@ -474,6 +635,7 @@ impl Backend for MilBackend {
         acts: &LayerActs,
         w: &Weights,
     ) -> Result<()> {
+        self.ensure_baked(w)?;
         let (c, t, d, n) = (self.c, self.exec.t, self.d, self.b * self.exec.t);
         let (h, kv) = (self.h, self.kv);
         let (qd, kd) = (h * d, kv * d);

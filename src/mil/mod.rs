@@ -64,12 +64,18 @@ pub trait KernelRunner: Send {
     /// Gives `read` the fp16 buffer of output `output` from the last `eval`.
     fn read_output(&mut self, kernel: usize, output: usize, read: &mut dyn FnMut(&[f16])) -> Result<()>;
 
-    /// Kernels compiled by this process so far (the hardware allows about 119).
+    /// Kernels compiled by this process so far (the hardware allows about 119). Unloading
+    /// does not lower it: the hardware's ceiling counts compiles, not loaded kernels.
     fn compiles(&self) -> usize;
+
+    /// Unloads `kernel` and frees its buffers; its handle is invalid afterwards (every call
+    /// with it fails). Static mode unloads each baked kernel before compiling its successor.
+    fn unload(&mut self, kernel: usize) -> Result<()>;
 }
 
 pub mod ast;
 pub mod backend;
+pub mod bake;
 pub mod blob;
 pub mod check;
 pub mod emit;

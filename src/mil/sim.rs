@@ -388,7 +388,8 @@ fn matmul(par: Par, x: &Tensor, y: &Tensor, tx: bool, ty: bool, out_shape: &[usi
 /// The simulator as a `KernelRunner`: each slot's inputs are plain fp16 vectors.
 pub struct SimRunner {
     par: Par,
-    kernels: Vec<SimKernel>,
+    /// `None` once unloaded (handles are never reused).
+    kernels: Vec<Option<SimKernel>>,
 }
 
 struct SimKernel {
@@ -415,7 +416,7 @@ impl KernelRunner for SimRunner {
         let sim = Sim::load(program, self.par)?;
         let inputs = (0..slots).map(|_| program.inputs.iter().map(|s| vec![f16::ZERO; s.elems()]).collect()).collect();
         let outputs = program.outputs.iter().map(|s| vec![f16::ZERO; s.elems()]).collect();
-        self.kernels.push(SimKernel { sim, inputs, outputs });
+        self.kernels.push(Some(SimKernel { sim, inputs, outputs }));
         Ok(self.kernels.len() - 1)
     }
 
@@ -426,14 +427,22 @@ impl KernelRunner for SimRunner {
         input: usize,
         fill: &mut dyn FnMut(&mut [f16]),
     ) -> Result<()> {
-        let k = self.kernels.get_mut(kernel).context("no such kernel")?;
+        let k = self
+            .kernels
+            .get_mut(kernel)
+            .and_then(Option::as_mut)
+            .context("no such kernel (never loaded, or unloaded)")?;
         let buf = k.inputs.get_mut(slot).and_then(|s| s.get_mut(input)).context("no such slot or input")?;
         fill(buf);
         Ok(())
     }
 
     fn eval(&mut self, kernel: usize, slot: usize) -> Result<()> {
-        let k = self.kernels.get_mut(kernel).context("no such kernel")?;
+        let k = self
+            .kernels
+            .get_mut(kernel)
+            .and_then(Option::as_mut)
+            .context("no such kernel (never loaded, or unloaded)")?;
         let ins: Vec<&[f16]> = k.inputs.get(slot).context("no such slot")?.iter().map(|v| v.as_slice()).collect();
         let outs = k.sim.run(&ins)?;
         for (dst, src) in k.outputs.iter_mut().zip(outs) {
@@ -445,12 +454,19 @@ impl KernelRunner for SimRunner {
     }
 
     fn read_output(&mut self, kernel: usize, output: usize, read: &mut dyn FnMut(&[f16])) -> Result<()> {
-        let k = self.kernels.get(kernel).context("no such kernel")?;
+        let k =
+            self.kernels.get(kernel).and_then(Option::as_ref).context("no such kernel (never loaded, or unloaded)")?;
         read(k.outputs.get(output).context("no such output")?);
         Ok(())
     }
 
     fn compiles(&self) -> usize {
         self.kernels.len()
+    }
+
+    fn unload(&mut self, kernel: usize) -> Result<()> {
+        let k = self.kernels.get_mut(kernel).context("no such kernel")?;
+        ensure!(k.take().is_some(), "kernel {kernel} is already unloaded");
+        Ok(())
     }
 }

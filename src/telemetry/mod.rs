@@ -192,7 +192,8 @@ pub struct EvalEvent {
 pub struct CheckpointEvent {
     pub step: usize,
     pub path: String,
-    /// `periodic` (`--ckpt-every`), `final`, `stop` (a stop request) or `best`.
+    /// `periodic` (`--ckpt-every`), `final`, `stop` (a stop request), `best`, or `restart`
+    /// (before re-executing past the compile budget).
     pub kind: String,
     pub ms: f64,
 }

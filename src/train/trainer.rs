@@ -10,7 +10,7 @@ use crate::data::{Sampler, TokenData};
 use crate::model::Model;
 use crate::ops::Par;
 use crate::telemetry::{CheckpointEvent, EvalEvent, LossScaleEvent, Record, StepEvent, Telemetry};
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -130,6 +130,9 @@ pub struct CheckpointPolicy {
 pub struct TrainSummary {
     /// The run stopped early on a stop request (its last update was checkpointed).
     pub interrupted: bool,
+    /// The run stopped early because the next update's compiles would pass the compile
+    /// budget; its last update was checkpointed and a new process should resume it.
+    pub restart: bool,
     /// Mean loss of each update.
     pub losses: Vec<f64>,
     pub wall_s: f64,
@@ -184,6 +187,9 @@ pub struct Trainer {
     /// Bumped whenever `params` change (`params_changed`), and promised to the model as
     /// its weights version, so accelerator backends stage weights once per update.
     weights_version: u64,
+    /// Kernel compiles one process may make (`--compile-budget`); `None`: no limit. Before an
+    /// update that would pass it, `run` checkpoints and stops with `TrainSummary::restart`.
+    pub compile_budget: Option<usize>,
     /// Test hook: make one gradient NaN in this (0-based) update, as an fp16 overflow would.
     pub inject_nonfinite_at: Option<usize>,
     /// Data-parallel training across ranks (`set_dist`); `None` for one process.
@@ -247,6 +253,7 @@ impl Trainer {
             start_step: 0,
             scaler: LossScaler::new(opts.loss_scale),
             inject_nonfinite_at: None,
+            compile_budget: None,
             weights_version: 0,
             val_data: None,
             best_val_loss: f64::INFINITY,
@@ -322,6 +329,7 @@ impl Trainer {
     /// …, and the exchange adds them in the same order (`crate::dist`).
     pub fn step(&mut self, data: &TokenData, step: usize) -> Result<StepEvent> {
         let start = Instant::now();
+        self.model.begin_update(step);
         let accum = self.opts.accum;
         let (rank, world) = self.rank_and_size();
         zero(self.lora.as_mut().map_or(&mut self.grads, |l| &mut l.grads));
@@ -449,7 +457,24 @@ impl Trainer {
         let (mut kernel_ms, mut dw_ms, mut dw_wait_ms) = (0.0, 0.0, 0.0);
         let (mut comm_wait_ms, mut comm_bytes) = (0.0, 0);
         let mut interrupted = false;
+        let mut restart = false;
         for step in self.start_step..self.opts.steps {
+            if self.restart_due(step)? {
+                let policy = ckpt.context(
+                    "the compile budget needs a restart from a checkpoint, and there is no --ckpt-dir; give one \
+                     (or raise --compile-budget, or lengthen --recompile-every)",
+                )?;
+                let saved_at = Instant::now();
+                let path = crate::checkpoint::native::save(&policy.dir, self, step, data, policy.keep_last)?;
+                telemetry.record(Record::Checkpoint(CheckpointEvent {
+                    step,
+                    path: path.display().to_string(),
+                    kind: "restart".into(),
+                    ms: saved_at.elapsed().as_secs_f64() * 1e3,
+                }))?;
+                restart = true;
+                break;
+            }
             let scale_before = self.scaler.scale;
             let mut event = self.step(data, step)?;
             event.elapsed_s = start.elapsed().as_secs_f64();
@@ -546,6 +571,7 @@ impl Trainer {
         let updates = losses.len().max(1) as f64;
         Ok(TrainSummary {
             interrupted,
+            restart,
             losses,
             wall_s,
             median_micro_ms: median(&mut self.micro_ms),
@@ -563,6 +589,23 @@ impl Trainer {
 }
 
 impl Trainer {
+    /// Whether update `step` must run in a new process: its compiles would pass the budget.
+    /// Fails when even a fresh process could not run it (its first update does not fit).
+    fn restart_due(&self, step: usize) -> Result<bool> {
+        let Some(budget) = self.compile_budget else { return Ok(false) };
+        let (have, need) = (self.model.compiles(), self.model.compiles_needed(step));
+        if need == 0 || have + need <= budget {
+            return Ok(false);
+        }
+        ensure!(
+            step > self.start_step,
+            "--compile-budget {budget} is too small: this process has compiled {have} kernels and update {} needs \
+             {need} more; raise it (the Neural Engine fails past about 119 compiles per process)",
+            step + 1
+        );
+        Ok(true)
+    }
+
     /// Mean loss over the first `eval_tokens` (whole windows of T) of `val`, with the training
     /// model and buffers: no allocation.
     pub fn validate(&mut self, val: &TokenData) -> Result<f64> {

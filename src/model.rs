@@ -290,10 +290,10 @@ impl Model {
         );
         let n = b * t;
         let c = cfg.dim;
-        let z = |len: usize| vec![0.0f32; len];
+        let z = |len: usize| crate::memory::try_vec_f32(len, "the model's [B·T, C] buffers");
         let keep_probs = backend.keeps_probs();
-        let acts = (0..cfg.n_layers).map(|_| LayerActs::new(cfg, b, t, keep_probs)).collect();
-        let grads = LayerGrads::new(cfg, b, t);
+        let acts = (0..cfg.n_layers).map(|_| LayerActs::new(cfg, b, t, keep_probs)).collect::<Result<_>>()?;
+        let grads = LayerGrads::new(cfg, b, t)?;
         let overlap = backend.overlaps_dw();
         let mut model = Model {
             cfg: cfg.clone(),
@@ -303,13 +303,13 @@ impl Model {
             par,
             backend,
             acts,
-            x_final: z(n * c),
-            rstd_final: z(n),
-            xf: z(n * c),
+            x_final: z(n * c)?,
+            rstd_final: z(n)?,
+            xf: z(n * c)?,
             logits: crate::memory::try_vec_f32(n * cfg.vocab_size, "the logits [B·T, V]")?,
-            losses: z(n),
-            dx: z(n * c),
-            dxn: z(n * c),
+            losses: z(n)?,
+            dx: z(n * c)?,
+            dxn: z(n * c)?,
             grads,
             dw: None,
             grad_ready: None,

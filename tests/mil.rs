@@ -292,7 +292,7 @@ fn weights_stay_staged_per_layer_while_their_version_holds() {
     let (mut cached, mut fresh) = (new(), new());
     let layout = ParamLayout::new(&cfg);
     let mut params = layout.init(9);
-    let mut acts = LayerActs::new(&cfg, b, t, false);
+    let mut acts = LayerActs::new(&cfg, b, t, false).unwrap();
     let mut rng = anetrain::rng::Rng::new(2);
     acts.xn1 = (0..b * t * cfg.dim).map(|_| rng.normal() as f32).collect();
     let mut o = vec![0.0; b * t * cfg.dim];
@@ -343,9 +343,9 @@ fn qk_norm_survives_large_projections() {
         }
     }
     let w = layout.layer(&params, 0);
-    let mut a_cpu = LayerActs::new(&cfg, b, t, true);
+    let mut a_cpu = LayerActs::new(&cfg, b, t, true).unwrap();
     a_cpu.xn1 = (0..t * cfg.dim).map(|_| rng.normal() as f32).collect();
-    let mut a_sim = LayerActs::new(&cfg, b, t, false);
+    let mut a_sim = LayerActs::new(&cfg, b, t, false).unwrap();
     a_sim.xn1 = a_cpu.xn1.clone();
     let mut o = vec![0.0; t * cfg.dim];
     CpuBackend::new(&cfg, b, t, Par::seq()).attention_forward(&mut o, &mut a_cpu, &w).unwrap();

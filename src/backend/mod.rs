@@ -59,44 +59,42 @@ pub struct LayerActs {
 
 impl LayerActs {
     /// Zeroed buffers for one layer at micro-batch shape (B, T); `probs` stays empty unless
-    /// `keep_probs` (see `Backend::keeps_probs`).
-    pub fn new(cfg: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> Self {
+    /// `keep_probs` (see `Backend::keeps_probs`). Allocated fallibly: callers estimate the
+    /// total first (`crate::memory`), but a limit that shrinks after the estimate still gets
+    /// an error rather than an abort.
+    pub fn new(cfg: &ModelConfig, b: usize, t: usize, keep_probs: bool) -> Result<Self> {
         let n = b * t;
         let (c, f, qd, kd) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
         let qk = usize::from(cfg.qk_norm);
-        let z = |len: usize| vec![0.0f32; len];
-        LayerActs {
-            x_in: z(n * c),
-            rstd1: z(n),
-            xn1: z(n * c),
-            q_raw: z(qk * n * qd),
-            k_raw: z(qk * n * kd),
-            q_rstd: z(qk * n * cfg.n_heads),
-            k_rstd: z(qk * n * cfg.n_kv_heads),
-            q: z(n * qd),
-            k: z(n * kd),
-            v: z(n * kd),
-            probs: z(usize::from(keep_probs) * b * cfg.n_heads * t * t),
-            attn: z(n * qd),
-            x_mid: z(n * c),
-            rstd2: z(n),
-            xn2: z(n * c),
-            h13: z(n * 2 * f),
-            gate: z(n * f),
-        }
+        let z = |len: usize| crate::memory::try_vec_f32(len, "a layer's saved activations");
+        Ok(LayerActs {
+            x_in: z(n * c)?,
+            rstd1: z(n)?,
+            xn1: z(n * c)?,
+            q_raw: z(qk * n * qd)?,
+            k_raw: z(qk * n * kd)?,
+            q_rstd: z(qk * n * cfg.n_heads)?,
+            k_rstd: z(qk * n * cfg.n_kv_heads)?,
+            q: z(n * qd)?,
+            k: z(n * kd)?,
+            v: z(n * kd)?,
+            probs: z(usize::from(keep_probs) * b * cfg.n_heads * t * t)?,
+            attn: z(n * qd)?,
+            x_mid: z(n * c)?,
+            rstd2: z(n)?,
+            xn2: z(n * c)?,
+            h13: z(n * 2 * f)?,
+            gate: z(n * f)?,
+        })
     }
 }
 
 impl LayerGrads {
-    pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+    pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Result<Self> {
         let n = b * t;
         let (f, qd, kd) = (cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
-        LayerGrads {
-            dattn: vec![0.0; n * qd],
-            dqkv: vec![0.0; n * (qd + 2 * kd)],
-            dgate: vec![0.0; n * f],
-            dh13: vec![0.0; n * 2 * f],
-        }
+        let z = |len: usize| crate::memory::try_vec_f32(len, "the layer gradient buffers");
+        Ok(LayerGrads { dattn: z(n * qd)?, dqkv: z(n * (qd + 2 * kd))?, dgate: z(n * f)?, dh13: z(n * 2 * f)? })
     }
 }
 
@@ -204,4 +202,21 @@ pub trait Backend: Send {
         acts: &LayerActs,
         w: &Weights,
     ) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shape whose activations cannot exist (2⁴⁰ rows of stories260K: petabytes) is an
+    /// error, not the allocator's abort that `vec![0.0; n]` gave.
+    #[test]
+    fn impossible_activations_are_an_error() {
+        let cfg = ModelConfig::preset("stories260k").unwrap();
+        let t = 1usize << 40;
+        let err = LayerActs::new(&cfg, 1, t, false).unwrap_err().to_string();
+        assert!(err.contains("saved activations"), "{err}");
+        let err = LayerGrads::new(&cfg, 1, t).unwrap_err().to_string();
+        assert!(err.contains("layer gradient"), "{err}");
+    }
 }

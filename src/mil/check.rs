@@ -92,10 +92,10 @@ pub fn compare_with_cpu(
         rows.push(Row { kernel, what, max_rel, mean_rel });
     };
 
-    let mut a_cpu = LayerActs::new(cfg, b, t, true);
+    let mut a_cpu = LayerActs::new(cfg, b, t, true)?;
     a_cpu.xn1 = randn(&mut rng, n * c, 1.0);
     a_cpu.xn2 = randn(&mut rng, n * c, 1.0);
-    let mut a_dev = LayerActs::new(cfg, b, t, backend.keeps_probs());
+    let mut a_dev = LayerActs::new(cfg, b, t, backend.keeps_probs())?;
     a_dev.xn1 = a_cpu.xn1.clone();
     a_dev.xn2 = a_cpu.xn2.clone();
     let (mut o_cpu, mut o_dev) = (vec![0.0; n * c], vec![0.0; n * c]);
@@ -118,7 +118,7 @@ pub fn compare_with_cpu(
     cmp("ffn_fwd", "out", &o_dev, &o_cpu);
 
     let d_out = randn(&mut rng, n * c, 1.0);
-    let (mut g_cpu, mut g_dev) = (LayerGrads::new(cfg, b, t), LayerGrads::new(cfg, b, t));
+    let (mut g_cpu, mut g_dev) = (LayerGrads::new(cfg, b, t)?, LayerGrads::new(cfg, b, t)?);
     let (mut dx_cpu, mut dx_dev) = (vec![0.0; n * c], vec![0.0; n * c]);
     cpu.ffn_backward_dx(&mut dx_cpu, &mut g_cpu, &d_out, &a_cpu, &w)?;
     backend.ffn_backward_dx(&mut dx_dev, &mut g_dev, &d_out, &a_cpu, &w)?;

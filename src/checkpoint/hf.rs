@@ -116,23 +116,77 @@ pub fn save(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> Resu
 /// `tokenizer_config.json` fields this crate reads and writes (transformers' names).
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct TokenizerConfig {
-    /// A template string, or a list of `{name, template}` (the one named `default` is used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    chat_template: Option<Value>,
-    /// A token string or an `AddedToken` object with `content`.
+    chat_template: Option<ChatTemplateField>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    bos_token: Option<Value>,
+    bos_token: Option<TokenField>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    eos_token: Option<Value>,
+    eos_token: Option<TokenField>,
+}
+
+/// A template string, or a list of `{name, template}` (the one named `default` is used).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum ChatTemplateField {
+    One(String),
+    Named(Vec<NamedTemplate>),
+    /// Anything else (a null inside, a number): ignored, as transformers would fail on it.
+    #[serde(skip_serializing)]
+    Other(serde::de::IgnoredAny),
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+/// A token string or an `AddedToken` object with `content`.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum TokenField {
+    Text(String),
+    Added {
+        content: String,
+    },
+    #[serde(skip_serializing)]
+    Other(serde::de::IgnoredAny),
+}
+
+impl TokenField {
+    fn text(&self) -> Option<&str> {
+        match self {
+            TokenField::Text(s) | TokenField::Added { content: s } => Some(s),
+            TokenField::Other(_) => None,
+        }
+    }
 }
 
 /// `config.json`'s special-token ids (either may be a list; the first is used).
 #[derive(serde::Deserialize, Default)]
 struct SpecialIds {
     #[serde(default)]
-    bos_token_id: Option<Value>,
+    bos_token_id: Option<IdField>,
     #[serde(default)]
-    eos_token_id: Option<Value>,
+    eos_token_id: Option<IdField>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum IdField {
+    One(u64),
+    List(Vec<u64>),
+    Other(serde::de::IgnoredAny),
+}
+
+impl IdField {
+    fn first(&self) -> Option<u64> {
+        match self {
+            IdField::One(x) => Some(*x),
+            IdField::List(v) => v.first().copied(),
+            IdField::Other(_) => None,
+        }
+    }
 }
 
 /// Reads `tokenizer.json` (or sentencepiece `tokenizer.model`), the chat template and the
@@ -152,9 +206,8 @@ pub fn read_tokenizer_files(dir: &Path, m: &mut super::LoadedModel) -> Result<()
             break;
         }
     }
-    let id_of = |v: &Value| -> Option<u32> {
-        let v = if let Value::Array(a) = v { a.first()? } else { v };
-        v.as_u64().and_then(|x| u32::try_from(x).ok()).filter(|&x| (x as usize) < m.cfg.vocab_size)
+    let id_of = |v: &IdField| -> Option<u32> {
+        v.first().and_then(|x| u32::try_from(x).ok()).filter(|&x| (x as usize) < m.cfg.vocab_size)
     };
     let cfg_path = dir.join("config.json");
     if cfg_path.is_file() {
@@ -168,19 +221,12 @@ pub fn read_tokenizer_files(dir: &Path, m: &mut super::LoadedModel) -> Result<()
         let tc: TokenizerConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid tokenizer_config.json", tc_path.display()))?;
         m.chat_template = match tc.chat_template {
-            Some(Value::String(s)) => Some(s),
-            Some(Value::Array(list)) => {
-                list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string)
-            }
+            Some(ChatTemplateField::One(s)) => Some(s),
+            Some(ChatTemplateField::Named(list)) => list.into_iter().find(|t| t.name == "default").map(|t| t.template),
             _ => None,
         };
-        let token_id = |v: &Option<Value>| -> Option<u32> {
-            let text = match v.as_ref()? {
-                Value::String(s) => s.as_str(),
-                other => other.get("content")?.as_str()?,
-            };
-            m.tokenizer.as_ref()?.as_hf()?.token_to_id(text)
-        };
+        let token_id =
+            |v: &Option<TokenField>| -> Option<u32> { m.tokenizer.as_ref()?.as_hf()?.token_to_id(v.as_ref()?.text()?) };
         if let Some(id) = token_id(&tc.bos_token) {
             m.bos = Some(id);
         }
@@ -196,9 +242,9 @@ pub fn read_tokenizer_files(dir: &Path, m: &mut super::LoadedModel) -> Result<()
 pub fn write_tokenizer_files(dir: &Path, m: &super::LoadedModel) -> Result<()> {
     let Some(tok) = &m.tokenizer else { return Ok(()) };
     tok.save_to_dir(dir)?;
-    let name = |id: Option<u32>| id.and_then(|i| tok.as_hf()?.id_to_token(i)).map(Value::String);
+    let name = |id: Option<u32>| id.and_then(|i| tok.as_hf()?.id_to_token(i)).map(TokenField::Text);
     let tc = TokenizerConfig {
-        chat_template: m.chat_template.clone().map(Value::String),
+        chat_template: m.chat_template.clone().map(ChatTemplateField::One),
         bos_token: name(m.bos),
         eos_token: name(m.eos),
     };

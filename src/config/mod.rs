@@ -1,13 +1,14 @@
-//! Model configuration: presets, HF `config.json` parsing, validation, and the derived sizes
+//! Model configuration: presets, HF `config.json` (`hf`), validation, and the derived sizes
 //! (parameter count, FLOPs per token) that the rest of the crate relies on.
 //!
 //! Dims used throughout the crate, defined once here:
 //! B batch, T positions, C model dim (`hidden_size`), H query heads, KV key/value heads,
 //! D head dim, F ffn dim (`intermediate_size`), V vocabulary, L layers, N = B·T rows.
 
-use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
+use anyhow::{Result, bail};
 use std::path::Path;
+
+mod hf;
 
 /// Shape and hyper-parameters of a Llama-family decoder (Llama 2, llama2.c Stories, Qwen3).
 #[derive(Clone, Debug, PartialEq)]
@@ -73,73 +74,6 @@ pub const PRESETS: &[&str] = &[
     "tinyllama-1.1b",
     "qwen2.5-0.5b",
 ];
-
-/// RoPE θ from `rope_theta`, or from transformers 5's `rope_parameters` (which replaces it);
-/// 10000 when neither is present.
-fn rope_theta(obj: &serde_json::Map<String, Value>) -> Result<f64> {
-    let top = obj.get("rope_theta").filter(|v| !v.is_null());
-    let nested = obj.get("rope_parameters").filter(|v| !v.is_null());
-    let value = match (top, nested.and_then(|p| p.get("rope_theta"))) {
-        (Some(t), Some(n)) if t.as_f64() != n.as_f64() => {
-            bail!("fields 'rope_theta' ({t}) and 'rope_parameters.rope_theta' ({n}) disagree")
-        }
-        (Some(v), _) | (None, Some(v)) => v,
-        (None, None) => return Ok(10000.0),
-    };
-    value.as_f64().with_context(|| format!("field 'rope_theta' must be a number, got {value}"))
-}
-
-/// `rope_scaling` (classic) or `rope_parameters` (transformers 5): `None` for the default
-/// RoPE, the Llama 3 parameters for `rope_type: llama3`; every other kind is refused.
-fn rope_scaling(obj: &serde_json::Map<String, Value>) -> Result<Option<RopeScaling>> {
-    let mut found: Option<RopeScaling> = None;
-    for key in ["rope_scaling", "rope_parameters"] {
-        let Some(params) = obj.get(key).filter(|v| !v.is_null()) else { continue };
-        let params = params.as_object().with_context(|| format!("field '{key}' must be an object"))?;
-        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
-        let scaling = match kind {
-            "default" => None,
-            "llama3" => {
-                let num = |k: &str| -> Result<f64> {
-                    let v =
-                        params.get(k).with_context(|| format!("field '{key}.{k}' is missing (rope_type llama3)"))?;
-                    v.as_f64().with_context(|| format!("field '{key}.{k}' must be a number, got {v}"))
-                };
-                let orig = num("original_max_position_embeddings")?;
-                let s = RopeScaling {
-                    factor: num("factor")?,
-                    low_freq_factor: num("low_freq_factor")?,
-                    high_freq_factor: num("high_freq_factor")?,
-                    original_max_position_embeddings: orig as usize,
-                };
-                if !(s.factor.is_finite() && s.factor >= 1.0) {
-                    bail!("field '{key}.factor' ({}) must be a finite number >= 1", s.factor);
-                }
-                if !(s.low_freq_factor > 0.0
-                    && s.high_freq_factor > s.low_freq_factor
-                    && s.high_freq_factor.is_finite())
-                {
-                    bail!(
-                        "fields '{key}.low_freq_factor' ({}) and 'high_freq_factor' ({}) must satisfy 0 < low < high",
-                        s.low_freq_factor,
-                        s.high_freq_factor
-                    );
-                }
-                if !(orig >= 1.0 && orig.fract() == 0.0 && orig <= (1u64 << 24) as f64) {
-                    bail!("field '{key}.original_max_position_embeddings' ({orig}) must be a positive integer");
-                }
-                Some(s)
-            }
-            other => bail!("field '{key}.rope_type' = '{other}' is not supported (only 'default' and 'llama3')"),
-        };
-        match (found, scaling) {
-            (Some(a), Some(b)) if a != b => bail!("fields 'rope_scaling' and 'rope_parameters' disagree"),
-            (None, Some(b)) => found = Some(b),
-            _ => {}
-        }
-    }
-    Ok(found)
-}
 
 impl ModelConfig {
     /// A llama2.c "Stories" shape: MHA or GQA, tied classifier, θ 10000, eps 1e-5.
@@ -240,199 +174,6 @@ impl ModelConfig {
             "unknown model '{spec}': expected one of {}, a path to an HF config.json or a .gguf file",
             PRESETS.join(", ")
         )
-    }
-
-    pub fn from_hf_json_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
-        let value: Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let mut cfg = Self::from_hf_json(&value).with_context(|| format!("invalid model config {}", path.display()))?;
-        cfg.name = path.display().to_string();
-        Ok(cfg)
-    }
-
-    /// Parse HF `config.json` field names. Defaults follow the HF class named by `model_type`
-    /// (`LlamaConfig` / `Qwen3Config`); options this crate does not implement are refused.
-    pub fn from_hf_json(v: &Value) -> Result<Self> {
-        let obj = v.as_object().context("config must be a JSON object")?;
-        if let Some(archs) = obj.get("architectures").and_then(Value::as_array) {
-            for arch in archs.iter().filter_map(Value::as_str) {
-                if !ARCHITECTURES.contains(&arch) {
-                    bail!("architecture '{arch}' is not supported (expected one of {})", ARCHITECTURES.join(", "));
-                }
-            }
-        }
-        let family = |arch: &str| arch.strip_suffix("ForCausalLM").unwrap_or(arch).to_lowercase();
-        let archs: Vec<&str> = obj
-            .get("architectures")
-            .and_then(Value::as_array)
-            .map_or(Vec::new(), |a| a.iter().filter_map(Value::as_str).collect());
-        let arch_type = archs.first().map(|a| family(a));
-        let model_type = obj.get("model_type").and_then(Value::as_str).or(arch_type.as_deref()).unwrap_or("llama");
-        if !["llama", "qwen3", "qwen2", "mistral"].contains(&model_type) {
-            bail!("model_type '{model_type}' is not supported (expected 'llama', 'qwen2', 'qwen3' or 'mistral')");
-        }
-        // The two fields choose different defaults and layers (QK-norm, biases): they must agree.
-        for arch in &archs {
-            ensure!(
-                family(arch) == model_type,
-                "architectures names {arch} but model_type is '{model_type}'; fix whichever is wrong"
-            );
-        }
-        let is_qwen3 = model_type == "qwen3";
-        let req = |key: &str| -> Result<usize> {
-            let val = obj.get(key).with_context(|| format!("missing field '{key}'"))?;
-            val.as_u64()
-                .map(|x| x as usize)
-                .with_context(|| format!("field '{key}' must be a non-negative integer, got {val}"))
-        };
-        let opt_usize = |key: &str| -> Result<Option<usize>> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(val) => val
-                    .as_u64()
-                    .map(|x| Some(x as usize))
-                    .with_context(|| format!("field '{key}' must be a non-negative integer, got {val}")),
-            }
-        };
-        let opt_f64 = |key: &str| -> Result<Option<f64>> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(val) => {
-                    val.as_f64().map(Some).with_context(|| format!("field '{key}' must be a number, got {val}"))
-                }
-            }
-        };
-        let opt_bool = |key: &str| -> Result<Option<bool>> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(val) => {
-                    val.as_bool().map(Some).with_context(|| format!("field '{key}' must be true or false, got {val}"))
-                }
-            }
-        };
-        // Refuse what would silently compute something else. Qwen2 always has q/k/v biases
-        // (its o_proj never has one); elsewhere `attention_bias` would also bias o_proj.
-        let qkv_bias = model_type == "qwen2";
-        if !qkv_bias && opt_bool("attention_bias")?.unwrap_or(false) {
-            bail!("field 'attention_bias' = true is not supported for '{model_type}' (an o_proj bias)");
-        }
-        if opt_bool("mlp_bias")?.unwrap_or(false) {
-            bail!("field 'mlp_bias' = true is not supported");
-        }
-        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str)
-            && act != "silu"
-        {
-            bail!("field 'hidden_act' = '{act}' is not supported (only 'silu' / SwiGLU)");
-        }
-        // Mistral's `sliding_window` always applies; Qwen's only with `use_sliding_window`
-        // (then, in HF, to layers from `max_window_layers` on: refusing T > window whenever
-        // any layer has one keeps every layer exact).
-        let sliding_window = match model_type {
-            "mistral" => opt_usize("sliding_window")?,
-            "qwen2" | "qwen3" if opt_bool("use_sliding_window")?.unwrap_or(false) => {
-                let layers = req("num_hidden_layers")?;
-                match opt_usize("max_window_layers")? {
-                    Some(m) if m >= layers => None,
-                    _ => opt_usize("sliding_window")?,
-                }
-            }
-            _ => None,
-        };
-        if sliding_window == Some(0) {
-            bail!("field 'sliding_window' must be positive");
-        }
-        let dim = req("hidden_size")?;
-        let n_heads = req("num_attention_heads")?;
-        let n_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-        let head_dim = match opt_usize("head_dim")? {
-            Some(d) => d,
-            None if n_heads > 0 => {
-                ensure!(
-                    dim.is_multiple_of(n_heads),
-                    "hidden_size ({dim}) is not divisible by num_attention_heads ({n_heads}); \
-                     change one, or give head_dim explicitly"
-                );
-                dim / n_heads
-            }
-            None => 0,
-        };
-        let cfg = ModelConfig {
-            name: model_type.to_string(),
-            dim,
-            ffn_dim: req("intermediate_size")?,
-            n_layers: req("num_hidden_layers")?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            vocab_size: req("vocab_size")?,
-            max_seq_len: opt_usize("max_position_embeddings")?.unwrap_or(2048),
-            rope_theta: rope_theta(obj)?,
-            norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-            qk_norm: opt_bool("qk_norm")?.unwrap_or(is_qwen3),
-            tied_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            rope_scaling: rope_scaling(obj)?,
-            qkv_bias,
-            sliding_window,
-        };
-        if cfg.qk_norm && cfg.qkv_bias {
-            bail!("QK-norm with q/k/v biases is not a known architecture");
-        }
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Serialize with HF field names (what `from_hf_json` reads back).
-    pub fn to_hf_json(&self) -> Value {
-        let (arch, model_type) = match (self.qk_norm, self.qkv_bias, self.sliding_window) {
-            (true, _, _) => ("Qwen3ForCausalLM", "qwen3"),
-            (false, true, _) => ("Qwen2ForCausalLM", "qwen2"),
-            (false, false, Some(_)) => ("MistralForCausalLM", "mistral"),
-            (false, false, None) => ("LlamaForCausalLM", "llama"),
-        };
-        let mut v = serde_json::json!({
-            "architectures": [arch],
-            "model_type": model_type,
-            "hidden_size": self.dim,
-            "intermediate_size": self.ffn_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.max_seq_len,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.norm_eps,
-            "tie_word_embeddings": self.tied_embeddings,
-            "hidden_act": "silu",
-        });
-        let obj = v.as_object_mut().expect("built as an object");
-        if model_type != "qwen2" {
-            obj.insert("attention_bias".into(), false.into());
-        }
-        if let Some(s) = self.rope_scaling {
-            obj.insert(
-                "rope_scaling".into(),
-                serde_json::json!({
-                    "rope_type": "llama3",
-                    "factor": s.factor,
-                    "low_freq_factor": s.low_freq_factor,
-                    "high_freq_factor": s.high_freq_factor,
-                    "original_max_position_embeddings": s.original_max_position_embeddings,
-                }),
-            );
-        }
-        if let Some(w) = self.sliding_window {
-            obj.insert("sliding_window".into(), w.into());
-            if model_type != "mistral" {
-                obj.insert("use_sliding_window".into(), true.into());
-                obj.insert("max_window_layers".into(), 0.into());
-            }
-        } else if model_type == "qwen2" {
-            obj.insert("use_sliding_window".into(), false.into());
-        }
-        v
     }
 
     /// Refuses a sequence length this config would compute wrongly (a sliding window shorter
@@ -556,6 +297,7 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn published_parameter_counts() {
@@ -597,6 +339,35 @@ mod tests {
         v.as_object_mut().unwrap().remove("intermediate_size");
         let err = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
         assert!(err.contains("intermediate_size"), "{err}");
+    }
+
+    /// A published config as HF writes it: nulls, fields this crate ignores, and wrong types
+    /// named by their path.
+    #[test]
+    fn published_style_config_with_nulls_and_extra_fields() {
+        let v: Value = serde_json::from_str(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896,
+            "initializer_range": 0.02, "intermediate_size": 4864, "max_position_embeddings": 32768,
+            "max_window_layers": 24, "num_attention_heads": 14, "num_hidden_layers": 24,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000.0,
+            "sliding_window": 32768, "head_dim": null, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+            "transformers_version": "4.43.1", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}"#,
+        )
+        .unwrap();
+        let mut cfg = ModelConfig::from_hf_json(&v).unwrap();
+        cfg.name = "qwen2.5-0.5b".into();
+        assert_eq!(cfg, ModelConfig::preset("qwen2.5-0.5b").unwrap());
+        let mut bad = v.clone();
+        bad["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": "8"});
+        let err = format!("{:#}", ModelConfig::from_hf_json(&bad).unwrap_err());
+        assert!(err.contains("rope_scaling.factor") && err.contains("expected f64"), "{err}");
+        let mut bad = v.clone();
+        bad["num_key_value_heads"] = (-2).into();
+        let err = format!("{:#}", ModelConfig::from_hf_json(&bad).unwrap_err());
+        assert!(err.contains("field 'num_key_value_heads'"), "{err}");
+        let err = format!("{:#}", ModelConfig::from_hf_json(&Value::from(3)).unwrap_err());
+        assert!(err.contains("JSON object"), "{err}");
     }
 
     #[test]

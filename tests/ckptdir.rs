@@ -4,23 +4,13 @@
 //! refusing to write into a checkpoint, and the tokenizer saved beside the weights.
 
 use anetrain::checkpoint::native;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn anetrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain")).args(args).output().expect("run anetrain")
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("anetrain-ckptdir-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{anetrain, scratch, text};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -44,7 +34,8 @@ fn names(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_second_trainer_on_the_same_directory_is_refused_with_the_first_ones_pid() {
-    let dir = scratch("lock");
+    let tmp = scratch("ckptdir-lock");
+    let dir = tmp.path().join("run");
     let mut first = Command::new(env!("CARGO_BIN_EXE_anetrain"))
         .args(["train", "--model", "stories260k", "--data", "synthetic", "--batch", "2", "--seq", "16"])
         .args(["--steps", "1000000", "--ckpt-every", "1", "--no-peak", "--threads", "1", "--ckpt-dir", s(&dir)])
@@ -74,7 +65,8 @@ fn a_second_trainer_on_the_same_directory_is_refused_with_the_first_ones_pid() {
 
 #[test]
 fn one_history_per_directory() {
-    let dir = scratch("history");
+    let tmp = scratch("ckptdir-history");
+    let dir = tmp.path().join("run");
     let out = train(&dir, 4, &["--ckpt-every", "1", "--keep-last", "3"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(names(&dir), [".lock", "latest", "loss.png", "step-00000002", "step-00000003", "step-00000004"]);
@@ -124,7 +116,8 @@ fn one_history_per_directory() {
 
 #[test]
 fn checkpoints_are_verified_and_validated() {
-    let dir = scratch("verify");
+    let tmp = scratch("ckptdir-verify");
+    let dir = tmp.path().join("run");
     let out = train(&dir, 3, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let step = dir.join("step-00000003");
@@ -180,7 +173,8 @@ fn checkpoints_are_verified_and_validated() {
 
 #[test]
 fn checkpoints_carry_the_tokenizer_they_were_trained_with() {
-    let base = scratch("tokenizer");
+    let tmp = scratch("ckptdir-tokenizer");
+    let base = tmp.path().join("run");
     let (data, other, ckpt) = (base.join("data"), base.join("other"), base.join("ckpt"));
     for (out, input) in [(&data, "builtin:stories:300"), (&other, "builtin:stories:301")] {
         let made = anetrain(&["prepare", "--input", input, "--tokenizer", "bpe:512", "--out", s(out)]);

@@ -1,15 +1,9 @@
 //! The `anetrain` binary end to end: the default run trains and logs, `info` reports the
 //! published parameter counts, and bad input exits non-zero with one clear message.
 
-use std::process::{Command, Output};
-
-fn anetrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain")).args(args).output().expect("run anetrain")
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{anetrain, text};
 
 #[test]
 fn default_run_trains_and_writes_telemetry() {

@@ -10,14 +10,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_anetrain")
-}
-
-/// A fresh directory, removed when the returned guard drops.
-fn scratch(name: &str) -> tempfile::TempDir {
-    tempfile::Builder::new().prefix(&format!("anetrain-{name}-")).tempdir().unwrap()
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{bin, scratch};
 
 /// A long training run of the tiny default model that checkpoints after every update.
 fn long_run(dir: &Path, extra: &[&str]) -> Command {

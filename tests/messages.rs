@@ -3,27 +3,13 @@
 //! accepted silently. One tiny checkpoint, HF export and tokenizer serve every case.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn anetrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain")).args(args).output().expect("run anetrain")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{anetrain, assert_error, stderr};
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-/// Exit status 1 and an `error:` line containing `want`.
-fn assert_error(args: &[&str], want: &str) {
-    let out = anetrain(args);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{args:?}: no error: {err}"));
-    assert!(line.contains(want), "{args:?}: wanted '{want}' in: {err}");
 }
 
 struct Fixture {

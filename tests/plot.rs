@@ -3,11 +3,11 @@
 
 use anetrain::telemetry::LogReader;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn anetrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain")).args(args).output().expect("run anetrain")
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::anetrain;
 
 fn ok(out: Output) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

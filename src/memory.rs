@@ -65,6 +65,19 @@ pub fn available() -> Option<Available> {
     best
 }
 
+/// [`available`] without the per-process `ulimit -v`: the memory that every process on this
+/// machine draws from (for several ranks of one job started on it).
+pub fn available_to_machine() -> Option<Available> {
+    [
+        (mem_available(), "MemAvailable"),
+        (cgroup_headroom(), "cgroup memory limit"),
+        (macos_available(), "memory status"),
+    ]
+    .into_iter()
+    .filter_map(|(bytes, source)| Some(Available { bytes: bytes?, source }))
+    .min_by_key(|a| a.bytes)
+}
+
 /// Refuses `bytes` for `what` when it exceeds the [`available`] memory. The error is one
 /// sentence: the estimate, the available memory and its source, and `fix`.
 pub fn ensure_fits(what: &str, bytes: u64, fix: &str) -> Result<()> {
@@ -107,6 +120,23 @@ impl Estimate {
     /// [`ensure_fits`] for the total, naming the biggest parts.
     pub fn ensure(&self, what: &str, fix: &str) -> Result<()> {
         self.ensure_against(what, fix, available())
+    }
+
+    /// [`Estimate::ensure`] for one process, then for `copies` such processes together against
+    /// [`available_to_machine`] (ranks of a data-parallel job on one machine).
+    pub fn ensure_copies(&self, what: &str, fix: &str, copies: usize) -> Result<()> {
+        self.ensure(what, fix)?;
+        self.copies(copies).ensure_against(what, fix, available_to_machine())
+    }
+
+    /// This estimate plus `copies - 1` more of its total, as one named part.
+    fn copies(&self, copies: usize) -> Estimate {
+        let mut all = self.clone();
+        if copies > 1 {
+            let others = self.total().saturating_mul(copies as u64 - 1);
+            all.add(format!("{} more processes like it on this machine", copies - 1), others);
+        }
+        all
     }
 
     fn ensure_against(&self, what: &str, fix: &str, avail: Option<Available>) -> Result<()> {
@@ -316,6 +346,18 @@ mod tests {
         assert_eq!(f32_bytes(&[usize::MAX, 4]), u64::MAX);
         assert_eq!(f32_bytes(&[2, 3]), 24);
         assert_eq!(bytes(2, &[]), 2);
+    }
+
+    /// Two ranks on one machine: each fits, both together do not.
+    #[test]
+    fn copies_on_one_machine_are_counted_together() {
+        let mut est = Estimate::new();
+        est.add("weights", 600_000_000).add("activations", 100_000_000);
+        let machine = Some(Available { bytes: 1_000_000_000, source: "MemAvailable" });
+        est.copies(1).ensure_against("train", "fewer ranks", machine).unwrap();
+        let msg = est.copies(2).ensure_against("train", "fewer ranks", machine).unwrap_err().to_string();
+        assert!(msg.contains("1.4 GB") && msg.contains("1 more processes like it on this machine 700 MB"), "{msg}");
+        assert!(available_to_machine().is_none_or(|a| a.source != "ulimit -v"));
     }
 
     #[test]

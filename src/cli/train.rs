@@ -21,12 +21,15 @@ use std::path::PathBuf;
 /// f32 buffers the size of the trained arena (the micro-batch gradient of --accum, the
 /// data-parallel exchange's buckets and accumulator). With LoRA the frozen base needs only its
 /// weights; the adapters need weights, gradients, AdamW moments and a layer-sized merge scratch.
+/// `local_ranks` processes of a data-parallel job share this machine's memory, each needing
+/// as much.
 pub fn check_memory(
     cfg: &ModelConfig,
     batch: usize,
     seq: usize,
     extra_arenas: usize,
     lora: Option<&anetrain::lora::LoraConfig>,
+    local_ranks: usize,
 ) -> Result<()> {
     let mut estimate = anetrain::model::memory_estimate(cfg, batch, seq, lora.is_none());
     let trained = match lora {
@@ -40,10 +43,12 @@ pub fn check_memory(
         let bytes = anetrain::memory::f32_bytes(&[extra_arenas, trained]);
         estimate.add("gradient buffers (--accum, data parallelism)", bytes);
     }
-    estimate.ensure(
-        &format!("training {} with --batch {batch} --seq {seq}", cfg.name),
-        "lower --batch or --seq (--accum keeps the tokens per update), or choose a smaller --model",
-    )
+    let fix = if local_ranks > 1 {
+        "start fewer ranks per machine (mpirun -np, or a hostfile's slots), or lower --batch or --seq"
+    } else {
+        "lower --batch or --seq (--accum keeps the tokens per update), or choose a smaller --model"
+    };
+    estimate.ensure_copies(&format!("training {} with --batch {batch} --seq {seq}", cfg.name), fix, local_ranks)
 }
 
 /// Prints what the trained model writes after "Once upon a time".
@@ -153,7 +158,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // --accum > 1 keeps one micro-batch's gradient apart; a rank keeps the exchange's buckets
     // and accumulator.
     let extra = if job.is_some() { 2 } else { usize::from(args.accum > 1) };
-    check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref())?;
+    let local_ranks = if job.is_some() { dist::ranks_on_this_machine() } else { 1 };
+    check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref(), local_ranks)?;
     if job.is_some() && opts.lora.is_some() {
         let why = "--lora-rank cannot run data-parallel under mpirun: run LoRA fine-tuning as a single process";
         return Err(dist::fail_from_rank0(rank, why.into()));
@@ -242,12 +248,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let val_data = if rank == 0 { val_data } else { None };
     #[cfg(feature = "mpi")]
     if let Some(job) = &job {
-        use dist::{Agreement, FNV_START, fnv1a};
+        use anetrain::hash::fnv1a;
+        use dist::Agreement;
         let config = format!("{cfg:?}|{opts:?}|{mode:?}|{:?}", args.backend);
         let fingerprint = anetrain::checkpoint::native::data_fingerprint(&data);
         job.agree(Agreement {
-            config: fnv1a(FNV_START, config.as_bytes()),
-            data: fnv1a(FNV_START, fingerprint.as_bytes()),
+            config: fnv1a(config.as_bytes()),
+            data: fnv1a(fingerprint.as_bytes()),
             binary: Agreement::binary_digest()?,
         })?;
     }

@@ -115,6 +115,16 @@ pub fn launched_by_mpi() -> Option<(usize, usize)> {
     .find_map(|(rank, size)| Some((var(rank).unwrap_or(0), var(size)?)))
 }
 
+/// How many ranks of this job run on this machine (the launcher's local size), so that a
+/// memory estimate counts all of them; 1 outside a launcher or when it does not say.
+pub fn ranks_on_this_machine() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", "PMI_LOCAL_SIZE"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.trim().parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// Refuses what a build without the `mpi` feature cannot do: `--dp-reduce`, or being started
 /// by `mpirun` with more than one rank (which would train N unrelated copies).
 pub fn check_no_mpi_build(dp_reduce_given: bool) -> Result<()> {
@@ -245,16 +255,6 @@ impl Plan {
     }
 }
 
-/// FNV-1a of `bytes`, continuing from `h` (start with `FNV_START`).
-pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
-
 /// What every rank must agree on before training: digests of the configuration (model,
 /// training options, reduce mode), of the token data, and of the executable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,12 +269,13 @@ impl Agreement {
         [self.config, self.data, self.binary]
     }
 
-    /// The digest of the running executable's bytes (with the crate version).
+    /// The digest of the running executable's bytes (XXH3, as checkpoint files) with the
+    /// crate version.
     pub fn binary_digest() -> Result<u64> {
         let exe = std::env::current_exe()?;
-        let bytes = std::fs::read(&exe)
-            .map_err(|e| anyhow::anyhow!("cannot read this program ({}) to fingerprint it: {e}", exe.display()))?;
-        Ok(fnv1a(fnv1a(FNV_START, env!("CARGO_PKG_VERSION").as_bytes()), &bytes))
+        let sum = crate::hash::file_checksum(&exe)
+            .map_err(|e| anyhow::anyhow!("cannot read this program ({}) to fingerprint it: {e:#}", exe.display()))?;
+        Ok(crate::hash::Fnv1a::default().bytes(env!("CARGO_PKG_VERSION").as_bytes()).bytes(sum.as_bytes()).finish())
     }
 
     /// Checks every rank's digests (`all`: 3 words per rank, rank order) against rank 0's.

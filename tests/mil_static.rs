@@ -58,7 +58,7 @@ fn kernels_use_the_weights_of_the_last_bake() {
     let layout = ParamLayout::new(&cfg);
     let p0 = layout.init(9);
     let p1: Vec<f32> = p0.iter().map(|x| x * 0.7 + 0.01).collect();
-    let mut acts = LayerActs::new(&cfg, b, t, false);
+    let mut acts = LayerActs::new(&cfg, b, t, false).unwrap();
     let mut rng = anetrain::rng::Rng::new(2);
     acts.xn1 = (0..b * t * cfg.dim).map(|_| rng.normal() as f32).collect();
     let mut o = vec![0.0; b * t * cfg.dim];

@@ -9,7 +9,7 @@ use anetrain::config::ModelConfig;
 use anetrain::ops::Par;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cli::choices::{BackendArg, GemmArg, LayoutArg, Llama2cFormatArg};
+use cli::choices::{AneBenchArg, BackendArg, DialectArg, GemmArg, LayoutArg, Llama2cFormatArg};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -562,6 +562,9 @@ enum MilCommand {
         seq: usize,
         #[arg(long, value_enum, default_value = "packed")]
         layout: LayoutArg,
+        /// MIL text dialect: `ios18` (program 1.3) or `ios16` (program 1.0, for M1/M2).
+        #[arg(long, value_enum, default_value = "ios18")]
+        mil_dialect: DialectArg,
         #[arg(long)]
         out: PathBuf,
     },
@@ -580,6 +583,36 @@ enum AneCommand {
         seq: usize,
         #[arg(long, value_enum, default_value = "packed")]
         layout: LayoutArg,
+        /// MIL dialect; by default chosen from the chip's reported aneSubType (M1/M2: ios16,
+        /// later: ios18; table in src/ane/chips.rs).
+        #[arg(long, value_enum)]
+        mil_dialect: Option<DialectArg>,
+    },
+    /// The benchmark programs: on a Mac, ms per evaluation, weight MB, TFLOP/s and share of
+    /// the chip's rated peak; anywhere, `--emit DIR` writes them and checks each in mil-sim.
+    Bench {
+        #[arg(value_enum)]
+        kind: AneBenchArg,
+        /// One JSON object (chip, macOS, every figure, the command) for docs/ANE_RESULTS.md.
+        #[arg(long)]
+        json: bool,
+        /// Write the programs here and check a small instance of each in the simulator
+        /// against a CPU reference, instead of running them.
+        #[arg(long)]
+        emit: Option<PathBuf>,
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        /// Run one program of this many channels instead of the suite (with --sp, --depth).
+        #[arg(long)]
+        ch: Option<usize>,
+        /// Spatial positions of the --ch program (default 64).
+        #[arg(long)]
+        sp: Option<usize>,
+        /// Convs in the --ch program's chain (default 1).
+        #[arg(long)]
+        depth: Option<usize>,
     },
 }
 
@@ -687,17 +720,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Mil(MilCommand::Emit { model, seq, layout, out }) => {
+        Command::Mil(MilCommand::Emit { model, seq, layout, mil_dialect, out }) => {
             let cfg = ModelConfig::resolve(&model)?;
-            let written = anetrain::mil::export::write_kernel_set(&cfg, seq, layout.into(), &out)?;
-            println!("wrote {} kernels for {} (T={seq}, {layout:?} layout) to {}", written, cfg.name, out.display());
+            let written = anetrain::mil::export::write_kernel_set(&cfg, seq, layout.into(), mil_dialect.into(), &out)?;
+            println!(
+                "wrote {} kernels for {} (T={seq}, {layout:?} layout, {mil_dialect:?} dialect) to {}",
+                written,
+                cfg.name,
+                out.display()
+            );
             for note in anetrain::mil::emit::hardware_notes(&cfg) {
                 println!("note: {note} (unverified; `anetrain ane probe --model ...` on a Mac settles it)");
             }
             Ok(())
         }
-        Command::Ane(AneCommand::Probe { model, seq, layout }) => {
-            anetrain::ane::probe::run(model.as_deref(), seq, layout.into())
+        Command::Ane(AneCommand::Probe { model, seq, layout, mil_dialect }) => {
+            anetrain::ane::probe::run(model.as_deref(), seq, layout.into(), mil_dialect.map(Into::into))
+        }
+        Command::Ane(AneCommand::Bench { kind, json, emit, warmup, iters, ch, sp, depth }) => {
+            ane_bench(kind, json, emit, warmup, iters, ch, sp, depth)
         }
         Command::Convert { from, to, dtype, llama2c_format, merge_lora } => {
             convert(&from, &to, dtype, llama2c_format.into(), merge_lora.as_deref())
@@ -753,6 +794,42 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval { model, lora, data, seq, batch, batches, json, rt } => {
             eval(&model, lora.as_deref(), &data, seq, batch, batches, json, rt)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ane_bench(
+    kind: AneBenchArg,
+    json: bool,
+    emit: Option<PathBuf>,
+    warmup: usize,
+    iters: usize,
+    ch: Option<usize>,
+    sp: Option<usize>,
+    depth: Option<usize>,
+) -> Result<()> {
+    use anetrain::mil::benchprog::{Precision, Spec, suite};
+    let specs = match ch {
+        Some(ch) => {
+            let one = |precision| Spec { ch, sp: sp.unwrap_or(64), depth: depth.unwrap_or(1), precision };
+            match kind {
+                AneBenchArg::Int8 => vec![one(Precision::Fp16), one(Precision::W8a8)],
+                _ => vec![one(Precision::Fp16)],
+            }
+        }
+        None if sp.is_some() || depth.is_some() => bail!("--sp and --depth size a --ch program; give --ch too"),
+        None => suite(kind.name())?,
+    };
+    match emit {
+        Some(dir) => {
+            let failures = anetrain::ane::bench::emit(kind.name(), &specs, &dir, &mut std::io::stdout().lock())?;
+            anyhow::ensure!(failures == 0, "{failures} programs disagree with the CPU reference in the simulator");
+            Ok(())
+        }
+        None => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            anetrain::ane::bench::run_device(kind.name(), &specs, warmup, iters, json, &command)
         }
     }
 }

@@ -23,6 +23,8 @@
 //! unwind through Rust); methods are checked with `respondsToSelector:` at load to avoid the
 //! commonest one, an unknown selector.
 
+pub mod bench;
+pub mod chips;
 mod ffi;
 pub mod layout;
 mod modeldir;
@@ -152,6 +154,11 @@ impl AneRunner {
     /// `+[_ANEDeviceInfo aneSubType]` (e.g. "h16g" on M4) for a probe banner, or None where the
     /// class or method is absent. Unverified: the return type is assumed to be an object.
     pub fn device_info(&self) -> Option<String> {
+        self.sub_type().map(|s| format!("aneSubType={s}"))
+    }
+
+    /// The raw `aneSubType` string, which `chips::lookup` maps to a generation.
+    pub fn sub_type(&self) -> Option<String> {
         let api = self.api;
         let cls = api.cls.device_info?;
         let _pool = api.pool();
@@ -162,7 +169,7 @@ impl AneRunner {
             }
             api.send_id(cls, api.sel.ane_sub_type)
         };
-        (!sub.is_null()).then(|| format!("aneSubType={}", unsafe { api.describe(sub) }))
+        (!sub.is_null()).then(|| unsafe { api.describe(sub) })
     }
 
     /// Unloads every kernel and removes this runner's directories, reporting the first unload

@@ -14,6 +14,7 @@ use crate::data::{TokenData, synthetic_tokens};
 use crate::mil::KernelRunner;
 use crate::mil::backend::MilBackend;
 use crate::mil::check::{MAX_TOL, MEAN_TOL, compare_with_cpu, rel_errors};
+use crate::mil::dialect::{Dialect, DialectRunner};
 use crate::mil::emit::{InputLayout, KernelSet};
 use crate::mil::sim::SimRunner;
 use crate::ops::Par;
@@ -47,21 +48,27 @@ pub fn probe_config() -> ModelConfig {
     }
 }
 
-pub fn run(model: Option<&str>, t: usize, layout: InputLayout) -> Result<()> {
+/// `dialect`: the `--mil-dialect` override, or None to choose by the chip (`chips`).
+pub fn run(model: Option<&str>, t: usize, layout: InputLayout, dialect: Option<Dialect>) -> Result<()> {
     let cfg = match model {
         Some(m) => ModelConfig::resolve(m)?,
         None => probe_config(),
     };
     let ane = AneRunner::new(AneOptions::default())?;
-    let device = ane.device_info().unwrap_or("?".into());
+    let sub = ane.sub_type();
     drop(ane);
+    let (dialect, why) = super::chips::choose_dialect(sub.as_deref(), dialect)?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "anetrain ane probe {} | device {device}", env!("CARGO_PKG_VERSION"))?;
+    let device = sub.map_or("?".to_string(), |s| format!("aneSubType={s}"));
+    writeln!(out, "anetrain ane probe {} | device {device} | {why}", env!("CARGO_PKG_VERSION"))?;
     let failures = report(
         &cfg,
         t,
         layout,
-        &|| Ok(Box::new(AneRunner::new(AneOptions::default())?) as Box<dyn KernelRunner>),
+        &|| {
+            let ane = AneRunner::new(AneOptions::default())?;
+            Ok(Box::new(DialectRunner::new(Box::new(ane), dialect)) as Box<dyn KernelRunner>)
+        },
         &mut out,
     )?;
     writeln!(

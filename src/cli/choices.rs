@@ -3,6 +3,7 @@
 
 use anetrain::backends::BackendKind;
 use anetrain::checkpoint::llama2c::Format;
+use anetrain::mil::dialect::Dialect;
 use anetrain::mil::emit::InputLayout;
 use anetrain::ops::GemmImpl;
 use clap::ValueEnum;
@@ -64,6 +65,49 @@ impl From<LayoutArg> for InputLayout {
         match a {
             LayoutArg::Packed => InputLayout::Packed,
             LayoutArg::Separate => InputLayout::Separate,
+        }
+    }
+}
+
+/// `--mil-dialect`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DialectArg {
+    /// `program(1.3)`, `func main<ios18>`, compact scalars (M3 and later).
+    Ios18,
+    /// `program(1.0)`, `func main<ios16>`, scalars as rank-0 tensors (the older-chip syntax
+    /// for M1/M2; no quantize/dequantize ops).
+    Ios16,
+}
+
+impl From<DialectArg> for Dialect {
+    fn from(a: DialectArg) -> Self {
+        match a {
+            DialectArg::Ios18 => Dialect::Ios18,
+            DialectArg::Ios16 => Dialect::Ios16,
+        }
+    }
+}
+
+/// `ane bench <KIND>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AneBenchArg {
+    /// One 1×1 conv per program, channels 256…4096: per-evaluation overhead.
+    Dispatch,
+    /// Deep conv chains in one program: sustained throughput.
+    Peak,
+    /// One conv with growing weights (256…8192 channels): the on-chip SRAM cliff.
+    Sram,
+    /// The same chains in FP16 and W8A8.
+    Int8,
+}
+
+impl AneBenchArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            AneBenchArg::Dispatch => "dispatch",
+            AneBenchArg::Peak => "peak",
+            AneBenchArg::Sram => "sram",
+            AneBenchArg::Int8 => "int8",
         }
     }
 }

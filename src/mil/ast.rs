@@ -20,6 +20,7 @@ use std::fmt::Write;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     Fp16,
+    Int8,
     Fp32,
     Int32,
     Bool,
@@ -31,6 +32,7 @@ impl DType {
     pub fn as_str(self) -> &'static str {
         match self {
             DType::Fp16 => "fp16",
+            DType::Int8 => "int8",
             DType::Fp32 => "fp32",
             DType::Int32 => "int32",
             DType::Bool => "bool",
@@ -42,6 +44,7 @@ impl DType {
     pub fn parse(s: &str) -> Option<DType> {
         Some(match s {
             "fp16" => DType::Fp16,
+            "int8" => DType::Int8,
             "fp32" => DType::Fp32,
             "int32" => DType::Int32,
             "bool" => DType::Bool,
@@ -78,14 +81,37 @@ impl Type {
         }
     }
 
+    /// The compact (program 1.3) spelling: scalars as `int32`.
     pub fn text(&self) -> String {
-        match self {
-            Type::Tensor(d, s) => {
+        self.text_in(Syntax::Compact)
+    }
+
+    /// `Verbose` (program 1.0) writes a scalar as the rank-0 tensor `tensor<int32, []>`.
+    pub fn text_in(&self, syntax: Syntax) -> String {
+        match (self, syntax) {
+            (Type::Tensor(d, s), _) => {
                 let dims: Vec<String> = s.iter().map(|x| x.to_string()).collect();
                 format!("tensor<{}, [{}]>", d.as_str(), dims.join(", "))
             }
-            Type::Scalar(d) => d.as_str().to_string(),
+            (Type::Scalar(d), Syntax::Compact) => d.as_str().to_string(),
+            (Type::Scalar(d), Syntax::Verbose) => format!("tensor<{}, []>", d.as_str()),
         }
+    }
+}
+
+/// How scalars are spelled: `int32(1)` in `program(1.3)` text, `tensor<int32, []>(1)` in the
+/// older `program(1.0)` text that M1/M2-era compilers take (facts §4.7). Nothing else differs
+/// between the two spellings; the opset (`ios18` / `ios16`) is the function's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syntax {
+    Compact,
+    Verbose,
+}
+
+impl Syntax {
+    /// The spelling a program version uses: `1.0` is verbose, later versions compact.
+    pub fn of_version(version: &str) -> Syntax {
+        if version == "1.0" { Syntax::Verbose } else { Syntax::Compact }
     }
 }
 
@@ -94,6 +120,8 @@ impl Type {
 pub enum Literal {
     Bool(bool),
     Int32(i64),
+    /// int8 scalar (a zero point)
+    Int8(i64),
     /// fp16 scalar; the stored value is exactly representable in fp16
     Fp16(f32),
     Str(String),
@@ -101,6 +129,7 @@ pub enum Literal {
     /// Inline tensor of int32 (`tensor<int32, [4]>([0, 0, 0, 16])`)
     IntTensor(Vec<usize>, Vec<i64>),
     /// External weights: `tensor<fp16, [..]>(BLOBFILE(path = string(".."), offset = uint64(64)))`
+    /// (fp16, or int8 for quantized weights)
     Blob {
         ty: Type,
         path: String,
@@ -113,6 +142,7 @@ impl Literal {
         match self {
             Literal::Bool(_) => Type::Scalar(DType::Bool),
             Literal::Int32(_) => Type::Scalar(DType::Int32),
+            Literal::Int8(_) => Type::Scalar(DType::Int8),
             Literal::Fp16(_) => Type::Scalar(DType::Fp16),
             Literal::Str(_) => Type::Scalar(DType::Str),
             Literal::Uint64(_) => Type::Scalar(DType::Uint64),
@@ -122,20 +152,27 @@ impl Literal {
     }
 
     pub fn text(&self) -> String {
+        self.text_in(Syntax::Compact)
+    }
+
+    pub fn text_in(&self, syntax: Syntax) -> String {
+        // A scalar is `<type>(<value>)`, where the type is `int32` or `tensor<int32, []>`.
+        let scalar = |v: String| format!("{}({v})", self.ty().text_in(syntax));
         match self {
-            Literal::Bool(b) => format!("bool({b})"),
-            Literal::Int32(i) => format!("int32({i})"),
+            Literal::Bool(b) => scalar(b.to_string()),
+            Literal::Int32(i) | Literal::Int8(i) => scalar(i.to_string()),
             // `{:?}` prints the shortest decimal that reads back as the same f32, and every
             // fp16 value is an f32, so this round-trips exactly.
-            Literal::Fp16(x) => format!("fp16({x:?})"),
-            Literal::Str(s) => format!("string(\"{s}\")"),
-            Literal::Uint64(u) => format!("uint64({u})"),
+            Literal::Fp16(x) => scalar(format!("{x:?}")),
+            Literal::Str(s) => scalar(format!("\"{s}\"")),
+            Literal::Uint64(u) => scalar(u.to_string()),
             Literal::IntTensor(shape, v) => {
                 let vals: Vec<String> = v.iter().map(|x| x.to_string()).collect();
                 format!("{}([{}])", Type::Tensor(DType::Int32, shape.clone()).text(), vals.join(", "))
             }
             Literal::Blob { ty, path, offset } => {
-                format!("{}(BLOBFILE(path = string(\"{path}\"), offset = uint64({offset})))", ty.text())
+                let (p, o) = (Literal::Str(path.clone()).text_in(syntax), Literal::Uint64(*offset).text_in(syntax));
+                format!("{}(BLOBFILE(path = {p}, offset = {o}))", ty.text())
             }
         }
     }
@@ -157,6 +194,9 @@ pub struct Stmt {
     pub args: Vec<(String, Arg)>,
     /// The `val` attribute: present exactly for `const`.
     pub val: Option<Literal>,
+    /// Other attributes: the parameters of attribute-only ops (`constexpr_affine_dequantize`
+    /// takes all of its constants this way, as the original system wrote it); empty otherwise.
+    pub attrs: Vec<(String, Literal)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -191,13 +231,19 @@ pub fn default_build_info() -> Vec<(String, String)> {
 }
 
 impl Program {
+    pub fn syntax(&self) -> Syntax {
+        Syntax::of_version(&self.version)
+    }
+
     pub fn text(&self) -> String {
+        let syntax = self.syntax();
         let mut s = String::new();
         let info: Vec<String> = self.build_info.iter().map(|(k, v)| format!("{{\"{k}\", \"{v}\"}}")).collect();
         let f = &self.func;
         let inputs: Vec<String> = f.inputs.iter().map(|(n, t)| format!("{} {n}", t.text())).collect();
+        let string = Type::Scalar(DType::Str).text_in(syntax);
         writeln!(s, "program({})", self.version).unwrap();
-        writeln!(s, "[buildInfo = dict<string, string>({{{}}})]", info.join(", ")).unwrap();
+        writeln!(s, "[buildInfo = dict<{string}, {string}>({{{}}})]", info.join(", ")).unwrap();
         writeln!(s, "{{").unwrap();
         writeln!(s, "    func {}<{}>({}) {{", f.name, f.opset, inputs.join(", ")).unwrap();
         for st in &f.body {
@@ -209,11 +255,24 @@ impl Program {
                     Arg::Tuple(v) => format!("{k} = ({})", v.join(", ")),
                 })
                 .collect();
-            let mut attrs = format!("name = string(\"{}\")", st.name);
+            // Attributes in alphabetical order, `name` among them, as Apple's printer does.
+            let mut attrs: Vec<(&str, String)> = vec![("name", Literal::Str(st.name.clone()).text_in(syntax))];
             if let Some(v) = &st.val {
-                write!(attrs, ", val = {}", v.text()).unwrap();
+                attrs.push(("val", v.text_in(syntax)));
             }
-            writeln!(s, "        {} {} = {}({})[{attrs}];", st.ty.text(), st.name, st.op, args.join(", ")).unwrap();
+            attrs.extend(st.attrs.iter().map(|(k, v)| (k.as_str(), v.text_in(syntax))));
+            attrs.sort_by(|a, b| a.0.cmp(b.0));
+            let attrs: Vec<String> = attrs.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            writeln!(
+                s,
+                "        {} {} = {}({})[{}];",
+                st.ty.text_in(syntax),
+                st.name,
+                st.op,
+                args.join(", "),
+                attrs.join(", ")
+            )
+            .unwrap();
         }
         writeln!(s, "    }} -> ({});", f.outputs.join(", ")).unwrap();
         writeln!(s, "}}").unwrap();

@@ -2,6 +2,7 @@
 //! the runtime pre-populates its model directory (`model.mil`, `weights/*.bin`), plus a
 //! `manifest.json` saying where each tensor goes in each input.
 
+use super::dialect::Dialect;
 use super::emit::{InputLayout, KernelSet};
 use crate::config::ModelConfig;
 use anyhow::{Context, Result};
@@ -16,6 +17,9 @@ pub struct Manifest {
     pub padded_seq: usize,
     /// `packed` or `separate`.
     pub layout: String,
+    /// `ios18` (program 1.3) or `ios16` (program 1.0); absent in manifests written before it existed
+    #[serde(default)]
+    pub dialect: Option<String>,
     pub element: String,
     pub classifier_chunks: Chunks,
     pub kernels: Vec<KernelEntry>,
@@ -70,12 +74,19 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::fsio::write_atomically(path, |out| std::io::Write::write_all(out, bytes))
 }
 
-/// Writes every kernel of `cfg` at sequence length `t` under `out`; returns how many.
-pub fn write_kernel_set(cfg: &ModelConfig, t: usize, layout: InputLayout, out: &Path) -> Result<usize> {
+/// Writes every kernel of `cfg` at sequence length `t` under `out`, in MIL dialect
+/// `dialect`; returns how many.
+pub fn write_kernel_set(
+    cfg: &ModelConfig,
+    t: usize,
+    layout: InputLayout,
+    dialect: Dialect,
+    out: &Path,
+) -> Result<usize> {
     let set = KernelSet::new(cfg, t, layout)?;
     let mut kernels = Vec::new();
     for k in set.all().into_iter().chain([&set.classifier]) {
-        let p = &k.program;
+        let p = &super::dialect::convert(&k.program, dialect)?;
         let dir = out.join(&p.name);
         std::fs::create_dir_all(dir.join("weights")).with_context(|| format!("cannot create {}", dir.display()))?;
         write_file(&dir.join("model.mil"), p.mil.as_bytes())?;
@@ -115,6 +126,7 @@ pub fn write_kernel_set(cfg: &ModelConfig, t: usize, layout: InputLayout, out: &
         seq: t,
         padded_seq: set.dims.s,
         layout: format!("{layout:?}").to_lowercase(),
+        dialect: Some(dialect.name().into()),
         element: "fp16, [1, C, 1, W], element (c, w) at c·W + w".into(),
         classifier_chunks: Chunks { rows: set.classifier_chunks.rows, count: set.classifier_chunks.count },
         kernels,

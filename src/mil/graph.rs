@@ -4,8 +4,9 @@
 //! share (linear layers, head reshapes, RoPE, per-head RMSNorm).
 
 use super::TensorSig;
+use super::ast::DType;
 use super::ast::{Arg, Literal, Stmt, Type};
-use super::blob::{CHUNK_OFFSET, blob_file};
+use super::blob::{CHUNK_OFFSET, blob_file, blob_file_i8};
 use super::types::{ArgInfo, infer};
 use half::f16;
 use std::collections::HashMap;
@@ -45,7 +46,14 @@ impl Builder {
     pub(super) fn push_const(&mut self, name: &str, lit: Literal) {
         let ty = lit.ty();
         self.env.insert(name.to_string(), (ty.clone(), Some(lit.clone())));
-        self.body.push(Stmt { ty, name: name.to_string(), op: "const".into(), args: vec![], val: Some(lit) });
+        self.body.push(Stmt {
+            ty,
+            name: name.to_string(),
+            op: "const".into(),
+            args: vec![],
+            val: Some(lit),
+            attrs: vec![],
+        });
     }
 
     pub(super) fn ints(&mut self, v: &[usize]) -> String {
@@ -81,7 +89,7 @@ impl Builder {
         self.env.insert(name.to_string(), (ty.clone(), None));
         let shape = ty.shape().to_vec();
         let args = args.iter().map(|(k, a)| (k.to_string(), a.clone())).collect();
-        self.body.push(Stmt { ty, name: name.to_string(), op: op.into(), args, val: None });
+        self.body.push(Stmt { ty, name: name.to_string(), op: op.into(), args, val: None, attrs: vec![] });
         V(name.to_string(), shape)
     }
 
@@ -137,6 +145,79 @@ impl Builder {
     pub(super) fn reduce_sum_last(&mut self, name: &str, x: &V) -> V {
         let (a, k) = (self.konst(Literal::IntTensor(vec![1], vec![-1])), self.konst(Literal::Bool(true)));
         self.op(name, "reduce_sum", &[("axes", Arg::Name(a)), ("keep_dims", Arg::Name(k)), ("x", n(x))])
+    }
+
+    /// `quantize(input, scale, output_dtype = "int8")`: per-tensor int8 activations.
+    pub(super) fn quantize(&mut self, name: &str, x: &V, scale: f32) -> V {
+        let s = self.konst(Literal::Fp16(f16::from_f32(scale).to_f32()));
+        let d = self.konst(Literal::Str("int8".into()));
+        self.op(name, "quantize", &[("input", n(x)), ("output_dtype", Arg::Name(d)), ("scale", Arg::Name(s))])
+    }
+
+    pub(super) fn dequantize(&mut self, name: &str, x: &V, scale: f32) -> V {
+        let s = self.konst(Literal::Fp16(f16::from_f32(scale).to_f32()));
+        self.op(name, "dequantize", &[("input", n(x)), ("scale", Arg::Name(s))])
+    }
+
+    /// A 1×1 convolution (stride 1, no padding, one group) of `x [1, C, H, W]` by
+    /// `w [OC, C, 1, 1]`.
+    pub(super) fn conv(&mut self, name: &str, x: &V, w: &V) -> V {
+        let one = self.ints(&[1, 1]);
+        let pad = self.ints(&[0, 0, 0, 0]);
+        let groups = self.konst(Literal::Int32(1));
+        let valid = self.konst(Literal::Str("valid".into()));
+        self.op(
+            name,
+            "conv",
+            &[
+                ("dilations", Arg::Name(one.clone())),
+                ("groups", Arg::Name(groups)),
+                ("pad", Arg::Name(pad)),
+                ("pad_type", Arg::Name(valid)),
+                ("strides", Arg::Name(one)),
+                ("weight", n(w)),
+                ("x", n(x)),
+            ],
+        )
+    }
+
+    /// int8 weights `q` (row-major in `shape`) in their own blob file, dequantized at compile
+    /// time: `w = scale[axis 0] · (q − 0)`. `scales` has one entry (per tensor) or `shape[0]`
+    /// (per output channel; stored as an fp16 blob beside the data).
+    pub(super) fn int8_weight(&mut self, name: &str, shape: &[usize], q: &[i8], scales: &[f32]) -> V {
+        let path = format!("weights/{name}.bin");
+        self.blobs.push((path.clone(), blob_file_i8(q)));
+        let data = Literal::Blob {
+            ty: Type::Tensor(DType::Int8, shape.to_vec()),
+            path: format!("@model_path/{path}"),
+            offset: CHUNK_OFFSET,
+        };
+        let scale = if scales.len() == 1 {
+            Literal::Fp16(f16::from_f32(scales[0]).to_f32())
+        } else {
+            let spath = format!("weights/{name}_scale.bin");
+            let h: Vec<f16> = scales.iter().map(|&x| f16::from_f32(x)).collect();
+            self.blobs.push((spath.clone(), blob_file(&h)));
+            Literal::Blob {
+                ty: Type::fp16(&[scales.len()]),
+                path: format!("@model_path/{spath}"),
+                offset: CHUNK_OFFSET,
+            }
+        };
+        let attrs = vec![
+            ("axis".to_string(), Literal::Int32(0)),
+            ("quantized_data".to_string(), data),
+            ("scale".to_string(), scale),
+            ("zero_point".to_string(), Literal::Int8(0)),
+        ];
+        let infos: Vec<(String, ArgInfo)> =
+            attrs.iter().map(|(k, l)| (k.clone(), ArgInfo::Value(l.ty(), Some(l.clone())))).collect();
+        let op = "constexpr_affine_dequantize";
+        let ty = infer(op, &infos).unwrap_or_else(|e| panic!("emitter bug: {op} `{name}`: {e}"));
+        assert!(!self.env.contains_key(name), "emitter bug: `{name}` defined twice");
+        self.env.insert(name.to_string(), (ty.clone(), None));
+        self.body.push(Stmt { ty, name: name.to_string(), op: op.into(), args: vec![], val: None, attrs });
+        V(name.to_string(), shape.to_vec())
     }
 
     pub(super) fn pow(&mut self, name: &str, x: &V, y: f32) -> V {

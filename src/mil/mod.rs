@@ -76,8 +76,10 @@ pub trait KernelRunner: Send {
 pub mod ast;
 pub mod backend;
 pub mod bake;
+pub mod benchprog;
 pub mod blob;
 pub mod check;
+pub mod dialect;
 pub mod emit;
 pub mod export;
 mod graph;

@@ -1,8 +1,8 @@
 //! Parser for the MIL subset in `ast`: syntax, name resolution and op type checking, with
 //! every error located by line and column (1-based) of the offending token.
 
-use super::ast::{Arg, DType, Function, Literal, Program, Stmt, Type};
-use super::types::{ArgInfo, infer};
+use super::ast::{Arg, DType, Function, Literal, Program, Stmt, Syntax, Type};
+use super::types::{ArgInfo, attribute_only, infer, min_opset};
 use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 
@@ -36,6 +36,8 @@ impl Tok {
 struct Lexer {
     toks: Vec<(Tok, usize, usize)>,
     at: usize,
+    /// How scalars are spelled, fixed by `program(<version>)`.
+    syntax: Syntax,
 }
 
 fn lex(text: &str) -> Result<Vec<(Tok, usize, usize)>> {
@@ -119,10 +121,6 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize, usize)>> {
 impl Lexer {
     fn peek(&self) -> &Tok {
         &self.toks[self.at].0
-    }
-
-    fn peek2(&self) -> &Tok {
-        &self.toks[(self.at + 1).min(self.toks.len() - 1)].0
     }
 
     fn pos(&self) -> (usize, usize) {
@@ -213,13 +211,12 @@ impl Lexer {
         Ok(v)
     }
 
-    /// `string("...")`
+    /// `string("...")` (or `tensor<string, []>("...")` in program(1.0))
     fn string_lit(&mut self) -> Result<String> {
-        self.keyword("string")?;
-        self.punct("(")?;
-        let s = self.string()?;
-        self.punct(")")?;
-        Ok(s)
+        match self.literal()? {
+            Literal::Str(s) => Ok(s),
+            l => Err(self.err(format!("expected a string, found {}", l.ty().text_in(self.syntax)))),
+        }
     }
 
     fn dtype(&mut self) -> Result<DType> {
@@ -237,6 +234,7 @@ impl Lexer {
 
     fn ty(&mut self) -> Result<Type> {
         if matches!(self.peek(), Tok::Ident(s) if s == "tensor") {
+            let pos = self.pos();
             self.next();
             self.punct("<")?;
             let d = self.dtype()?;
@@ -258,9 +256,31 @@ impl Lexer {
             }
             self.punct("]")?;
             self.punct(">")?;
-            Ok(Type::Tensor(d, shape))
+            if !shape.is_empty() {
+                return Ok(Type::Tensor(d, shape));
+            }
+            if self.syntax == Syntax::Compact {
+                bail!(
+                    "line {}, column {}: `tensor<{d}, []>` is program(1.0) syntax; this program(1.3) text writes the scalar as `{d}`",
+                    pos.0,
+                    pos.1,
+                    d = d.as_str()
+                );
+            }
+            Ok(Type::Scalar(d))
         } else {
-            Ok(Type::Scalar(self.dtype()?))
+            let pos = self.pos();
+            let d = self.dtype()?;
+            if self.syntax == Syntax::Verbose {
+                bail!(
+                    "line {}, column {}: program(1.0) writes scalars as `tensor<{}, []>`, not `{}` (program(1.3) syntax)",
+                    pos.0,
+                    pos.1,
+                    d.as_str(),
+                    d.as_str()
+                );
+            }
+            Ok(Type::Scalar(d))
         }
     }
 
@@ -274,6 +294,13 @@ impl Lexer {
                 other => return Err(self.err(format!("expected true or false, found `{other}`"))),
             },
             Type::Scalar(DType::Int32) => Literal::Int32(self.int32()?),
+            Type::Scalar(DType::Int8) => {
+                let v: i64 = self.number("int8")?;
+                if i8::try_from(v).is_err() {
+                    return Err(self.err(format!("{v} does not fit in int8")));
+                }
+                Literal::Int8(v)
+            }
             Type::Scalar(DType::Uint64) => Literal::Uint64(self.number("uint64")?),
             Type::Scalar(DType::Str) => Literal::Str(self.string()?),
             Type::Scalar(DType::Fp16) => {
@@ -295,13 +322,13 @@ impl Lexer {
                     self.punct(",")?;
                     self.keyword("offset")?;
                     self.punct("=")?;
-                    self.keyword("uint64")?;
-                    self.punct("(")?;
-                    let offset = self.number("offset")?;
+                    let offset = match self.literal()? {
+                        Literal::Uint64(o) => o,
+                        l => return Err(self.err(format!("offset must be a uint64, found {}", l.ty().text()))),
+                    };
                     self.punct(")")?;
-                    self.punct(")")?;
-                    if *d != DType::Fp16 {
-                        return Err(self.err("BLOBFILE weights must be fp16"));
+                    if !matches!(d, DType::Fp16 | DType::Int8) {
+                        return Err(self.err("BLOBFILE weights must be fp16 or int8"));
                     }
                     Literal::Blob { ty: ty.clone(), path, offset }
                 } else if *d == DType::Int32 {
@@ -330,7 +357,7 @@ impl Lexer {
 
 /// Parses and type-checks a program. Errors carry `line L, column C`.
 pub fn parse(text: &str) -> Result<Program> {
-    let mut lx = Lexer { toks: lex(text)?, at: 0 };
+    let mut lx = Lexer { toks: lex(text)?, at: 0, syntax: Syntax::Compact };
     lx.keyword("program")?;
     lx.punct("(")?;
     let version = match lx.next() {
@@ -341,14 +368,20 @@ pub fn parse(text: &str) -> Result<Program> {
         }
     };
     lx.punct(")")?;
+    lx.syntax = Syntax::of_version(&version);
     lx.punct("[")?;
     lx.keyword("buildInfo")?;
     lx.punct("=")?;
     lx.keyword("dict")?;
     lx.punct("<")?;
-    lx.keyword("string")?;
-    lx.punct(",")?;
-    lx.keyword("string")?;
+    for i in 0..2 {
+        if i == 1 {
+            lx.punct(",")?;
+        }
+        if lx.ty()? != Type::Scalar(DType::Str) {
+            return Err(lx.err("buildInfo maps strings to strings"));
+        }
+    }
     lx.punct(">")?;
     lx.punct("(")?;
     lx.punct("{")?;
@@ -380,7 +413,12 @@ fn function(lx: &mut Lexer) -> Result<Function> {
     lx.keyword("func")?;
     let name = lx.ident()?;
     lx.punct("<")?;
+    let opset_pos = lx.pos();
     let opset = lx.ident()?;
+    let Some(ios) = opset.strip_prefix("ios").and_then(|v| v.parse::<u32>().ok()).filter(|v| (15..=26).contains(v))
+    else {
+        bail!("line {}, column {}: unknown opset `{opset}` (expected ios15 … ios18)", opset_pos.0, opset_pos.1);
+    };
     lx.punct(">")?;
     lx.punct("(")?;
     let mut inputs: Vec<(String, Type)> = Vec::new();
@@ -404,7 +442,7 @@ fn function(lx: &mut Lexer) -> Result<Function> {
     lx.punct("{")?;
     let mut body = Vec::new();
     while !lx.is_punct("}") {
-        body.push(statement(lx, &mut env)?);
+        body.push(statement(lx, &mut env, ios)?);
     }
     lx.punct("}")?;
     lx.punct("->")?;
@@ -433,7 +471,7 @@ fn function(lx: &mut Lexer) -> Result<Function> {
     Ok(Function { name, opset, inputs, body, outputs })
 }
 
-fn statement(lx: &mut Lexer, env: &mut HashMap<String, (Type, Option<Literal>)>) -> Result<Stmt> {
+fn statement(lx: &mut Lexer, env: &mut HashMap<String, (Type, Option<Literal>)>, ios: u32) -> Result<Stmt> {
     let stmt_pos = lx.pos();
     let ty = lx.ty()?;
     let name_pos = lx.pos();
@@ -486,24 +524,58 @@ fn statement(lx: &mut Lexer, env: &mut HashMap<String, (Type, Option<Literal>)>)
         }
     }
     lx.punct(")")?;
+    // Attributes, in any order: `name` always, `val` for const, the parameters of
+    // attribute-only ops.
     lx.punct("[")?;
-    lx.keyword("name")?;
-    lx.punct("=")?;
-    let attr_pos = lx.pos();
-    let attr_name = lx.string_lit()?;
-    if attr_name != name {
-        bail!("line {}, column {}: name attribute \"{attr_name}\" differs from `{name}`", attr_pos.0, attr_pos.1);
-    }
-    let mut val = None;
-    if lx.is_punct(",") && matches!(lx.peek2(), Tok::Ident(s) if s == "val") {
-        lx.next();
-        lx.keyword("val")?;
+    let (mut attr_name, mut val, mut attrs) = (None, None, Vec::new());
+    while !lx.is_punct("]") {
+        if attr_name.is_some() || val.is_some() || !attrs.is_empty() {
+            lx.punct(",")?;
+        }
+        let key_pos = lx.pos();
+        let key = lx.ident()?;
         lx.punct("=")?;
-        val = Some(lx.literal()?);
+        let twice = || anyhow!("line {}, column {}: attribute `{key}` given twice", key_pos.0, key_pos.1);
+        match key.as_str() {
+            "name" => {
+                let pos = lx.pos();
+                let n = lx.string_lit()?;
+                if n != name {
+                    bail!("line {}, column {}: name attribute \"{n}\" differs from `{name}`", pos.0, pos.1);
+                }
+                if attr_name.replace(n).is_some() {
+                    return Err(twice());
+                }
+            }
+            "val" => {
+                if val.replace(lx.literal()?).is_some() {
+                    return Err(twice());
+                }
+            }
+            _ => {
+                if attrs.iter().any(|(k, _)| *k == key) {
+                    return Err(twice());
+                }
+                let lit = lx.literal()?;
+                attrs.push((key, lit));
+            }
+        }
+    }
+    if attr_name.is_none() {
+        return Err(lx.err(format!("`{name}` has no name attribute")));
     }
     lx.punct("]")?;
     lx.punct(";")?;
     let here = |msg: String| anyhow!("line {}, column {}: {msg}", op_pos.0, op_pos.1);
+    if min_opset(&op) > ios {
+        return Err(here(format!(
+            "{op} needs opset ios{} or later; this function targets ios{ios} (the older-chip dialect has no {op})",
+            min_opset(&op)
+        )));
+    }
+    if !attrs.is_empty() && !attribute_only(&op) {
+        return Err(here(format!("{op} takes no attribute `{}`", attrs[0].0)));
+    }
     let inferred = if op == "const" {
         if !args.is_empty() {
             return Err(here("const takes no arguments".into()));
@@ -515,6 +587,12 @@ fn statement(lx: &mut Lexer, env: &mut HashMap<String, (Type, Option<Literal>)>)
     } else {
         if val.is_some() {
             return Err(here(format!("only const takes a val attribute ({op} does not)")));
+        }
+        if attribute_only(&op) {
+            if !args.is_empty() {
+                return Err(here(format!("{op} takes its parameters as attributes, not arguments")));
+            }
+            infos = attrs.iter().map(|(k, l)| (k.clone(), ArgInfo::Value(l.ty(), Some(l.clone())))).collect();
         }
         infer(&op, &infos).map_err(|e| here(format!("{op} `{name}`: {e}")))?
     };
@@ -528,5 +606,5 @@ fn statement(lx: &mut Lexer, env: &mut HashMap<String, (Type, Option<Literal>)>)
         );
     }
     env.insert(name.clone(), (ty.clone(), val.clone()));
-    Ok(Stmt { ty, name, op, args, val })
+    Ok(Stmt { ty, name, op, args, val, attrs })
 }

@@ -10,13 +10,17 @@
 //!   saturation point reported for the hardware's matmul (constraints §1, ANEForge), below
 //!   fp16's own 65504;
 //! - `softmax` and `reduce_sum` compute in f32, then round;
+//! - `conv` (1×1) accumulates in f32 and rounds (no 32752 cliff: reported for matmul only);
+//! - int8 tensors hold integers in the same f32 storage; `quantize` rounds half to even and
+//!   saturates to [−128, 127], `dequantize` and `constexpr_affine_dequantize` round
+//!   scale · q to fp16 (semantics in `types`);
 //! - overflow rounds to ±inf, as fp16 does; NaN propagates.
 //!
 //! Inputs are read from, and outputs written to, fp16 buffers in the hardware's dense
 //! `[1, C, 1, W]` row-major layout; BLOBFILE constants are read through the blob format.
 
 use super::ast::{Arg, Literal, Program, Type};
-use super::blob::read_blob;
+use super::blob::{read_blob, read_blob_i8};
 use super::parse::parse;
 use super::{KernelProgram, KernelRunner};
 use crate::ops::Par;
@@ -135,18 +139,39 @@ impl Sim {
             .collect();
         let want: Vec<(String, Type)> = kernel.outputs.iter().map(|s| (s.name.clone(), Type::fp16(&s.shape))).collect();
         ensure!(outs == want, "kernel {}: the program's outputs differ from the kernel signature", kernel.name);
+        // Every BLOBFILE constant, and every compile-time dequantization, is materialised once.
+        let read = |lit: &Literal| -> Result<Tensor> {
+            let Literal::Blob { ty, path, offset } = lit else { unreachable!("called on blobs only") };
+            let rel = path.strip_prefix("@model_path/").with_context(|| {
+                format!("kernel {}: BLOBFILE path {path} must start with @model_path/", kernel.name)
+            })?;
+            let Some((_, file)) = kernel.blobs.iter().find(|(p, _)| p == rel) else {
+                bail!("kernel {}: weight file {rel} is missing", kernel.name);
+            };
+            let shape = ty.shape().to_vec();
+            let n = shape.iter().product();
+            let data = match ty.dtype() {
+                super::ast::DType::Int8 => read_blob_i8(file, *offset, n, rel)?.iter().map(|&q| q as f32).collect(),
+                _ => read_blob(file, *offset, n, rel)?.iter().map(|h| h.to_f32()).collect(),
+            };
+            Ok(Tensor { shape, data })
+        };
         let mut blobs = HashMap::new();
         for st in &program.func.body {
-            if let Some(Literal::Blob { ty, path, offset }) = &st.val {
-                let rel = path.strip_prefix("@model_path/").with_context(|| {
-                    format!("kernel {}: BLOBFILE path {path} must start with @model_path/", kernel.name)
-                })?;
-                let Some((_, file)) = kernel.blobs.iter().find(|(p, _)| p == rel) else {
-                    bail!("kernel {}: weight file {rel} is missing", kernel.name);
+            if let Some(lit @ Literal::Blob { .. }) = &st.val {
+                blobs.insert(st.name.clone(), read(lit)?);
+            } else if st.op == "constexpr_affine_dequantize" {
+                let attr = |k: &str| &st.attrs.iter().find(|(n, _)| n == k).expect("parser checked the attributes").1;
+                let q = read(attr("quantized_data"))?;
+                let ax = match attr("axis") {
+                    Literal::Int32(a) => super::types::axis(*a, q.shape.len())?,
+                    _ => unreachable!("parser checked: axis is int32"),
                 };
-                let shape = ty.shape().to_vec();
-                let data = read_blob(file, *offset, shape.iter().product(), rel)?;
-                blobs.insert(st.name.clone(), Tensor { shape, data: data.iter().map(|h| h.to_f32()).collect() });
+                let scales = match attr("scale") {
+                    Literal::Fp16(s) => vec![*s],
+                    blob => read(blob)?.data,
+                };
+                blobs.insert(st.name.clone(), affine_dequantize(&q, &scales, ax));
             }
         }
         Ok(Sim { program, blobs, par })
@@ -167,7 +192,7 @@ impl Sim {
             env.insert(name, Val::T(Cow::Owned(Tensor { shape, data: data.iter().map(|h| h.to_f32()).collect() })));
         }
         for st in &f.body {
-            let v = if st.op == "const" {
+            let v = if st.op == "const" || st.op == "constexpr_affine_dequantize" {
                 match self.blobs.get(&st.name) {
                     Some(t) => Val::T(Cow::Borrowed(t)),
                     None => Val::Lit(st.val.clone().expect("parser checked: const has a val")),
@@ -259,6 +284,15 @@ impl Sim {
                 let x = t("x");
                 Tensor { shape: out_shape, data: x.data.iter().map(|&v| r16(v.powf(*e))).collect() }
             }
+            "conv" => conv(self.par, t("x"), t("weight"), &out_shape),
+            "quantize" => {
+                let Val::Lit(Literal::Fp16(s)) = get("scale") else { panic!("parser checked: scale") };
+                Tensor { shape: out_shape, data: t("input").data.iter().map(|&x| quantize(x, *s)).collect() }
+            }
+            "dequantize" => {
+                let Val::Lit(Literal::Fp16(s)) = get("scale") else { panic!("parser checked: scale") };
+                Tensor { shape: out_shape, data: t("input").data.iter().map(|&q| r16(s * q)).collect() }
+            }
             "sigmoid" => {
                 let x = t("x");
                 Tensor { shape: out_shape, data: x.data.iter().map(|&v| r16(1.0 / (1.0 + (-v).exp()))).collect() }
@@ -290,6 +324,55 @@ impl Sim {
             _ => bail!("unsupported op `{op}`"),
         })
     }
+}
+
+/// MIL `quantize` to int8 with zero point 0: clip(round_half_even(x / scale), −128, 127),
+/// the quotient rounded to fp16 first (the op divides fp16 values, as Apple's reference
+/// implementation does in numpy). NaN, which has no int8 value, becomes 0.
+pub fn quantize(x: f32, scale: f32) -> f32 {
+    let q = r16(x / scale).round_ties_even();
+    if q.is_nan() { 0.0 } else { q.clamp(-128.0, 127.0) }
+}
+
+/// `constexpr_affine_dequantize` with zero point 0: scale · q rounded to fp16, the scale per
+/// tensor (one value) or per index along `ax`.
+fn affine_dequantize(q: &Tensor, scales: &[f32], ax: usize) -> Tensor {
+    let inner: usize = q.shape[ax + 1..].iter().product();
+    let len = q.shape[ax];
+    let data = q
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| r16(v * if scales.len() == 1 { scales[0] } else { scales[(i / inner) % len] }))
+        .collect();
+    Tensor { shape: q.shape.clone(), data }
+}
+
+/// 1×1 convolution `[N, C, H, W]` by `[OC, C, 1, 1]`: per image, W [OC, C] · X [C, H·W],
+/// accumulated in f32 and rounded to fp16 (overflow gives ±inf; the 32752 matmul cliff is
+/// not reported for conv, so it is not applied).
+fn conv(par: Par, x: &Tensor, w: &Tensor, out_shape: &[usize]) -> Tensor {
+    let (n, c, hw) = (x.shape[0], x.shape[1], x.shape[2] * x.shape[3]);
+    let oc = w.shape[0];
+    let mut data = vec![0.0f32; out_shape.iter().product()];
+    for b in 0..n {
+        let xs = &x.data[b * c * hw..(b + 1) * c * hw];
+        sgemm(
+            par,
+            oc,
+            hw,
+            c,
+            Operand::n(&w.data, c),
+            Operand::n(xs, hw),
+            &mut data[b * oc * hw..(b + 1) * oc * hw],
+            hw,
+            false,
+        );
+    }
+    for v in &mut data {
+        *v = r16(*v);
+    }
+    Tensor { shape: out_shape.to_vec(), data }
 }
 
 fn slice(x: &Tensor, begin: &[i64], size: &[usize]) -> Tensor {

@@ -6,7 +6,17 @@
 //! `slice_by_size(x, begin, size)`, `reshape(x, shape)`, `transpose(x, perm)`,
 //! `matmul(x, y, transpose_x, transpose_y)`, `concat(values, axis, interleave)`,
 //! `softmax(x, axis)`, `reduce_sum(x, axes, keep_dims)`, `pow(x, y)`, `mul/add/sub(x, y)`,
-//! `sigmoid(x)`. Index arguments must be constants; float tensors are fp16.
+//! `sigmoid(x)`, `conv(x, weight, strides, pad_type, pad, dilations, groups)` (1×1 only);
+//! int8: `quantize(input, scale, output_dtype, zero_point?)`, `dequantize(input, scale,
+//! zero_point?)` and the attribute-only `constexpr_affine_dequantize()[quantized_data, scale,
+//! zero_point, axis]` (per-tensor scale, or a per-channel fp16 vector for the constexpr).
+//! Index arguments must be constants; float tensors are fp16.
+//!
+//! Quantization semantics (Apple's MIL op definitions, coremltools `iOS16/constexpr_ops.py`
+//! and `iOS17/quantization_ops.py`): `quantize` = clip(round(x / scale) + zero_point, −128,
+//! 127) with round = round-half-to-even (numpy's `around`), the division done on fp16
+//! values; `dequantize` and `constexpr_affine_dequantize` = scale · (q − zero_point), rounded
+//! to fp16. Only zero point 0 (symmetric) is accepted.
 
 use super::ast::{DType, Literal, Type};
 use anyhow::{Result, bail, ensure};
@@ -18,7 +28,7 @@ pub enum ArgInfo {
     Tuple(Vec<Type>),
 }
 
-/// Per-op argument names: (required, optional).
+/// Per-op argument names: every one required except those `optional` lists.
 fn signature(op: &str) -> Option<&'static [&'static str]> {
     Some(match op {
         "slice_by_size" => &["x", "begin", "size"],
@@ -30,8 +40,33 @@ fn signature(op: &str) -> Option<&'static [&'static str]> {
         "reduce_sum" => &["x", "axes", "keep_dims"],
         "pow" | "mul" | "add" | "sub" => &["x", "y"],
         "sigmoid" => &["x"],
+        "conv" => &["x", "weight", "strides", "pad_type", "pad", "dilations", "groups"],
+        "quantize" => &["input", "scale", "output_dtype", "zero_point"],
+        "dequantize" => &["input", "scale", "zero_point"],
+        "constexpr_affine_dequantize" => &["quantized_data", "scale", "zero_point", "axis"],
         _ => return None,
     })
+}
+
+fn optional(op: &str, arg: &str) -> bool {
+    matches!((op, arg), ("quantize" | "dequantize", "zero_point"))
+}
+
+/// Ops whose parameters are all attributes (`op()[name = …, quantized_data = …]`), not
+/// arguments: the compile-time `constexpr_*` family.
+pub fn attribute_only(op: &str) -> bool {
+    op.starts_with("constexpr_")
+}
+
+/// The oldest opset (`iosNN`) that defines `op` (Apple's MIL op definitions:
+/// `constexpr_affine_dequantize` came with iOS 16, `quantize`/`dequantize` with iOS 17, the
+/// rest with iOS 15).
+pub fn min_opset(op: &str) -> u32 {
+    match op {
+        "constexpr_affine_dequantize" => 16,
+        "quantize" | "dequantize" => 17,
+        _ => 15,
+    }
 }
 
 pub fn is_supported(op: &str) -> bool {
@@ -41,6 +76,38 @@ pub fn is_supported(op: &str) -> bool {
 struct Args<'a>(&'a [(String, ArgInfo)]);
 
 impl<'a> Args<'a> {
+    fn has(&self, k: &str) -> bool {
+        self.0.iter().any(|(n, _)| n == k)
+    }
+
+    /// A constant fp16 scalar that is finite and above zero (a quantization scale).
+    fn scale(&self, k: &str) -> Result<f32> {
+        match self.konst(k)? {
+            Literal::Fp16(x) if x.is_finite() && *x > 0.0 => Ok(*x),
+            Literal::Fp16(x) => bail!("`{k}` must be a positive finite scale, found {x}"),
+            l => bail!("`{k}` must be an fp16 scalar constant, found {}", l.ty().text()),
+        }
+    }
+
+    /// An optional int8 zero point; only 0 (symmetric quantization) is supported.
+    fn zero_point(&self, k: &str) -> Result<()> {
+        if self.has(k) {
+            match self.konst(k)? {
+                Literal::Int8(0) => {}
+                Literal::Int8(z) => bail!("`{k}` = {z}: only symmetric quantization (zero point 0) is supported"),
+                l => bail!("`{k}` must be an int8 scalar constant, found {}", l.ty().text()),
+            }
+        }
+        Ok(())
+    }
+
+    fn tensor_of(&self, k: &str, d: DType) -> Result<&'a [usize]> {
+        match self.ty(k)? {
+            Type::Tensor(t, s) if *t == d => Ok(s),
+            t => bail!("argument `{k}` must be an {} tensor, found {}", d.as_str(), t.text()),
+        }
+    }
+
     fn get(&self, k: &str) -> Result<&'a ArgInfo> {
         match self.0.iter().find(|(n, _)| n == k) {
             Some((_, a)) => Ok(a),
@@ -139,6 +206,9 @@ pub fn infer(op: &str, args: &[(String, ArgInfo)]) -> Result<Type> {
     let Some(sig) = signature(op) else { bail!("unsupported op `{op}`") };
     for (k, _) in args {
         ensure!(sig.contains(&k.as_str()), "unexpected argument `{k}`");
+    }
+    for k in sig {
+        ensure!(optional(op, k) || args.iter().any(|(n, _)| n == k), "missing argument `{k}`");
     }
     let a = Args(args);
     let shape = match op {
@@ -241,6 +311,56 @@ pub fn infer(op: &str, args: &[(String, ArgInfo)]) -> Result<Type> {
             broadcast(&x, &y)?
         }
         "sigmoid" => a.fp16("x")?.to_vec(),
+        "conv" => {
+            let x = a.fp16("x")?;
+            let w = a.fp16("weight")?;
+            ensure!(x.len() == 4 && w.len() == 4, "conv takes rank-4 x [N, C, H, W] and weight [OC, C, KH, KW]");
+            ensure!(w[2] == 1 && w[3] == 1, "only 1×1 convolutions are supported, weight is {w:?}");
+            ensure!(w[1] == x[1], "conv weight {w:?} expects {} input channels, x {x:?} has {}", w[1], x[1]);
+            ensure!(a.int("groups")? == 1, "only groups = 1 is supported");
+            ensure!(
+                a.ints("strides")? == [1, 1] && a.ints("dilations")? == [1, 1],
+                "strides and dilations must be [1, 1]"
+            );
+            ensure!(a.ints("pad")? == [0, 0, 0, 0], "pad must be [0, 0, 0, 0]");
+            ensure!(matches!(a.konst("pad_type")?, Literal::Str(p) if p == "valid"), "pad_type must be \"valid\"");
+            vec![x[0], w[0], x[2], x[3]]
+        }
+        "quantize" => {
+            let x = a.fp16("input")?;
+            a.scale("scale")?;
+            a.zero_point("zero_point")?;
+            match a.konst("output_dtype")? {
+                Literal::Str(d) if d == "int8" => {}
+                Literal::Str(d) => bail!("output_dtype \"{d}\" is not supported; this subset quantizes to \"int8\""),
+                l => bail!("output_dtype must be a string constant, found {}", l.ty().text()),
+            }
+            return Ok(Type::Tensor(DType::Int8, x.to_vec()));
+        }
+        "dequantize" => {
+            let x = a.tensor_of("input", DType::Int8)?;
+            a.scale("scale")?;
+            a.zero_point("zero_point")?;
+            x.to_vec()
+        }
+        "constexpr_affine_dequantize" => {
+            let q = match a.konst("quantized_data")? {
+                Literal::Blob { ty: Type::Tensor(DType::Int8, s), .. } => s,
+                l => bail!("quantized_data must be an int8 BLOBFILE tensor, found {}", l.ty().text()),
+            };
+            let ax = axis(a.int("axis")?, q.len())?;
+            match a.konst("scale")? {
+                Literal::Fp16(x) => ensure!(x.is_finite() && *x > 0.0, "scale must be positive and finite, found {x}"),
+                Literal::Blob { ty: Type::Tensor(DType::Fp16, s), .. } => ensure!(
+                    s.len() == 1 && s[0] == q[ax],
+                    "a scale vector needs quantized_data's axis-{ax} size {}, found shape {s:?}",
+                    q[ax]
+                ),
+                l => bail!("scale must be an fp16 scalar or fp16 vector, found {}", l.ty().text()),
+            }
+            a.zero_point("zero_point")?;
+            q.clone()
+        }
         _ => unreachable!("signature() lists every op"),
     };
     Ok(Type::Tensor(DType::Fp16, shape))

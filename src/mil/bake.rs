@@ -42,7 +42,14 @@ pub fn bake(kernel: &Kernel, baked: &[&str], fill: &mut dyn FnMut(&str, &mut [f1
         out.program.blobs.push((path.clone(), blob_file(&buf)));
         let ty = Type::fp16(&sig.shape);
         let lit = Literal::Blob { ty: ty.clone(), path: format!("@model_path/{path}"), offset: CHUNK_OFFSET };
-        consts.push(Stmt { ty, name: sig.name.clone(), op: "const".into(), args: vec![], val: Some(lit) });
+        consts.push(Stmt {
+            ty,
+            name: sig.name.clone(),
+            op: "const".into(),
+            args: vec![],
+            val: Some(lit),
+            attrs: vec![],
+        });
     }
     ensure!(
         consts.len() == baked.len(),

@@ -156,4 +156,8 @@ impl KernelRunner for DialectRunner {
     fn compiles(&self) -> usize {
         self.inner.compiles()
     }
+
+    fn unload(&mut self, kernel: usize) -> Result<()> {
+        self.inner.unload(kernel)
+    }
 }

@@ -352,6 +352,7 @@ pub fn chat_training_data(
         train: TokenData::from_vec_masked(train, Some(train_mask), vocab, &source)?.made_with(&tok),
         val: Some(TokenData::from_vec_masked(val, Some(val_mask), vocab, &held_out)?.made_with(&tok)),
         tokenizer: Some(tok),
+        chat_template: template.map(|t| t.source.clone()),
     })
 }
 
@@ -361,6 +362,8 @@ pub struct TrainingData {
     pub val: Option<TokenData>,
     /// For decoding samples; present for built-in stories and prepared directories.
     pub tokenizer: Option<Tokenizer>,
+    /// The chat template chat examples were rendered with (Jinja source).
+    pub chat_template: Option<String>,
 }
 
 /// Whether `--data` names a token file (the one source that takes `--val-data`).
@@ -409,6 +412,7 @@ pub fn training_data(
                 train: TokenData::from_vec(train, vocab, "built-in stories")?.made_with(&tok),
                 val: Some(TokenData::from_vec(val, vocab, "built-in stories (held out)")?.made_with(&tok)),
                 tokenizer: Some(tok),
+                chat_template: None,
             })
         }
         "synthetic" => {
@@ -421,6 +425,7 @@ pub fn training_data(
                 train: TokenData::from_vec(tokens, vocab, "synthetic")?,
                 val: Some(TokenData::from_vec(val, vocab, "synthetic (held out)")?),
                 tokenizer: None,
+                chat_template: None,
             })
         }
         path if Path::new(path).join("train.tok").is_file() => {
@@ -429,7 +434,9 @@ pub fn training_data(
                 .with_context(|| format!("{path} is not a directory made by `anetrain prepare`"))?;
             let train = TokenData::open(&dir.join("train.tok"), vocab, Some(&tok.fingerprint))?;
             let val = TokenData::open(&dir.join("val.tok"), vocab, Some(&tok.fingerprint))?;
-            Ok(TrainingData { train, val: Some(val), tokenizer: Some(tok) })
+            // A directory made by `prepare --chat` keeps its template in tokenizer_config.json.
+            let chat_template = crate::chat::template::ChatTemplate::load_from_dir(dir)?.map(|t| t.source);
+            Ok(TrainingData { train, val: Some(val), tokenizer: Some(tok), chat_template })
         }
         path if is_chat_jsonl(Path::new(path))? => {
             let spec = tokenizer.with_context(|| {
@@ -469,6 +476,7 @@ pub fn training_data(
                 train: TokenData::from_vec(train, vocab, path)?.made_with(&tok),
                 val: Some(TokenData::from_vec(val, vocab, &format!("{path} (held out)"))?.made_with(&tok)),
                 tokenizer: Some(tok),
+                chat_template: None,
             })
         }
         path => {
@@ -477,7 +485,7 @@ pub fn training_data(
                 Some(p) => Some(TokenData::open(p, vocab, train.tokenizer.as_deref())?),
                 None => None,
             };
-            Ok(TrainingData { train, val, tokenizer: None })
+            Ok(TrainingData { train, val, tokenizer: None, chat_template: None })
         }
     }
 }

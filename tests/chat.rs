@@ -292,17 +292,50 @@ fn prepare_chat_and_train_on_chat_data() {
     assert!(text.contains("40 examples") && text.contains("loss on assistant tokens only"), "{text}");
     assert!(out.join("tokenizer_config.json").is_file());
     let config = s(&model.join("config.json"));
-    for data in [s(&out), j.to_string()] {
+    for (i, data) in [s(&out), j.to_string()].into_iter().enumerate() {
+        let ckpt = s(&dir.join(format!("ckpt{i}")));
         let mut args =
             vec!["train", "--model", &config, "--data", &data, "--steps", "3", "--batch", "2", "--seq", "32"];
-        args.extend(["--no-peak", "--eval-every", "3", "--threads", "1"]);
+        args.extend(["--no-peak", "--eval-every", "3", "--threads", "1", "--ckpt-dir", &ckpt]);
         if data.ends_with(".jsonl") {
             args.extend(["--tokenizer", tok.to_str().unwrap()]);
         }
         let (ok, text) = anetrain(&args);
         assert!(ok, "train --data {data}: {text}");
         assert!(text.contains("val"), "{text}");
+        // The checkpoint keeps the tokenizer and the chat template: `chat` talks to it as it is.
+        let loaded = ChatModel::load(Path::new(&ckpt), None).unwrap();
+        assert_eq!(loaded.template.source, anetrain::chat::template::CHATML, "the template saved with {ckpt}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_anetrain"))
+            .args(["chat", "--model", &ckpt, "--temperature", "0", "--max-tokens", "5", "--threads", "1"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"hello\n/quit\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "chat on {ckpt}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("chatting with") && text.matches("> ").count() >= 2, "{text}");
     }
+    // Plain text trains a checkpoint without a template: chat says what to pass, and takes it.
+    let plain = dir.join("plain.txt");
+    std::fs::write(&plain, anetrain::corpus::stories(2, 60).join("\n\n")).unwrap();
+    let ckpt = s(&dir.join("ckpt-plain"));
+    let mut args = vec!["train", "--model", &config, "--data", plain.to_str().unwrap(), "--steps", "2"];
+    args.extend(["--batch", "2", "--seq", "32", "--no-peak", "--threads", "1", "--ckpt-dir", &ckpt]);
+    args.extend(["--tokenizer", tok.to_str().unwrap()]);
+    let (ok, text) = anetrain(&args);
+    assert!(ok, "{text}");
+    let err = ChatModel::load(Path::new(&ckpt), None).err().unwrap().to_string();
+    assert!(err.contains("no chat template") && err.contains("--chat-template"), "{err}");
+    let template = dir.join("chatml.jinja");
+    std::fs::write(&template, anetrain::chat::template::CHATML).unwrap();
+    assert_eq!(
+        ChatModel::load(Path::new(&ckpt), Some(&template)).unwrap().template.source,
+        anetrain::chat::template::CHATML
+    );
     // A bad line is named; a tokenizer without a template cannot render conversations.
     std::fs::write(&jsonl, format!("{}\n{{\"messages\": 3}}\n", lines[0])).unwrap();
     let (ok, text) = anetrain(&["prepare", "--chat", "--input", j, "--tokenizer", &s(&tok), "--out", &s(&out)]);

@@ -107,6 +107,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             }
             let mut m = LoadedModel::bare(c.cfg, c.params);
             m.tokenizer = native::saved_tokenizer(path)?;
+            m.chat_template = native::saved_chat_template(path)?;
             Ok(m)
         }
         ModelFormat::Gguf => {

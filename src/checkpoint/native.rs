@@ -171,7 +171,11 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
         Some(tok) => {
             let path = tok.save_to_dir(tmp)?;
             let file = path.file_name().context("tokenizer file name")?.to_string_lossy().into_owned();
-            Some(TokenizerState { file, fingerprint: tok.fingerprint.clone() })
+            Some(TokenizerState {
+                file,
+                fingerprint: tok.fingerprint.clone(),
+                chat_template: trainer.chat_template.clone(),
+            })
         }
         None => None,
     };
@@ -334,6 +338,12 @@ pub fn saved_tokenizer(spec: &Path) -> Result<Option<Tokenizer>> {
         t.fingerprint
     );
     Ok(Some(tok))
+}
+
+/// The chat template saved with the checkpoint `spec`, if its training data had one.
+pub fn saved_chat_template(spec: &Path) -> Result<Option<String>> {
+    let state = read_state(&resolve(spec)?)?;
+    Ok(state.tokenizer.and_then(|t| t.chat_template))
 }
 
 /// The fingerprint of the tokenizer the checkpoint `spec` was trained with, when recorded (the

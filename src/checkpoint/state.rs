@@ -115,6 +115,10 @@ pub struct TokenizerState {
     /// `tokenizer.json` or `tokenizer.bin`, in the step directory.
     pub file: String,
     pub fingerprint: String,
+    /// The Jinja chat template the training data was rendered with (or the `--init` model's),
+    /// so that `chat` and `serve` can talk to the checkpoint without its data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 impl State {

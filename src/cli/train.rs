@@ -244,6 +244,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         init.as_mut().and_then(|m| m.tokenizer.take()),
     )?;
     let (data, val_data, tokenizer) = (prepared.train, prepared.val, prepared.tokenizer);
+    let chat_template = prepared.chat_template.or_else(|| init.as_ref().and_then(|m| m.chat_template.clone()));
     // Only rank 0 evaluates (and logs, checkpoints and samples).
     let val_data = if rank == 0 { val_data } else { None };
     #[cfg(feature = "mpi")]
@@ -379,6 +380,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         trainer.compile_budget = compile_budget;
         trainer.val_data = val_data;
         trainer.tokenizer = tokenizer;
+        trainer.chat_template = chat_template;
         if let Some(m) = init.take() {
             trainer.params = m.params;
             trainer.params_changed();

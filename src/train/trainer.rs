@@ -184,6 +184,8 @@ pub struct Trainer {
     /// The tokenizer the training tokens were made with: saved beside the weights in every
     /// checkpoint, so that the checkpoint can be prompted with text.
     pub tokenizer: Option<crate::tokenizer::Tokenizer>,
+    /// The chat template of the training data (Jinja source), saved with the tokenizer.
+    pub chat_template: Option<String>,
     /// Bumped whenever `params` change (`params_changed`), and promised to the model as
     /// its weights version, so accelerator backends stage weights once per update.
     weights_version: u64,
@@ -258,6 +260,7 @@ impl Trainer {
             val_data: None,
             best_val_loss: f64::INFINITY,
             tokenizer: None,
+            chat_template: None,
             params,
             model,
             opts,

@@ -96,6 +96,63 @@ pub fn windows_loss(
     Ok((sum, count))
 }
 
+/// As `evaluate`, running each window through the KV-cache decoder with quantized matrices
+/// (`--quant`), `PREFILL_ROWS` positions per pass; the loss of each position is computed in
+/// f64 from its logits. Windows are the same as `evaluate`'s, so the results compare.
+pub fn evaluate_quant(
+    cfg: &ModelConfig,
+    params: &[f32],
+    quant: &crate::quant::weights::QuantWeights,
+    data: &TokenData,
+    t: usize,
+    max_windows: usize,
+) -> Result<EvalResult> {
+    use crate::generate::{BatchDecoder, KvCache, PREFILL_ROWS, Row};
+    ensure!(data.len() > t, "{} holds {} tokens; --seq {t} needs at least {}", data.source, data.len(), t + 1);
+    let available = (data.len() - 1) / t;
+    let windows = if max_windows == 0 { available } else { available.min(max_windows) };
+    let start = std::time::Instant::now();
+    let rows_per_pass = PREFILL_ROWS.min(t);
+    let mut decoder = BatchDecoder::with_quant(cfg, params, Some(quant), t, rows_per_pass)?;
+    let mut cache = KvCache::new(cfg, t)?;
+    let v = cfg.vocab_size;
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    let mut rows = Vec::with_capacity(rows_per_pass);
+    for w in 0..windows {
+        let base = w * t;
+        cache.pos = 0;
+        for at in (0..t).step_by(rows_per_pass) {
+            rows.clear();
+            rows.extend((at..t.min(at + rows_per_pass)).map(|i| Row { seq: 0, token: data.get(base + i), pos: i }));
+            let logits = decoder.forward(&mut [&mut cache], &rows)?;
+            for (row, l) in rows.iter().zip(logits.chunks_exact(v)) {
+                let i = base + row.pos + 1;
+                if !data.is_target(i) {
+                    continue;
+                }
+                let target = data.get(i) as usize;
+                let max = l.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                let lse = l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+                let loss = lse - l[target] as f64;
+                ensure!(loss.is_finite(), "the loss at token {i} is not finite (NaN or Inf in the logits)");
+                sum += loss;
+                count += 1;
+            }
+        }
+    }
+    ensure!(count > 0, "no scored tokens in {} windows of {}", windows, data.source);
+    let seconds = start.elapsed().as_secs_f64();
+    let loss = sum / count as f64;
+    Ok(EvalResult {
+        windows,
+        tokens: count,
+        loss,
+        perplexity: loss.exp(),
+        seconds,
+        tokens_per_s: count as f64 / seconds,
+    })
+}
+
 /// Greedy continuation of `prompt` by `n_new` tokens, recomputing the whole sequence for each
 /// one. Positions after the current end hold padding that causal attention never lets the
 /// current position see.

@@ -11,6 +11,8 @@ use crate::ops::matmul::{bias_forward, matvec_rows};
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{RopeTable, rope_forward_at};
 use crate::params::ParamLayout;
+use crate::quant::matvec::{QActs, QMatrix, qmatvec_rows};
+use crate::quant::weights::QuantWeights;
 use crate::rng::Rng;
 use anyhow::{Result, ensure};
 use rayon::prelude::*;
@@ -88,6 +90,11 @@ pub struct BatchDecoder<'a> {
     cfg: ModelConfig,
     layout: ParamLayout,
     params: &'a [f32],
+    /// Quantized matrices used instead of `params`' (`--quant`); embeddings and norms stay
+    /// f32.
+    quant: Option<&'a QuantWeights>,
+    /// `[R, max(C, H·D, F)]` the quantized input of each matvec (with `quant`)
+    acts: Option<QActs>,
     rope: RopeTable,
     /// Rows per call at most (R).
     pub max_rows: usize,
@@ -116,6 +123,20 @@ pub struct BatchDecoder<'a> {
 impl<'a> BatchDecoder<'a> {
     /// Buffers for up to `max_rows` rows; positions up to `max_t` (the RoPE table).
     pub fn new(cfg: &ModelConfig, params: &'a [f32], max_t: usize, max_rows: usize) -> Result<Self> {
+        Self::with_quant(cfg, params, None, max_t, max_rows)
+    }
+
+    /// As `new`, with the matrices of `quant` (when given) in place of the f32 ones.
+    pub fn with_quant(
+        cfg: &ModelConfig,
+        params: &'a [f32],
+        quant: Option<&'a QuantWeights>,
+        max_t: usize,
+        max_rows: usize,
+    ) -> Result<Self> {
+        if let Some(q) = quant {
+            q.check(cfg)?;
+        }
         ensure!(
             max_t > 0 && max_t <= cfg.max_seq_len,
             "generation length {max_t} exceeds {} positions",
@@ -127,7 +148,13 @@ impl<'a> BatchDecoder<'a> {
         let (c, qd, kd, f, v, r) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size, max_rows);
         let widest = v.max(2 * f).max(qd + 2 * kd).max(c);
         let z = |n: usize| vec![0.0f32; n];
+        let acts = match quant {
+            Some(_) => Some(QActs::new(r, c.max(qd).max(f))?),
+            None => None,
+        };
         Ok(BatchDecoder {
+            quant,
+            acts,
             rope: RopeTable::for_config(max_t, cfg),
             x: z(r * c),
             xn: z(r * c),
@@ -187,7 +214,8 @@ impl<'a> BatchDecoder<'a> {
             let w = self.layout.layer(self.params, l);
             rmsnorm_forward(xn, &mut self.rstd, x, w.attn_norm, r, c, eps);
             let qkv = &mut self.qkv[..r * (qd + 2 * kd)];
-            matvec_rows(qkv, &mut self.scratch, xn, w.wqkv, r, c, qd + 2 * kd);
+            let ql = self.quant.map(|q| &q.layers[l]);
+            linear(qkv, &mut self.scratch, &mut self.acts, xn, w.wqkv, ql.map(|q| &q.wqkv), r, c, qd + 2 * kd);
             if let Some(bias) = w.bqkv {
                 bias_forward(qkv, bias);
             }
@@ -234,19 +262,20 @@ impl<'a> BatchDecoder<'a> {
                     crate::ops::axpy(out, p / sum, &values[j * kd + kvh * d..][..d]);
                 }
             });
-            matvec_rows(out, &mut self.scratch, attn, w.wo, r, qd, c);
+            linear(out, &mut self.scratch, &mut self.acts, attn, w.wo, ql.map(|q| &q.wo), r, qd, c);
             x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
             rmsnorm_forward(xn, &mut self.rstd, x, w.ffn_norm, r, c, eps);
             let h13 = &mut self.h13[..r * 2 * f];
-            matvec_rows(h13, &mut self.scratch, xn, w.w13, r, c, 2 * f);
+            linear(h13, &mut self.scratch, &mut self.acts, xn, w.w13, ql.map(|q| &q.w13), r, c, 2 * f);
             crate::ops::swiglu::swiglu_forward(&mut self.gate[..r * f], h13, f);
-            matvec_rows(out, &mut self.scratch, &self.gate[..r * f], w.w2, r, f, c);
+            linear(out, &mut self.scratch, &mut self.acts, &self.gate[..r * f], w.w2, ql.map(|q| &q.w2), r, f, c);
             x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
         }
         let final_norm = self.layout.view(self.params, self.layout.final_norm);
         rmsnorm_forward(xn, &mut self.rstd, x, final_norm, r, c, eps);
         let classifier = self.layout.view(self.params, self.layout.classifier());
-        matvec_rows(&mut self.logits[..r * v], &mut self.scratch, xn, classifier, r, c, v);
+        let qc = self.quant.map(|q| &q.classifier);
+        linear(&mut self.logits[..r * v], &mut self.scratch, &mut self.acts, xn, classifier, qc, r, c, v);
         for row in rows {
             let cache = &mut caches[row.seq];
             cache.pos = cache.pos.max(row.pos + 1);
@@ -254,6 +283,32 @@ impl<'a> BatchDecoder<'a> {
         Ok(&self.logits[..r * v])
     }
 }
+
+/// out `[R, N]` = x `[R, K]` · wᵀ: the quantized matvec (activations quantized into `acts`)
+/// when `wq` is given, else the f32 one with `w` `[N, K]`.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    out: &mut [f32],
+    scratch: &mut [f32],
+    acts: &mut Option<QActs>,
+    x: &[f32],
+    w: &[f32],
+    wq: Option<&QMatrix>,
+    r: usize,
+    k: usize,
+    n: usize,
+) {
+    match (wq, acts) {
+        (Some(wq), Some(acts)) => {
+            acts.quantize(x, r, k);
+            qmatvec_rows(out, scratch, acts, wq);
+        }
+        _ => matvec_rows(out, scratch, x, w, r, k, n),
+    }
+}
+
+/// Positions per prefill pass of a quantized decoder.
+pub const PREFILL_ROWS: usize = 64;
 
 /// One-token decoding of one sequence against its KV cache (a `BatchDecoder` of one row).
 pub struct Decoder<'a> {
@@ -267,8 +322,20 @@ pub struct Decoder<'a> {
 
 impl<'a> Decoder<'a> {
     pub fn new(cfg: &ModelConfig, params: &'a [f32], max_t: usize) -> Result<Self> {
+        Self::with_quant(cfg, params, None, max_t)
+    }
+
+    /// As `new`, decoding with `quant`'s matrices when given (and then prefilling through
+    /// the decoder itself, `PREFILL_ROWS` positions per pass, with `prefill_rows`).
+    pub fn with_quant(
+        cfg: &ModelConfig,
+        params: &'a [f32],
+        quant: Option<&'a QuantWeights>,
+        max_t: usize,
+    ) -> Result<Self> {
+        let rows = if quant.is_some() { PREFILL_ROWS.min(max_t) } else { 1 };
         Ok(Decoder {
-            batch: BatchDecoder::new(cfg, params, max_t, 1)?,
+            batch: BatchDecoder::with_quant(cfg, params, quant, max_t, rows)?,
             cache: KvCache::new(cfg, max_t)?,
             pos: 0,
             logits: vec![0.0; cfg.vocab_size],
@@ -279,6 +346,30 @@ impl<'a> Decoder<'a> {
     /// cache with its keys and values; leaves the last position's logits in `self.logits`.
     pub fn prefill(&mut self, model: &mut Model, prompt: &[u32]) -> Result<()> {
         prefill(model, self.batch.params, &mut self.cache, prompt, &mut self.logits)?;
+        self.pos = self.cache.pos;
+        Ok(())
+    }
+
+    /// Runs the prompt through the decoder, up to its `max_rows` positions per pass (each
+    /// weight matrix streamed once per pass), into the empty cache; leaves the last
+    /// position's logits in `self.logits`.
+    pub fn prefill_rows(&mut self, prompt: &[u32]) -> Result<()> {
+        ensure!(self.pos == 0, "prefill needs an empty cache");
+        ensure!(!prompt.is_empty(), "the prompt needs at least one token");
+        ensure!(
+            prompt.len() <= self.cache.max_t,
+            "prompt of {} tokens exceeds {} positions",
+            prompt.len(),
+            self.cache.max_t
+        );
+        let v = self.logits.len();
+        for (c, chunk) in prompt.chunks(self.batch.max_rows).enumerate() {
+            let at = c * self.batch.max_rows;
+            let rows: Vec<Row> =
+                chunk.iter().enumerate().map(|(i, &token)| Row { seq: 0, token, pos: at + i }).collect();
+            let logits = self.batch.forward(&mut [&mut self.cache], &rows)?;
+            self.logits.copy_from_slice(&logits[(rows.len() - 1) * v..]);
+        }
         self.pos = self.cache.pos;
         Ok(())
     }
@@ -358,6 +449,7 @@ pub fn sample(logits: &mut [f32], s: &Sampling, rng: &mut Rng, order: &mut Vec<u
 pub fn generate(
     cfg: &ModelConfig,
     params: &[f32],
+    quant: Option<&QuantWeights>,
     prompt: &[u32],
     max_new: usize,
     sampling: Sampling,
@@ -369,13 +461,16 @@ pub fn generate(
     ensure!(prompt.iter().all(|&t| (t as usize) < cfg.vocab_size), "a prompt token is outside the vocabulary");
     let max_t = (prompt.len() + max_new).min(cfg.max_seq_len);
     ensure!(prompt.len() <= max_t, "the prompt exceeds the model's {} positions", cfg.max_seq_len);
-    let mut decoder = Decoder::new(cfg, params, max_t)?;
+    let mut decoder = Decoder::with_quant(cfg, params, quant, max_t)?;
     let start = std::time::Instant::now();
-    crate::model::memory_estimate(cfg, 1, prompt.len(), false)
-        .ensure(&format!("prefilling a prompt of {} tokens", prompt.len()), "use a shorter prompt")?;
-    let mut model = Model::cpu(cfg, 1, prompt.len(), par)?;
-    decoder.prefill(&mut model, prompt)?;
-    drop(model);
+    if quant.is_some() {
+        decoder.prefill_rows(prompt)?;
+    } else {
+        crate::model::memory_estimate(cfg, 1, prompt.len(), false)
+            .ensure(&format!("prefilling a prompt of {} tokens", prompt.len()), "use a shorter prompt")?;
+        let mut model = Model::cpu(cfg, 1, prompt.len(), par)?;
+        decoder.prefill(&mut model, prompt)?;
+    }
     let prefill_s = start.elapsed().as_secs_f64();
     let (mut rng, mut order) = (Rng::new(sampling.seed), Vec::with_capacity(cfg.vocab_size));
     let start = std::time::Instant::now();

@@ -155,6 +155,8 @@ enum Command {
         #[arg(long)]
         eos: Option<u32>,
         #[command(flatten)]
+        quant: QuantArgs,
+        #[command(flatten)]
         rt: Runtime,
     },
     /// Talk to a model in the terminal with its chat template; replies stream as they are
@@ -178,6 +180,8 @@ enum Command {
         max_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        quant: QuantArgs,
         #[command(flatten)]
         rt: Runtime,
     },
@@ -218,6 +222,8 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
         #[command(flatten)]
+        quant: QuantArgs,
+        #[command(flatten)]
         rt: Runtime,
     },
     /// Mean cross-entropy and perplexity over consecutive windows of a token file.
@@ -243,6 +249,10 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// With --quant: every window runs through the KV-cache decoder with quantized
+        /// matrices (as decoding does), 64 positions per pass.
+        #[command(flatten)]
+        quant: QuantArgs,
         #[command(flatten)]
         rt: Runtime,
     },
@@ -255,6 +265,35 @@ enum ExportDtype {
     Bf16,
     #[value(name = "q8_0")]
     Q8_0,
+}
+
+/// `--quant` of `generate`, `chat`, `serve` and `eval`.
+#[derive(Args, Clone, Debug)]
+struct QuantArgs {
+    /// Decode with quantized matrices: q8_0 (W8A8), q4_0 (W4A8, classifier q8_0), or gguf (a
+    /// GGUF file's own Q8_0/Q4_0/Q4_1 tensors as stored). Embeddings and norms stay f32.
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+}
+
+impl QuantArgs {
+    fn mode(&self) -> Option<anetrain::quant::weights::QuantMode> {
+        use anetrain::quant::weights::QuantMode;
+        self.quant.map(|q| match q {
+            QuantArg::Q8_0 => QuantMode::Q8_0,
+            QuantArg::Q4_0 => QuantMode::Q4_0,
+            QuantArg::Gguf => QuantMode::Gguf,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    Gguf,
 }
 
 /// How `generate`, `chat` and `serve` pick each next token.
@@ -749,7 +788,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prepare { tokenizer, input, out, val_fraction, chat: true, chat_template, rt, .. } => {
             prepare_chat(&tokenizer, &input, &out, val_fraction, chat_template.as_deref(), rt)
         }
-        Command::Generate { model, lora, ids, prompt, tokenizer, max_tokens, sampling, eos, rt } => {
+        Command::Generate { model, lora, ids, prompt, tokenizer, max_tokens, sampling, eos, quant, rt } => {
             let sampling = sampling.sampling(DEFAULT_SEED)?;
             // Raw ids need no tokenizer; --tokenizer is checked against a checkpoint's record.
             // Without it, a text prompt uses the model's own (loaded with the model).
@@ -757,11 +796,12 @@ fn run(cli: Cli) -> Result<()> {
                 (_, Some(path)) => cli::commands::model_tokenizer(&model, Some(path))?,
                 _ => None,
             };
-            generate(&model, lora.as_deref(), &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, rt)
+            let quant = quant.mode();
+            generate(&model, lora.as_deref(), &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, quant, rt)
         }
-        Command::Chat { model, chat_template, system, ctx, max_tokens, sampling, rt } => {
-            let sampling = sampling.sampling(DEFAULT_SEED)?;
-            cli::chat::chat(cli::chat::ChatArgs { model, chat_template, system, ctx, max_tokens, sampling }, rt)
+        Command::Chat { model, chat_template, system, ctx, max_tokens, sampling, quant, rt } => {
+            let (sampling, quant) = (sampling.sampling(DEFAULT_SEED)?, quant.mode());
+            cli::chat::chat(cli::chat::ChatArgs { model, chat_template, system, ctx, max_tokens, sampling, quant }, rt)
         }
         Command::Serve {
             model,
@@ -774,6 +814,7 @@ fn run(cli: Cli) -> Result<()> {
             ctx,
             body_limit,
             sampling,
+            quant,
             rt,
         } => {
             let (seed, sampling) = (sampling.seed, sampling.sampling(0)?);
@@ -789,11 +830,12 @@ fn run(cli: Cli) -> Result<()> {
                 body_limit,
                 sampling,
                 seed,
+                quant: quant.mode(),
             };
             cli::serve::run(args, rt)
         }
-        Command::Eval { model, lora, data, seq, batch, batches, json, rt } => {
-            eval(&model, lora.as_deref(), &data, seq, batch, batches, json, rt)
+        Command::Eval { model, lora, data, seq, batch, batches, json, quant, rt } => {
+            eval(&model, lora.as_deref(), &data, seq, batch, batches, json, quant.mode(), rt)
         }
     }
 }

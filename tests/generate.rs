@@ -70,7 +70,7 @@ fn greedy_is_deterministic_and_sampling_respects_top_k() {
     let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 1 };
     let run = |s: Sampling| {
         let mut out = Vec::new();
-        generate(&cfg, &p, &[1, 2, 3], 20, s, None, par, |t| out.push(t)).unwrap();
+        generate(&cfg, &p, None, &[1, 2, 3], 20, s, None, par, |t| out.push(t)).unwrap();
         out
     };
     let a = run(greedy);

@@ -87,6 +87,7 @@ fn smollm2_q4_1_matches_transformers() {
     anetrain::generate::generate(
         &m.cfg,
         &m.params,
+        None,
         &golden.prompt_ids,
         golden.greedy.len(),
         sampling,

@@ -54,9 +54,17 @@ fn greedy_decoding_matches_llama2c_run_c() {
     let greedy = anetrain::generate::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
     let mut cached = Vec::new();
     pool.install(|| {
-        anetrain::generate::generate(&model.cfg, &model.params, &[1], RUN_C_GREEDY.len(), greedy, None, par, |t| {
-            cached.push(t)
-        })
+        anetrain::generate::generate(
+            &model.cfg,
+            &model.params,
+            None,
+            &[1],
+            RUN_C_GREEDY.len(),
+            greedy,
+            None,
+            par,
+            |t| cached.push(t),
+        )
     })
     .unwrap();
     assert_eq!(cached, RUN_C_GREEDY, "KV-cache greedy ids differ from llama2.c's run.c");

@@ -20,6 +20,8 @@ pub struct ChatModel {
     /// Token ids that end a reply (the template's `eos_token` and the usual end-of-turn tokens
     /// the vocabulary has).
     pub stop: Vec<u32>,
+    /// Quantized matrices to decode with (`--quant`), set by `quantize`.
+    pub quant: Option<crate::quant::weights::QuantWeights>,
 }
 
 impl ChatModel {
@@ -80,7 +82,14 @@ impl ChatModel {
             .collect();
         stop.sort_unstable();
         stop.dedup();
-        Ok(ChatModel { name, cfg, params, tokenizer, template, stop })
+        Ok(ChatModel { name, cfg, params, tokenizer, template, stop, quant: None })
+    }
+
+    /// Decodes with quantized matrices from now on: this model's quantized as `mode`, or
+    /// (`Gguf`) the file's own, `path` being the file it was loaded from.
+    pub fn quantize(&mut self, path: &Path, mode: crate::quant::weights::QuantMode) -> Result<()> {
+        self.quant = Some(crate::quant::weights::QuantWeights::load(path, &self.cfg, &self.params, mode)?);
+        Ok(())
     }
 
     /// The token ids of `messages` rendered with the template, ending with the assistant's cue.
@@ -168,7 +177,7 @@ impl<'a> ChatSession<'a> {
         ensure!(ctx >= 16, "a context of {ctx} positions is too short to chat");
         ensure!(ctx <= model.cfg.max_seq_len, "--ctx {ctx} exceeds the model's {} positions", model.cfg.max_seq_len);
         Ok(ChatSession {
-            decoder: BatchDecoder::new(&model.cfg, &model.params, ctx, PREFILL_ROWS)?,
+            decoder: BatchDecoder::with_quant(&model.cfg, &model.params, model.quant.as_ref(), ctx, PREFILL_ROWS)?,
             cache: KvCache::new(&model.cfg, ctx)?,
             cached: Vec::new(),
             logits: vec![0.0; model.cfg.vocab_size],

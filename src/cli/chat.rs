@@ -15,6 +15,7 @@ pub struct ChatArgs {
     pub ctx: Option<usize>,
     pub max_tokens: usize,
     pub sampling: Sampling,
+    pub quant: Option<anetrain::quant::weights::QuantMode>,
 }
 
 const HELP: &str = "/reset forgets the conversation, /system TEXT sets the system prompt (and resets), /quit leaves; Ctrl-C stops a reply";
@@ -26,7 +27,11 @@ fn printable(text: &str) -> String {
 }
 
 pub fn chat(args: ChatArgs, rt: Runtime) -> Result<()> {
-    let model = ChatModel::load(&args.model, args.chat_template.as_deref())?;
+    let mut model = ChatModel::load(&args.model, args.chat_template.as_deref())?;
+    if let Some(mode) = args.quant {
+        model.quantize(&args.model, mode)?;
+        eprintln!("{}", model.quant.as_ref().expect("just set").summary());
+    }
     let ctx = args.ctx.unwrap_or(model.cfg.max_seq_len.min(2048));
     let (_, pool) = rt.setup()?;
     let mut session = ChatSession::new(&model, ctx, args.system.clone())?;

@@ -9,6 +9,7 @@ use anetrain::checkpoint::native;
 use anetrain::config::ModelConfig;
 use anetrain::mil::emit::InputLayout;
 use anetrain::ops::{GemmImpl, Par};
+use anetrain::quant::weights::{QuantMode, QuantWeights};
 use anetrain::tokenizer::Tokenizer;
 use anetrain::train::TrainOptions;
 use anyhow::{Context, Result, bail};
@@ -199,10 +200,12 @@ pub fn eval(
     batch: usize,
     batches: usize,
     json: bool,
+    quant: Option<QuantMode>,
     rt: Runtime,
 ) -> Result<()> {
     let loaded = anetrain::checkpoint::load_with_lora(model, lora)?;
     let (cfg, params) = (loaded.cfg, loaded.params);
+    let qw = quant_weights(model, lora, &cfg, &params, quant)?;
     if seq == 0 || batch == 0 {
         bail!("--seq and --batch must be at least 1");
     }
@@ -217,7 +220,10 @@ pub fn eval(
     let tokens = anetrain::data::TokenData::open(data, cfg.vocab_size, recorded.as_deref())
         .with_context(|| format!("{} was trained on tokens of another tokenizer", model.display()))?;
     let (par, pool) = rt.setup()?;
-    let r = pool.install(|| anetrain::eval::evaluate(&cfg, &params, &tokens, seq, batch, batches, par))?;
+    let r = pool.install(|| match &qw {
+        Some(q) => anetrain::eval::evaluate_quant(&cfg, &params, q, &tokens, seq, batches),
+        None => anetrain::eval::evaluate(&cfg, &params, &tokens, seq, batch, batches, par),
+    })?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -227,6 +233,26 @@ pub fn eval(
         );
     }
     Ok(())
+}
+
+/// The quantized matrices `--quant` asks for (None without it), with a line on stderr
+/// saying what is used.
+pub fn quant_weights(
+    model: &std::path::Path,
+    lora: Option<&std::path::Path>,
+    cfg: &ModelConfig,
+    params: &[f32],
+    mode: Option<QuantMode>,
+) -> Result<Option<QuantWeights>> {
+    let Some(mode) = mode else { return Ok(None) };
+    if mode == QuantMode::Gguf && lora.is_some() {
+        bail!(
+            "--quant gguf reads the file's tensors as stored, without --lora's adapters; use --quant q8_0 or q4_0 with --lora"
+        );
+    }
+    let q = QuantWeights::load(model, cfg, params, mode)?;
+    eprintln!("{}", q.summary());
+    Ok(Some(q))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -239,6 +265,7 @@ pub fn generate(
     max_tokens: usize,
     sampling: anetrain::generate::Sampling,
     eos: Option<u32>,
+    quant: Option<QuantMode>,
     rt: Runtime,
 ) -> Result<()> {
     use std::io::Write;
@@ -300,6 +327,7 @@ pub fn generate(
             ids.len()
         );
     }
+    let qw = quant_weights(model, lora, cfg, params, quant)?;
     // Echoed only once the prompt is known to be usable.
     if let Some(text) = prompt.filter(|_| tokenizer.is_some()) {
         print!("{text}");
@@ -309,7 +337,7 @@ pub fn generate(
         // Text is printed as the difference between successive decodings of everything
         // generated so far (a token may be half of a character).
         let (mut generated, mut shown) = (Vec::new(), 0usize);
-        anetrain::generate::generate(cfg, params, ids, max_tokens, sampling, eos, par, |t| {
+        anetrain::generate::generate(cfg, params, qw.as_ref(), ids, max_tokens, sampling, eos, par, |t| {
             let mut out = std::io::stdout().lock();
             match tokenizer.filter(|_| prompt.is_some()) {
                 Some(tok) => {

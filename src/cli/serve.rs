@@ -20,10 +20,15 @@ pub struct ServeArgs {
     pub sampling: anetrain::generate::Sampling,
     /// The seed of requests that send none (`None`: each draws its own).
     pub seed: Option<u64>,
+    pub quant: Option<anetrain::quant::weights::QuantMode>,
 }
 
 pub fn run(args: ServeArgs, rt: Runtime) -> Result<()> {
-    let model = ChatModel::load(&args.model, args.chat_template.as_deref())?;
+    let mut model = ChatModel::load(&args.model, args.chat_template.as_deref())?;
+    if let Some(mode) = args.quant {
+        model.quantize(&args.model, mode)?;
+        eprintln!("{}", model.quant.as_ref().expect("just set").summary());
+    }
     let (par, _pool) = rt.setup()?;
     let ctx = args.ctx.unwrap_or(model.cfg.max_seq_len.min(2048));
     let name = model.name.clone();

@@ -67,7 +67,7 @@ fn sample_story(
     let mut ids = prompt.clone();
     let max_new = max_new.min(cfg.max_seq_len.saturating_sub(prompt.len()));
     pool.install(|| {
-        anetrain::generate::generate(cfg, params, &prompt, max_new, sampling, tok.doc_token, par, |t| ids.push(t))
+        anetrain::generate::generate(cfg, params, None, &prompt, max_new, sampling, tok.doc_token, par, |t| ids.push(t))
     })?;
     let text = tok.decode(&ids)?;
     println!("--- sample (temperature 0.8, top-p 0.9) ---\n{}", text.trim());

@@ -10,6 +10,9 @@
 //! layouts directly.
 
 pub mod blocks;
+pub mod kernels;
+pub mod matvec;
+pub mod weights;
 
 use anyhow::{Result, bail, ensure};
 use half::{bf16, f16};

@@ -92,7 +92,7 @@ fn run_inner(
     par: Par,
     stats: &Stats,
 ) -> Result<()> {
-    let mut decoder = BatchDecoder::new(&model.cfg, &model.params, ctx, max_batch)?;
+    let mut decoder = BatchDecoder::with_quant(&model.cfg, &model.params, model.quant.as_ref(), ctx, max_batch)?;
     let mut active: Vec<Seq> = Vec::with_capacity(max_batch);
     let mut rows: Vec<Row> = Vec::with_capacity(max_batch);
     let mut order = Vec::with_capacity(model.cfg.vocab_size);

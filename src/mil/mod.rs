@@ -87,3 +87,4 @@ pub mod parse;
 pub mod rules;
 pub mod sim;
 pub mod types;
+pub mod w8a8;

@@ -405,23 +405,20 @@ async fn serves_the_smollm2_gguf_with_its_own_template() {
 /// reads commands from fd 3 and writes replies and events to fd 4, each a JSON text ended by NUL.
 struct Browser {
     child: std::process::Child,
-    commands: std::fs::File,
-    replies: std::io::BufReader<std::fs::File>,
+    commands: std::io::PipeWriter,
+    replies: std::io::BufReader<std::io::PipeReader>,
     next_id: u64,
 }
 
 impl Browser {
     fn launch(browser: &str, args: &[String]) -> Browser {
-        use std::os::fd::FromRawFd;
+        use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
-        let (mut to_browser, mut from_browser) = ([0i32; 2], [0i32; 2]);
-        // SAFETY: pipe2 writes two fds into each array; close-on-exec keeps them out of other
-        // tests' children (the pre_exec hook below gives the browser its two ends).
-        unsafe {
-            assert_eq!(libc::pipe2(to_browser.as_mut_ptr(), libc::O_CLOEXEC), 0);
-            assert_eq!(libc::pipe2(from_browser.as_mut_ptr(), libc::O_CLOEXEC), 0);
-        }
-        let (read_end, write_end) = (to_browser[0], from_browser[1]);
+        // std's pipes are close-on-exec, which keeps them out of other tests' children (the
+        // pre_exec hook below gives the browser its two ends).
+        let (browser_reads, commands) = std::io::pipe().unwrap();
+        let (replies, browser_writes) = std::io::pipe().unwrap();
+        let (read_end, write_end) = (browser_reads.as_raw_fd(), browser_writes.as_raw_fd());
         let mut cmd = std::process::Command::new(browser);
         cmd.args(args).arg("--remote-debugging-pipe").stdout(std::process::Stdio::null());
         cmd.stderr(std::process::Stdio::null());
@@ -438,12 +435,8 @@ impl Browser {
             });
         }
         let child = cmd.spawn().unwrap();
-        // SAFETY: each fd is open and owned by exactly one of these files from here on.
-        let (commands, replies) = unsafe {
-            libc::close(read_end);
-            libc::close(write_end);
-            (std::fs::File::from_raw_fd(to_browser[1]), std::fs::File::from_raw_fd(from_browser[0]))
-        };
+        // The browser's ends live on in the browser only, so that it sees EOF when we go.
+        drop((browser_reads, browser_writes));
         Browser { child, commands, replies: std::io::BufReader::new(replies), next_id: 1 }
     }
 

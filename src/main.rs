@@ -169,6 +169,9 @@ enum Command {
         /// A Jinja chat template file used instead of the model's own.
         #[arg(long)]
         chat_template: Option<PathBuf>,
+        /// LoRA adapters (a PEFT adapter directory or a LoRA checkpoint) to apply to --model.
+        #[arg(long)]
+        lora: Option<PathBuf>,
         /// System prompt.
         #[arg(long)]
         system: Option<String>,
@@ -569,8 +572,19 @@ struct TrainArgs {
     /// Projections to adapt: a comma list of q, k, v, o, gate, up, down, or `all`.
     #[arg(long, default_value = "q,k,v,o,gate,up,down")]
     lora_targets: String,
+    /// With --lora-rank: `bf16` holds the frozen layer weights in bf16 (half their memory; the
+    /// layers then compute with the bf16-rounded weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    base_dtype: BaseDtype,
     #[command(flatten)]
     rt: Runtime,
+}
+
+/// How a LoRA run holds its frozen base (`--base-dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BaseDtype {
+    F32,
+    Bf16,
 }
 
 /// The model and micro-batch a benchmark measures (default: the original's Stories110M setting).
@@ -799,9 +813,10 @@ fn run(cli: Cli) -> Result<()> {
             let quant = quant.mode();
             generate(&model, lora.as_deref(), &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, quant, rt)
         }
-        Command::Chat { model, chat_template, system, ctx, max_tokens, sampling, quant, rt } => {
+        Command::Chat { model, chat_template, lora, system, ctx, max_tokens, sampling, quant, rt } => {
             let (sampling, quant) = (sampling.sampling(DEFAULT_SEED)?, quant.mode());
-            cli::chat::chat(cli::chat::ChatArgs { model, chat_template, system, ctx, max_tokens, sampling, quant }, rt)
+            let args = cli::chat::ChatArgs { model, chat_template, lora, system, ctx, max_tokens, sampling, quant };
+            cli::chat::chat(args, rt)
         }
         Command::Serve {
             model,

@@ -36,7 +36,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 mod lora;
-pub use lora::LoraRun;
+pub use lora::{LoraRun, bf16_layers};
 use std::time::Instant;
 
 /// Loss of one micro-batch: the sum over counted targets and their number.
@@ -438,6 +438,10 @@ impl Model {
     ) -> Result<LossSum> {
         self.check_batch(params, tokens, targets)?;
         self.check_adapters(adapters)?;
+        ensure!(
+            adapters.is_some() || self.lora_base_bf16().is_none(),
+            "this model's layers are held in bf16 with its LoRA adapters: pass the adapters"
+        );
         let start = Instant::now();
         let kernel_ms = self.forward_to_logits(params, adapters, tokens)?;
         cross_entropy_forward(&mut self.losses, &self.logits, targets, self.cfg.vocab_size);

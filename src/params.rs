@@ -192,6 +192,15 @@ impl ParamLayout {
         })
     }
 
+    /// The arena range of all decoder layers together (between the embedding and the final
+    /// norm).
+    pub fn layer_span(&self) -> Range<usize> {
+        match (self.layer_ranges.first(), self.layer_ranges.last()) {
+            (Some(first), Some(last)) => first.start..last.end,
+            _ => 0..0,
+        }
+    }
+
     /// Layer `l`'s tensors as slices of `layer_buf`, a copy of just that layer's range (LoRA
     /// merges adapters into such a copy).
     pub fn layer_in<'a>(&self, layer_buf: &'a [f32], l: usize) -> LayerTensors<&'a [f32]> {
@@ -252,12 +261,21 @@ impl ParamLayout {
     /// own stream, so the result depends on neither the thread count nor the fill order, and
     /// a 155M-value embedding fills in parallel.
     pub fn init(&self, seed: u64) -> Vec<f32> {
-        const INIT_BLOCK: usize = 1 << 20;
         let mut buf = vec![0.0f32; self.total];
+        self.init_range(seed, 0..self.total, &mut buf);
+        buf
+    }
+
+    /// `init`'s values for the tensors lying inside the arena `range` (which starts and ends
+    /// at tensor boundaries), written to `out` `[range.len()]`: a frozen LoRA base can be
+    /// initialised one layer at a time (and kept in bf16) without the whole f32 arena.
+    pub fn init_range(&self, seed: u64, range: Range<usize>, out: &mut [f32]) {
+        const INIT_BLOCK: usize = 1 << 20;
         let residual_scale = 1.0 / (2.0 * self.n_layers().max(1) as f64).sqrt();
         let mut jobs: Vec<(u64, f64, &mut [f32])> = Vec::new();
-        let mut rest = buf.as_mut_slice();
-        for (i, t) in self.tensors.iter().enumerate() {
+        let mut rest = &mut out[..range.len()];
+        let inside = |t: &&TensorInfo| t.offset >= range.start && t.range().end <= range.end;
+        for (i, t) in self.tensors.iter().enumerate().filter(|(_, t)| inside(t)) {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.len());
             rest = tail;
             let std = match t.kind {
@@ -279,7 +297,6 @@ impl ParamLayout {
                 Rng::derive(seed, stream + 1).fill_normal(out, std);
             }
         });
-        buf
     }
 }
 

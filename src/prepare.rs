@@ -380,11 +380,13 @@ fn is_token_file(spec: &str) -> bool {
 /// trained on it), `synthetic` (a Markov chain over ids), a directory made by `prepare`
 /// (train.tok, val.tok, tokenizer), a raw corpus (.txt, .jsonl, or a directory of them,
 /// tokenized with `tokenizer`), or a token file (with `--val-data` for validation).
-/// `model_tokenizer` is the tokenizer a pretrained model (`train --init`) came with: raw text
-/// and the built-in stories are tokenized with it unless `tokenizer` names another.
+/// `model_tokenizer` is the tokenizer a pretrained model (`train --init`) came with: raw text,
+/// the built-in stories and chat examples are tokenized with it unless `tokenizer` names
+/// another; chat examples are rendered with `model_template`, the model's chat template.
 /// tokenized with `tokenizer`), a chat `.jsonl` (`messages` or `prompt`/`completion` lines,
 /// tokenized with `tokenizer` and the chat template in the `tokenizer_config.json` beside it,
 /// loss on assistant tokens only), or a token file (with `--val-data` for validation).
+#[allow(clippy::too_many_arguments)]
 pub fn training_data(
     spec: &str,
     vocab: usize,
@@ -393,6 +395,7 @@ pub fn training_data(
     val_path: Option<&Path>,
     tokenizer: Option<&str>,
     model_tokenizer: Option<Tokenizer>,
+    model_template: Option<ChatTemplate>,
 ) -> Result<TrainingData> {
     ensure!(
         val_path.is_none() || is_token_file(spec),
@@ -437,6 +440,14 @@ pub fn training_data(
             // A directory made by `prepare --chat` keeps its template in tokenizer_config.json.
             let chat_template = crate::chat::template::ChatTemplate::load_from_dir(dir)?.map(|t| t.source);
             Ok(TrainingData { train, val: Some(val), tokenizer: Some(tok), chat_template })
+        }
+        path if is_chat_jsonl(Path::new(path))? && tokenizer.is_none() && model_tokenizer.is_some() => {
+            // A pretrained model's own tokenizer and chat template (`train --init`).
+            let tok = model_tokenizer.expect("checked in the guard");
+            if model_template.is_none() {
+                eprintln!("note: the model has no chat template; prompt/completion lines are joined as plain text");
+            }
+            chat_training_data(Path::new(path), tok, model_template.as_ref(), vocab)
         }
         path if is_chat_jsonl(Path::new(path))? => {
             let spec = tokenizer.with_context(|| {
@@ -638,9 +649,9 @@ mod tests {
         assert_eq!(tok.decode(&learned).unwrap(), "Because.\nGood.\n");
         // The same file as `train --data`, with the tokenizer and template beside it.
         let tok_path = dir.join("tokenizer.json");
-        let data = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, tok_path.to_str(), None).unwrap();
+        let data = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, tok_path.to_str(), None, None).unwrap();
         assert!(data.train.is_masked() && data.val.unwrap().is_masked());
-        let err = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, None, None).err().unwrap();
+        let err = training_data(jsonl.to_str().unwrap(), 400, 0, 0, None, None, None, None).err().unwrap();
         assert!(format!("{err:#}").contains("--tokenizer"), "{err:#}");
         // Bad lines are named by number.
         for (bad, want) in [

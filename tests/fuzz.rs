@@ -252,6 +252,7 @@ fn fuzz_checkpoint() {
         eval_tokens: 0,
         seed: 1,
         lora: None,
+        base_bf16: false,
     };
     let par = Par::seq();
     let mut trainer = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, 1, 8, par))).unwrap();

@@ -219,6 +219,7 @@ fn options(steps: usize, b: usize, t: usize, lr: f64, seed: u64) -> TrainOptions
         eval_tokens: 0,
         seed,
         lora: None,
+        base_bf16: false,
     }
 }
 

@@ -38,6 +38,7 @@ fn opts() -> TrainOptions {
         eval_tokens: 0,
         seed: 42,
         lora: None,
+        base_bf16: false,
     }
 }
 
@@ -309,6 +310,39 @@ fn lora_resume_is_bit_exact() {
         // Loading it as a model says what it is.
         let err = format!("{:#}", anetrain::checkpoint::load_model(&dir).unwrap_err());
         assert!(err.contains("LoRA adapters only"), "{err}");
+    });
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--base-dtype bf16`: the same bit-exact resume; a checkpoint of one base dtype is refused
+/// by a run of the other.
+#[test]
+fn lora_resume_with_a_bf16_base_is_bit_exact() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let cfg = cfg();
+    let data = TokenData::from_vec(synthetic_tokens(64, 20_000, 3), 64, "synthetic").unwrap();
+    let dir = std::env::temp_dir().join(format!("anetrain-lora-bf16-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let lora = anetrain::lora::LoraConfig { rank: 4, alpha: 8.0, targets: anetrain::lora::Target::ALL.to_vec() };
+    let opts = |bf16| TrainOptions { steps: 8, lora: Some(lora.clone()), base_bf16: bf16, ..opts() };
+    pool.install(|| {
+        let mut whole = trainer_with(&cfg, opts(true));
+        let all = whole.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses;
+        let mut first = trainer_with(&cfg, opts(true));
+        let mut losses: Vec<f64> = (0..4).map(|s| first.step(&data, s).unwrap().loss).collect();
+        native::save(&dir, &first, 4, &data, 0).unwrap();
+        drop(first);
+        let mut second = trainer_with(&cfg, opts(true));
+        native::load(&dir).unwrap().restore(&mut second, &data).unwrap();
+        losses.extend(second.run(&data, &mut Telemetry::none(), None, |_| {}).unwrap().losses);
+        assert_eq!(bits_of(&losses), bits_of(&all));
+        let (a, b) = (second.lora.as_ref().unwrap(), whole.lora.as_ref().unwrap());
+        assert!(bits(&a.adapters) == bits(&b.adapters), "final adapters differ");
+        let err = format!(
+            "{:#}",
+            native::load(&dir).unwrap().restore(&mut trainer_with(&cfg, opts(false)), &data).unwrap_err()
+        );
+        assert!(err.contains("its base was held in bf16, this run's in f32 (--base-dtype bf16)"), "{err}");
     });
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -31,7 +31,13 @@ impl ChatModel {
     /// checkpoint (the tokenizer and template saved with it). `template`, when given, is a
     /// Jinja file that replaces (or supplies) the model's own template.
     pub fn load(path: &Path, template: Option<&Path>) -> Result<Self> {
-        let m = crate::checkpoint::load(path)?;
+        Self::load_with_lora(path, template, None)
+    }
+
+    /// `load`, with the LoRA adapters in `lora` (a PEFT adapter directory or a LoRA
+    /// checkpoint) merged into the weights.
+    pub fn load_with_lora(path: &Path, template: Option<&Path>, lora: Option<&Path>) -> Result<Self> {
+        let m = crate::checkpoint::load_with_lora(path, lora)?;
         let tokenizer = m.tokenizer.with_context(|| {
             format!(
                 "{} carries no tokenizer; chat needs a model with one (an HF directory with tokenizer.json, a \

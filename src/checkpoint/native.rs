@@ -38,13 +38,12 @@ pub fn data_fingerprint(data: &TokenData) -> String {
 }
 
 /// What identifies a frozen LoRA base well enough to refuse resuming on another: its length
-/// and an FNV-1a hash of the bits of up to 2¹⁶ evenly spaced weights.
-pub fn base_fingerprint(params: &[f32]) -> String {
-    let n = params.len();
+/// `n` and an FNV-1a hash of the f32 bits (`bits_at(i)`) of up to 2¹⁶ evenly spaced weights.
+pub fn base_fingerprint(n: usize, bits_at: impl Fn(usize) -> u32) -> String {
     let stride = (n >> 16).max(1);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for i in (0..n).step_by(stride) {
-        for b in params[i].to_bits().to_le_bytes() {
+        for b in bits_at(i).to_le_bytes() {
             h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
         }
     }
@@ -156,8 +155,8 @@ fn write_step(tmp: &Path, trainer: &Trainer, step: usize, data: &TokenData) -> R
             rank: lora.cfg.rank,
             alpha: lora.cfg.alpha,
             targets: lora.cfg.targets.iter().map(|t| t.short().to_string()).collect(),
-            base_fingerprint: base_fingerprint(&trainer.params),
-            base_bf16: false,
+            base_fingerprint: trainer.base_fingerprint(),
+            base_bf16: trainer.opts.base_bf16,
         });
     } else {
         let tensors = |prefix: &str, buf| super::arena_tensors(layout, buf, prefix, Dtype::F32);
@@ -416,6 +415,7 @@ impl Checkpoint {
                 self.path.display()
             );
         }
+        let base_now = trainer.lora.is_some().then(|| trainer.base_fingerprint());
         match (&self.lora, &mut trainer.lora, trainer.model.lora(), &st.lora) {
             (None, None, _, _) => trainer.params.copy_from_slice(&self.params),
             (Some((saved, adapters)), Some(ours), Some(layout), Some(ls)) => {
@@ -426,21 +426,22 @@ impl Checkpoint {
                     saved.cfg,
                     layout.cfg
                 );
-                let now = base_fingerprint(&trainer.params);
+                let dtype = |bf16: bool| if bf16 { "bf16" } else { "f32" };
+                ensure!(
+                    ls.base_bf16 == trainer.opts.base_bf16,
+                    "cannot resume from {}: its base was held in {}, this run's in {} (--base-dtype {})",
+                    self.path.display(),
+                    dtype(ls.base_bf16),
+                    dtype(trainer.opts.base_bf16),
+                    dtype(ls.base_bf16)
+                );
+                let now = base_now.unwrap_or_default();
                 ensure!(
                     ls.base_fingerprint == now,
                     "cannot resume from {}: its adapters were trained on another base model (fingerprint {}, \
-                     this run's base {now})",
+                     this run's base {now}); pass the same --init",
                     self.path.display(),
                     ls.base_fingerprint
-                );
-                let dtype = |bf16: bool| if bf16 { "bf16" } else { "f32" };
-                ensure!(
-                    !ls.base_bf16,
-                    "cannot resume from {}: its base was held in {}, this run's in {} (--base-dtype)",
-                    self.path.display(),
-                    dtype(ls.base_bf16),
-                    dtype(false)
                 );
                 ours.adapters.copy_from_slice(adapters);
             }

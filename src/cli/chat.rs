@@ -11,6 +11,8 @@ use std::io::{BufRead, Write};
 pub struct ChatArgs {
     pub model: std::path::PathBuf,
     pub chat_template: Option<std::path::PathBuf>,
+    /// LoRA adapters to merge into the model.
+    pub lora: Option<std::path::PathBuf>,
     pub system: Option<String>,
     pub ctx: Option<usize>,
     pub max_tokens: usize,
@@ -27,7 +29,7 @@ fn printable(text: &str) -> String {
 }
 
 pub fn chat(args: ChatArgs, rt: Runtime) -> Result<()> {
-    let mut model = ChatModel::load(&args.model, args.chat_template.as_deref())?;
+    let mut model = ChatModel::load_with_lora(&args.model, args.chat_template.as_deref(), args.lora.as_deref())?;
     if let Some(mode) = args.quant {
         model.quantize(&args.model, mode)?;
         eprintln!("{}", model.quant.as_ref().expect("just set").summary());

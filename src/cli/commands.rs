@@ -130,7 +130,7 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
     let (par, pool) = rt.setup()?;
     let opts = TrainOptions { accum, min_lr: 3e-5, ..TrainOptions::new(1_000_000, batch, seq) };
     opts.validate(&cfg)?;
-    crate::cli::train::check_memory(&cfg, batch, seq, usize::from(accum > 1), None, 1)?;
+    crate::cli::train::check_memory(&cfg, batch, seq, usize::from(accum > 1), None, false, 1)?;
     let backend = anetrain::backends::build(backend, &cfg, batch, seq, par, mil_layout)?;
     let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap, backend))?;
     let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));

@@ -12,7 +12,7 @@ use anetrain::telemetry::{Header, Record, Report, Telemetry};
 use anetrain::train::adamw::AdamWConfig;
 use anetrain::train::loss_scale::LossScaleMode;
 use anetrain::train::{TrainOptions, Trainer};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use indicatif::{HumanDuration, ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -23,19 +23,21 @@ use std::path::PathBuf;
 /// weights; the adapters need weights, gradients, AdamW moments and a layer-sized merge scratch.
 /// `local_ranks` processes of a data-parallel job share this machine's memory, each needing
 /// as much.
+#[allow(clippy::too_many_arguments)]
 pub fn check_memory(
     cfg: &ModelConfig,
     batch: usize,
     seq: usize,
     extra_arenas: usize,
     lora: Option<&anetrain::lora::LoraConfig>,
+    base_bf16: bool,
     local_ranks: usize,
 ) -> Result<()> {
     let mut estimate = anetrain::model::memory_estimate(cfg, batch, seq, lora.is_none());
     let trained = match lora {
         None => cfg.param_count(),
         Some(lc) => {
-            anetrain::lora::memory_estimate(cfg, lc, batch * seq, &mut estimate);
+            anetrain::lora::memory_estimate(cfg, lc, batch * seq, base_bf16, &mut estimate);
             lc.adapter_count(cfg)
         }
     };
@@ -141,6 +143,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         eval_every: args.eval_every,
         eval_tokens: args.eval_tokens,
         seed: args.seed,
+        base_bf16: args.base_dtype == crate::BaseDtype::Bf16,
         lora: match args.lora_rank {
             None => None,
             Some(rank) => Some(anetrain::lora::LoraConfig {
@@ -159,7 +162,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // and accumulator.
     let extra = if job.is_some() { 2 } else { usize::from(args.accum > 1) };
     let local_ranks = if job.is_some() { dist::ranks_on_this_machine() } else { 1 };
-    check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref(), local_ranks)?;
+    check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref(), opts.base_bf16, local_ranks)?;
     if job.is_some() && opts.lora.is_some() {
         let why = "--lora-rank cannot run data-parallel under mpirun: run LoRA fine-tuning as a single process";
         return Err(dist::fail_from_rank0(rank, why.into()));
@@ -233,6 +236,19 @@ pub fn train(args: TrainArgs) -> Result<()> {
             );
         }
     }
+    // --init's chat template (GGUF `tokenizer.chat_template`, HF tokenizer_config.json), for
+    // chat examples in --data.
+    let model_template = match &init {
+        Some(m) => match (&m.chat_template, &m.tokenizer) {
+            (Some(src), Some(tok)) => {
+                let text_of = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+                let template = anetrain::chat::template::ChatTemplate::new(src, &text_of(m.bos), &text_of(m.eos));
+                Some(template.with_context(|| format!("in the chat template of {}", m.cfg.name))?)
+            }
+            _ => None,
+        },
+        None => None,
+    };
     let min_tokens = args.batch * (args.seq + 1) * 4;
     let prepared = anetrain::prepare::training_data(
         &args.data,
@@ -242,6 +258,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.val_data.as_deref(),
         args.tokenizer.as_deref(),
         init.as_mut().and_then(|m| m.tokenizer.take()),
+        model_template,
     )?;
     let (data, val_data, tokenizer) = (prepared.train, prepared.val, prepared.tokenizer);
     let chat_template = prepared.chat_template.or_else(|| init.as_ref().and_then(|m| m.chat_template.clone()));
@@ -368,7 +385,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     let (summary, params, tokenizer, last_step) = pool.install(|| -> Result<_> {
         let accum = opts.accum;
-        let mut trainer = Trainer::new(&cfg, opts, par, backend)?;
+        // --init's weights become the base; with --base-dtype bf16 its layers are converted
+        // and the f32 copy dropped here.
+        let base = init.take().map(|m| m.params);
+        let mut trainer = Trainer::with_base(&cfg, opts, par, backend, base)?;
         #[cfg(feature = "mpi")]
         if let Some(job) = job {
             let plan = dist::Plan::new(&trainer.model.layout, job.rank, job.size, accum, mode)?;
@@ -381,10 +401,6 @@ pub fn train(args: TrainArgs) -> Result<()> {
         trainer.val_data = val_data;
         trainer.tokenizer = tokenizer;
         trainer.chat_template = chat_template;
-        if let Some(m) = init.take() {
-            trainer.params = m.params;
-            trainer.params_changed();
-        }
         if let Some(checkpoint) = &checkpoint {
             checkpoint.restore(&mut trainer, &data)?;
             println!(
@@ -445,8 +461,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
         }
         result.map(|summary| {
             let last_step = trainer.start_step + summary.losses.len();
-            let tokenizer = trainer.tokenizer.take();
-            (summary, trainer.into_effective_params(), tokenizer, last_step)
+            // The weights for the sample only when there will be one: with a bf16 base,
+            // widening the layers back to f32 would be the run's peak memory.
+            let tokenizer = trainer.tokenizer.take().filter(|_| args.sample_tokens > 0 && rank == 0);
+            let params = if tokenizer.is_some() { trainer.into_effective_params() } else { Vec::new() };
+            (summary, params, tokenizer, last_step)
         })
     })?;
     if summary.restart {
@@ -531,9 +550,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     {
         std::process::exit(status);
     }
-    if let Some(tok) = tokenizer.as_ref().filter(|_| args.sample_tokens > 0)
-        && rank == 0
-    {
+    if let Some(tok) = &tokenizer {
         sample_story(&cfg, &params, tok, args.sample_tokens, args.seed, par, &pool)?;
     }
     Ok(())

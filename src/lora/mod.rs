@@ -129,14 +129,27 @@ impl LoraConfig {
 }
 
 /// Adds a LoRA run's own memory to `est` (which already counts activations and scratch):
-/// the frozen base's f32 weights, the adapters with gradients and AdamW moments (4 arenas),
-/// and the merge scratch (one layer's weights, s·B, two `[N, r]`).
-pub fn memory_estimate(cfg: &ModelConfig, lora: &LoraConfig, n: usize, est: &mut crate::memory::Estimate) {
-    use crate::memory::f32_bytes;
+/// the frozen base (f32, or with `base_bf16` its layers at 2 bytes), the adapters with
+/// gradients and AdamW moments (4 arenas), and the merge scratch (one layer's weights, s·B,
+/// two `[N, r]`).
+pub fn memory_estimate(
+    cfg: &ModelConfig,
+    lora: &LoraConfig,
+    n: usize,
+    base_bf16: bool,
+    est: &mut crate::memory::Estimate,
+) {
+    use crate::memory::{bytes, f32_bytes};
     let max_oc = lora.targets.iter().map(|t| t.dims(cfg).0).max().unwrap_or(0);
-    let (c, f, qkv) = (cfg.dim, cfg.ffn_dim, cfg.q_dim() + 2 * cfg.kv_dim());
-    let layer = c * qkv + cfg.q_dim() * c + 3 * c * f + 2 * c;
-    est.add("frozen weights", f32_bytes(&[cfg.param_count()]))
+    let base = ParamLayout::new(cfg);
+    let layer = (0..cfg.n_layers).map(|l| base.layer_range(l).len()).max().unwrap_or(0);
+    let layers = base.layer_span().len();
+    let frozen = if base_bf16 {
+        f32_bytes(&[cfg.param_count() - layers]) + bytes(2, &[layers])
+    } else {
+        f32_bytes(&[cfg.param_count()])
+    };
+    est.add(if base_bf16 { "frozen weights (layers in bf16)" } else { "frozen weights" }, frozen)
         .add("LoRA adapters, gradients and AdamW state", f32_bytes(&[4, lora.adapter_count(cfg)]))
         .add("LoRA merge scratch", f32_bytes(&[layer + max_oc * lora.rank + 2 * n * lora.rank]));
 }

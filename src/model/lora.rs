@@ -11,6 +11,7 @@ use crate::ops::matmul::matmul_backward_dx;
 use crate::ops::rmsnorm::rmsnorm_backward;
 use crate::params::{LayerTensors, ParamLayout};
 use anyhow::{Context, Result, ensure};
+use rayon::prelude::*;
 use std::time::Instant;
 
 /// A model's LoRA state: the adapter layout and the scratch its forward and backward use.
@@ -25,6 +26,10 @@ pub struct LoraRun {
     /// `[C + 2·D]`: the frozen norm gains' gradients, computed by the fused norm backward and
     /// dropped.
     frozen: Vec<f32>,
+    /// `--base-dtype bf16`: every layer's frozen weights as bf16 bits `[layer arena span]`,
+    /// from the first layer's arena offset on; the f32 arena's layer ranges are then never
+    /// read (`merge_layer` widens these into the scratch instead).
+    base_bf16: Option<Vec<u16>>,
 }
 
 impl LoraRun {
@@ -38,7 +43,8 @@ impl LoraRun {
         adapters: &[f32],
         l: usize,
     ) -> LayerTensors<&'a [f32]> {
-        merge_layer(&mut self.merged, &mut self.sb, &self.layout, par, layout, params, adapters, l)
+        let bf16 = self.base_bf16.as_deref();
+        merge_layer(&mut self.merged, &mut self.sb, &self.layout, bf16, par, layout, params, adapters, l)
     }
 }
 
@@ -47,6 +53,7 @@ fn merge_layer<'a>(
     merged: &'a mut [f32],
     sb: &mut Vec<f32>,
     lora: &LoraLayout,
+    base_bf16: Option<&[u16]>,
     par: Par,
     layout: &ParamLayout,
     params: &[f32],
@@ -55,9 +62,24 @@ fn merge_layer<'a>(
 ) -> LayerTensors<&'a [f32]> {
     let range = layout.layer_range(l);
     let merged = &mut merged[..range.len()];
-    merged.copy_from_slice(&params[range]);
+    match base_bf16 {
+        None => merged.copy_from_slice(&params[range]),
+        Some(bits) => {
+            let first = layout.layer_range(0).start;
+            let src = &bits[range.start - first..range.end - first];
+            merged.iter_mut().zip(src).for_each(|(m, &b)| *m = half::bf16::from_bits(b).to_f32());
+        }
+    }
     merge_adapters(par, lora.layer(l), lora.cfg.scale(), merged, adapters, sb);
     layout.layer_in(merged, l)
+}
+
+/// The layers of `params` (`ParamLayout::layer_span`) rounded to bf16 (round to nearest even).
+pub fn bf16_layers(layout: &ParamLayout, params: &[f32]) -> Result<Vec<u16>> {
+    let span = layout.layer_span();
+    let mut bits = crate::memory::try_with_capacity::<u16>(span.len(), "the bf16 base")?;
+    bits.par_extend(params[span].par_iter().map(|&x| half::bf16::from_f32(x).to_bits()));
+    Ok(bits)
 }
 
 /// `dy` (with its row stride) and the saved input `x` of adapter `ad`'s projection, given
@@ -101,8 +123,24 @@ impl Model {
             sb: Vec::with_capacity(max_oc * r),
             scratch: LoraScratch { u: vec![0.0; n * r], v: vec![0.0; n * r] },
             frozen: vec![0.0; self.cfg.dim + 2 * self.cfg.head_dim],
+            base_bf16: None,
         });
         Ok(())
+    }
+
+    /// Holds the frozen layer weights as bf16 bits `[every layer's arena range]`, from the
+    /// first layer's offset (`bf16_layers`): the layers then compute with these widened to
+    /// f32, and the f32 arena's layer ranges are never read.
+    pub fn set_lora_base_bf16(&mut self, bits: Vec<u16>) -> Result<()> {
+        let span = self.layout.layer_span();
+        ensure!(bits.len() == span.len(), "the bf16 base holds {} values, the layers need {}", bits.len(), span.len());
+        self.lora.as_mut().context("call set_lora before set_lora_base_bf16")?.base_bf16 = Some(bits);
+        Ok(())
+    }
+
+    /// The bf16 layer weights, when the base is held in bf16.
+    pub fn lora_base_bf16(&self) -> Option<&[u16]> {
+        self.lora.as_ref().and_then(|l| l.base_bf16.as_deref())
     }
 
     /// The adapter layout, when LoRA is on.
@@ -161,8 +199,8 @@ impl Model {
         let mut kernel_ms = 0.0;
         let result = (|| -> Result<()> {
             for l in (0..self.cfg.n_layers).rev() {
-                let LoraRun { layout: ll, merged, sb, scratch, frozen } = &mut lora;
-                let w = merge_layer(merged, sb, ll, par, &self.layout, params, adapters, l);
+                let LoraRun { layout: ll, merged, sb, scratch, frozen, base_bf16 } = &mut lora;
+                let w = merge_layer(merged, sb, ll, base_bf16.as_deref(), par, &self.layout, params, adapters, l);
                 let (dnorm, dqk) = frozen.split_at_mut(c);
                 let (dqn, dkn) = dqk.split_at_mut(dqk.len() / 2);
                 let a = &self.acts[l];

@@ -38,6 +38,8 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Train LoRA adapters on a frozen base instead of every weight.
     pub lora: Option<crate::lora::LoraConfig>,
+    /// With LoRA: hold the frozen layer weights in bf16 (`--base-dtype bf16`).
+    pub base_bf16: bool,
 }
 
 impl TrainOptions {
@@ -60,6 +62,7 @@ impl TrainOptions {
             eval_tokens: 0,
             seed: 1,
             lora: None,
+            base_bf16: false,
         }
     }
 
@@ -69,6 +72,10 @@ impl TrainOptions {
         if let Some(lora) = &self.lora {
             lora.validate(cfg)?;
         }
+        ensure!(
+            !self.base_bf16 || self.lora.is_some(),
+            "--base-dtype bf16 needs --lora-rank: only a frozen base can be held in bf16"
+        );
         ensure!(self.steps > 0, "--steps must be at least 1");
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.seq > 0, "--seq must be at least 1");
@@ -212,10 +219,40 @@ pub struct Trainer {
 impl Trainer {
     /// Fresh run: seeded init, zero optimizer state. Every buffer of the loop is sized here.
     pub fn new(cfg: &ModelConfig, opts: TrainOptions, par: Par, backend: Box<dyn Backend>) -> Result<Self> {
+        Self::with_base(cfg, opts, par, backend, None)
+    }
+
+    /// `new`, starting from the weights `base` (`ParamLayout::new(cfg)`'s arena, e.g. a
+    /// pretrained model) instead of the seeded init, with a fresh optimizer. With
+    /// `--base-dtype bf16` the layers are kept only as bf16 and `base` is dropped here.
+    pub fn with_base(
+        cfg: &ModelConfig,
+        opts: TrainOptions,
+        par: Par,
+        backend: Box<dyn Backend>,
+        base: Option<Vec<f32>>,
+    ) -> Result<Self> {
         opts.validate(cfg)?;
         let mut model = Model::new(cfg, opts.batch, opts.seq, par, backend)?;
         model.set_weights_version(Some(0));
-        let params = model.layout.init(opts.seed);
+        if let Some(b) = &base {
+            ensure!(
+                b.len() == model.layout.total,
+                "the base weights hold {} values, {} needs {}",
+                b.len(),
+                cfg.name,
+                model.layout.total
+            );
+        }
+        let bf16 = opts.base_bf16 && opts.lora.is_some();
+        let (params, base_bits) = match (base, bf16) {
+            (Some(b), false) => (b, None),
+            (None, false) => (model.layout.init(opts.seed), None),
+            (b, true) => {
+                let (params, bits) = split_bf16_base(&model.layout, opts.seed, b)?;
+                (params, Some(bits))
+            }
+        };
         let n = opts.batch * opts.seq;
         let (grads, opt, lora) = match &opts.lora {
             None => (
@@ -229,6 +266,9 @@ impl Trainer {
                 let adapters = layout.init(opts.seed);
                 let grads = crate::memory::try_vec_f32(layout.total, "the adapter gradients")?;
                 model.set_lora(layout)?;
+                if let Some(bits) = base_bits {
+                    model.set_lora_base_bf16(bits)?;
+                }
                 (Vec::new(), opt, Some(LoraTrain { adapters, grads }))
             }
         };
@@ -271,19 +311,43 @@ impl Trainer {
     /// copy; for sampling, evaluation or export).
     pub fn effective_params(&self) -> Vec<f32> {
         let mut params = self.params.clone();
-        if let (Some(l), Some(layout)) = (&self.lora, self.model.lora()) {
-            layout.merge_into(self.model.par(), &self.model.layout, &mut params, &l.adapters);
-        }
+        self.merge_into_base(&mut params);
         params
     }
 
     /// `effective_params`, merging into the base in place (no copy) as the trainer ends.
-    pub fn into_effective_params(self) -> Vec<f32> {
-        let mut params = self.params;
-        if let (Some(l), Some(layout)) = (&self.lora, self.model.lora()) {
-            layout.merge_into(self.model.par(), &self.model.layout, &mut params, &l.adapters);
-        }
+    pub fn into_effective_params(mut self) -> Vec<f32> {
+        let mut params = std::mem::take(&mut self.params);
+        self.merge_into_base(&mut params);
         params
+    }
+
+    /// `params` (a copy of `self.params`) becomes the weights the model computes with: a bf16
+    /// base widened into the layer ranges, then the adapters merged in.
+    fn merge_into_base(&self, params: &mut [f32]) {
+        if let Some(bits) = self.model.lora_base_bf16() {
+            let span = self.model.layout.layer_span();
+            params[span].par_iter_mut().zip(bits).for_each(|(p, &b)| *p = half::bf16::from_bits(b).to_f32());
+        }
+        if let (Some(l), Some(layout)) = (&self.lora, self.model.lora()) {
+            layout.merge_into(self.model.par(), &self.model.layout, params, &l.adapters);
+        }
+    }
+
+    /// What identifies the frozen base of a LoRA run (`checkpoint::native::base_fingerprint`
+    /// of the weights the layers compute with: with a bf16 base, the rounded ones).
+    pub fn base_fingerprint(&self) -> String {
+        let span = self.model.layout.layer_span();
+        match self.model.lora_base_bf16() {
+            None => crate::checkpoint::native::base_fingerprint(self.params.len(), |i| self.params[i].to_bits()),
+            Some(bits) => crate::checkpoint::native::base_fingerprint(self.params.len(), |i| {
+                if span.contains(&i) {
+                    half::bf16::from_bits(bits[i - span.start]).to_f32().to_bits()
+                } else {
+                    self.params[i].to_bits()
+                }
+            }),
+        }
     }
 
     /// One optimizer update over `accum` micro-batches drawn from `data`.
@@ -648,6 +712,43 @@ fn add_into(acc: &mut [f32], g: &[f32]) {
             *a += *g;
         }
     });
+}
+
+/// The base of a LoRA run held in bf16: the f32 arena with only its non-layer tensors
+/// (embedding, final norm, classifier) written — its layer ranges stay zero pages that are
+/// never touched, so the OS backs them with no memory — and the layers as bf16 bits. From
+/// `base` when given (dropped here), else `init`'s values, generated one layer at a time so
+/// the whole f32 arena never exists.
+fn split_bf16_base(
+    layout: &crate::params::ParamLayout,
+    seed: u64,
+    base: Option<Vec<f32>>,
+) -> Result<(Vec<f32>, Vec<u16>)> {
+    let total = layout.total;
+    let span = layout.layer_span();
+    let mut params = crate::memory::try_vec_f32(total, "the base model's weights")?;
+    match base {
+        Some(base) => {
+            let bits = crate::model::bf16_layers(layout, &base)?;
+            params[..span.start].copy_from_slice(&base[..span.start]);
+            params[span.end..].copy_from_slice(&base[span.end..]);
+            Ok((params, bits))
+        }
+        None => {
+            layout.init_range(seed, 0..span.start, &mut params[..span.start]);
+            layout.init_range(seed, span.end..total, &mut params[span.end..]);
+            let mut bits = crate::memory::try_with_capacity::<u16>(span.len(), "the bf16 base")?;
+            let widest = (0..layout.n_layers()).map(|l| layout.layer_range(l).len()).max().unwrap_or(0);
+            let mut scratch = crate::memory::try_vec_f32(widest, "one layer's weights")?;
+            for l in 0..layout.n_layers() {
+                let range = layout.layer_range(l);
+                let layer = &mut scratch[..range.len()];
+                layout.init_range(seed, range, layer);
+                bits.extend(layer.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
+            }
+            Ok((params, bits))
+        }
+    }
 }
 
 /// Median of the values (sorts them); 0 for none.

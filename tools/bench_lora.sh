@@ -3,12 +3,17 @@
 # anetrain full fine-tuning and PyTorch + PEFT LoRA on the same model shape and batch,
 # ROUNDS times in turn, each run a fresh process. Prints one line per run; take medians.
 #
-#   tools/bench_lora.sh [ROUNDS=3] [MODEL=smollm2-135m] [B=4] [T=256] [RANK=16] [STEPS=3]
+#   tools/bench_lora.sh [ROUNDS=2] [MODEL=smollm2-135m] [B=4] [T=256] [RANK=16] [STEPS=3]
+#
+# Then, once, the memory of Qwen3-0.6B LoRA r=RANK at B=1, T=256 with the frozen base in f32
+# and in bf16 (--base-dtype bf16): peak RSS is what counts there (target <= 3 GB).
+# About 4-5 minutes on a quiet 2-core machine A.
 #
 # Needs a release build (cargo build --release) and a Python with torch, transformers and
-# peft (PYTHON, default /work/venv/bin/python). Random init (timing and memory only).
+# peft (PYTHON, default /work/venv/bin/python). Random init (timing and memory only: the
+# presets have the published shapes; weights do not change the cost).
 set -euo pipefail
-ROUNDS=${1:-3}; MODEL=${2:-smollm2-135m}; B=${3:-4}; T=${4:-256}; RANK=${5:-16}; STEPS=${6:-3}
+ROUNDS=${1:-2}; MODEL=${2:-smollm2-135m}; B=${3:-4}; T=${4:-256}; RANK=${5:-16}; STEPS=${6:-3}
 PYTHON=${PYTHON:-/work/venv/bin/python}
 BIN=${BIN:-target/release/anetrain}
 THREADS=${THREADS:-2}
@@ -34,3 +39,6 @@ for round in $(seq 1 "$ROUNDS"); do
     run_torch
     run_anetrain "anetrain-full"
 done
+echo "# memory: qwen3-0.6b LoRA r=$RANK, B=1, T=256, 1 update"
+MODEL=qwen3-0.6b B=1 T=256 STEPS=1 run_anetrain "qwen3-lora-f32-base" --lora-rank "$RANK"
+MODEL=qwen3-0.6b B=1 T=256 STEPS=1 run_anetrain "qwen3-lora-bf16-base" --lora-rank "$RANK" --base-dtype bf16

@@ -410,7 +410,7 @@ pub enum AneModeArg {
 /// `--dp-reduce`: how data-parallel ranks sum gradients.
 #[derive(Clone, Copy, ValueEnum)]
 enum DpReduce {
-    /// Fixed-order sum: bit-identical to one process with the same --accum.
+    /// Fixed-order sum: bit-identical to one process with the same --accum and --exact-accum.
     Exact,
     /// MPI_Allreduce: the library's summation order (not bit-exact).
     Allreduce,
@@ -554,10 +554,15 @@ struct TrainArgs {
     #[arg(long)]
     resume: Option<String>,
     /// Under mpirun (a build with `--features mpi`), how the ranks sum gradients: `exact`
-    /// (fixed order: bit-identical to one process with the same --accum) or `allreduce`
+    /// (fixed order: bit-identical to one process with the same --accum and --exact-accum) or `allreduce`
     /// (MPI_Allreduce: faster with several micro-batches per rank, not bit-exact).
     #[arg(long, value_enum)]
     dp_reduce: Option<DpReduce>,
+    /// With --accum > 1 in one process: sum the micro-batch gradients in the fixed order that
+    /// `mpirun` ranks with `--dp-reduce exact` use, so the weights are bit-identical to theirs
+    /// (one more gradient-sized buffer, a few % slower). Off: gradients accumulate in place.
+    #[arg(long)]
+    exact_accum: bool,
     /// Under mpirun: end a rank whose MPI call has waited this many seconds (a dead rank or
     /// network); longer than rank 0's slowest evaluation or checkpoint.
     #[arg(long, default_value_t = 600)]

@@ -19,11 +19,12 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A few updates of the tiny model on synthetic data at a constant learning rate (so a run
-/// cut in two follows the same schedule), one thread per process.
+/// cut in two follows the same schedule), one thread per process. `--exact-accum` makes a
+/// single process sum its micro-batches in the ranks' order (ranks ignore it).
 fn train_args(steps: usize, accum: usize, ckpt: &Path) -> Vec<String> {
     let args = format!(
         "train --model stories260k --data synthetic --steps {steps} --batch 2 --seq 32 --accum {accum} \
-         --lr 1e-3 --min-lr 1e-3 --warmup 0 --threads 1 --no-peak --eval-every 0 --print-every 1000 --ckpt-dir {}",
+         --lr 1e-3 --min-lr 1e-3 --warmup 0 --threads 1 --no-peak --exact-accum --eval-every 0 --print-every 1000 --ckpt-dir {}",
         ckpt.display()
     );
     args.split_whitespace().map(String::from).collect()

@@ -144,6 +144,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         eval_tokens: args.eval_tokens,
         seed: args.seed,
         base_bf16: args.base_dtype == crate::BaseDtype::Bf16,
+        exact_accum: args.exact_accum,
         lora: match args.lora_rank {
             None => None,
             Some(rank) => Some(anetrain::lora::LoraConfig {
@@ -158,9 +159,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     opts.validate(&cfg)?;
     // Gradient buffers beyond weights, gradients and optimizer state: one process with
-    // --accum > 1 keeps one micro-batch's gradient apart; a rank keeps the exchange's buckets
+    // --accum > 1 --exact-accum keeps one micro-batch's gradient apart; a rank keeps the exchange's buckets
     // and accumulator.
-    let extra = if job.is_some() { 2 } else { usize::from(args.accum > 1) };
+    let extra = if job.is_some() { 2 } else { usize::from(args.accum > 1 && args.exact_accum) };
     let local_ranks = if job.is_some() { dist::ranks_on_this_machine() } else { 1 };
     check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref(), opts.base_bf16, local_ranks)?;
     if job.is_some() && opts.lora.is_some() {

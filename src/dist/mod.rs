@@ -18,7 +18,7 @@
 //! (all-to-all), which adds the N pieces to its accumulator in rank order — which is
 //! micro-batch order — and after the last round the shards are gathered to every rank
 //! (all-gather). Same additions in the same order: bit-identical weights to one process with
-//! the same `--accum`, for any N (tested under `mpirun`). `--dp-reduce allreduce` instead
+//! the same `--accum` run with `--exact-accum`, for any N (tested under `mpirun`). `--dp-reduce allreduce` instead
 //! sums each rank's micro-batches locally and hands the buckets to `MPI_Allreduce`, whose
 //! summation order is the library's: faster when a rank has several micro-batches per
 //! update, close to but not bit-identical with one process.
@@ -45,7 +45,7 @@ use std::ops::Range;
 /// How the ranks sum their gradients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceMode {
-    /// Fixed-order sum: bit-identical to one process with the same --accum.
+    /// Fixed-order sum: bit-identical to one process with the same --accum and --exact-accum.
     Exact,
     /// MPI_Allreduce: the library's summation order (not bit-exact).
     Allreduce,

@@ -253,6 +253,7 @@ fn fuzz_checkpoint() {
         seed: 1,
         lora: None,
         base_bf16: false,
+        exact_accum: false,
     };
     let par = Par::seq();
     let mut trainer = Trainer::new(&cfg, opts, par, Box::new(CpuBackend::new(&cfg, 1, 8, par))).unwrap();

@@ -220,6 +220,7 @@ fn options(steps: usize, b: usize, t: usize, lr: f64, seed: u64) -> TrainOptions
         seed,
         lora: None,
         base_bf16: false,
+        exact_accum: false,
     }
 }
 

@@ -39,6 +39,7 @@ fn opts() -> TrainOptions {
         seed: 42,
         lora: None,
         base_bf16: false,
+        exact_accum: true,
     }
 }
 

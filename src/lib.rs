@@ -9,6 +9,7 @@ pub mod backends;
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
+pub mod compact;
 pub mod config;
 pub mod corpus;
 pub mod data;

@@ -496,6 +496,11 @@ struct TrainArgs {
     /// --recompile-every updates, stale in between; the original's large-model pipeline).
     #[arg(long, value_enum, default_value = "dynamic")]
     ane_mode: AneModeArg,
+    /// Run the classifier and the loss over only the token ids that occur in the training
+    /// (and validation) data: softmax over that subset; other rows of the embedding and
+    /// classifier stay untouched. Checkpoints keep the full vocabulary.
+    #[arg(long)]
+    compact_vocab: bool,
     /// Static mode: updates between recompiles of the baked weights.
     #[arg(long, default_value_t = 10)]
     recompile_every: usize,

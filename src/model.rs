@@ -239,6 +239,8 @@ pub struct Model {
     grad_ready: Option<GradReady>,
     /// Present when training LoRA adapters (`set_lora`).
     lora: Option<LoraRun>,
+    /// `--compact-vocab`: classifier and loss over a subset of the vocabulary.
+    compact: Option<crate::compact::CompactVocab>,
     pub times: PhaseTimes,
 }
 
@@ -314,6 +316,7 @@ impl Model {
             dw: None,
             grad_ready: None,
             lora: None,
+            compact: None,
             times: PhaseTimes::default(),
         };
         model.set_dw_overlap(overlap)?;
@@ -362,6 +365,22 @@ impl Model {
     /// Declares that the parameters passed to `forward`/`forward_backward` stay unchanged
     /// while `version` does (`None`: no promise, the default). Backends that stage weights
     /// (the MIL backends) then keep each layer's weights staged across micro-batches.
+    /// Runs the classifier and the loss over the vocabulary subset `ids` (ascending full
+    /// ids; see `crate::compact`), or over the whole vocabulary with `None`.
+    pub fn set_compact_vocab(&mut self, ids: Option<Vec<u32>>) -> Result<()> {
+        ensure!(ids.is_none() || self.lora.is_none(), "--compact-vocab does not combine with LoRA training");
+        self.compact = match ids {
+            Some(ids) => Some(crate::compact::CompactVocab::new(ids, self.cfg.vocab_size, self.cfg.dim, self.n())?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// The vocabulary subset in use, if any.
+    pub fn compact_vocab(&self) -> Option<&crate::compact::CompactVocab> {
+        self.compact.as_ref()
+    }
+
     /// See `Backend::begin_update`.
     pub fn begin_update(&mut self, update: usize) {
         self.backend.begin_update(update);
@@ -444,7 +463,15 @@ impl Model {
         );
         let start = Instant::now();
         let kernel_ms = self.forward_to_logits(params, adapters, tokens)?;
-        cross_entropy_forward(&mut self.losses, &self.logits, targets, self.cfg.vocab_size);
+        let n = self.n();
+        let (v, targets) = match self.compact.as_mut() {
+            Some(cv) => {
+                cv.remap(targets)?;
+                (cv.len(), cv.targets.as_slice())
+            }
+            None => (self.cfg.vocab_size, targets),
+        };
+        cross_entropy_forward(&mut self.losses, &self.logits[..n * v], targets, v);
         let (sum, count) = loss_sum(&self.losses, targets);
         self.times = PhaseTimes { forward_ms: ms_since(start), kernel_ms, ..PhaseTimes::default() };
         Ok(LossSum { sum, count })
@@ -478,13 +505,19 @@ impl Model {
         }
         let final_norm = layout.view(params, layout.final_norm);
         rmsnorm_forward(&mut self.xf, &mut self.rstd_final, &self.x_final, final_norm, n, c, eps);
-        let e = layout.view(params, layout.classifier());
+        let mut e = layout.view(params, layout.classifier());
+        let mut v = v;
+        if let Some(cv) = self.compact.as_mut() {
+            cv.gather(e, c);
+            (e, v) = (&cv.e, cv.len());
+        }
+        let logits = &mut self.logits[..n * v];
         let mut classifier_ms = 0.0;
-        let on_backend = timed(&mut classifier_ms, || self.backend.classifier_forward(&mut self.logits, &self.xf, e))?;
+        let on_backend = timed(&mut classifier_ms, || self.backend.classifier_forward(logits, &self.xf, e))?;
         if on_backend {
             kernel_ms += classifier_ms;
         } else {
-            matmul_forward(par, &mut self.logits, &self.xf, e, n, c, v);
+            matmul_forward(par, logits, &self.xf, e, n, c, v);
         }
         Ok(kernel_ms)
     }
@@ -506,19 +539,38 @@ impl Model {
         let start = Instant::now();
         ensure!(self.lora.is_none(), "this model trains LoRA adapters: call forward_backward_lora");
         let kernel_fwd_ms = self.forward_to_logits(params, None, tokens)?;
-        let (par, n, c, v) = (self.par, self.n(), self.cfg.dim, self.cfg.vocab_size);
+        let (par, n, c) = (self.par, self.n(), self.cfg.dim);
+        let (v, targets) = match self.compact.as_mut() {
+            Some(cv) => {
+                cv.remap(targets)?;
+                (cv.len(), cv.targets.as_slice())
+            }
+            None => (self.cfg.vocab_size, targets),
+        };
         let count = targets.iter().filter(|&&t| t != crate::ops::cross_entropy::IGNORE).count();
         let dscale = loss_scale / (count.max(1) * accum.max(1)) as f32;
-        cross_entropy_fused(&mut self.losses, &mut self.logits, targets, v, dscale);
+        cross_entropy_fused(&mut self.losses, &mut self.logits[..n * v], targets, v, dscale);
         let (sum, count) = loss_sum(&self.losses, targets);
         let mid = Instant::now();
         let forward_ms = (mid - start).as_secs_f64() * 1e3;
 
         let layout = &self.layout;
-        let dlogits = &self.logits;
-        // Classifier: dxf = dlogits · E, dE += dlogitsᵀ · xf.
-        matmul_backward_dx(par, &mut self.dxn, dlogits, layout.view(params, layout.classifier()), n, c, v, false);
-        matmul_backward_dw(par, layout.view_mut(grads, layout.classifier()), dlogits, &self.xf, n, c, v);
+        let dlogits = &self.logits[..n * v];
+        // Classifier: dxf = dlogits · E, dE += dlogitsᵀ · xf (over the subset's rows with
+        // --compact-vocab, then added into the full gradient's rows).
+        match self.compact.as_mut() {
+            Some(cv) => {
+                matmul_backward_dx(par, &mut self.dxn, dlogits, &cv.e, n, c, v, false);
+                cv.de.fill(0.0);
+                matmul_backward_dw(par, &mut cv.de, dlogits, &self.xf, n, c, v);
+                cv.scatter_add(layout.view_mut(grads, layout.classifier()), c);
+            }
+            None => {
+                let e = layout.view(params, layout.classifier());
+                matmul_backward_dx(par, &mut self.dxn, dlogits, e, n, c, v, false);
+                matmul_backward_dw(par, layout.view_mut(grads, layout.classifier()), dlogits, &self.xf, n, c, v);
+            }
+        }
         let (final_norm, d_final_norm) = (layout.view(params, layout.final_norm), layout.final_norm);
         rmsnorm_backward(
             &mut self.dx,

@@ -421,6 +421,17 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
         }
         drop(checkpoint);
+        if args.compact_vocab {
+            let mut sources = vec![&data];
+            sources.extend(trainer.val_data.as_ref());
+            let ids = anetrain::compact::occurring_ids(cfg.vocab_size, &sources)?;
+            println!(
+                "compact vocabulary: {} of {} ids occur in the data; classifier and loss run over those",
+                ids.len(),
+                cfg.vocab_size
+            );
+            trainer.set_compact_vocab(ids)?;
+        }
         header.start_step = trainer.start_step;
         telemetry.record(Record::Header(Box::new(header)))?;
         // Drawn on stderr only when it is a terminal; the periodic lines below go to stdout

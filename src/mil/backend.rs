@@ -399,7 +399,8 @@ impl MilBackend {
         let (c, t) = (self.c, self.exec.t);
         let v = e.len() / c;
         let chunk = self.exec.set.classifier_chunks;
-        for j in 0..chunk.count {
+        // A compacted vocabulary (`--compact-vocab`) uses only the first chunks.
+        for j in 0..chunk.count.min(v.div_ceil(chunk.rows)) {
             let first = j * chunk.rows;
             let rows = chunk.rows.min(v - first);
             let e_chunk = &e[first * c..(first + rows) * c];

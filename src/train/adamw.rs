@@ -48,6 +48,16 @@ impl AdamW {
         Ok(AdamW { cfg, step: 0, m, v, segments })
     }
 
+    /// Restricts the update of `tensor` (an arena range of `[rows, c]`) to the given row
+    /// runs: the other rows are skipped entirely (no decay, moments untouched). Used by
+    /// `--compact-vocab` for the embedding and classifier rows of ids the data never holds.
+    pub fn keep_rows(&mut self, tensor: std::ops::Range<usize>, c: usize, runs: &[std::ops::Range<usize>]) {
+        let Some(at) = self.segments.iter().position(|(r, _)| *r == tensor) else { return };
+        let (_, decays) = self.segments.remove(at);
+        let parts = runs.iter().map(|r| (tensor.start + r.start * c..tensor.start + r.end * c, decays));
+        self.segments.splice(at..at, parts);
+    }
+
     /// One update with learning rate `lr`; `grad_mult` multiplies every gradient first (it
     /// folds loss-scale removal and clipping into the same pass).
     pub fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f64, grad_mult: f32) {

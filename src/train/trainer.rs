@@ -664,6 +664,21 @@ impl Trainer {
 }
 
 impl Trainer {
+    /// `--compact-vocab`: classifier and loss over `ids` (see `crate::compact`); the
+    /// embedding and classifier rows of other ids are left out of the optimizer.
+    pub fn set_compact_vocab(&mut self, ids: Vec<u32>) -> Result<()> {
+        self.model.set_compact_vocab(Some(ids))?;
+        let runs = self.model.compact_vocab().expect("just set").row_runs();
+        let layout = &self.model.layout;
+        let c = self.model.cfg.dim;
+        let mut tensors = vec![layout.embed, layout.classifier()];
+        tensors.dedup();
+        for t in tensors {
+            self.opt.keep_rows(layout.tensors[t].range(), c, &runs);
+        }
+        Ok(())
+    }
+
     /// Whether update `step` must run in a new process: its compiles would pass the budget.
     /// Fails when even a fresh process could not run it (its first update does not fit).
     fn restart_due(&self, step: usize) -> Result<bool> {

@@ -3,7 +3,6 @@
 //! (every kernel simulated bit-identical to its `ios18` twin), the type checker over every
 //! program the crate emits, and the `ane bench` / `mil emit --mil-dialect` commands.
 
-use anetrain::config::ModelConfig;
 use anetrain::mil::KernelProgram;
 use anetrain::mil::KernelRunner;
 use anetrain::mil::benchprog::{
@@ -18,26 +17,9 @@ use anetrain::rng::Rng;
 use half::f16;
 use std::process::{Command, Output};
 
-fn tiny(name: &str) -> ModelConfig {
-    let base = ModelConfig::preset("stories260k").unwrap();
-    match name {
-        "mha" => ModelConfig { dim: 32, ffn_dim: 48, n_layers: 2, n_heads: 4, n_kv_heads: 4, head_dim: 8, ..base },
-        "gqa-qknorm" => ModelConfig {
-            dim: 24,
-            ffn_dim: 40,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 10,
-            rope_theta: 1e6,
-            norm_eps: 1e-6,
-            qk_norm: true,
-            tied_embeddings: false,
-            ..base
-        },
-        _ => unreachable!(),
-    }
-}
+#[path = "common/tiny_models.rs"]
+mod tiny_models;
+use tiny_models::tiny;
 
 fn kernel_programs() -> Vec<KernelProgram> {
     let mut all = Vec::new();

@@ -10,27 +10,9 @@ use anetrain::mil::parse::parse;
 use anetrain::mil::sim::SimRunner;
 use anetrain::ops::Par;
 
-fn tiny(name: &str) -> ModelConfig {
-    let base = ModelConfig::preset("stories260k").unwrap();
-    match name {
-        "mha" => ModelConfig { dim: 32, ffn_dim: 48, n_layers: 2, n_heads: 4, n_kv_heads: 4, head_dim: 8, ..base },
-        // GQA 4/2, QK-norm, head_dim 10 ≠ 24 / 4, Qwen3's θ and eps.
-        "gqa-qknorm" => ModelConfig {
-            dim: 24,
-            ffn_dim: 40,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 10,
-            rope_theta: 1e6,
-            norm_eps: 1e-6,
-            qk_norm: true,
-            tied_embeddings: false,
-            ..base
-        },
-        _ => unreachable!(),
-    }
-}
+#[path = "common/tiny_models.rs"]
+mod tiny_models;
+use tiny_models::tiny;
 
 fn kernels_match_cpu(name: &str, layout: InputLayout) {
     let cfg = tiny(name);

@@ -4,7 +4,6 @@
 //! bit; and training through the simulator against `cpu`, as for dynamic mode.
 
 use anetrain::backend::{Backend, LayerActs};
-use anetrain::config::ModelConfig;
 use anetrain::mil::backend::MilBackend;
 use anetrain::mil::check::compare_with_cpu;
 use anetrain::mil::emit::InputLayout;
@@ -13,22 +12,9 @@ use anetrain::ops::Par;
 use anetrain::params::ParamLayout;
 use std::process::Command;
 
-/// GQA 4/2, QK-norm, head_dim 10 ≠ 24 / 4 (every baked piece kind: WeightT, Weight, Column).
-fn tiny() -> ModelConfig {
-    ModelConfig {
-        dim: 24,
-        ffn_dim: 40,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 10,
-        rope_theta: 1e6,
-        norm_eps: 1e-6,
-        qk_norm: true,
-        tied_embeddings: false,
-        ..ModelConfig::preset("stories260k").unwrap()
-    }
-}
+#[path = "common/tiny_models.rs"]
+mod tiny_models;
+use tiny_models::tiny;
 
 fn sim() -> Box<SimRunner> {
     Box::new(SimRunner::new(Par::seq()))
@@ -36,7 +22,7 @@ fn sim() -> Box<SimRunner> {
 
 #[test]
 fn every_baked_kernel_matches_the_cpu_backend() {
-    let cfg = tiny();
+    let cfg = tiny("gqa-qknorm");
     let (b, t) = (2, 20);
     let mut backend = MilBackend::new_static(&cfg, b, t, 3, sim()).unwrap();
     let rows = compare_with_cpu(&cfg, b, t, &mut backend, 7).unwrap();
@@ -53,7 +39,7 @@ fn every_baked_kernel_matches_the_cpu_backend() {
 /// on P0, update 2 bakes P1.
 #[test]
 fn kernels_use_the_weights_of_the_last_bake() {
-    let cfg = tiny();
+    let cfg = tiny("gqa-qknorm");
     let (b, t) = (2, 20);
     let layout = ParamLayout::new(&cfg);
     let p0 = layout.init(9);

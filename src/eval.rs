@@ -18,6 +18,21 @@ pub struct EvalResult {
     pub tokens_per_s: f64,
 }
 
+impl EvalResult {
+    /// From the summed loss of `count` scored tokens in `windows` windows, timed `seconds`.
+    fn new(windows: usize, sum: f64, count: usize, seconds: f64) -> Self {
+        let loss = sum / count as f64;
+        EvalResult {
+            windows,
+            tokens: count,
+            loss,
+            perplexity: loss.exp(),
+            seconds,
+            tokens_per_s: count as f64 / seconds,
+        }
+    }
+}
+
 /// Mean cross-entropy over consecutive, non-overlapping windows of the token file: window i
 /// reads tokens `[i·T, i·T + T]` and predicts the last T of them. The windows, and so the
 /// result, are the same on every run; `max_windows` caps how many are used (0 = all).
@@ -43,16 +58,7 @@ pub fn evaluate(
     let mut model = Model::cpu(cfg, batch, t, par)?;
     let (mut tokens, mut targets) = (vec![0u32; batch * t], vec![0u32; batch * t]);
     let (sum, count) = windows_loss(&mut model, params, None, data, windows, &mut tokens, &mut targets)?;
-    let seconds = start.elapsed().as_secs_f64();
-    let loss = sum / count as f64;
-    Ok(EvalResult {
-        windows,
-        tokens: count,
-        loss,
-        perplexity: loss.exp(),
-        seconds,
-        tokens_per_s: count as f64 / seconds,
-    })
+    Ok(EvalResult::new(windows, sum, count, start.elapsed().as_secs_f64()))
 }
 
 /// Summed loss and counted targets over the first `windows` consecutive windows of `data`,
@@ -141,16 +147,7 @@ pub fn evaluate_quant(
         }
     }
     ensure!(count > 0, "no scored tokens in {} windows of {}", windows, data.source);
-    let seconds = start.elapsed().as_secs_f64();
-    let loss = sum / count as f64;
-    Ok(EvalResult {
-        windows,
-        tokens: count,
-        loss,
-        perplexity: loss.exp(),
-        seconds,
-        tokens_per_s: count as f64 / seconds,
-    })
+    Ok(EvalResult::new(windows, sum, count, start.elapsed().as_secs_f64()))
 }
 
 /// Greedy continuation of `prompt` by `n_new` tokens, recomputing the whole sequence for each

@@ -9,7 +9,7 @@ use anetrain::config::ModelConfig;
 use anetrain::ops::Par;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cli::choices::{AneBenchArg, BackendArg, DialectArg, GemmArg, LayoutArg, Llama2cFormatArg};
+use cli::choices::{AneBenchArg, BackendArg, DialectArg, DialectChoice, GemmArg, LayoutArg, Llama2cFormatArg};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -496,6 +496,15 @@ struct TrainArgs {
     /// --recompile-every updates, stale in between; the original's large-model pipeline).
     #[arg(long, value_enum, default_value = "dynamic")]
     ane_mode: AneModeArg,
+    /// MIL text dialect of the programs the MIL backends compile: `auto` (on `ane` by the
+    /// chip: ios16 on M1/M2, ios18 later; on `mil-sim` ios18), `ios18` or `ios16`. Only the
+    /// spelling differs: the numbers are the same.
+    #[arg(long, value_enum, default_value = "auto")]
+    mil_dialect: DialectChoice,
+    /// Write every MIL program the run compiles, as compiled (dialect included), under this
+    /// directory (`NNNN-<kernel>/model.mil` and weights; numbering continues across resumes).
+    #[arg(long)]
+    mil_dump: Option<PathBuf>,
     /// Run the classifier and the loss over only the token ids that occur in the training
     /// (and validation) data: softmax over that subset; other rows of the embedding and
     /// classifier stay untouched. Checkpoints keep the full vocabulary.
@@ -646,10 +655,10 @@ enum AneCommand {
         seq: usize,
         #[arg(long, value_enum, default_value = "packed")]
         layout: LayoutArg,
-        /// MIL dialect; by default chosen from the chip's reported aneSubType (M1/M2: ios16,
+        /// MIL dialect; `auto` chooses from the chip's reported aneSubType (M1/M2: ios16,
         /// later: ios18; table in src/ane/chips.rs).
-        #[arg(long, value_enum)]
-        mil_dialect: Option<DialectArg>,
+        #[arg(long, value_enum, default_value = "auto")]
+        mil_dialect: DialectChoice,
     },
     /// The benchmark programs: on a Mac, ms per evaluation, weight MB, TFLOP/s and share of
     /// the chip's rated peak; anywhere, `--emit DIR` writes them and checks each in mil-sim.
@@ -717,6 +726,9 @@ enum BenchCommand {
         backend: BackendArg,
         #[arg(long, value_enum, default_value = "packed")]
         mil_layout: LayoutArg,
+        /// MIL dialect on the MIL backends (`auto`: by the chip on `ane`, ios18 on `mil-sim`).
+        #[arg(long, value_enum, default_value = "auto")]
+        mil_dialect: DialectChoice,
     },
 }
 
@@ -770,9 +782,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Gemm { shape, which, budget, threads }) => {
             bench_gemm(&shape.model, shape.batch * shape.seq, which.map(Into::into), budget, threads)
         }
-        Command::Bench(BenchCommand::Step { shape, accum, min_micro, json, dw_overlap, backend, mil_layout, rt }) => {
-            let (backend, mil_layout) = (backend.into(), mil_layout.into());
-            let step = StepArgs { accum, min_micro, json, dw_overlap: dw_overlap.forced(), backend, mil_layout };
+        Command::Bench(BenchCommand::Step {
+            shape,
+            accum,
+            min_micro,
+            json,
+            dw_overlap,
+            backend,
+            mil_layout,
+            mil_dialect,
+            rt,
+        }) => {
+            let (backend, mil_layout, mil_dialect) = (backend.into(), mil_layout.into(), mil_dialect.dialect());
+            let dw_overlap = dw_overlap.forced();
+            let step = StepArgs { accum, min_micro, json, dw_overlap, backend, mil_layout, mil_dialect };
             bench_step(&shape.model, shape.batch, shape.seq, step, rt)
         }
         Command::Mil(MilCommand::Check { files }) => {
@@ -798,7 +821,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Ane(AneCommand::Probe { model, seq, layout, mil_dialect }) => {
-            anetrain::ane::probe::run(model.as_deref(), seq, layout.into(), mil_dialect.map(Into::into))
+            anetrain::ane::probe::run(model.as_deref(), seq, layout.into(), mil_dialect.dialect())
         }
         Command::Ane(AneCommand::Bench { kind, json, emit, warmup, iters, ch, sp, depth }) => {
             ane_bench(kind, json, emit, warmup, iters, ch, sp, depth)

@@ -88,6 +88,29 @@ impl From<DialectArg> for Dialect {
     }
 }
 
+/// `--mil-dialect` of the commands that run MIL programs (`train`, `bench step`, `ane probe`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DialectChoice {
+    /// On `--backend ane` the dialect the chip takes (by its reported aneSubType: M1/M2
+    /// ios16, later ios18); on `mil-sim` ios18.
+    Auto,
+    /// `program(1.3)` (M3 and later).
+    Ios18,
+    /// `program(1.0)`, the older-chip syntax for M1/M2.
+    Ios16,
+}
+
+impl DialectChoice {
+    /// The explicit dialect, or None for `auto`.
+    pub fn dialect(self) -> Option<Dialect> {
+        match self {
+            DialectChoice::Auto => None,
+            DialectChoice::Ios18 => Some(Dialect::Ios18),
+            DialectChoice::Ios16 => Some(Dialect::Ios16),
+        }
+    }
+}
+
 /// `ane bench <KIND>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AneBenchArg {

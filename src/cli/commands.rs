@@ -122,16 +122,26 @@ pub struct StepArgs {
     pub dw_overlap: Option<bool>,
     pub backend: BackendKind,
     pub mil_layout: InputLayout,
+    /// `--mil-dialect` (None: auto)
+    pub mil_dialect: Option<anetrain::mil::dialect::Dialect>,
 }
 
 pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Runtime) -> Result<()> {
-    let StepArgs { accum, min_micro, json, dw_overlap, backend, mil_layout } = step;
+    let StepArgs { accum, min_micro, json, dw_overlap, backend, mil_layout, mil_dialect } = step;
     let cfg = ModelConfig::resolve(model)?;
     let (par, pool) = rt.setup()?;
     let opts = TrainOptions { accum, min_lr: 3e-5, ..TrainOptions::new(1_000_000, batch, seq) };
     opts.validate(&cfg)?;
     crate::cli::train::check_memory(&cfg, batch, seq, usize::from(accum > 1), None, false, 1)?;
-    let backend = anetrain::backends::build(backend, &cfg, batch, seq, par, mil_layout)?;
+    let mil_opts = anetrain::backends::MilOptions {
+        layout: mil_layout,
+        dialect: mil_dialect,
+        ..anetrain::backends::MilOptions::default()
+    };
+    let (backend, dialect_note) = anetrain::backends::build_mil(backend, &cfg, batch, seq, par, &mil_opts)?;
+    if let (Some(note), false) = (dialect_note, json) {
+        println!("{note}");
+    }
     let r = pool.install(|| bench::bench_step(&cfg, opts, par, min_micro.max(1), dw_overlap, backend))?;
     let peak = pool.install(|| bench::gemm_peak_gflops(par, 0.5));
     if json {

@@ -290,16 +290,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
         Some(path) => Telemetry::to_file(path)?,
         None => Telemetry::none(),
     };
-    let backend: Box<dyn Backend> = anetrain::backends::build_with(
-        args.backend.into(),
-        &cfg,
-        args.batch,
-        args.seq,
-        par,
-        args.mil_layout.into(),
-        ane_mode,
+    let mil_opts = anetrain::backends::MilOptions {
+        layout: args.mil_layout.into(),
+        mode: ane_mode,
         compile_budget,
-    )?;
+        dialect: args.mil_dialect.dialect(),
+        dump: args.mil_dump.clone(),
+    };
+    let (backend, dialect_note): (Box<dyn Backend>, _) =
+        anetrain::backends::build_mil(args.backend.into(), &cfg, args.batch, args.seq, par, &mil_opts)?;
     let dw_overlap = args.dw_overlap.forced().unwrap_or(backend.overlaps_dw());
     println!(
         "anetrain: {} ({} params) on {} | backend {} | {} threads | gemm {:?} | dW overlap {}",
@@ -311,6 +310,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
         par.gemm,
         if dw_overlap { "on" } else { "off" }
     );
+    if let Some(note) = dialect_note {
+        println!("{note}");
+    }
     println!(
         "B={} T={} accum={} -> {} tokens/update, {} updates, lr {:.1e} -> {:.1e}, warmup {}",
         args.batch,

@@ -80,6 +80,7 @@ pub mod benchprog;
 pub mod blob;
 pub mod check;
 pub mod dialect;
+pub mod dump;
 pub mod emit;
 pub mod export;
 mod graph;

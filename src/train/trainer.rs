@@ -403,6 +403,31 @@ impl Trainer {
     /// the data order does not depend on their number), compute micro-batches rank, rank + N,
     /// …, and the exchange adds them in the same order (`crate::dist`).
     pub fn step(&mut self, data: &TokenData, step: usize) -> Result<StepEvent> {
+        self.step_from(Some(data), &[], step)
+    }
+
+    /// One optimizer update, as `step`, on the caller's tokens instead of sampled windows:
+    /// `rows` `[accum·B, T + 1]` holds one row per sequence of the update, micro-batch after
+    /// micro-batch; a row's first T tokens are the inputs and its last T the targets.
+    pub fn step_on_rows(&mut self, rows: &[u32], step: usize) -> Result<StepEvent> {
+        let (b, t, accum) = (self.opts.batch, self.opts.seq, self.opts.accum);
+        let want = accum * b * (t + 1);
+        ensure!(
+            rows.len() == want,
+            "an update takes {want} tokens ({} rows of --seq {t} + 1, the last T of each being the targets), not {}",
+            accum * b,
+            rows.len()
+        );
+        let v = self.model.cfg.vocab_size;
+        if let Some(i) = rows.iter().position(|&x| x as usize >= v) {
+            anyhow::bail!("token {i} of the update is id {}, outside the model's vocabulary ({v})", rows[i]);
+        }
+        self.step_from(None, rows, step)
+    }
+
+    /// `step` with micro-batches drawn from `data`, or with `data` None taken in order from
+    /// `rows` (see `step_on_rows`).
+    fn step_from(&mut self, data: Option<&TokenData>, rows: &[u32], step: usize) -> Result<StepEvent> {
         let start = Instant::now();
         self.model.begin_update(step);
         let accum = self.opts.accum;
@@ -414,7 +439,21 @@ impl Trainer {
         let exact_ranks = self.dist.as_ref().is_some_and(|d| d.mode() == crate::dist::ReduceMode::Exact);
         self.micro_losses.clear();
         for k in 0..accum {
-            self.sampler.next_batch(data, &mut self.tokens, &mut self.targets)?;
+            match data {
+                Some(data) => self.sampler.next_batch(data, &mut self.tokens, &mut self.targets)?,
+                None => {
+                    let t = self.opts.seq;
+                    let micro = &rows[k * self.opts.batch * (t + 1)..(k + 1) * self.opts.batch * (t + 1)];
+                    for ((row, toks), tgts) in micro
+                        .chunks_exact(t + 1)
+                        .zip(self.tokens.chunks_exact_mut(t))
+                        .zip(self.targets.chunks_exact_mut(t))
+                    {
+                        toks.copy_from_slice(&row[..t]);
+                        tgts.copy_from_slice(&row[1..]);
+                    }
+                }
+            }
             if k % world != rank {
                 continue;
             }

@@ -253,6 +253,43 @@ fn overfits_one_fixed_batch() {
     assert!(last < 0.05, "loss after 300 updates on one batch: {last}");
 }
 
+/// `step_on_rows` (the C ABI's update) on the windows `step` samples — replayed by a sampler
+/// with the trainer's seed — makes bit-identical updates, micro-batches included, and
+/// refuses rows of the wrong length or with ids outside the vocabulary.
+#[test]
+fn step_on_rows_equals_step_on_the_same_windows() {
+    let cfg = ModelConfig { vocab_size: 64, n_layers: 2, ..tiny("gqa-qknorm-untied") };
+    let (b, t) = (2, 8);
+    let data = synthetic(&cfg, 5);
+    let opts = TrainOptions { accum: 2, ..options(3, b, t, 1e-3, 7) };
+    pool(1).install(|| {
+        let mut sampled = cpu_trainer(&cfg, opts.clone(), 1);
+        let mut given = cpu_trainer(&cfg, opts.clone(), 1);
+        let mut replay = anetrain::data::Sampler::new(opts.seed, b, t);
+        for step in 0..3 {
+            let a = sampled.step(&data, step).unwrap();
+            let mut rows = Vec::new();
+            for _ in 0..opts.accum {
+                let (mut toks, mut tgts) = (vec![0; b * t], vec![0; b * t]);
+                replay.next_batch(&data, &mut toks, &mut tgts).unwrap();
+                for r in 0..b {
+                    rows.extend_from_slice(&toks[r * t..(r + 1) * t]);
+                    rows.push(tgts[(r + 1) * t - 1]);
+                }
+            }
+            let g = given.step_on_rows(&rows, step).unwrap();
+            assert_eq!(a.loss.to_bits(), g.loss.to_bits(), "update {step}");
+        }
+        assert!(sampled.params == given.params, "the weights differ after 3 updates");
+        let e = given.step_on_rows(&[1, 2, 3], 3).unwrap_err().to_string();
+        assert!(e.contains("an update takes 36 tokens"), "{e}");
+        let mut rows = vec![1u32; 36];
+        rows[5] = 64;
+        let e = given.step_on_rows(&rows, 3).unwrap_err().to_string();
+        assert!(e.contains("outside the model's vocabulary"), "{e}");
+    });
+}
+
 #[test]
 fn same_seed_gives_bit_identical_runs_on_one_or_two_threads() {
     let cfg = tiny("gqa-qknorm-untied");

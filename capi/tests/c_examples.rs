@@ -152,3 +152,28 @@ fn bad_input_gets_the_documented_status_and_a_message() {
     let cases = src.matches("    expect(\"").count() - usize::from(cfg!(target_os = "macos")) + 1;
     assert_eq!(out.lines().filter(|l| l.starts_with("ok  ")).count(), cases, "{out}");
 }
+
+/// The README's C snippet compiles and links against the library as written.
+#[test]
+fn readme_snippet_compiles() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("## C and Python").expect("README has a \"C and Python\" section");
+    let block = &readme[start..];
+    let code = block.split("```c\n").nth(1).and_then(|b| b.split("```").next()).expect("a ```c block");
+    let dir = scratch("c-readme");
+    std::fs::write(dir.join("readme.c"), code).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let o = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(dir.join("readme.c"))
+        .arg("-o")
+        .arg(dir.join("readme"))
+        .arg("-L")
+        .arg(lib_dir())
+        .arg("-lanetrain_capi")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the README's C snippet does not compile:\n{}", String::from_utf8_lossy(&o.stderr));
+}

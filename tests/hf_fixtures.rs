@@ -8,14 +8,12 @@
 //! largest logit, loss 1.1e-7, gradients 9.9e-7 of each tensor's largest entry, AdamW losses
 //! 8.6e-7): float summation order differs from PyTorch's, nothing else may.
 
-use anetrain::checkpoint::hf;
 use anetrain::checkpoint::safetensors::SafeTensors;
 use anetrain::model::Model;
 use anetrain::ops::cross_entropy::IGNORE;
 use anetrain::ops::{GemmImpl, Par};
 use anetrain::train::adamw::{AdamW, AdamWConfig, clip_multiplier, partials_len, sum_squares};
 use serde_json::Value;
-use std::path::PathBuf;
 
 const FIXTURES: &[&str] = &[
     "llama-gqa-tied",
@@ -27,6 +25,10 @@ const FIXTURES: &[&str] = &[
     "tinyllama-tiny",
 ];
 
+#[path = "common/hf_fixture.rs"]
+mod hf_fixture;
+use hf_fixture::{HfFixture, max_abs, max_err, pool};
+
 struct Fixture {
     model: Model,
     params: Vec<f32>,
@@ -37,30 +39,10 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-    let (cfg, params) = hf::load(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    let tensors = SafeTensors::open(&dir.join("fixture.safetensors")).unwrap();
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
-    let (b, t) = (meta["batch"].as_u64().unwrap() as usize, meta["seq"].as_u64().unwrap() as usize);
-    let tokens: Vec<u32> = tensors.read_i64("tokens").unwrap().iter().map(|&x| x as u32).collect();
-    let targets: Vec<u32> =
-        tensors.read_i64("targets").unwrap().iter().map(|&x| if x == -100 { IGNORE } else { x as u32 }).collect();
-    assert_eq!(tokens.len(), b * t);
+    let HfFixture { cfg, params, batch, seq, tokens, targets, tensors, meta } = hf_fixture::load(name);
     let par = Par { threads: 2, gemm: GemmImpl::Gemm };
-    let model = Model::cpu(&cfg, b, t, par).unwrap();
+    let model = Model::cpu(&cfg, batch, seq, par).unwrap();
     Fixture { model, params, tokens, targets, tensors, meta }
-}
-
-fn max_abs(x: &[f32]) -> f64 {
-    x.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64))
-}
-
-fn max_err(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs() as f64))
-}
-
-fn pool() -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
 }
 
 #[test]

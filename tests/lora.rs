@@ -2,7 +2,6 @@
 //! tools/make_lora_fixtures.py), adapter gradients against central differences of the f64
 //! reference model, PEFT directory round trips, and the errors for bad targets.
 
-use anetrain::checkpoint::hf;
 use anetrain::checkpoint::safetensors::SafeTensors;
 use anetrain::config::ModelConfig;
 use anetrain::lora::{LoraConfig, LoraLayout, Target, peft};
@@ -14,25 +13,12 @@ use anetrain::reference::loss_slow;
 use anetrain::rng::Rng;
 use anetrain::train::adamw::{AdamW, AdamWConfig, clip_multiplier, partials_len, sum_squares};
 use serde_json::Value;
-use std::path::PathBuf;
+
+#[path = "common/hf_fixture.rs"]
+mod hf_fixture;
+use hf_fixture::{HfFixture, fixtures, max_abs, max_err, pool};
 
 const PAR: Par = Par { threads: 2, gemm: GemmImpl::Gemm };
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn pool() -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
-}
-
-fn max_abs(x: &[f32]) -> f64 {
-    x.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64))
-}
-
-fn max_err(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs() as f64))
-}
 
 struct Golden {
     model: Model,
@@ -47,16 +33,12 @@ struct Golden {
 fn golden(name: &str) -> Golden {
     let dir = fixtures().join(name);
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
-    let base_dir = fixtures().join(meta["base"].as_str().unwrap());
-    let (cfg, params) = hf::load(&base_dir).unwrap();
-    let (layout, adapters) = peft::load(&dir.join("adapter"), &cfg, &ParamLayout::new(&cfg)).unwrap();
-    let batch = SafeTensors::open(&base_dir.join("fixture.safetensors")).unwrap();
-    let tokens: Vec<u32> = batch.read_i64("tokens").unwrap().iter().map(|&x| x as u32).collect();
-    let targets: Vec<u32> =
-        batch.read_i64("targets").unwrap().iter().map(|&x| if x == -100 { IGNORE } else { x as u32 }).collect();
-    let mut model = Model::cpu(&cfg, 2, 16, PAR).unwrap();
+    let base = hf_fixture::load(meta["base"].as_str().unwrap());
+    let (layout, adapters) = peft::load(&dir.join("adapter"), &base.cfg, &ParamLayout::new(&base.cfg)).unwrap();
+    let mut model = Model::cpu(&base.cfg, base.batch, base.seq, PAR).unwrap();
     model.set_lora(layout).unwrap();
     let fixture = SafeTensors::open(&dir.join("fixture.safetensors")).unwrap();
+    let HfFixture { params, tokens, targets, .. } = base;
     Golden { model, params, adapters, tokens, targets, fixture, meta }
 }
 

@@ -158,3 +158,160 @@ fn train_init_from_gguf_on_raw_text() {
     assert!(!out.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[derive(Deserialize)]
+struct RopeGolden {
+    batch: usize,
+    seq: usize,
+    rope_theta: f64,
+    rope_scaling: HfRope,
+    rope_freqs: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct HfRope {
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max_position_embeddings: usize,
+}
+
+/// A tiny Llama 3 model written as llama.cpp writes one (`rope_freqs.weight`, no scaling
+/// metadata): the Llama 3 parameters are recovered exactly, the logits equal HF transformers'
+/// for the same weights and HF config (the fixture asserts the scaling moves them by ~1.0, far
+/// beyond the 5e-6 here), and `convert` to HF and to GGUF keeps the scaling: the HF config.json
+/// carries `rope_scaling` and the exported GGUF the same divisors, bit for bit.
+#[test]
+fn llama3_rope_freqs_match_transformers_and_round_trip() {
+    use anetrain::checkpoint::safetensors::SafeTensors;
+    use anetrain::config::RopeScaling;
+    let dir = root().join("tests/fixtures/gguf");
+    let golden: RopeGolden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("llama3_rope.json")).unwrap()).unwrap();
+    let path = dir.join("llama3_rope.gguf");
+    let m = anetrain::checkpoint::gguf::load(&path).unwrap();
+    let h = &golden.rope_scaling;
+    let want_scaling = RopeScaling {
+        factor: h.factor,
+        low_freq_factor: h.low_freq_factor,
+        high_freq_factor: h.high_freq_factor,
+        original_max_position_embeddings: h.original_max_position_embeddings,
+    };
+    assert_eq!(m.cfg.rope_scaling, Some(want_scaling));
+    assert_eq!(m.cfg.rope_theta, golden.rope_theta);
+
+    let batch = SafeTensors::open(&dir.join("llama3_rope.safetensors")).unwrap();
+    let tokens: Vec<u32> = batch.read_i64("tokens").unwrap().iter().map(|&x| x as u32).collect();
+    let mut model = Model::cpu(&m.cfg, golden.batch, golden.seq, Par { threads: 2, gemm: GemmImpl::Gemm }).unwrap();
+    model.forward(&m.params, &tokens, &tokens).unwrap();
+    let mut want = vec![0.0f32; model.logits().len()];
+    batch.read_f32("logits", &mut want).unwrap();
+    let scale = want.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+    let err = model.logits().iter().zip(&want).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+    eprintln!("llama3 rope_freqs GGUF: logits max error {err:.2e} of max |logit| {scale:.3}");
+    assert!(err <= 5e-6 * scale, "logits max error {err:.3e} vs 5e-6 × {scale:.3}");
+
+    // convert: GGUF → HF directory → GGUF, and GGUF → GGUF.
+    let tmp = std::env::temp_dir().join(format!("anetrain-gguf-rope-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (hf_dir, from_hf, from_gguf) = (tmp.join("hf"), tmp.join("from-hf.gguf"), tmp.join("from-gguf.gguf"));
+    let convert = |from: &Path, to: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_anetrain"))
+            .args(["convert", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f32"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "convert {from:?} → {to:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    convert(&path, &hf_dir);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["rope_scaling"]["rope_type"], "llama3", "{config}");
+    assert_eq!(config["rope_scaling"]["original_max_position_embeddings"], h.original_max_position_embeddings);
+    let (hf_cfg, hf_params) = anetrain::checkpoint::hf::load(&hf_dir).unwrap();
+    assert_eq!(hf_cfg.rope_scaling, m.cfg.rope_scaling);
+    assert_eq!(hf_params, m.params);
+    convert(&hf_dir, &from_hf);
+    convert(&path, &from_gguf);
+    for out in [&from_hf, &from_gguf] {
+        let f = GgufFile::open(out).unwrap();
+        let t = f.tensor("rope_freqs.weight").expect("the export writes rope_freqs.weight");
+        let mut r = vec![0.0f32; t.numel() as usize];
+        f.read_f32(t, &mut r).unwrap();
+        assert_eq!(
+            r.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            golden.rope_freqs.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        let back = f.load().unwrap();
+        assert_eq!(back.cfg.rope_scaling, m.cfg.rope_scaling);
+        assert_eq!(back.params, m.params);
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// A `rope_freqs.weight` of the wrong length, with a NaN, or one no Llama 3 parameters
+/// produce, and linear or YaRN scaling metadata: one sentence each, nothing loaded (linear
+/// scaling has no field in this crate's config, so it stays refused).
+#[test]
+fn bad_rope_scaling_in_gguf_gets_one_sentence_errors() {
+    let good = std::fs::read(root().join("tests/fixtures/gguf/llama3_rope.gguf")).unwrap();
+    // The divisors are the data of the second tensor (after token_embd), 16 f32 values; find
+    // them by value.
+    let golden: RopeGolden =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/gguf/llama3_rope.json")).unwrap())
+            .unwrap();
+    let bytes: Vec<u8> = golden.rope_freqs.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let at = good.windows(bytes.len()).position(|w| w == bytes).unwrap();
+    let err = |b: Vec<u8>| match GgufFile::from_bytes(b, "x.gguf").and_then(|f| f.load()) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    let with = |i: usize, v: f32| {
+        let mut b = good.clone();
+        b[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        b
+    };
+    let e = err(with(3, f32::NAN));
+    assert!(e.contains("rope_freqs.weight") && e.contains("non-finite"), "{e}");
+    let e = err(with(3, 3.0));
+    assert!(e.contains("is not Llama 3 RoPE scaling"), "{e}");
+    // Length: the entry's single dim (16) follows its name.
+    let mut name = b"rope_freqs.weight\x01\0\0\0".to_vec();
+    name.extend_from_slice(&16u64.to_le_bytes());
+    let pos = good.windows(name.len()).position(|w| w == name).unwrap();
+    let mut b = good.clone();
+    b[pos + name.len() - 8..pos + name.len()].copy_from_slice(&15u64.to_le_bytes());
+    let e = err(b);
+    assert!(e.contains("rope_freqs.weight") && e.contains("head_dim 32 has 16"), "{e}");
+    for e in [&e, &err(with(3, f32::NAN)), &err(with(3, 3.0))] {
+        assert!(!e.trim_end_matches('.').contains(". "), "more than one sentence: {e}");
+    }
+    // Scaling metadata other than Llama 3's: the file's metadata plus one entry, with the one
+    // tensor the config needs.
+    use anetrain::checkpoint::gguf::{reader::Value, writer};
+    let f = GgufFile::from_bytes(good.clone(), "x.gguf").unwrap();
+    let embd = vec![0.0f32; 96 * 64];
+    let t = [writer::TensorOut {
+        name: "token_embd.weight".into(),
+        shape: vec![96, 64],
+        ty: f.tensor("token_embd.weight").unwrap().ty,
+        data: &embd,
+    }];
+    for (key, value, says) in [
+        ("llama.rope.scaling.type", Value::Str("linear".into()), "'llama.rope.scaling.type' = 'linear'"),
+        ("llama.rope.scaling.type", Value::Str("yarn".into()), "'llama.rope.scaling.type' = 'yarn'"),
+        ("llama.rope.scaling.factor", Value::F32(4.0), "'llama.rope.scaling.factor' = 4 (linear RoPE scaling)"),
+    ] {
+        let mut md: Vec<(String, Value)> = f
+            .header
+            .metadata
+            .iter()
+            .filter(|(k, _)| *k != "general.alignment")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        md.push((key.into(), value));
+        let bytes = writer::to_bytes(&md, &t).unwrap();
+        let e = format!("{:#}", GgufFile::from_bytes(bytes, "x.gguf").unwrap().config().unwrap_err());
+        assert!(e.contains(says) && e.contains("not supported"), "{e}");
+    }
+}

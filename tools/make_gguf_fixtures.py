@@ -8,9 +8,14 @@
    SmolLM2-135M-Instruct Q4_1 GGUF (loaded with `gguf_file=`): token ids of a few strings from
    the tokenizer HF builds out of the file's metadata, the mean next-token loss over one text
    window, and a greedy continuation.
+3. tests/fixtures/gguf/llama3_rope.gguf (+ llama3_rope.safetensors, llama3_rope.json): a tiny
+   random Llama with Llama 3 RoPE scaling, written the way llama.cpp's converter writes such
+   models (q/k rows in Meta's interleaved order, the scaling as a `rope_freqs.weight` tensor of
+   per-frequency divisors, no rope.scaling.* metadata), and HF transformers' logits for the
+   same weights and HF config.
 
 Run with the project venv: /work/venv/bin/python tools/make_gguf_fixtures.py
-(--skip-model to regenerate only the dequantization files).
+(--skip-model to skip 2., which needs ../shared).
 """
 
 import argparse
@@ -125,11 +130,133 @@ def model_fixture():
     print(f"{path}: loss {loss:.6f} over {len(window) - 1} targets; greedy {tok.decode(greedy)!r}")
 
 
+# The tiny Llama 3 model of 3.: with D=32 and theta 1e4 the wavelengths are 2*pi*10^(i/4),
+# i < 16 (6.3, 11, 20, 35, 63, 112, ...). original_max_position_embeddings 64 with low/high
+# factors 1/4 keeps the first two (< 16), interpolates the next three (16..64: three entries
+# pin down the band) and slows the other eleven by 8; T=32 makes all of them move the logits.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64)
+LLAMA3_KW = dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, vocab_size=96, max_position_embeddings=256,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 attention_bias=False, mlp_bias=False, hidden_act="silu")
+
+
+def rope_divisors(theta, d, rope):
+    """llama.cpp's `rope_freqs.weight` for Llama 3 scaling: per frequency, the number its
+    converter divides the frequency by (1 for short wavelengths, `factor` for long ones, the
+    reciprocal of the interpolation weight between), in its f32 torch arithmetic."""
+    import math
+    import torch
+
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    orig = rope["original_max_position_embeddings"]
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def meta_order(w, heads):
+    """HF's rotate-half q/k rows -> Meta's interleaved order (what llama.cpp stores)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_fixture(seed=1205):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw, rope = LLAMA3_KW, LLAMA3_ROPE
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    config = LlamaConfig(**kw, rope_parameters=dict(rope, rope_theta=kw["rope_theta"]))
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    assert model.config.rope_parameters["rope_type"] == "llama3", model.config.rope_parameters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.copy_(0.1 * noise if p.dim() >= 2 else 1.0 + 0.1 * noise)
+    B, T, V = 2, 32, kw["vocab_size"]
+    tokens = torch.randint(0, V, (B, T), generator=gen, dtype=torch.int64)
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits.contiguous()
+        # The scaling must change the logits well beyond the test's tolerance.
+        plain = LlamaConfig(**kw)
+        plain._attn_implementation = "eager"
+        other = LlamaForCausalLM(plain).to(torch.float32).eval()
+        other.load_state_dict(model.state_dict())
+        gap = (other(input_ids=tokens).logits - logits).abs().max().item()
+    assert gap > 1e-2 * logits.abs().max().item(), gap
+
+    theta, d, H, KV = kw["rope_theta"], kw["head_dim"], kw["num_attention_heads"], kw["num_key_value_heads"]
+    divisors = rope_divisors(theta, d, rope)
+    path = os.path.join(OUT, "gguf", "llama3_rope.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("llama3-rope-tiny")
+    w.add_context_length(kw["max_position_embeddings"])
+    w.add_embedding_length(kw["hidden_size"])
+    w.add_block_count(kw["num_hidden_layers"])
+    w.add_feed_forward_length(kw["intermediate_size"])
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(d)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(kw["rms_norm_eps"])
+    w.add_vocab_size(V)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("rope_freqs.weight", divisors.numpy())
+    for i in range(kw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for g, h in [("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"),
+                     ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                     ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
+                     ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+            t = sd[p + h + ".weight"]
+            if g == "attn_q":
+                t = meta_order(t, H)
+            elif g == "attn_k":
+                t = meta_order(t, KV)
+            w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(t))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    save_file({"tokens": tokens.contiguous(), "logits": logits},
+              os.path.join(OUT, "gguf", "llama3_rope.safetensors"))
+    meta = {
+        "source": "tools/make_gguf_fixtures.py: HF transformers LlamaForCausalLM, eager attention",
+        "batch": B,
+        "seq": T,
+        "rope_theta": theta,
+        "rope_scaling": rope,
+        "rope_freqs": divisors.tolist(),
+        "logit_gap_without_scaling": gap,
+    }
+    with open(os.path.join(OUT, "gguf", "llama3_rope.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{path}: {os.path.getsize(path)} bytes; rope_freqs {divisors.tolist()}; "
+          f"logits move by {gap:.3f} without the scaling")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args()
     dequant_files(np.random.default_rng(20261204))
+    llama3_rope_fixture()
     if not args.skip_model:
         model_fixture()
 

@@ -5,9 +5,10 @@
 //! shapes are stored fastest-dimension first, so a GGUF `[C, V]` is HF's `[V, C]`. llama.cpp's
 //! converter stores a `llama` model's q/k rows in Meta's interleaved RoPE order; they are
 //! permuted back to rotate-half here (and forth on export). `qwen2`/`qwen3` files are not
-//! permuted.
+//! permuted. Llama 3 RoPE scaling travels as llama.cpp's `rope_freqs.weight` (`rope`).
 
 pub mod reader;
+pub mod rope;
 pub mod tokenizer;
 pub mod writer;
 
@@ -123,12 +124,18 @@ impl GgufFile {
         };
         if let Some(kind) = self.meta(&key("rope.scaling.type")) {
             let kind = kind.as_str().unwrap_or("?");
-            ensure!(kind == "none", "metadata '{}' = '{kind}': scaled RoPE is not supported", key("rope.scaling.type"));
+            ensure!(
+                kind == "none",
+                "metadata '{}' = '{kind}': this RoPE scaling is not supported (only Llama 3's, a 'rope_freqs.weight' tensor)",
+                key("rope.scaling.type")
+            );
+        } else if let Some(f) = float("rope.scaling.factor")?
+            && f != 0.0
+            && f != 1.0
+        {
+            // llama.cpp reads a factor without a type as linear scaling.
+            bail!("metadata '{}' = {f} (linear RoPE scaling) is not supported", key("rope.scaling.factor"));
         }
-        ensure!(
-            self.tensor("rope_freqs.weight").is_none(),
-            "the file carries 'rope_freqs.weight' (Llama 3 RoPE scaling), which is not supported"
-        );
         let dim = req("embedding_length")?;
         let n_heads = req("attention.head_count")?;
         ensure!(n_heads > 0, "metadata '{}' is 0", key("attention.head_count"));
@@ -145,6 +152,24 @@ impl GgufFile {
             Some(v) => v,
             None => embed.dims[1] as usize,
         };
+        let rope_theta = float("rope.freq_base")?.unwrap_or(10000.0);
+        let rope_scaling = match self.tensor(rope::TENSOR) {
+            None => None,
+            Some(t) => {
+                ensure!(arch == "llama", "tensor '{}' in a '{arch}' file is not supported", rope::TENSOR);
+                ensure!(
+                    t.dims.len() == 1 && t.numel() == (head_dim / 2) as u64,
+                    "tensor '{}' has shape {:?}, but head_dim {head_dim} has {} RoPE frequencies",
+                    rope::TENSOR,
+                    t.shape(),
+                    head_dim / 2
+                );
+                let mut r = vec![0.0f32; head_dim / 2];
+                self.read_f32(t, &mut r)?;
+                let orig = uint("rope.scaling.original_context_length")?;
+                rope::recover(&r, head_dim, rope_theta, orig).with_context(|| self.name.clone())?
+            }
+        };
         let cfg = ModelConfig {
             name: String::new(),
             dim,
@@ -155,11 +180,11 @@ impl GgufFile {
             head_dim,
             vocab_size: vocab,
             max_seq_len: uint("context_length")?.unwrap_or(2048),
-            rope_theta: float("rope.freq_base")?.unwrap_or(10000.0),
+            rope_theta,
             norm_eps: float("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
             qk_norm: arch == "qwen3",
             tied_embeddings: self.tensor("output.weight").is_none(),
-            rope_scaling: None,
+            rope_scaling,
             qkv_bias: self.tensor("blk.0.attn_q.bias").is_some(),
             sliding_window: None,
         };
@@ -175,7 +200,8 @@ impl GgufFile {
         // the arena is allocated.
         let mut by_hf: BTreeMap<String, &TensorEntry> = BTreeMap::new();
         let mut unknown = Vec::new();
-        for t in &self.header.tensors {
+        // `rope_freqs.weight` is part of the config (`config`), not a weight.
+        for t in self.header.tensors.iter().filter(|t| t.name != rope::TENSOR) {
             match hf_name(&t.name) {
                 Some(n) => {
                     by_hf.insert(n, t);

@@ -1,6 +1,7 @@
 //! GGUF export (version 3): metadata llama.cpp and transformers read, the tokenizer and chat
 //! template when known, tensors in F32, F16 or Q8_0 (norm vectors always F32, as llama.cpp
-//! keeps them; a Q8_0 matrix whose rows are not a multiple of 32 falls back to F16).
+//! keeps them; a Q8_0 matrix whose rows are not a multiple of 32 falls back to F16), and Llama
+//! 3 RoPE scaling as llama.cpp's `rope_freqs.weight` (`super::rope`).
 
 use super::reader::Value;
 use crate::config::ModelConfig;
@@ -144,10 +145,6 @@ pub fn save_model(path: &Path, cfg: &ModelConfig, params: &[f32], dtype: GgmlTyp
     );
     let layout = ParamLayout::new(cfg);
     ensure!(params.len() == layout.total, "parameter arena does not match the config");
-    ensure!(
-        cfg.rope_scaling.is_none(),
-        "GGUF export of Llama 3 RoPE scaling is not supported (export an HF directory)"
-    );
     ensure!(cfg.sliding_window.is_none(), "GGUF export of sliding-window attention is not supported");
     ensure!(!(cfg.qk_norm && cfg.qkv_bias), "no GGUF architecture has both QK-norm and q/k/v biases");
     let arch = match (cfg.qk_norm, cfg.qkv_bias) {
@@ -167,7 +164,27 @@ pub fn save_model(path: &Path, cfg: &ModelConfig, params: &[f32], dtype: GgmlTyp
     } else {
         params
     };
-    let mut tensors = Vec::with_capacity(layout.tensors.len());
+    ensure!(
+        cfg.rope_scaling.is_none() || arch == "llama",
+        "GGUF export of Llama 3 RoPE scaling needs the llama architecture (no QK-norm, no q/k/v biases)"
+    );
+    let mut tensors = Vec::with_capacity(layout.tensors.len() + 1);
+    // llama.cpp's form of Llama 3 scaling: per-frequency divisors, which the importer turns
+    // back into these parameters (checked here, so every export reads back as this config).
+    let divisors = cfg.rope_scaling.as_ref().map(|s| super::rope::divisors(cfg.head_dim, cfg.rope_theta, s));
+    if let (Some(s), Some(r)) = (&cfg.rope_scaling, &divisors) {
+        let back = super::rope::recover(
+            r,
+            cfg.head_dim,
+            cfg.rope_theta as f32 as f64,
+            Some(s.original_max_position_embeddings),
+        );
+        ensure!(
+            matches!(back, Ok(Some(b)) if b == *s),
+            "the Llama 3 RoPE scaling {s:?} cannot be written as GGUF divisors that read back as the same parameters"
+        );
+        tensors.push(TensorOut { name: super::rope::TENSOR.into(), shape: vec![r.len()], ty: GgmlType::F32, data: r });
+    }
     for t in &layout.tensors {
         let name = super::gguf_name(&t.name).with_context(|| format!("no GGUF name for '{}'", t.name))?;
         let ty = if t.shape.len() == 1 {
@@ -212,6 +229,11 @@ fn model_metadata(cfg: &ModelConfig, arch: &str, dtype: GgmlType, extras: &Extra
         (k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.norm_eps as f32)),
         (k("vocab_size"), u(cfg.vocab_size)),
     ]);
+    if let Some(s) = &cfg.rope_scaling {
+        // llama.cpp's own key (used there only by YaRN); it pins the band when the divisors
+        // alone cannot (`rope::recover`).
+        md.push((k("rope.scaling.original_context_length"), u(s.original_max_position_embeddings)));
+    }
     if let Some(tok) = extras.tokenizer {
         ensure!(
             tok.vocab_size() == cfg.vocab_size,

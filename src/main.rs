@@ -161,74 +161,12 @@ enum Command {
     },
     /// Talk to a model in the terminal with its chat template; replies stream as they are
     /// decoded and the conversation stays in the KV cache.
-    Chat {
-        /// A model with a tokenizer and a chat template: an HF directory (tokenizer.json,
-        /// tokenizer_config.json), a .gguf file, or a training checkpoint with its tokenizer.
-        #[arg(long)]
-        model: PathBuf,
-        /// A Jinja chat template file used instead of the model's own.
-        #[arg(long)]
-        chat_template: Option<PathBuf>,
-        /// LoRA adapters (a PEFT adapter directory or a LoRA checkpoint) to apply to --model.
-        #[arg(long)]
-        lora: Option<PathBuf>,
-        /// System prompt.
-        #[arg(long)]
-        system: Option<String>,
-        /// Context positions (default: the model's, at most 2048).
-        #[arg(long)]
-        ctx: Option<usize>,
-        /// Longest reply in tokens.
-        #[arg(long, default_value_t = 512)]
-        max_tokens: usize,
-        #[command(flatten)]
-        sampling: SamplingArgs,
-        #[command(flatten)]
-        quant: QuantArgs,
-        #[command(flatten)]
-        rt: Runtime,
-    },
+    Chat(cli::chat::ChatArgs),
     // Negative numbers parse as values, so validation can say what is wrong with them.
     #[command(allow_negative_numbers = true)]
     /// An OpenAI-compatible HTTP server (chat and text completions, streaming, continuous
     /// batching) with a chat page at `/`.
-    Serve {
-        /// A model with a tokenizer and a chat template: an HF directory (tokenizer.json,
-        /// tokenizer_config.json), a .gguf file, or a training checkpoint with its tokenizer.
-        #[arg(long)]
-        model: PathBuf,
-        /// A Jinja chat template file used instead of the model's own.
-        #[arg(long)]
-        chat_template: Option<PathBuf>,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// 0 picks a free port (printed).
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// Require `Authorization: Bearer KEY` on the /v1 routes.
-        #[arg(long)]
-        api_key: Option<String>,
-        /// Sequences decoded together at most.
-        #[arg(long, default_value_t = 16)]
-        max_batch: usize,
-        /// Requests waiting for a place at most; more are answered 503 with Retry-After.
-        #[arg(long, default_value_t = 64)]
-        queue: usize,
-        /// Context positions per request, prompt and reply (default: the model's, at most 2048).
-        #[arg(long)]
-        ctx: Option<usize>,
-        /// Largest request body in bytes.
-        #[arg(long, default_value_t = 1 << 20)]
-        body_limit: usize,
-        /// Defaults for requests that leave `temperature`, `top_p` or `seed` out (without
-        /// --seed each such request draws its own); --top-k applies to every request.
-        #[command(flatten)]
-        sampling: SamplingArgs,
-        #[command(flatten)]
-        quant: QuantArgs,
-        #[command(flatten)]
-        rt: Runtime,
-    },
+    Serve(cli::serve::ServeArgs),
     /// Mean cross-entropy and perplexity over consecutive windows of a token file.
     Eval {
         /// HF model directory, llama2.c .bin, .gguf, or training checkpoint directory.
@@ -272,7 +210,7 @@ enum ExportDtype {
 
 /// `--quant` of `generate`, `chat`, `serve` and `eval`.
 #[derive(Args, Clone, Debug)]
-struct QuantArgs {
+pub(crate) struct QuantArgs {
     /// Decode with quantized matrices: q8_0 (W8A8), q4_0 (W4A8, classifier q8_0), or gguf (a
     /// GGUF file's own Q8_0/Q4_0/Q4_1 tensors as stored). Embeddings and norms stay f32.
     #[arg(long, value_enum)]
@@ -301,7 +239,7 @@ enum QuantArg {
 
 /// How `generate`, `chat` and `serve` pick each next token.
 #[derive(Args, Clone, Debug)]
-struct SamplingArgs {
+pub(crate) struct SamplingArgs {
     /// Softmax temperature; 0 = greedy (argmax).
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
@@ -335,7 +273,7 @@ impl SamplingArgs {
 }
 
 /// The seed of `generate` and `chat` without --seed.
-const DEFAULT_SEED: u64 = 1337;
+pub(crate) const DEFAULT_SEED: u64 = 1337;
 
 #[derive(Args, Clone)]
 struct Runtime {
@@ -846,42 +784,8 @@ fn run(cli: Cli) -> Result<()> {
             let quant = quant.mode();
             generate(&model, lora.as_deref(), &ids, prompt.as_deref(), tokenizer, max_tokens, sampling, eos, quant, rt)
         }
-        Command::Chat { model, chat_template, lora, system, ctx, max_tokens, sampling, quant, rt } => {
-            let (sampling, quant) = (sampling.sampling(DEFAULT_SEED)?, quant.mode());
-            let args = cli::chat::ChatArgs { model, chat_template, lora, system, ctx, max_tokens, sampling, quant };
-            cli::chat::chat(args, rt)
-        }
-        Command::Serve {
-            model,
-            chat_template,
-            host,
-            port,
-            api_key,
-            max_batch,
-            queue,
-            ctx,
-            body_limit,
-            sampling,
-            quant,
-            rt,
-        } => {
-            let (seed, sampling) = (sampling.seed, sampling.sampling(0)?);
-            let args = cli::serve::ServeArgs {
-                model,
-                chat_template,
-                host,
-                port,
-                api_key,
-                max_batch,
-                queue,
-                ctx,
-                body_limit,
-                sampling,
-                seed,
-                quant: quant.mode(),
-            };
-            cli::serve::run(args, rt)
-        }
+        Command::Chat(args) => cli::chat::chat(args),
+        Command::Serve(args) => cli::serve::run(args),
         Command::Eval { model, lora, data, seq, batch, batches, json, quant, rt } => {
             eval(&model, lora.as_deref(), &data, seq, batch, batches, json, quant.mode(), rt)
         }

@@ -1,23 +1,40 @@
 //! `anetrain chat`: a terminal conversation with streaming replies.
 
-use crate::Runtime;
+use crate::{DEFAULT_SEED, QuantArgs, Runtime, SamplingArgs};
 use anetrain::chat::session::{ChatModel, ChatSession, TurnEnd};
-use anetrain::generate::Sampling;
 use anetrain::rng::Rng;
 use anetrain::signals::interrupt;
 use anyhow::Result;
 use std::io::{BufRead, Write};
 
+/// `anetrain chat`'s arguments, parsed by clap as they are.
+#[derive(clap::Args)]
 pub struct ChatArgs {
+    /// A model with a tokenizer and a chat template: an HF directory (tokenizer.json,
+    /// tokenizer_config.json), a .gguf file, or a training checkpoint with its tokenizer.
+    #[arg(long)]
     pub model: std::path::PathBuf,
+    /// A Jinja chat template file used instead of the model's own.
+    #[arg(long)]
     pub chat_template: Option<std::path::PathBuf>,
-    /// LoRA adapters to merge into the model.
+    /// LoRA adapters (a PEFT adapter directory or a LoRA checkpoint) to apply to --model.
+    #[arg(long)]
     pub lora: Option<std::path::PathBuf>,
+    /// System prompt.
+    #[arg(long)]
     pub system: Option<String>,
+    /// Context positions (default: the model's, at most 2048).
+    #[arg(long)]
     pub ctx: Option<usize>,
+    /// Longest reply in tokens.
+    #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
-    pub sampling: Sampling,
-    pub quant: Option<anetrain::quant::weights::QuantMode>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    #[command(flatten)]
+    pub rt: Runtime,
 }
 
 const HELP: &str = "/reset forgets the conversation, /system TEXT sets the system prompt (and resets), /quit leaves; Ctrl-C stops a reply";
@@ -28,16 +45,17 @@ fn printable(text: &str) -> String {
     text.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '\u{fffd}' } else { c }).collect()
 }
 
-pub fn chat(args: ChatArgs, rt: Runtime) -> Result<()> {
+pub fn chat(args: ChatArgs) -> Result<()> {
+    let (sampling, quant, rt) = (args.sampling.sampling(DEFAULT_SEED)?, args.quant.mode(), args.rt);
     let mut model = ChatModel::load_with_lora(&args.model, args.chat_template.as_deref(), args.lora.as_deref())?;
-    if let Some(mode) = args.quant {
+    if let Some(mode) = quant {
         model.quantize(&args.model, mode)?;
         eprintln!("{}", model.quant.as_ref().expect("just set").summary());
     }
     let ctx = args.ctx.unwrap_or(model.cfg.max_seq_len.min(2048));
     let (_, pool) = rt.setup()?;
     let mut session = ChatSession::new(&model, ctx, args.system.clone())?;
-    let mut rng = Rng::new(args.sampling.seed);
+    let mut rng = Rng::new(sampling.seed);
     interrupt::install();
     println!("chatting with {} ({} positions of context). {HELP}.", model.name, ctx);
     let stdin = std::io::stdin();
@@ -81,7 +99,7 @@ pub fn chat(args: ChatArgs, rt: Runtime) -> Result<()> {
         }
         interrupt::generating(true);
         let report = pool.install(|| {
-            session.turn(input, args.max_tokens, &args.sampling, &mut rng, interrupt::requested, |text| {
+            session.turn(input, args.max_tokens, &sampling, &mut rng, interrupt::requested, |text| {
                 let mut out = std::io::stdout().lock();
                 let _ = out.write_all(printable(text).as_bytes());
                 let _ = out.flush();

@@ -16,10 +16,8 @@
 //! ample for unit-variance activations; a power of two, so x / scale is exact in fp16).
 
 use super::KernelProgram;
-use super::TensorSig;
-use super::ast::{Function, Program, Type, default_build_info};
 use super::emit::{MAX_DIM, SPATIAL_GRANULE};
-use super::graph::{Builder, V};
+use super::graph::{one_input, one_input_kernel};
 use crate::rng::Rng;
 use anyhow::{Result, ensure};
 
@@ -137,9 +135,7 @@ pub fn quantize_rows(w: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
 pub fn program(spec: &Spec, weights: &Weights) -> Result<KernelProgram> {
     spec.check()?;
     let (c, sp) = (spec.ch, spec.sp);
-    let sig = TensorSig { name: "i0_x".into(), shape: [1, c, 1, sp] };
-    let mut b = Builder::new(std::slice::from_ref(&sig));
-    let mut x = V(sig.name.clone(), sig.shape.to_vec());
+    let (mut b, sig, mut x) = one_input([1, c, 1, sp]);
     for l in 0..spec.depth {
         let w = match weights {
             Weights::Fp16(ws) => b.blob(&format!("w{l}"), &[c, c, 1, 1], &ws[l]),
@@ -153,24 +149,7 @@ pub fn program(spec: &Spec, weights: &Weights) -> Result<KernelProgram> {
         };
         x = b.conv(&format!("y{l}"), &x, &w);
     }
-    let program = Program {
-        version: "1.3".into(),
-        build_info: default_build_info(),
-        func: Function {
-            name: "main".into(),
-            opset: "ios18".into(),
-            inputs: vec![(sig.name.clone(), Type::fp16(&sig.shape))],
-            body: b.body,
-            outputs: vec![x.0.clone()],
-        },
-    };
-    Ok(KernelProgram {
-        name: spec.name(),
-        mil: program.text(),
-        blobs: b.blobs,
-        inputs: vec![sig],
-        outputs: vec![TensorSig { name: x.0, shape: [1, c, 1, sp] }],
-    })
+    Ok(one_input_kernel(&spec.name(), b, sig, x))
 }
 
 /// How the CPU reference treats a W8A8 program.

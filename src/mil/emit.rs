@@ -35,7 +35,6 @@
 //! makes each piece its own function input (reported to compile on newer chips and run
 //! faster). The kernel body after the unpacking is identical.
 
-use super::ast::{Function, Program, Type, default_build_info};
 use super::graph::{Builder, V, as_rows, from_heads, head_norm, linear, rope, to_heads};
 use super::{KernelProgram, TensorSig};
 use crate::config::ModelConfig;
@@ -300,17 +299,7 @@ fn finish(name: &str, b: Builder, sigs: Vec<TensorSig>, pieces: Vec<Piece>, part
         b.concat("out", 1, &vals)
     };
     let total: usize = out_parts.iter().map(|p| p.1).sum();
-    let program = Program {
-        version: "1.3".into(),
-        build_info: default_build_info(),
-        func: Function {
-            name: "main".into(),
-            opset: "ios18".into(),
-            inputs: sigs.iter().map(|s| (s.name.clone(), Type::fp16(&s.shape))).collect(),
-            body: b.body,
-            outputs: vec![out.0.clone()],
-        },
-    };
+    let program = super::graph::main_program(&sigs, b.body, &out.0);
     for st in &program.func.body {
         if let Some(&d) = st.ty.shape().iter().find(|&&d| d > MAX_DIM) {
             bail!(

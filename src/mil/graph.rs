@@ -3,11 +3,12 @@
 //! by the parser), dedupes constants, collects blob files, and the sub-graphs the kernels
 //! share (linear layers, head reshapes, RoPE, per-head RMSNorm).
 
-use super::TensorSig;
 use super::ast::DType;
-use super::ast::{Arg, Literal, Stmt, Type};
+use super::ast::{Arg, Function, Literal, Program, Stmt, Type, default_build_info};
 use super::blob::{CHUNK_OFFSET, blob_file, blob_file_i8};
+use super::dialect::Dialect;
 use super::types::{ArgInfo, infer};
+use super::{KernelProgram, TensorSig};
 use half::f16;
 use std::collections::HashMap;
 
@@ -223,6 +224,44 @@ impl Builder {
     pub(super) fn pow(&mut self, name: &str, x: &V, y: f32) -> V {
         let e = self.scalar(y);
         self.binary(name, "pow", x, &e)
+    }
+}
+
+/// `body` as the `main` function of a program in the emitter's own dialect (ios18, program
+/// 1.3), with the fp16 inputs `sigs` and the one output `out`: every emitted kernel's header.
+pub(super) fn main_program(sigs: &[TensorSig], body: Vec<Stmt>, out: &str) -> Program {
+    Program {
+        version: Dialect::Ios18.version().into(),
+        build_info: default_build_info(),
+        func: Function {
+            name: "main".into(),
+            opset: Dialect::Ios18.name().into(),
+            inputs: sigs.iter().map(|s| (s.name.clone(), Type::fp16(&s.shape))).collect(),
+            body,
+            outputs: vec![out.to_string()],
+        },
+    }
+}
+
+/// A builder for a program of one fp16 input `i0_x` of `shape`, and that input's value (the
+/// benchmark and W8A8 programs).
+pub(super) fn one_input(shape: [usize; 4]) -> (Builder, TensorSig, V) {
+    let sig = TensorSig { name: "i0_x".into(), shape };
+    let b = Builder::new(std::slice::from_ref(&sig));
+    let x = V(sig.name.clone(), shape.to_vec());
+    (b, sig, x)
+}
+
+/// The one-input kernel `b` has built, with output `out`.
+pub(super) fn one_input_kernel(name: &str, b: Builder, sig: TensorSig, out: V) -> KernelProgram {
+    let shape = [out.1[0], out.1[1], out.1[2], out.1[3]];
+    let program = main_program(std::slice::from_ref(&sig), b.body, &out.0);
+    KernelProgram {
+        name: name.into(),
+        mil: program.text(),
+        blobs: b.blobs,
+        inputs: vec![sig],
+        outputs: vec![TensorSig { name: out.0, shape }],
     }
 }
 

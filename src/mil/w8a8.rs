@@ -16,10 +16,8 @@
 //! one step from the reference's where they round apart.
 
 use super::KernelProgram;
-use super::TensorSig;
-use super::ast::{Function, Program, Type, default_build_info};
 use super::benchprog::quantize_rows;
-use super::graph::{Builder, V};
+use super::graph::{Builder, V, one_input, one_input_kernel};
 use anyhow::{Result, ensure};
 
 /// A weight matrix `[OC, IC]` (HF layout, row = output feature) quantized per row.
@@ -47,28 +45,6 @@ pub fn act_scale(max_abs: f32) -> f32 {
     half::f16::from_f32(s).to_f32().max(f32::from(half::f16::MIN_POSITIVE))
 }
 
-fn finish(name: &str, b: Builder, sig: TensorSig, out: V) -> KernelProgram {
-    let shape = [out.1[0], out.1[1], out.1[2], out.1[3]];
-    let program = Program {
-        version: "1.3".into(),
-        build_info: default_build_info(),
-        func: Function {
-            name: "main".into(),
-            opset: "ios18".into(),
-            inputs: vec![(sig.name.clone(), Type::fp16(&sig.shape))],
-            body: b.body,
-            outputs: vec![out.0.clone()],
-        },
-    };
-    KernelProgram {
-        name: name.into(),
-        mil: program.text(),
-        blobs: b.blobs,
-        inputs: vec![sig],
-        outputs: vec![TensorSig { name: out.0, shape }],
-    }
-}
-
 fn qlinear(b: &mut Builder, name: &str, x: &V, w: &QMatrix, scale: f32) -> V {
     let xq = b.quantize(&format!("{name}_xq"), x, scale);
     let xd = b.dequantize(&format!("{name}_xd"), &xq, scale);
@@ -87,11 +63,9 @@ fn check_s(s: usize) -> Result<()> {
 /// `y = W · x` with x `[1, IC, 1, S]` quantized at `scale`.
 pub fn linear_w8a8(name: &str, w: &QMatrix, s: usize, scale: f32) -> Result<KernelProgram> {
     check_s(s)?;
-    let sig = TensorSig { name: "i0_x".into(), shape: [1, w.ic, 1, s] };
-    let mut b = Builder::new(std::slice::from_ref(&sig));
-    let x = V(sig.name.clone(), sig.shape.to_vec());
+    let (mut b, sig, x) = one_input([1, w.ic, 1, s]);
     let y = qlinear(&mut b, "y", &x, w, scale);
-    Ok(finish(name, b, sig, y))
+    Ok(one_input_kernel(name, b, sig, y))
 }
 
 /// The SwiGLU FFN: `W2 · (silu(W1·x) ⊙ W3·x)`; `x_scale` quantizes x, `g_scale` the gate.
@@ -108,9 +82,7 @@ pub fn ffn_fwd_w8a8(
         w1.ic == w3.ic && w1.oc == w3.oc && w2.ic == w1.oc && w2.oc == w1.ic,
         "W1, W3 [F, C] and W2 [C, F] disagree"
     );
-    let sig = TensorSig { name: "i0_x".into(), shape: [1, w1.ic, 1, s] };
-    let mut b = Builder::new(std::slice::from_ref(&sig));
-    let x = V(sig.name.clone(), sig.shape.to_vec());
+    let (mut b, sig, x) = one_input([1, w1.ic, 1, s]);
     // x is quantized once and feeds both W1 and W3
     let xq = b.quantize("x_q", &x, x_scale);
     let xd = b.dequantize("x_d", &xq, x_scale);
@@ -122,7 +94,7 @@ pub fn ffn_fwd_w8a8(
     let silu = b.binary("silu", "mul", &h1, &sig1);
     let gate = b.binary("gate", "mul", &silu, &h3);
     let y = qlinear(&mut b, "out", &gate, w2, g_scale);
-    Ok(finish("ffn_fwd_w8a8", b, sig, y))
+    Ok(one_input_kernel("ffn_fwd_w8a8", b, sig, y))
 }
 
 /// The integer reference of `linear_w8a8`: x `[IC, S]` → y `[OC, S]`.

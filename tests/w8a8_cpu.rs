@@ -182,14 +182,14 @@ fn cpu_bound(wc: &[f64], w: &[f32], x: &[f64], delta: &[f64], n: usize, k: usize
 /// sum; returns (max |ane − cpu| / bound, RMS |ane − cpu| / RMS W·x).
 fn compare(what: &str, ane: &Side, cpu: &Side, y: &[f64]) -> (f64, f64) {
     let (mut used, mut d2, mut y2) = (0f64, 0.0, 0.0);
-    for i in 0..y.len() {
+    for (i, &yi) in y.iter().enumerate() {
         for (side, name) in [(ane, "W8A8 program"), (cpu, "CPU Q8_0")] {
-            let e = (side.y[i] - y[i]).abs();
+            let e = (side.y[i] - yi).abs();
             assert!(
                 e <= side.bound[i],
                 "{what}[{i}]: {name} {} vs exact {}: error {e:.3e} > bound {:.3e}",
                 side.y[i],
-                y[i],
+                yi,
                 side.bound[i]
             );
         }
@@ -197,7 +197,7 @@ fn compare(what: &str, ane: &Side, cpu: &Side, y: &[f64]) -> (f64, f64) {
         assert!(d <= b, "{what}[{i}]: program {} vs CPU {}: {d:.3e} > {b:.3e}", ane.y[i], cpu.y[i]);
         used = used.max(d / b);
         d2 += d * d;
-        y2 += y[i] * y[i];
+        y2 += yi * yi;
     }
     (used, (d2 / y2).sqrt())
 }

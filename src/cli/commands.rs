@@ -132,7 +132,7 @@ pub fn bench_step(model: &str, batch: usize, seq: usize, step: StepArgs, rt: Run
     let (par, pool) = rt.setup()?;
     let opts = TrainOptions { accum, min_lr: 3e-5, ..TrainOptions::new(1_000_000, batch, seq) };
     opts.validate(&cfg)?;
-    crate::cli::train::check_memory(&cfg, batch, seq, usize::from(accum > 1), None, false, 1)?;
+    crate::cli::train::check_memory(&cfg, batch, seq, usize::from(accum > 1), 0, None, false, 1)?;
     let mil_opts = anetrain::backends::MilOptions {
         layout: mil_layout,
         dialect: mil_dialect,

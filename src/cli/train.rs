@@ -18,9 +18,10 @@ use std::path::PathBuf;
 
 /// Refuses a run whose weights, optimizer state, activations and logits cannot fit in the
 /// memory this process may use, before allocating any of them. `extra_arenas` counts further
-/// f32 buffers the size of the trained arena (the micro-batch gradient of --accum, the
-/// data-parallel exchange's buckets and accumulator). With LoRA the frozen base needs only its
-/// weights; the adapters need weights, gradients, AdamW moments and a layer-sized merge scratch.
+/// f32 buffers the size of the trained arena (the micro-batch gradient of --accum);
+/// `exchange_values` the data-parallel exchange's f32 buffers (`dist::Plan::buffer_values`:
+/// with LoRA, sized by the adapters). With LoRA the frozen base needs only its weights; the
+/// adapters need weights, gradients, AdamW moments and a layer-sized merge scratch.
 /// `local_ranks` processes of a data-parallel job share this machine's memory, each needing
 /// as much.
 #[allow(clippy::too_many_arguments)]
@@ -29,6 +30,7 @@ pub fn check_memory(
     batch: usize,
     seq: usize,
     extra_arenas: usize,
+    exchange_values: usize,
     lora: Option<&anetrain::lora::LoraConfig>,
     base_bf16: bool,
     local_ranks: usize,
@@ -43,7 +45,10 @@ pub fn check_memory(
     };
     if extra_arenas > 0 {
         let bytes = anetrain::memory::f32_bytes(&[extra_arenas, trained]);
-        estimate.add("gradient buffers (--accum, data parallelism)", bytes);
+        estimate.add("gradient buffers (--accum)", bytes);
+    }
+    if exchange_values > 0 {
+        estimate.add("data-parallel exchange buffers", anetrain::memory::f32_bytes(&[exchange_values]));
     }
     let fix = if local_ranks > 1 {
         "start fewer ranks per machine (mpirun -np, or a hostfile's slots), or lower --batch or --seq"
@@ -51,6 +56,23 @@ pub fn check_memory(
         "lower --batch or --seq (--accum keeps the tokens per update), or choose a smaller --model"
     };
     estimate.ensure_copies(&format!("training {} with --batch {batch} --seq {seq}", cfg.name), fix, local_ranks)
+}
+
+/// How a rank exchanges gradients: over the whole parameter arena, or with LoRA over the
+/// adapter arena only.
+fn dist_plan(
+    cfg: &ModelConfig,
+    lora: Option<&anetrain::lora::LoraConfig>,
+    rank: usize,
+    size: usize,
+    accum: usize,
+    mode: dist::ReduceMode,
+) -> Result<dist::Plan> {
+    let layout = anetrain::params::ParamLayout::new(cfg);
+    match lora {
+        None => dist::Plan::new(&layout, rank, size, accum, mode),
+        Some(lc) => dist::Plan::for_lora(&anetrain::lora::LoraLayout::new(cfg, &layout, lc)?, rank, size, accum, mode),
+    }
 }
 
 /// Prints what the trained model writes after "Once upon a time".
@@ -159,15 +181,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     opts.validate(&cfg)?;
     // Gradient buffers beyond weights, gradients and optimizer state: one process with
-    // --accum > 1 --exact-accum keeps one micro-batch's gradient apart; a rank keeps the exchange's buckets
-    // and accumulator.
-    let extra = if job.is_some() { 2 } else { usize::from(args.accum > 1 && args.exact_accum) };
+    // --accum > 1 --exact-accum keeps one micro-batch's gradient apart; a rank keeps the
+    // exchange's buffers, of the adapter arena with LoRA (only its gradient is exchanged).
+    let extra = usize::from(job.is_none() && args.accum > 1 && args.exact_accum);
+    let exchange = match &job {
+        None => 0,
+        Some(_) => dist_plan(&cfg, opts.lora.as_ref(), rank, ranks, args.accum, mode)?.buffer_values(),
+    };
     let local_ranks = if job.is_some() { dist::ranks_on_this_machine() } else { 1 };
-    check_memory(&cfg, args.batch, args.seq, extra, opts.lora.as_ref(), opts.base_bf16, local_ranks)?;
-    if job.is_some() && opts.lora.is_some() {
-        let why = "--lora-rank cannot run data-parallel under mpirun: run LoRA fine-tuning as a single process";
-        return Err(dist::fail_from_rank0(rank, why.into()));
-    }
+    check_memory(&cfg, args.batch, args.seq, extra, exchange, opts.lora.as_ref(), opts.base_bf16, local_ranks)?;
     // The checkpoint directory is locked before anything in it is read or written; only rank
     // 0 of a data-parallel job writes it (the others only read a checkpoint to resume).
     let static_mode = args.ane_mode == crate::AneModeArg::Static;
@@ -394,8 +416,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
         let mut trainer = Trainer::with_base(&cfg, opts, par, backend, base)?;
         #[cfg(feature = "mpi")]
         if let Some(job) = job {
-            let plan = dist::Plan::new(&trainer.model.layout, job.rank, job.size, accum, mode)?;
-            trainer.set_dist(job.exchange(plan, trainer.params.len())?)?;
+            let plan = dist_plan(&trainer.model.cfg, trainer.opts.lora.as_ref(), job.rank, job.size, accum, mode)?;
+            let total = plan.total();
+            trainer.set_dist(job.exchange(plan, total)?)?;
         }
         #[cfg(not(feature = "mpi"))]
         let _ = (job, accum, mode);

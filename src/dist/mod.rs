@@ -29,6 +29,10 @@
 //! time the trainer still waits for the exchange after its last backward is
 //! `ms_comm_wait` in the telemetry and the efficiency report.
 //!
+//! **LoRA.** With `--lora-rank` only the adapters are trained, so only their gradient is
+//! exchanged (`Plan::for_lora`: one bucket per layer's adapters), with the same order and
+//! guarantees; every rank holds the frozen base, the adapters and their optimizer state.
+//!
 //! **Faults.** Open MPI's `mpirun` ends the whole job when a rank dies. As a second line, a
 //! watchdog ends this rank with one sentence when a single MPI call has waited longer than
 //! `--dp-timeout` seconds (a peer or the network gone). Checkpoints are written by rank 0
@@ -38,6 +42,7 @@
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
+use crate::lora::LoraLayout;
 use crate::params::ParamLayout;
 use anyhow::{Result, bail, ensure};
 use std::ops::Range;
@@ -203,6 +208,41 @@ impl Plan {
         );
         buckets.push(embed);
         buckets.push(tail);
+        Self::with_buckets(buckets, model_buckets, rank, size, accum, mode)
+    }
+
+    /// The plan of a LoRA run: only the adapter arena's gradient is exchanged (the frozen
+    /// base has none), one bucket per layer's adapters, L−1 … 0. The model reports none of
+    /// them (`model_buckets` 0): each micro-batch's adapter gradient is handed over whole by
+    /// `Exchange::micro_done`, so the exchange does not overlap the backward (adapters are
+    /// a few MB).
+    pub fn for_lora(lora: &LoraLayout, rank: usize, size: usize, accum: usize, mode: ReduceMode) -> Result<Plan> {
+        ensure!(size > 0 && rank < size, "rank {rank} of {size} is not a valid MPI rank");
+        check_divides(rank, size, accum)?;
+        let layers = lora.adapters.iter().map(|a| a.layer + 1).max().unwrap_or(0);
+        let buckets: Vec<Range<usize>> = (0..layers)
+            .rev()
+            .filter_map(|l| {
+                let mut mine = lora.adapters.iter().filter(|a| a.layer == l);
+                let first = mine.next()?;
+                Some(mine.fold(first.a.start..first.b.end, |r, a| r.start.min(a.a.start)..r.end.max(a.b.end)))
+            })
+            .collect();
+        ensure!(
+            buckets.iter().map(|b| b.len()).sum::<usize>() == lora.total,
+            "internal error: the adapter arena is not one contiguous range per layer"
+        );
+        Self::with_buckets(buckets, 0, rank, size, accum, mode)
+    }
+
+    fn with_buckets(
+        buckets: Vec<Range<usize>>,
+        model_buckets: usize,
+        rank: usize,
+        size: usize,
+        accum: usize,
+        mode: ReduceMode,
+    ) -> Result<Plan> {
         ensure!(
             buckets.iter().all(|b| b.len() <= i32::MAX as usize),
             "a gradient bucket exceeds MPI's 2³¹ − 1 element count"
@@ -210,6 +250,11 @@ impl Plan {
         let mut by_start: Vec<(usize, usize)> = buckets.iter().enumerate().map(|(i, b)| (b.start, i)).collect();
         by_start.sort_unstable();
         Ok(Plan { rank, size, mode, rounds: accum / size, buckets, model_buckets, by_start })
+    }
+
+    /// Values the plan's buckets cover (the exchanged arena's length).
+    pub fn total(&self) -> usize {
+        self.buckets.iter().map(|b| b.len()).sum()
     }
 
     /// The bucket holding arena offset `at`.
@@ -227,6 +272,15 @@ impl Plan {
     /// The longest bucket.
     pub fn max_bucket(&self) -> usize {
         self.buckets.iter().map(|b| b.len()).max().unwrap_or(0)
+    }
+
+    /// f32 values the exchange allocates (`mpi::MpiRuntime::exchange` and its thread): the
+    /// buckets' copy-out buffers and the accumulator (one exchanged arena each), the send copy
+    /// of the longest bucket and its N received shards.
+    pub fn buffer_values(&self) -> usize {
+        let max = self.max_bucket();
+        let max_shard = (0..self.size).map(|s| self.shard(max, s).len()).max().unwrap_or(0);
+        2 * self.total() + max + self.size * max_shard
     }
 
     /// Gradient payload bytes this rank sends per update (see `CommStats::bytes_sent`).
@@ -328,6 +382,28 @@ mod tests {
             assert_eq!(plan.bucket_of(layout.total), None);
             assert_eq!(plan.model_buckets, cfg.n_layers);
         }
+    }
+
+    /// LoRA: one bucket per layer's adapters, last layer first, covering the adapter arena
+    /// once; the model reports none; the exchange's buffers are sized by the adapters.
+    #[test]
+    fn lora_plan_buckets_are_the_layers_adapters() {
+        use crate::lora::{LoraConfig, LoraLayout, Target};
+        let cfg = ModelConfig::resolve("stories15m").unwrap();
+        let lc = LoraConfig { rank: 4, alpha: 8.0, targets: Target::parse_list("q,v,down").unwrap() };
+        let lora = LoraLayout::new(&cfg, &ParamLayout::new(&cfg), &lc).unwrap();
+        let plan = Plan::for_lora(&lora, 1, 2, 4, ReduceMode::Exact).unwrap();
+        assert_eq!((plan.buckets.len(), plan.model_buckets, plan.total()), (cfg.n_layers, 0, lora.total));
+        for (b, l) in plan.buckets.iter().zip((0..cfg.n_layers).rev()) {
+            for a in lora.adapters.iter().filter(|a| a.layer == l) {
+                assert!(b.start <= a.a.start.min(a.b.start) && a.a.end.max(a.b.end) <= b.end);
+            }
+        }
+        assert!(plan.buckets.windows(2).all(|w| w[1].end == w[0].start));
+        assert!(plan.buffer_values() <= 3 * lora.total);
+        let full = Plan::new(&ParamLayout::new(&cfg), 1, 2, 4, ReduceMode::Exact).unwrap();
+        assert!(full.buffer_values() >= 2 * cfg.param_count());
+        assert!(plan.bytes_sent_per_update() * 100 < full.bytes_sent_per_update());
     }
 
     #[test]

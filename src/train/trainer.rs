@@ -368,14 +368,12 @@ impl Trainer {
     /// Makes this trainer one rank of a data-parallel job (`crate::dist`): it computes only
     /// its share of each update's micro-batches and exchanges gradients through `dist`.
     /// Call before the first `step`.
+    /// With LoRA, `dist` must exchange the adapter arena (`dist::Plan::for_lora`): the model
+    /// reports no tensor to it, `step` hands over each micro-batch's adapter gradient.
     pub fn set_dist(&mut self, dist: Box<dyn crate::dist::Exchange>) -> Result<()> {
-        // The exchange reduces the full parameter gradient arena; LoRA's adapter arena is
-        // not wired into it (nor tested under mpirun).
-        ensure!(
-            self.lora.is_none(),
-            "--lora-rank cannot run data-parallel under mpirun: run LoRA fine-tuning as a single process"
-        );
-        self.model.set_grad_ready(Some(dist.grad_ready()));
+        if self.lora.is_none() {
+            self.model.set_grad_ready(Some(dist.grad_ready()));
+        }
         // Ranks compute every micro-batch's gradient from zero in `grads`.
         self.scratch = Vec::new();
         self.dist = Some(dist);
@@ -462,7 +460,7 @@ impl Trainer {
             if into_scratch {
                 zero(&mut self.scratch);
             } else if exact_ranks && k >= world {
-                zero(&mut self.grads);
+                zero(self.lora.as_mut().map_or(&mut self.grads, |l| &mut l.grads));
             }
             let (tokens, targets) = (&self.tokens, &self.targets);
             let ls = match &mut self.lora {
@@ -488,7 +486,7 @@ impl Trainer {
                 add_into(self.lora.as_mut().map_or(&mut self.grads, |l| &mut l.grads), &self.scratch);
             }
             if let Some(dist) = &mut self.dist {
-                dist.micro_done(&self.grads);
+                dist.micro_done(self.lora.as_ref().map_or(&self.grads, |l| &l.grads));
             }
             if self.micro_ms.len() < self.micro_ms.capacity() {
                 self.micro_ms.push(micro.elapsed().as_secs_f64() * 1e3);
@@ -503,7 +501,8 @@ impl Trainer {
         let mut comm = crate::dist::CommStats::default();
         if let Some(dist) = &mut self.dist {
             let stop = crate::signals::stop_requested();
-            let (stats, stop_any) = dist.finish(&mut self.grads, &self.micro_losses, stop, &mut self.all_losses)?;
+            let grads = self.lora.as_mut().map_or(&mut self.grads, |l| &mut l.grads);
+            let (stats, stop_any) = dist.finish(grads, &self.micro_losses, stop, &mut self.all_losses)?;
             (comm, self.dist_stop) = (stats, stop_any);
         } else {
             self.all_losses.clone_from(&self.micro_losses);

@@ -7,6 +7,7 @@
 //! everything downstream is bit-identical whichever variant ran.
 
 use super::matvec::QKind;
+use half::f16;
 
 /// Bytes of one block's quantized values: Q8_0 32, Q4_x 16.
 pub const fn block_qbytes(kind: QKind) -> usize {
@@ -19,6 +20,62 @@ pub const fn block_qbytes(kind: QKind) -> usize {
 /// `out[b]` = block b's integer dot of weight values `w` (`out.len()` blocks, packed as
 /// `kind`) with activations `x` `[32·out.len()]`.
 pub type IsumFn = fn(QKind, &[u8], &[i8], &mut [i32]);
+
+/// One weight row and one activation row, block by block (`wd`, `wm`, `xd`, `xs` have one
+/// entry per block; `wm` is empty unless Q4_1).
+#[derive(Clone, Copy)]
+pub struct RowOperands<'a> {
+    pub kind: QKind,
+    pub wq: &'a [u8],
+    pub wd: &'a [f16],
+    pub wm: &'a [f16],
+    pub xq: &'a [i8],
+    pub xd: &'a [f32],
+    pub xs: &'a [f32],
+}
+
+impl RowOperands<'_> {
+    /// Panics unless every slice covers `wd.len()` blocks (what the fused kernels read).
+    pub fn check(&self) {
+        let nb = self.wd.len();
+        assert!(
+            self.wq.len() >= nb * block_qbytes(self.kind)
+                && self.xq.len() >= nb * 32
+                && self.xd.len() >= nb
+                && self.xs.len() >= nb
+                && (self.wm.is_empty() || self.wm.len() >= nb)
+                && (self.kind != QKind::Q4_1 || self.wm.len() >= nb),
+            "row operands too short for {nb} blocks"
+        );
+    }
+}
+
+/// A whole output element: the integer block sums and the float steps of `matvec.rs`'s
+/// module docs in one pass (the SIMD variants keep eight blocks' sums in a register and do
+/// the float steps eight lanes at a time, in the same order, so their bits equal the
+/// reference `matvec::dot_row`'s).
+pub type RowFn = fn(&RowOperands) -> f32;
+
+/// The fused row kernel for this CPU, if it has one (x86 with AVX2 and F16C).
+pub fn best_row() -> Option<(RowFn, &'static str)> {
+    available_rows().pop()
+}
+
+/// Every fused row kernel this CPU runs (tests).
+pub fn available_rows() -> Vec<(RowFn, &'static str)> {
+    #[allow(unused_mut)]
+    let mut v: Vec<(RowFn, &'static str)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+            v.push((x86::row_avx2, "avx2-fused"));
+            if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
+                v.push((x86::row_vnni, "avx512-vnni-fused"));
+            }
+        }
+    }
+    v
+}
 
 /// The scalar reference.
 pub fn isums_scalar(kind: QKind, w: &[u8], x: &[i8], out: &mut [i32]) {
@@ -85,7 +142,7 @@ pub fn available() -> Vec<(IsumFn, &'static str)> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QKind, block_qbytes};
+    use super::{QKind, RowOperands, block_qbytes};
     use std::arch::x86_64::*;
 
     /// Block b's 32 weight values as bytes: Q8_0 signed, Q4_0 nibble − 8 (signed), Q4_1 the
@@ -175,6 +232,78 @@ mod x86 {
                 b += 1;
             }
         }};
+    }
+
+    /// The fused row (`super::RowFn`): eight blocks per step, their i32 sums in one
+    /// register, then lanes += f32(isum) · (dw · dx) [+ mw · sx], eight lanes at a time (lane
+    /// = block mod 8, as the reference), the tail blocks one by one.
+    macro_rules! row_body {
+        ($a:ident, $block:ident) => {{
+            let RowOperands { kind, wq, wd, wm, xq, xd, xs } = *$a;
+            let (qb, nb) = (block_qbytes(kind), wd.len());
+            let (w, x) = (wq.as_ptr(), xq.as_ptr());
+            let mut acc = _mm256_setzero_ps();
+            let mut b = 0;
+            while b + 8 <= nb {
+                let mut p = [_mm256_setzero_si256(); 8];
+                for (i, p) in p.iter_mut().enumerate() {
+                    *p = $block(kind, w.add((b + i) * qb), x.add((b + i) * 32));
+                }
+                let isum = _mm256_cvtepi32_ps(reduce8(p));
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.as_ptr().add(b) as *const __m128i));
+                let dx = _mm256_loadu_ps(xd.as_ptr().add(b));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(isum, _mm256_mul_ps(dw, dx)));
+                if kind == QKind::Q4_1 {
+                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(wm.as_ptr().add(b) as *const __m128i));
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(mw, _mm256_loadu_ps(xs.as_ptr().add(b))));
+                }
+                b += 8;
+            }
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            while b < nb {
+                let s = hsum($block(kind, w.add(b * qb), x.add(b * 32)));
+                lanes[b % 8] += s as f32 * (wd[b].to_f32() * xd[b]);
+                if kind == QKind::Q4_1 {
+                    lanes[b % 8] += wm[b].to_f32() * xs[b];
+                }
+                b += 1;
+            }
+            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        }};
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn row_avx2_impl(a: &RowOperands) -> f32 {
+        unsafe { row_body!(a, block_avx2) }
+    }
+
+    #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn row_vnni_impl(a: &RowOperands) -> f32 {
+        unsafe { row_body!(a, block_vnni) }
+    }
+
+    pub fn row_avx2(a: &RowOperands) -> f32 {
+        a.check();
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"),
+            "row_avx2 needs AVX2 and F16C"
+        );
+        // SAFETY: the features are present and every block read lies inside the slices
+        // (both checked above; the detection is cached).
+        unsafe { row_avx2_impl(a) }
+    }
+
+    pub fn row_vnni(a: &RowOperands) -> f32 {
+        a.check();
+        assert!(
+            std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("f16c"),
+            "row_vnni needs AVX-512 VNNI, VL and F16C"
+        );
+        // SAFETY: as row_avx2.
+        unsafe { row_vnni_impl(a) }
     }
 
     #[target_feature(enable = "avx2")]

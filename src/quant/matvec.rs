@@ -24,7 +24,7 @@
 //! against an f64 reference). Against the original f32 weights the weight rounding adds at
 //! most Σ_b (dw_b/2)·Σ_{i∈b}|x_i| (Q8_0; Q4_0's step is d, so d/2 likewise).
 
-use super::kernels::{self, IsumFn, block_qbytes};
+use super::kernels::{self, IsumFn, RowFn, RowOperands, block_qbytes};
 use super::{GgmlType, blocks};
 use anyhow::{Result, bail, ensure};
 use half::f16;
@@ -68,10 +68,16 @@ fn kernel() -> &'static (IsumFn, &'static str) {
     K.get_or_init(kernels::best)
 }
 
+/// The fused row kernel picked once for this process, if the CPU has one.
+fn row_kernel() -> Option<(RowFn, &'static str)> {
+    static R: OnceLock<Option<(RowFn, &'static str)>> = OnceLock::new();
+    *R.get_or_init(kernels::best_row)
+}
+
 /// The name of the integer dot-product variant in use ("avx512-vnni", "avx2", "neon-sdot",
 /// "scalar").
 pub fn kernel_name() -> &'static str {
-    kernel().1
+    row_kernel().map_or(kernel().1, |r| r.1)
 }
 
 /// A quantized weight matrix `[N, K]`, K a multiple of 32.
@@ -258,7 +264,28 @@ impl QActs {
     pub fn quantize(&mut self, x: &[f32], r: usize, k: usize) {
         assert!(k.is_multiple_of(QK) && x.len() >= r * k, "QActs::quantize: bad shape");
         assert!(self.qs.len() >= r * k && self.d.len() >= r * k / QK, "QActs::quantize: buffers too small");
-        for (b, xb) in x[..r * k].chunks_exact(QK).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { self.quantize_avx2(&x[..r * k]) };
+            (self.r, self.k) = (r, k);
+            return;
+        }
+        self.quantize_blocks(&x[..r * k]);
+        (self.r, self.k) = (r, k);
+    }
+
+    /// `quantize_blocks` compiled for AVX2, where `round` is an instruction sequence rather
+    /// than a libm call (the same IEEE operations, so the same bytes).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        self.quantize_blocks(x)
+    }
+
+    #[inline(always)]
+    fn quantize_blocks(&mut self, x: &[f32]) {
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             let q = &mut self.qs[b * QK..(b + 1) * QK];
@@ -270,7 +297,6 @@ impl QActs {
             self.d[b] = amax / 127.0;
             self.s[b] = self.d[b] * sum as f32;
         }
-        (self.r, self.k) = (r, k);
     }
 }
 
@@ -289,7 +315,32 @@ fn combine(isum: &[i32], dw: &[f16], mw: &[f16], dx: &[f32], sx: &[f32], lanes: 
 /// Blocks per integer pass: a multiple of 8, so lane `b mod 8` is the same across passes.
 const CHUNK: usize = 64;
 
-/// Weight row `j` · activation row `r` with integer kernel `isums`.
+/// Weight row `j` and activation row `r`, block by block.
+fn row_operands<'a>(w: &'a QMatrix, j: usize, x: &'a QActs, r: usize) -> RowOperands<'a> {
+    let (nb, qb) = (w.k / QK, block_qbytes(w.kind));
+    RowOperands {
+        kind: w.kind,
+        wq: &w.qs[j * nb * qb..(j + 1) * nb * qb],
+        wd: &w.d[j * nb..(j + 1) * nb],
+        wm: if w.m.is_empty() { &[] } else { &w.m[j * nb..(j + 1) * nb] },
+        xq: &x.qs[r * w.k..(r + 1) * w.k],
+        xd: &x.d[r * nb..(r + 1) * nb],
+        xs: &x.s[r * nb..(r + 1) * nb],
+    }
+}
+
+/// `dot_row` with the fastest kernel: the fused row kernel where the CPU has one (same
+/// bits, tested), else the integer kernel and the shared float steps.
+#[inline]
+fn dot_row_best(w: &QMatrix, j: usize, x: &QActs, r: usize, isums: IsumFn, row: Option<RowFn>) -> f32 {
+    match row {
+        Some(f) => f(&row_operands(w, j, x, r)),
+        None => dot_row(w, j, x, r, isums),
+    }
+}
+
+/// Weight row `j` · activation row `r` with integer kernel `isums` (the reference float
+/// steps).
 pub fn dot_row(w: &QMatrix, j: usize, x: &QActs, r: usize, isums: IsumFn) -> f32 {
     let (nb, qb) = (w.k / QK, block_qbytes(w.kind));
     let wq = &w.qs[j * nb * qb..(j + 1) * nb * qb];
@@ -317,13 +368,13 @@ pub fn qmatvec_rows(out: &mut [f32], scratch: &mut [f32], x: &QActs, w: &QMatrix
     let (r, n, k) = (x.r, w.n, w.k);
     assert!(x.k == k, "qmatvec_rows: activations of width {} for a matrix of width {k}", x.k);
     assert!(out.len() >= r * n && (r == 1 || scratch.len() >= r * n), "qmatvec_rows: output too short");
-    let isums = kernel().0;
+    let (isums, row) = (kernel().0, row_kernel().map(|r| r.0));
     // Contiguous row blocks, one per thread, but never tasks of under 64K multiply-adds.
     let rows = n.div_ceil(rayon::current_num_threads()).max(65536 / (k * r).max(1)).max(1);
     if r == 1 {
         out[..n].par_chunks_mut(rows).enumerate().for_each(|(blk, o)| {
             for (i, o) in o.iter_mut().enumerate() {
-                *o = dot_row(w, blk * rows + i, x, 0, isums);
+                *o = dot_row_best(w, blk * rows + i, x, 0, isums, row);
             }
         });
         return;
@@ -331,7 +382,7 @@ pub fn qmatvec_rows(out: &mut [f32], scratch: &mut [f32], x: &QActs, w: &QMatrix
     scratch[..n * r].par_chunks_mut(rows * r).enumerate().for_each(|(blk, o)| {
         for (j, oj) in o.chunks_exact_mut(r).enumerate() {
             for (i, v) in oj.iter_mut().enumerate() {
-                *v = dot_row(w, blk * rows + j, x, i, isums);
+                *v = dot_row_best(w, blk * rows + j, x, i, isums, row);
             }
         }
     });
@@ -456,6 +507,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused row kernels give the reference float steps' bits (scalar integer sums, then
+    /// `combine`) for block counts around the eight-block step and with a tail.
+    #[test]
+    fn fused_row_kernels_equal_the_reference_bitwise() {
+        let mut rng = Rng::new(17);
+        let fused = kernels::available_rows();
+        eprintln!("fused row kernels here: {:?}", fused.iter().map(|v| v.1).collect::<Vec<_>>());
+        for kind in [QKind::Q8_0, QKind::Q4_0, QKind::Q4_1] {
+            for nb in [1, 7, 8, 9, 16, 24, 37, 64, 65, 72] {
+                let (n, k) = (5, nb * QK);
+                let w = random_matrix(kind, n, k, &mut rng);
+                let x: Vec<f32> = (0..2 * k).map(|_| rng.normal() as f32).collect();
+                let mut acts = QActs::new(2, k).unwrap();
+                acts.quantize(&x, 2, k);
+                for j in 0..n {
+                    for r in 0..2 {
+                        let want = dot_row(&w, j, &acts, r, kernels::isums_scalar);
+                        for (f, name) in &fused {
+                            let got = f(&row_operands(&w, j, &acts, r));
+                            assert_eq!(got.to_bits(), want.to_bits(), "{name} {kind:?} nb={nb} ({r}, {j})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 build of the activation quantizer gives the portable one's bytes and scales,
+    /// halfway cases (x·127/max|x| = n + 0.5, rounded away from zero) included.
+    #[test]
+    fn activation_quantizer_is_the_same_on_every_path() {
+        let mut rng = Rng::new(23);
+        let k = 4 * QK;
+        let mut x: Vec<f32> = (0..k).map(|_| rng.normal() as f32).collect();
+        // Block 0: max 127, so the halves stay halves after scaling.
+        for (i, v) in x[..QK].iter_mut().enumerate() {
+            *v = [127.0, -0.5, 0.5, 1.5, -2.5, 0.49999997, -126.5, 3.0][i % 8];
+        }
+        let mut a = QActs::new(1, k).unwrap();
+        a.quantize(&x, 1, k);
+        let mut b = QActs::new(1, k).unwrap();
+        b.quantize_blocks(&x);
+        assert_eq!(a.qs, b.qs);
+        assert_eq!(a.d, b.d);
+        assert_eq!(a.s, b.s);
+        assert_eq!(&a.qs[..8], &[127, -1, 1, 2, -3, 0, -127, 3]);
     }
 
     #[test]

@@ -533,6 +533,12 @@ struct TrainArgs {
     /// layers then compute with the bf16-rounded weights).
     #[arg(long, value_enum, default_value = "f32")]
     base_dtype: BaseDtype,
+    /// With --base-dtype bf16: run the frozen layers' projections as bf16 GEMMs (AVX-512 BF16,
+    /// activations rounded to bf16 as PyTorch's bf16 autocast does, f32 accumulation), the
+    /// adapters applied beside them in f32. On a CPU without AVX-512 BF16 a notice is printed
+    /// and the f32 GEMMs run. Changes the numerics (docs/BENCHMARKS.md §12); off by default.
+    #[arg(long)]
+    bf16_matmul: bool,
     #[command(flatten)]
     rt: Runtime,
 }

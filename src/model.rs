@@ -486,9 +486,9 @@ impl Model {
         let mut kernel_ms = 0.0;
         embedding_forward(&mut self.acts[0].x_in, tokens, layout.view(params, layout.embed), c);
         for l in 0..self.cfg.n_layers {
-            let w = match (self.lora.as_mut(), adapters) {
+            let (w, lw) = match (self.lora.as_mut(), adapters) {
                 (Some(lr), Some(ad)) => lr.merged_layer(par, layout, params, ad, l),
-                _ => layout.layer(params, l),
+                _ => (layout.layer(params, l), None),
             };
             let (this, rest) = self.acts[l..].split_first_mut().expect("layer exists");
             let x_out = match rest.first_mut() {
@@ -497,10 +497,16 @@ impl Model {
             };
             let scratch = &mut self.dxn; // `[N, C]` block output before the residual add
             rmsnorm_forward(&mut this.xn1, &mut this.rstd1, &this.x_in, w.attn_norm, n, c, eps);
-            timed(&mut kernel_ms, || self.backend.attention_forward(scratch, this, &w))?;
+            timed(&mut kernel_ms, || match &lw {
+                Some(lw) => self.backend.attention_forward_lowp(scratch, this, &w, lw),
+                None => self.backend.attention_forward(scratch, this, &w),
+            })?;
             add(&mut this.x_mid, &this.x_in, scratch);
             rmsnorm_forward(&mut this.xn2, &mut this.rstd2, &this.x_mid, w.ffn_norm, n, c, eps);
-            timed(&mut kernel_ms, || self.backend.ffn_forward(scratch, this, &w))?;
+            timed(&mut kernel_ms, || match &lw {
+                Some(lw) => self.backend.ffn_forward_lowp(scratch, this, &w, lw),
+                None => self.backend.ffn_forward(scratch, this, &w),
+            })?;
             add(x_out, &this.x_mid, scratch);
         }
         let final_norm = layout.view(params, layout.final_norm);
@@ -514,8 +520,11 @@ impl Model {
         let logits = &mut self.logits[..n * v];
         let mut classifier_ms = 0.0;
         let on_backend = timed(&mut classifier_ms, || self.backend.classifier_forward(logits, &self.xf, e))?;
+        let lowp = self.lora.as_mut().and_then(|l| l.lowp_gemm()).filter(|_| adapters.is_some());
         if on_backend {
             kernel_ms += classifier_ms;
+        } else if let Some(g) = lowp {
+            g.gemm(par, n, v, c, &self.xf, c, crate::ops::gemm_bf16::Bf16Rhs::TF32(e, c), logits, v, false);
         } else {
             matmul_forward(par, logits, &self.xf, e, n, c, v);
         }

@@ -203,10 +203,20 @@ impl ParamLayout {
 
     /// Layer `l`'s tensors as slices of `layer_buf`, a copy of just that layer's range (LoRA
     /// merges adapters into such a copy).
-    pub fn layer_in<'a>(&self, layer_buf: &'a [f32], l: usize) -> LayerTensors<&'a [f32]> {
+    pub fn layer_in<'a, T>(&self, layer_buf: &'a [T], l: usize) -> LayerTensors<&'a [T]> {
         let mut rest = &layer_buf[..self.layer_ranges[l].len()];
         self.split_layer(l, |len| {
             let (head, tail) = rest.split_at(len);
+            rest = tail;
+            head
+        })
+    }
+
+    /// `layer_in`, as disjoint mutable slices.
+    pub fn layer_in_mut<'a, T>(&self, layer_buf: &'a mut [T], l: usize) -> LayerTensors<&'a mut [T]> {
+        let mut rest = &mut layer_buf[..self.layer_ranges[l].len()];
+        self.split_layer(l, |len| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
             head
         })

@@ -1,9 +1,10 @@
 //! The `cpu` backend: the kernel set on the crate's own ops and a real GEMM, in f32.
 
 use super::qkv::qkv_backward;
-use super::{Backend, LayerActs, LayerGrads, QkNormGrads, Weights};
+use super::{AdapterRef, Backend, LayerActs, LayerGrads, LowpWeights, QkNormGrads, Weights};
 use crate::config::ModelConfig;
 use crate::ops::Par;
+use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::attention::{AttnBackwardScratch, AttnDims, attention_backward, attention_forward};
 use crate::ops::matmul::{Operand, bias_forward, matmul_backward_dx, matmul_forward, sgemm};
 use crate::ops::rmsnorm::rmsnorm_forward;
@@ -32,6 +33,17 @@ pub struct CpuBackend {
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// The bf16 GEMM's packing scratch, made by the first `*_lowp` call.
+    bf16: Option<Bf16Gemm>,
+    /// `[N, r]`: an adapter's x·Aᵀ or dy·B in the `*_lowp` kernels (sized by their first call).
+    lora_u: Vec<f32>,
+}
+
+/// The projections a kernel multiplies by: the f32 weights, or a bf16 base with adapters.
+#[derive(Clone, Copy)]
+enum Proj<'a> {
+    F32,
+    Lowp(&'a LowpWeights<'a>),
 }
 
 impl CpuBackend {
@@ -54,34 +66,116 @@ impl CpuBackend {
             dq: vec![0.0; n * cfg.q_dim()],
             dk: vec![0.0; n * cfg.kv_dim()],
             dv: vec![0.0; n * cfg.kv_dim()],
+            bf16: None,
+            lora_u: Vec::new(),
         }
+    }
+
+    /// Makes the `*_lowp` scratch on first use (fallible), sized for the widest rank of `lw`.
+    fn lowp_scratch(&mut self, lw: &LowpWeights) -> Result<(&mut Bf16Gemm, &mut Vec<f32>)> {
+        if self.bf16.is_none() {
+            self.bf16 = Some(Bf16Gemm::new(self.n)?);
+        }
+        let need = self.n * lw.rank;
+        if self.lora_u.len() < need {
+            self.lora_u = crate::memory::try_vec_f32(need, "the LoRA adapter scratch")?;
+        }
+        Ok((self.bf16.as_mut().expect("made above"), &mut self.lora_u))
     }
 }
 
-impl Backend for CpuBackend {
-    fn name(&self) -> &'static str {
-        "cpu"
-    }
 
-    fn shape(&self) -> (usize, usize) {
-        (self.dims.b, self.dims.t)
+/// `y` (leading dimension `ldy`, columns `0..oc`) = x `[N, IC]` · Wᵀ for the bf16 `w`
+/// `[OC, IC]`, plus, for each `(column, adapter)`, `s·(x·Aᵀ)·Bᵀ` into the adapter's column
+/// block (a stacked projection's part). `u` is `[N, r]` scratch.
+#[allow(clippy::too_many_arguments)]
+fn lowp_forward(
+    gemm: &mut Bf16Gemm,
+    u: &mut [f32],
+    par: Par,
+    y: &mut [f32],
+    ldy: usize,
+    x: &[f32],
+    w: &[u16],
+    n: usize,
+    ic: usize,
+    oc: usize,
+    adapters: &[(usize, Option<AdapterRef>)],
+    s: f32,
+) {
+    gemm.gemm(par, n, oc, ic, x, ic, Bf16Rhs::T(w, ic), y, ldy, false);
+    for &(col, ad) in adapters {
+        let Some(ad) = ad else { continue };
+        let r = ad.a.len() / ic;
+        let aoc = ad.b.len() / r;
+        let u = &mut u[..n * r];
+        sgemm(par, n, r, ic, Operand::n(x, ic), Operand::t(ad.a, ic), u, r, false);
+        u.iter_mut().for_each(|v| *v *= s);
+        sgemm(par, n, aoc, r, Operand::n(u, r), Operand::t(ad.b, r), &mut y[col..], ldy, true);
     }
+}
 
-    fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+/// The input gradient of `lowp_forward`: dx `[N, IC]` = dy · W (dy of leading dimension
+/// `ldy`, columns `0..oc`) plus, per adapter, `s·(dy_block·B)·A`. `v` is `[N, r]` scratch.
+#[allow(clippy::too_many_arguments)]
+fn lowp_dx(
+    gemm: &mut Bf16Gemm,
+    v: &mut [f32],
+    par: Par,
+    dx: &mut [f32],
+    dy: &[f32],
+    ldy: usize,
+    w: &[u16],
+    n: usize,
+    ic: usize,
+    oc: usize,
+    adapters: &[(usize, Option<AdapterRef>)],
+    s: f32,
+) {
+    gemm.gemm(par, n, ic, oc, dy, ldy, Bf16Rhs::N(w, ic), dx, ic, false);
+    for &(col, ad) in adapters {
+        let Some(ad) = ad else { continue };
+        let r = ad.a.len() / ic;
+        let aoc = ad.b.len() / r;
+        let v = &mut v[..n * r];
+        sgemm(par, n, r, aoc, Operand::n(&dy[col..], ldy), Operand::n(ad.b, r), v, r, false);
+        v.iter_mut().for_each(|x| *x *= s);
+        sgemm(par, n, ic, r, Operand::n(v, r), Operand::n(ad.a, ic), dx, ic, true);
+    }
+}
+
+impl CpuBackend {
+    fn attention_forward_with(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights, p: Proj) -> Result<()> {
         let (par, n, c, eps) = (self.par, self.n, self.c, self.eps);
         let AttnDims { t, h, kv, d, .. } = self.dims;
         let (qd, kd) = (h * d, kv * d);
-        // The fused projection's row blocks Wq `[QD, C]`, Wk, Wv `[KD, C]`, each product
-        // written straight into its own buffer (no fused output to split).
-        let (wq, rest) = w.wqkv.split_at(qd * c);
-        let (wk, wv) = rest.split_at(kd * c);
         let norm = w.q_norm.zip(w.k_norm);
         let (q_out, k_out) =
             if norm.is_some() { (&mut acts.q_raw, &mut acts.k_raw) } else { (&mut acts.q, &mut acts.k) };
-        let xn1 = Operand::n(&acts.xn1, c);
-        sgemm(par, n, qd, c, xn1, Operand::t(wq, c), q_out, qd, false);
-        sgemm(par, n, kd, c, xn1, Operand::t(wk, c), k_out, kd, false);
-        sgemm(par, n, kd, c, xn1, Operand::t(wv, c), &mut acts.v, kd, false);
+        match p {
+            Proj::F32 => {
+                // The fused projection's row blocks Wq `[QD, C]`, Wk, Wv `[KD, C]`, each
+                // product written straight into its own buffer (no fused output to split).
+                let (wq, rest) = w.wqkv.split_at(qd * c);
+                let (wk, wv) = rest.split_at(kd * c);
+                let xn1 = Operand::n(&acts.xn1, c);
+                sgemm(par, n, qd, c, xn1, Operand::t(wq, c), q_out, qd, false);
+                sgemm(par, n, kd, c, xn1, Operand::t(wk, c), k_out, kd, false);
+                sgemm(par, n, kd, c, xn1, Operand::t(wv, c), &mut acts.v, kd, false);
+            }
+            Proj::Lowp(lw) => {
+                let (wq, rest) = lw.wqkv.split_at(qd * c);
+                let (wk, wv) = rest.split_at(kd * c);
+                let (g, u) = self.lowp_scratch(lw)?;
+                let (s, ad) = (lw.scale, &lw.adapters);
+                let x = &acts.xn1;
+                lowp_forward(g, u, par, q_out, qd, x, wq, n, c, qd, &[(0, ad[0])], s);
+                lowp_forward(g, u, par, k_out, kd, x, wk, n, c, kd, &[(0, ad[1])], s);
+                lowp_forward(g, u, par, &mut acts.v, kd, x, wv, n, c, kd, &[(0, ad[2])], s);
+            }
+        }
+        let (q_out, k_out) =
+            if norm.is_some() { (&mut acts.q_raw, &mut acts.k_raw) } else { (&mut acts.q, &mut acts.k) };
         if let Some(bias) = w.bqkv {
             let (bq, rest) = bias.split_at(qd);
             let (bk, bv) = rest.split_at(kd);
@@ -96,34 +190,68 @@ impl Backend for CpuBackend {
         rope_forward(&mut acts.q, &self.rope, n, t, h);
         rope_forward(&mut acts.k, &self.rope, n, t, kv);
         attention_forward(par, &mut acts.attn, &mut acts.probs, &mut self.hm_q, &acts.q, &acts.k, &acts.v, self.dims);
-        matmul_forward(par, o, &acts.attn, w.wo, n, qd, c);
+        match p {
+            Proj::F32 => matmul_forward(par, o, &acts.attn, w.wo, n, qd, c),
+            Proj::Lowp(lw) => {
+                let (g, u) = self.lowp_scratch(lw)?;
+                lowp_forward(g, u, par, o, c, &acts.attn, lw.wo, n, qd, c, &[(0, lw.adapters[3])], lw.scale);
+            }
+        }
         Ok(())
     }
 
-    fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+    fn ffn_forward_with(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights, p: Proj) -> Result<()> {
         let (par, n, c, f) = (self.par, self.n, self.c, self.f);
-        matmul_forward(par, &mut acts.h13, &acts.xn2, w.w13, n, c, 2 * f);
+        match p {
+            Proj::F32 => matmul_forward(par, &mut acts.h13, &acts.xn2, w.w13, n, c, 2 * f),
+            Proj::Lowp(lw) => {
+                let (g, u) = self.lowp_scratch(lw)?;
+                let ad = [(0, lw.adapters[4]), (f, lw.adapters[5])];
+                lowp_forward(g, u, par, &mut acts.h13, 2 * f, &acts.xn2, lw.w13, n, c, 2 * f, &ad, lw.scale);
+            }
+        }
         swiglu_forward(&mut acts.gate, &acts.h13, f);
-        matmul_forward(par, out, &acts.gate, w.w2, n, f, c);
+        match p {
+            Proj::F32 => matmul_forward(par, out, &acts.gate, w.w2, n, f, c),
+            Proj::Lowp(lw) => {
+                let (g, u) = self.lowp_scratch(lw)?;
+                lowp_forward(g, u, par, out, c, &acts.gate, lw.w2, n, f, c, &[(0, lw.adapters[6])], lw.scale);
+            }
+        }
         Ok(())
     }
 
-    fn ffn_backward_dx(
+    fn ffn_backward_dx_with(
         &mut self,
         dxn: &mut [f32],
         g: &mut LayerGrads,
         d_out: &[f32],
         acts: &LayerActs,
         w: &Weights,
+        p: Proj,
     ) -> Result<()> {
         let (par, n, c, f) = (self.par, self.n, self.c, self.f);
-        matmul_backward_dx(par, &mut g.dgate, d_out, w.w2, n, f, c, false);
+        match p {
+            Proj::F32 => matmul_backward_dx(par, &mut g.dgate, d_out, w.w2, n, f, c, false),
+            Proj::Lowp(lw) => {
+                let (gm, v) = self.lowp_scratch(lw)?;
+                lowp_dx(gm, v, par, &mut g.dgate, d_out, c, lw.w2, n, f, c, &[(0, lw.adapters[6])], lw.scale);
+            }
+        }
         swiglu_backward(&mut g.dh13, &g.dgate, &acts.h13, f);
-        matmul_backward_dx(par, dxn, &g.dh13, w.w13, n, c, 2 * f, false);
+        match p {
+            Proj::F32 => matmul_backward_dx(par, dxn, &g.dh13, w.w13, n, c, 2 * f, false),
+            Proj::Lowp(lw) => {
+                let (gm, v) = self.lowp_scratch(lw)?;
+                let ad = [(0, lw.adapters[4]), (f, lw.adapters[5])];
+                lowp_dx(gm, v, par, dxn, &g.dh13, 2 * f, lw.w13, n, c, 2 * f, &ad, lw.scale);
+            }
+        }
         Ok(())
     }
 
-    fn attention_backward_dx(
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_dx_with(
         &mut self,
         dxn: &mut [f32],
         g: &mut LayerGrads,
@@ -131,11 +259,18 @@ impl Backend for CpuBackend {
         d_o: &[f32],
         acts: &LayerActs,
         w: &Weights,
+        p: Proj,
     ) -> Result<()> {
         let (par, n, c) = (self.par, self.n, self.c);
         let AttnDims { t, h, kv, d, .. } = self.dims;
         let (qd, kd) = (h * d, kv * d);
-        matmul_backward_dx(par, &mut g.dattn, d_o, w.wo, n, qd, c, false);
+        match p {
+            Proj::F32 => matmul_backward_dx(par, &mut g.dattn, d_o, w.wo, n, qd, c, false),
+            Proj::Lowp(lw) => {
+                let (gm, v) = self.lowp_scratch(lw)?;
+                lowp_dx(gm, v, par, &mut g.dattn, d_o, c, lw.wo, n, qd, c, &[(0, lw.adapters[3])], lw.scale);
+            }
+        }
         let scratch = AttnBackwardScratch {
             ds: &mut self.ds,
             dq_hm: &mut self.hm_q,
@@ -159,7 +294,99 @@ impl Backend for CpuBackend {
         rope_backward(dq, &self.rope, n, t, h);
         rope_backward(dk, &self.rope, n, t, kv);
         qkv_backward(&mut g.dqkv, norm_grads, &self.dq, &self.dk, &self.dv, acts, w, n, h, kv, d);
-        matmul_backward_dx(par, dxn, &g.dqkv, w.wqkv, n, c, qd + 2 * kd, false);
+        let width = qd + 2 * kd;
+        match p {
+            Proj::F32 => matmul_backward_dx(par, dxn, &g.dqkv, w.wqkv, n, c, width, false),
+            Proj::Lowp(lw) => {
+                let (gm, v) = self.lowp_scratch(lw)?;
+                let ad = [(0, lw.adapters[0]), (qd, lw.adapters[1]), (qd + kd, lw.adapters[2])];
+                lowp_dx(gm, v, par, dxn, &g.dqkv, width, lw.wqkv, n, c, width, &ad, lw.scale);
+            }
+        }
         Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        (self.dims.b, self.dims.t)
+    }
+
+    fn attention_forward(&mut self, o: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+        self.attention_forward_with(o, acts, w, Proj::F32)
+    }
+
+    fn ffn_forward(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights) -> Result<()> {
+        self.ffn_forward_with(out, acts, w, Proj::F32)
+    }
+
+    fn ffn_backward_dx(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        d_out: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+    ) -> Result<()> {
+        self.ffn_backward_dx_with(dxn, g, d_out, acts, w, Proj::F32)
+    }
+
+    fn attention_backward_dx(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        norm_grads: QkNormGrads,
+        d_o: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+    ) -> Result<()> {
+        self.attention_backward_dx_with(dxn, g, norm_grads, d_o, acts, w, Proj::F32)
+    }
+
+    fn has_lowp(&self) -> bool {
+        true
+    }
+
+    fn attention_forward_lowp(
+        &mut self,
+        o: &mut [f32],
+        acts: &mut LayerActs,
+        w: &Weights,
+        lw: &LowpWeights,
+    ) -> Result<()> {
+        self.attention_forward_with(o, acts, w, Proj::Lowp(lw))
+    }
+
+    fn ffn_forward_lowp(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights, lw: &LowpWeights) -> Result<()> {
+        self.ffn_forward_with(out, acts, w, Proj::Lowp(lw))
+    }
+
+    fn ffn_backward_dx_lowp(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        d_out: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+        lw: &LowpWeights,
+    ) -> Result<()> {
+        self.ffn_backward_dx_with(dxn, g, d_out, acts, w, Proj::Lowp(lw))
+    }
+
+    fn attention_backward_dx_lowp(
+        &mut self,
+        dxn: &mut [f32],
+        g: &mut LayerGrads,
+        norm_grads: QkNormGrads,
+        d_o: &[f32],
+        acts: &LayerActs,
+        w: &Weights,
+        lw: &LowpWeights,
+    ) -> Result<()> {
+        self.attention_backward_dx_with(dxn, g, norm_grads, d_o, acts, w, Proj::Lowp(lw))
     }
 }

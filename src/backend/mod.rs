@@ -120,6 +120,37 @@ pub struct QkNormGrads<'a> {
 
 pub type Weights<'a> = LayerTensors<&'a [f32]>;
 
+/// One projection's LoRA adapter: `a` `[r, IC]`, `b` `[OC, r]`.
+#[derive(Clone, Copy)]
+pub struct AdapterRef<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+}
+
+/// A layer's projections for LoRA over a bf16 base with bf16 GEMMs (`train --bf16-matmul`):
+/// the frozen matrices as bf16 bits, stacked as in the arena (`LayerTensors`), and the
+/// adapters, which are applied beside the base GEMM (`y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `dx = dy·W +
+/// s·(dy·B)·A`) instead of being merged into it. The `Weights` passed with it supply the
+/// (widened) norm gains and biases; its matrices are empty.
+#[derive(Clone, Copy)]
+pub struct LowpWeights<'a> {
+    /// `[(H + 2·KV)·D, C]`
+    pub wqkv: &'a [u16],
+    /// `[C, H·D]`
+    pub wo: &'a [u16],
+    /// `[2·F, C]`
+    pub w13: &'a [u16],
+    /// `[C, F]`
+    pub w2: &'a [u16],
+    /// Per target in `crate::lora::Target` order (q, k, v, o, gate, up, down); `None`: not
+    /// adapted.
+    pub adapters: [Option<AdapterRef<'a>>; 7],
+    /// r, the adapters' rank
+    pub rank: usize,
+    /// alpha / r
+    pub scale: f32,
+}
+
 /// The per-layer kernel set. Every method sees one layer; weights are inputs on every call
 /// (a compiled kernel serves all layers and all steps). Shapes (B, T) are fixed when the
 /// backend is constructed.
@@ -202,6 +233,56 @@ pub trait Backend: Send {
         acts: &LayerActs,
         w: &Weights,
     ) -> Result<()>;
+
+    /// Whether the `*_lowp` kernels (bf16 GEMMs over `LowpWeights`) run on this backend.
+    fn has_lowp(&self) -> bool {
+        false
+    }
+
+    /// `attention_forward` with the projections of `lw` (bf16 base plus adapters).
+    fn attention_forward_lowp(
+        &mut self,
+        _o: &mut [f32],
+        _acts: &mut LayerActs,
+        _w: &Weights,
+        _lw: &LowpWeights,
+    ) -> Result<()> {
+        anyhow::bail!("the {} backend has no bf16 GEMMs (--bf16-matmul runs on the cpu backend)", self.name())
+    }
+
+    /// `ffn_forward` with the projections of `lw`.
+    fn ffn_forward_lowp(&mut self, _out: &mut [f32], _acts: &mut LayerActs, _w: &Weights, _lw: &LowpWeights) -> Result<()> {
+        anyhow::bail!("the {} backend has no bf16 GEMMs (--bf16-matmul runs on the cpu backend)", self.name())
+    }
+
+    /// `ffn_backward_dx` with the projections of `lw`.
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_backward_dx_lowp(
+        &mut self,
+        _dxn: &mut [f32],
+        _g: &mut LayerGrads,
+        _d_out: &[f32],
+        _acts: &LayerActs,
+        _w: &Weights,
+        _lw: &LowpWeights,
+    ) -> Result<()> {
+        anyhow::bail!("the {} backend has no bf16 GEMMs (--bf16-matmul runs on the cpu backend)", self.name())
+    }
+
+    /// `attention_backward_dx` with the projections of `lw`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_dx_lowp(
+        &mut self,
+        _dxn: &mut [f32],
+        _g: &mut LayerGrads,
+        _norm_grads: QkNormGrads,
+        _d_o: &[f32],
+        _acts: &LayerActs,
+        _w: &Weights,
+        _lw: &LowpWeights,
+    ) -> Result<()> {
+        anyhow::bail!("the {} backend has no bf16 GEMMs (--bf16-matmul runs on the cpu backend)", self.name())
+    }
 }
 
 #[cfg(test)]

@@ -127,6 +127,10 @@ fn start_mpi(args: &TrainArgs) -> Result<MpiJob> {
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
+    anyhow::ensure!(
+        !args.bf16_matmul || (args.base_dtype == crate::BaseDtype::Bf16 && args.lora_rank.is_some()),
+        "--bf16-matmul needs --lora-rank and --base-dtype bf16 (the bf16 GEMMs multiply the frozen bf16 base)"
+    );
     let job = start_mpi(&args)?;
     #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     let (rank, ranks) = job.as_ref().map_or((0, 1), |j| {
@@ -423,6 +427,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         #[cfg(not(feature = "mpi"))]
         let _ = (job, accum, mode);
         trainer.model.set_dw_overlap(dw_overlap)?;
+        if args.bf16_matmul {
+            if trainer.model.set_lora_bf16_matmul()? {
+                println!("bf16 matmul: the frozen layers' projections run as AVX-512 BF16 GEMMs");
+            } else {
+                println!("bf16 matmul: this CPU has no AVX-512 BF16; the f32 GEMMs on the widened base run");
+            }
+        }
         trainer.compile_budget = compile_budget;
         trainer.val_data = val_data;
         trainer.tokenizer = tokenizer;

@@ -3,10 +3,11 @@
 //! from the projection-output gradient the dx kernels already produce and the saved inputs.
 
 use super::{LossSum, Model, PhaseTimes, ms_since, timed};
-use crate::backend::QkNormGrads;
+use crate::backend::{AdapterRef, LowpWeights, QkNormGrads};
 use crate::lora::{Adapter, LoraLayout, LoraScratch, Target, lora_backward, merge_adapters};
 use crate::ops::Par;
 use crate::ops::cross_entropy::{IGNORE, cross_entropy_fused, loss_sum};
+use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::matmul::matmul_backward_dx;
 use crate::ops::rmsnorm::rmsnorm_backward;
 use crate::params::{LayerTensors, ParamLayout};
@@ -30,22 +31,83 @@ pub struct LoraRun {
     /// from the first layer's arena offset on; the f32 arena's layer ranges are then never
     /// read (`merge_layer` widens these into the scratch instead).
     base_bf16: Option<Vec<u16>>,
+    /// `--bf16-matmul`: the layers' projections run as bf16 GEMMs on `base_bf16` with the
+    /// adapters applied beside them (`LowpWeights`) instead of f32 GEMMs on the widened,
+    /// merged weights.
+    lowp: bool,
+    /// The bf16 GEMM's scratch for the classifier (its f32 embedding rounded while packing),
+    /// made when `lowp` is switched on.
+    gemm: Option<Bf16Gemm>,
 }
 
 impl LoraRun {
-    /// Copies layer `l` of `params` into the scratch, merges `s·B·A` into it, and returns its
-    /// views.
+    /// The classifier's bf16 GEMM, when bf16 GEMMs are on.
+    pub(super) fn lowp_gemm(&mut self) -> Option<&mut Bf16Gemm> {
+        self.gemm.as_mut().filter(|_| self.lowp)
+    }
+
+    /// Layer `l`'s weights for the kernels: a copy of layer `l` of `params` (or of the bf16
+    /// base, widened) with `s·B·A` merged in; or, with bf16 GEMMs on (`lowp`), only the norm
+    /// gains and biases widened (the matrices are then empty) and the bf16 matrices with
+    /// their adapters beside them.
     pub(super) fn merged_layer<'a>(
         &'a mut self,
         par: Par,
         layout: &ParamLayout,
         params: &[f32],
-        adapters: &[f32],
+        adapters: &'a [f32],
         l: usize,
-    ) -> LayerTensors<&'a [f32]> {
+    ) -> (LayerTensors<&'a [f32]>, Option<LowpWeights<'a>>) {
         let bf16 = self.base_bf16.as_deref();
-        merge_layer(&mut self.merged, &mut self.sb, &self.layout, bf16, par, layout, params, adapters, l)
+        if self.lowp {
+            let bits = bf16.expect("lowp is only set with a bf16 base");
+            return lowp_layer(&mut self.merged, &self.layout, bits, layout, adapters, l);
+        }
+        (merge_layer(&mut self.merged, &mut self.sb, &self.layout, bf16, par, layout, params, adapters, l), None)
     }
+}
+
+/// Layer `l` for the bf16 GEMMs: its norm gains and biases widened into `merged` (returned
+/// as `Weights` with empty matrices, so an f32 kernel reading them fails loudly), and its
+/// bf16 matrices with their adapters.
+fn lowp_layer<'a>(
+    merged: &'a mut [f32],
+    lora: &LoraLayout,
+    base_bf16: &'a [u16],
+    layout: &ParamLayout,
+    adapters: &'a [f32],
+    l: usize,
+) -> (LayerTensors<&'a [f32]>, Option<LowpWeights<'a>>) {
+    let range = layout.layer_range(l);
+    let first = layout.layer_range(0).start;
+    let bits = layout.layer_in(&base_bf16[range.start - first..range.end - first], l);
+    let widen = |dst: &mut [f32], src: &[u16]| {
+        dst.iter_mut().zip(src).for_each(|(d, &b)| *d = half::bf16::from_bits(b).to_f32());
+    };
+    let dst = layout.layer_in_mut(&mut merged[..range.len()], l);
+    widen(dst.attn_norm, bits.attn_norm);
+    widen(dst.ffn_norm, bits.ffn_norm);
+    for (d, b) in [(dst.q_norm, bits.q_norm), (dst.k_norm, bits.k_norm), (dst.bqkv, bits.bqkv)] {
+        if let (Some(d), Some(b)) = (d, b) {
+            widen(d, b);
+        }
+    }
+    let mut w = layout.layer_in(&merged[..range.len()], l);
+    (w.wqkv, w.wo, w.w13, w.w2) = (&[], &[], &[], &[]);
+    let mut refs = [None; 7];
+    for ad in lora.layer(l) {
+        refs[ad.target as usize] = Some(AdapterRef { a: &adapters[ad.a.clone()], b: &adapters[ad.b.clone()] });
+    }
+    let lw = LowpWeights {
+        wqkv: bits.wqkv,
+        wo: bits.wo,
+        w13: bits.w13,
+        w2: bits.w2,
+        adapters: refs,
+        rank: lora.cfg.rank,
+        scale: lora.cfg.scale(),
+    };
+    (w, Some(lw))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -124,6 +186,8 @@ impl Model {
             scratch: LoraScratch { u: vec![0.0; n * r], v: vec![0.0; n * r] },
             frozen: vec![0.0; self.cfg.dim + 2 * self.cfg.head_dim],
             base_bf16: None,
+            lowp: false,
+            gemm: None,
         });
         Ok(())
     }
@@ -136,6 +200,23 @@ impl Model {
         ensure!(bits.len() == span.len(), "the bf16 base holds {} values, the layers need {}", bits.len(), span.len());
         self.lora.as_mut().context("call set_lora before set_lora_base_bf16")?.base_bf16 = Some(bits);
         Ok(())
+    }
+
+    /// `--bf16-matmul`: with a bf16 base (`set_lora_base_bf16`), run the layers' projections
+    /// as bf16 GEMMs (activations rounded to bf16, f32 accumulation; `crate::ops::gemm_bf16`)
+    /// with the adapters applied beside them, on backends that have them. Returns whether the
+    /// fast path is on: false (and the f32 GEMMs on the widened base stay) on a CPU without
+    /// AVX-512 BF16, where the portable bf16 kernel would be slower than f32.
+    pub fn set_lora_bf16_matmul(&mut self) -> Result<bool> {
+        let (has_lowp, name, n) = (self.backend.has_lowp(), self.backend.name(), self.n());
+        let lora = self.lora.as_mut().context("--bf16-matmul needs --lora-rank")?;
+        ensure!(lora.base_bf16.is_some(), "--bf16-matmul needs --base-dtype bf16 (the bf16 GEMMs read the bf16 base)");
+        ensure!(has_lowp, "--bf16-matmul runs on the cpu backend only, not on {name}");
+        lora.lowp = crate::ops::gemm_bf16::available();
+        if lora.lowp && lora.gemm.is_none() {
+            lora.gemm = Some(Bf16Gemm::new(n)?);
+        }
+        Ok(lora.lowp)
     }
 
     /// The bf16 layer weights, when the base is held in bf16.
@@ -189,68 +270,44 @@ impl Model {
         let forward_ms = (mid - start).as_secs_f64() * 1e3;
 
         let layout = &self.layout;
-        matmul_backward_dx(par, &mut self.dxn, &self.logits, layout.view(params, layout.classifier()), n, c, v, false);
         // Out of `self` while the layers run, so the loop can borrow the model's other fields.
         let mut lora = self.lora.take().expect("checked above");
+        let e = layout.view(params, layout.classifier());
+        match lora.lowp_gemm() {
+            Some(g) => g.gemm(par, n, c, v, &self.logits, v, Bf16Rhs::NF32(e, c), &mut self.dxn, c, false),
+            None => matmul_backward_dx(par, &mut self.dxn, &self.logits, e, n, c, v, false),
+        }
         let final_norm = layout.view(params, layout.final_norm);
         let dnorm = &mut lora.frozen[..c];
         rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &self.rstd_final, &self.x_final, final_norm, n, c, false);
-        let s = lora.layout.cfg.scale();
         let mut kernel_ms = 0.0;
         let result = (|| -> Result<()> {
             for l in (0..self.cfg.n_layers).rev() {
-                let LoraRun { layout: ll, merged, sb, scratch, frozen, base_bf16 } = &mut lora;
-                let w = merge_layer(merged, sb, ll, base_bf16.as_deref(), par, &self.layout, params, adapters, l);
+                let LoraRun { layout: ll, merged, sb, scratch, frozen, base_bf16, lowp, .. } = &mut lora;
+                let (w, lw) = match (*lowp, base_bf16.as_deref()) {
+                    (true, Some(bits)) => lowp_layer(merged, ll, bits, &self.layout, adapters, l),
+                    (_, bf16) => (merge_layer(merged, sb, ll, bf16, par, &self.layout, params, adapters, l), None),
+                };
                 let (dnorm, dqk) = frozen.split_at_mut(c);
                 let (dqn, dkn) = dqk.split_at_mut(dqk.len() / 2);
                 let a = &self.acts[l];
-                timed(&mut kernel_ms, || {
-                    self.backend.ffn_backward_dx(&mut self.dxn, &mut self.grads, &self.dx, a, &w)
+                let (dxn, g, dx) = (&mut self.dxn, &mut self.grads, &self.dx);
+                timed(&mut kernel_ms, || match &lw {
+                    Some(lw) => self.backend.ffn_backward_dx_lowp(dxn, g, dx, a, &w, lw),
+                    None => self.backend.ffn_backward_dx(dxn, g, dx, a, &w),
                 })?;
-                for ad in ll.layer(l).iter().filter(|ad| ad.target >= Target::Gate) {
-                    let (dy, ld, x) = operands(ad, self, l, &self.dx, &self.grads.dqkv, &self.grads.dh13);
-                    let (da, db) = agrads[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
-                    lora_backward(
-                        par,
-                        da,
-                        db,
-                        scratch,
-                        dy,
-                        ld,
-                        x,
-                        &adapters[ad.a.clone()],
-                        &adapters[ad.b.clone()],
-                        n,
-                        ad,
-                        s,
-                    );
-                }
+                self.adapters_backward(agrads, scratch, ll, adapters, l, |t| t >= Target::Gate);
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
                 let norm_grads = QkNormGrads {
                     q_norm: w.q_norm.is_some().then_some(&mut dqn[..]),
                     k_norm: w.k_norm.is_some().then_some(&mut dkn[..]),
                 };
-                timed(&mut kernel_ms, || {
-                    self.backend.attention_backward_dx(&mut self.dxn, &mut self.grads, norm_grads, &self.dx, a, &w)
+                let (dxn, g, dx) = (&mut self.dxn, &mut self.grads, &self.dx);
+                timed(&mut kernel_ms, || match &lw {
+                    Some(lw) => self.backend.attention_backward_dx_lowp(dxn, g, norm_grads, dx, a, &w, lw),
+                    None => self.backend.attention_backward_dx(dxn, g, norm_grads, dx, a, &w),
                 })?;
-                for ad in ll.layer(l).iter().filter(|ad| ad.target <= Target::O) {
-                    let (dy, ld, x) = operands(ad, self, l, &self.dx, &self.grads.dqkv, &self.grads.dh13);
-                    let (da, db) = agrads[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
-                    lora_backward(
-                        par,
-                        da,
-                        db,
-                        scratch,
-                        dy,
-                        ld,
-                        x,
-                        &adapters[ad.a.clone()],
-                        &adapters[ad.b.clone()],
-                        n,
-                        ad,
-                        s,
-                    );
-                }
+                self.adapters_backward(agrads, scratch, ll, adapters, l, |t| t <= Target::O);
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
             }
             Ok(())
@@ -264,5 +321,26 @@ impl Model {
             ..PhaseTimes::default()
         };
         Ok(LossSum { sum, count })
+    }
+
+    /// dA, dB of layer `l`'s adapters whose target passes `which`, added into `agrads`, from
+    /// the projection-output gradients the last dx kernel left (`self.dx`, `grads.dqkv`,
+    /// `grads.dh13`) and the saved inputs.
+    fn adapters_backward(
+        &self,
+        agrads: &mut [f32],
+        scratch: &mut LoraScratch,
+        ll: &LoraLayout,
+        adapters: &[f32],
+        l: usize,
+        which: impl Fn(Target) -> bool,
+    ) {
+        let s = ll.cfg.scale();
+        for ad in ll.layer(l).iter().filter(|ad| which(ad.target)) {
+            let (dy, ld, x) = operands(ad, self, l, &self.dx, &self.grads.dqkv, &self.grads.dh13);
+            let (da, db) = agrads[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
+            let (a, b) = (&adapters[ad.a.clone()], &adapters[ad.b.clone()]);
+            lora_backward(self.par, da, db, scratch, dy, ld, x, a, b, self.n(), ad, s);
+        }
     }
 }

@@ -1,0 +1,554 @@
+//! A bf16 × bf16 → f32 GEMM for products with a frozen bf16 weight: `c (+)= a · op(W)`,
+//! where `a` is f32 (activations or their gradients, rounded to bf16 while packing, as
+//! PyTorch's bf16 autocast rounds them) and `W` holds bf16 bits. Products of two bf16 values
+//! are exact in f32; they are accumulated in f32. On x86-64 with AVX-512 BF16 (`vdpbf16ps`:
+//! 32 multiply-adds per instruction, twice an f32 FMA's 16) a 12 × 32 register-tile
+//! microkernel runs; everywhere else a portable kernel computes the same thing slowly
+//! (`available` says which — callers use this GEMM only where it is fast, and fall back to
+//! their f32 path elsewhere).
+//!
+//! Packing: `a` goes into panels of MR rows, `W` into panels of NR columns; both hold
+//! consecutive k in pairs (one u32 per (row or column, k-pair): the even k in the low half),
+//! which is the operand shape `vdpbf16ps` multiplies. k runs in blocks of `KCP` pairs (C is
+//! accumulated across blocks) and n in blocks of `NC` columns, so the packed scratch is a
+//! fixed size set once (`Bf16Gemm::new`); a call never allocates.
+
+use super::Par;
+use rayon::prelude::*;
+
+/// Rows of the register tile.
+const MR: usize = 12;
+/// Columns of the register tile (two 16-lane vectors).
+const NR: usize = 32;
+/// k-pairs per block.
+const KCP: usize = 384;
+/// Columns per block (a multiple of NR).
+const NC: usize = 2048;
+
+/// Whether the fast (AVX-512 BF16) kernel runs on this machine.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// f32 → bf16 bits, round to nearest even (NaN stays a quiet NaN). Branch-free on finite
+/// values so that packing loops vectorise.
+#[inline]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() { ((b >> 16) as u16) | 0x40 } else { rounded }
+}
+
+#[inline]
+fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// The right-hand operand: `W` row-major with leading dimension `ld`, as bf16 bits, or as
+/// f32 rounded to bf16 while packing (`*F32`: for a weight kept in f32, such as a tied
+/// embedding used as the classifier).
+#[derive(Clone, Copy)]
+pub enum Bf16Rhs<'a> {
+    /// `W` `[n, k]` (a linear layer's `[out, in]`): the product is `a · Wᵀ` (the forward).
+    T(&'a [u16], usize),
+    /// `W` `[k, n]`: the product is `a · W` (a linear layer's input gradient).
+    N(&'a [u16], usize),
+    /// `T` with f32 storage.
+    TF32(&'a [f32], usize),
+    /// `N` with f32 storage.
+    NF32(&'a [f32], usize),
+}
+
+/// An element the packing turns into bf16 bits.
+trait ToBits: Copy + Send + Sync {
+    fn bits(self) -> u32;
+}
+
+impl ToBits for u16 {
+    #[inline]
+    fn bits(self) -> u32 {
+        self as u32
+    }
+}
+
+impl ToBits for f32 {
+    #[inline]
+    fn bits(self) -> u32 {
+        to_bf16(self) as u32
+    }
+}
+
+/// Packed scratch for `gemm`, sized once for at most `max_m` rows.
+pub struct Bf16Gemm {
+    max_m: usize,
+    /// `[⌈max_m/MR⌉·MR, KCP]` pairs (row-major: row i's pairs at `i·kp`)
+    a: Vec<u32>,
+    /// `[NC/NR, KCP, NR]` pairs
+    b: Vec<u32>,
+}
+
+impl Bf16Gemm {
+    /// Scratch for products of up to `max_m` rows: (⌈max_m/12⌉·12 + 2048) · 384 · 4 bytes
+    /// (about 4.7 MB at 1,024 rows), allocated fallibly.
+    pub fn new(max_m: usize) -> anyhow::Result<Self> {
+        let a_len = max_m.div_ceil(MR) * MR * KCP;
+        let what = "the bf16 GEMM's packing scratch";
+        let a = crate::memory::try_zeroed::<u32>(a_len, what)?;
+        let b = crate::memory::try_zeroed::<u32>(NC * KCP, what)?;
+        Ok(Bf16Gemm { max_m, a, b })
+    }
+
+    /// `c[m×n] (+)= round_bf16(a[m×k]) · op(W)` with `a` row-major of leading dimension
+    /// `lda` and `c` of `ldc`; adds into `c` when `accumulate`, overwrites it otherwise.
+    /// Panics if a slice is too short for its shape or `m` exceeds the scratch's rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &mut self,
+        par: Par,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        w: Bf16Rhs,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        assert!(m <= self.max_m, "bf16 gemm: {m} rows, scratch sized for {}", self.max_m);
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(lda >= k && a.len() >= (m - 1) * lda + k, "bf16 gemm: lhs too short");
+        assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "bf16 gemm: dst too short");
+        let t_ok = |len: usize, ld: usize| ld >= k && len >= (n - 1) * ld + k;
+        let n_ok = |len: usize, ld: usize| k == 0 || (ld >= n && len >= (k - 1) * ld + n);
+        let ok = match w {
+            Bf16Rhs::T(w, ld) => t_ok(w.len(), ld),
+            Bf16Rhs::TF32(w, ld) => t_ok(w.len(), ld),
+            Bf16Rhs::N(w, ld) => n_ok(w.len(), ld),
+            Bf16Rhs::NF32(w, ld) => n_ok(w.len(), ld),
+        };
+        assert!(ok, "bf16 gemm: rhs too short");
+        if k == 0 {
+            if !accumulate {
+                (0..m).for_each(|i| c[i * ldc..i * ldc + n].fill(0.0));
+            }
+            return;
+        }
+        let fast = available();
+        let panels = m.div_ceil(MR);
+        let kp_total = k.div_ceil(2);
+        for pc in (0..kp_total).step_by(KCP) {
+            let kp = KCP.min(kp_total - pc);
+            let acc = accumulate || pc > 0;
+            // A block: rows 0..m, k-pairs pc..pc+kp.
+            let a_blk = &mut self.a[..panels * kp * MR];
+            let pack_a = |(i, dst): (usize, &mut [u32])| pack_a_row(dst, a, lda, m, k, i, pc);
+            if par.threads > 1 {
+                a_blk.par_chunks_mut(kp).enumerate().with_min_len(64).for_each(pack_a);
+            } else {
+                a_blk.chunks_mut(kp).enumerate().for_each(pack_a);
+            }
+            for jc in (0..n).step_by(NC) {
+                let nc = NC.min(n - jc);
+                let qn = nc.div_ceil(NR);
+                let b_blk = &mut self.b[..qn * kp * NR];
+                let pack_b = |(q, dst): (usize, &mut [u32])| pack_b_panel(dst, w, n, k, jc + q * NR, pc, kp);
+                if par.threads > 1 {
+                    b_blk.par_chunks_mut(kp * NR).enumerate().for_each(pack_b);
+                } else {
+                    b_blk.chunks_mut(kp * NR).enumerate().for_each(pack_b);
+                }
+                let (a_blk, b_blk) = (&self.a[..panels * kp * MR], &self.b[..qn * kp * NR]);
+                // Each task owns MR whole rows of c (columns jc..jc+nc of them).
+                let rows = |(p, c_rows): (usize, &mut [f32])| {
+                    let mr = MR.min(m - p * MR);
+                    // MR rows of kp pairs each.
+                    let ap = &a_blk[p * kp * MR..(p + 1) * kp * MR];
+                    for q in 0..qn {
+                        let nr = NR.min(nc - q * NR);
+                        let bp = &b_blk[q * kp * NR..(q + 1) * kp * NR];
+                        let cq = &mut c_rows[jc + q * NR..];
+                        tile(fast, kp, ap, bp, cq, ldc, mr, nr, acc);
+                    }
+                };
+                // The last row panel may be shorter than MR rows of ldc.
+                let c_used = &mut c[..(m - 1) * ldc + n];
+                if par.threads > 1 {
+                    c_used.par_chunks_mut(MR * ldc).enumerate().for_each(rows);
+                } else {
+                    c_used.chunks_mut(MR * ldc).enumerate().for_each(rows);
+                }
+            }
+        }
+    }
+}
+
+/// Packs row `i` of `a` (zeros past m), k-pairs `pc..pc + dst.len()` (a zero past k).
+fn pack_a_row(dst: &mut [u32], a: &[f32], lda: usize, m: usize, k: usize, i: usize, pc: usize) {
+    if i >= m {
+        dst.fill(0);
+        return;
+    }
+    let (k0, k1) = (2 * pc, (2 * (pc + dst.len())).min(k));
+    let row = &a[i * lda + k0..i * lda + k1];
+    let pairs = row.chunks_exact(2);
+    let tail = pairs.remainder();
+    let full = row.len() / 2;
+    for (d, x) in dst[..full].iter_mut().zip(pairs) {
+        *d = to_bf16(x[0]) as u32 | ((to_bf16(x[1]) as u32) << 16);
+    }
+    if let Some(&x) = tail.first() {
+        dst[full] = to_bf16(x) as u32;
+    }
+}
+
+/// Packs columns `j0..j0+NR` (zeros past n) and k-pairs `pc..pc+kp` of `op(W)`.
+fn pack_b_panel(dst: &mut [u32], w: Bf16Rhs, n: usize, k: usize, j0: usize, pc: usize, kp: usize) {
+    match w {
+        Bf16Rhs::T(w, ld) => pack_t(dst, w, ld, n, k, j0, pc, kp),
+        Bf16Rhs::TF32(w, ld) => pack_t(dst, w, ld, n, k, j0, pc, kp),
+        Bf16Rhs::N(w, ld) => pack_n(dst, w, ld, n, k, j0, pc, kp),
+        Bf16Rhs::NF32(w, ld) => pack_n(dst, w, ld, n, k, j0, pc, kp),
+    }
+}
+
+/// `pack_b_panel` for `W` `[n, k]`: each column's pairs are adjacent in a row of `W`.
+#[allow(clippy::too_many_arguments)]
+fn pack_t<E: ToBits>(dst: &mut [u32], w: &[E], ld: usize, n: usize, k: usize, j0: usize, pc: usize, kp: usize) {
+    let cols = NR.min(n - j0);
+    let (k0, k1) = (2 * pc, (2 * (pc + kp)).min(k));
+    for j in 0..NR {
+        if j >= cols {
+            (0..kp).for_each(|p| dst[p * NR + j] = 0);
+            continue;
+        }
+        let row = &w[(j0 + j) * ld + k0..(j0 + j) * ld + k1];
+        let pairs = row.chunks_exact(2);
+        let tail = pairs.remainder().first().map(|&x| x.bits());
+        let full = row.len() / 2;
+        for (p, x) in pairs.enumerate() {
+            dst[p * NR + j] = x[0].bits() | (x[1].bits() << 16);
+        }
+        if let Some(x) = tail {
+            dst[full * NR + j] = x;
+        }
+    }
+}
+
+/// `pack_b_panel` for `W` `[k, n]`: a pair interleaves two rows of `W`.
+#[allow(clippy::too_many_arguments)]
+fn pack_n<E: ToBits>(dst: &mut [u32], w: &[E], ld: usize, n: usize, k: usize, j0: usize, pc: usize, kp: usize) {
+    let cols = NR.min(n - j0);
+    for p in 0..kp {
+        let kk = 2 * (pc + p);
+        let out = &mut dst[p * NR..(p + 1) * NR];
+        let lo = &w[kk * ld + j0..kk * ld + j0 + cols];
+        if kk + 1 < k {
+            let hi = &w[(kk + 1) * ld + j0..(kk + 1) * ld + j0 + cols];
+            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                *o = l.bits() | (h.bits() << 16);
+            }
+        } else {
+            out.iter_mut().zip(lo).for_each(|(o, &l)| *o = l.bits());
+        }
+        out[cols..].fill(0);
+    }
+}
+
+/// One `mr × nr` tile of c (its top-left at `c[0]`, leading dimension `ldc`) from an A panel
+/// and a B panel of `kp` pairs.
+#[allow(clippy::too_many_arguments)]
+fn tile(fast: bool, kp: usize, ap: &[u32], bp: &[u32], c: &mut [f32], ldc: usize, mr: usize, nr: usize, acc: bool) {
+    let mut t = [0.0f32; MR * NR];
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: `available()` checked the CPU features; the panels hold kp·MR and kp·NR
+        // pairs (asserted in the kernel).
+        unsafe { x86::kernel(kp, ap, bp, &mut t) };
+    } else {
+        portable_kernel(kp, ap, bp, &mut t);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = fast;
+        portable_kernel(kp, ap, bp, &mut t);
+    }
+    for i in 0..mr {
+        let dst = &mut c[i * ldc..i * ldc + nr];
+        let src = &t[i * NR..i * NR + nr];
+        if acc {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        } else {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+/// The same products as the AVX-512 kernel, in plain Rust: per pair, the odd k's product
+/// then the even k's, added in f32 (the order `vdpbf16ps` documents).
+fn portable_kernel(kp: usize, ap: &[u32], bp: &[u32], t: &mut [f32; MR * NR]) {
+    for p in 0..kp {
+        let b = &bp[p * NR..(p + 1) * NR];
+        for i in 0..MR {
+            let av = ap[i * kp + p];
+            let (alo, ahi) = (from_bf16(av as u16), from_bf16((av >> 16) as u16));
+            for (j, &bv) in b.iter().enumerate() {
+                let (blo, bhi) = (from_bf16(bv as u16), from_bf16((bv >> 16) as u16));
+                let x = &mut t[i * NR + j];
+                *x += ahi * bhi;
+                *x += alo * blo;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `t [MR, NR] = Σ_p a_p ⊗ b_p` over `kp` packed pairs (A: MR rows of kp pairs; B: kp
+    /// rows of NR pairs), in 24 zmm accumulators.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn kernel(kp: usize, ap: &[u32], bp: &[u32], t: &mut [f32; MR * NR]) {
+        assert!(ap.len() >= kp * MR && bp.len() >= kp * NR);
+        let (a, b) = (ap.as_ptr(), bp.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 2 * MR];
+        for p in 0..kp {
+            // SAFETY: p < kp and the lengths were asserted above.
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+                for i in 0..MR {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * kp + p) as i32));
+                    acc[2 * i] = _mm512_dpbf16_ps(acc[2 * i], av, b0);
+                    acc[2 * i + 1] = _mm512_dpbf16_ps(acc[2 * i + 1], av, b1);
+                }
+            }
+        }
+        for i in 0..MR {
+            // SAFETY: row i of t holds NR = 32 floats.
+            unsafe {
+                _mm512_storeu_ps(t.as_mut_ptr().add(i * NR), acc[2 * i]);
+                _mm512_storeu_ps(t.as_mut_ptr().add(i * NR + 16), acc[2 * i + 1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::randn;
+    use crate::rng::Rng;
+
+    /// Σ_k a[i,k]·op(W)[k,j] in f64 over the bf16-rounded values, and Σ |a·w| for the bound.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], w: Bf16Rhs) -> (Vec<f64>, Vec<f64>) {
+        let (mut out, mut mag) = (vec![0.0; m * n], vec![0.0; m * n]);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut g) = (0.0f64, 0.0f64);
+                for kk in 0..k {
+                    let x = from_bf16(to_bf16(a[i * k + kk])) as f64;
+                    let y = match w {
+                        Bf16Rhs::T(w, ld) => from_bf16(w[j * ld + kk]),
+                        Bf16Rhs::N(w, ld) => from_bf16(w[kk * ld + j]),
+                        Bf16Rhs::TF32(w, ld) => from_bf16(to_bf16(w[j * ld + kk])),
+                        Bf16Rhs::NF32(w, ld) => from_bf16(to_bf16(w[kk * ld + j])),
+                    } as f64;
+                    s += x * y;
+                    g += (x * y).abs();
+                }
+                out[i * n + j] = s;
+                mag[i * n + j] = g;
+            }
+        }
+        (out, mag)
+    }
+
+    /// Fast (or portable) against the f64 reference on the same bf16 inputs: the only error
+    /// left is f32 accumulation, bounded by k · 2⁻²⁴ · Σ|a·w| (times a small constant). Odd
+    /// shapes cover every edge: m past a tile, n past a tile and a column block, k odd and
+    /// past a k block.
+    #[test]
+    fn matches_f64_reference_on_odd_shapes() {
+        let mut rng = Rng::new(11);
+        for &(m, n, k) in &[(1, 1, 1), (13, 33, 3), (25, 2049 + 40, 7), (12, 32, 2 * KCP + 5), (30, 70, 769)] {
+            let a = randn(&mut rng, m * k);
+            for (trans, f32_rhs) in [(true, false), (false, false), (true, true), (false, true)] {
+                let wf = randn(&mut rng, n * k);
+                let w: Vec<u16> = wf.iter().map(|&x| to_bf16(x)).collect();
+                let rhs = match (trans, f32_rhs) {
+                    (true, false) => Bf16Rhs::T(&w, k),
+                    (false, false) => Bf16Rhs::N(&w, n),
+                    (true, true) => Bf16Rhs::TF32(&wf, k),
+                    (false, true) => Bf16Rhs::NF32(&wf, n),
+                };
+                let (want, mag) = reference(m, n, k, &a, rhs);
+                for threads in [1, 2] {
+                    let par = Par { threads, ..Par::seq() };
+                    let mut g = Bf16Gemm::new(m).unwrap();
+                    let mut c = vec![0.5f32; m * n];
+                    g.gemm(par, m, n, k, &a, k, rhs, &mut c, n, true);
+                    for i in 0..m * n {
+                        let tol = 4.0 * k as f64 * f32::EPSILON as f64 * (mag[i] + 0.5) + 1e-30;
+                        let err = (c[i] as f64 - 0.5 - want[i]).abs();
+                        assert!(err <= tol, "m{m} n{n} k{k} trans {trans} t{threads} [{i}]: {} vs {}", c[i], want[i]);
+                    }
+                    // Overwrite mode ignores what c held.
+                    c.fill(f32::NAN);
+                    g.gemm(par, m, n, k, &a, k, rhs, &mut c, n, false);
+                    for i in 0..m * n {
+                        let tol = 4.0 * k as f64 * f32::EPSILON as f64 * mag[i] + 1e-30;
+                        assert!((c[i] as f64 - want[i]).abs() <= tol, "overwrite [{i}]: {} vs {}", c[i], want[i]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Strided operands and destination (a column block of a wider matrix), the way the
+    /// stacked q/k/v and gate/up projections use it: columns outside the block stay untouched.
+    #[test]
+    fn strided_operands_leave_the_rest_alone() {
+        let mut rng = Rng::new(5);
+        let (m, n, k, lda, ldw, ldc) = (17, 40, 50, 64, 72, 100);
+        let a = randn(&mut rng, m * lda);
+        let w: Vec<u16> = randn(&mut rng, n * ldw).iter().map(|&x| to_bf16(x)).collect();
+        let mut c = vec![7.0f32; m * ldc];
+        let mut g = Bf16Gemm::new(m).unwrap();
+        g.gemm(Par::seq(), m, n, k, &a, lda, Bf16Rhs::T(&w, ldw), &mut c, ldc, false);
+        let dense: Vec<f32> = (0..m).flat_map(|i| a[i * lda..i * lda + k].to_vec()).collect();
+        let wd: Vec<u16> = (0..n).flat_map(|j| w[j * ldw..j * ldw + k].to_vec()).collect();
+        let (want, mag) = reference(m, n, k, &dense, Bf16Rhs::T(&wd, k));
+        for i in 0..m {
+            for j in 0..ldc {
+                let got = c[i * ldc + j];
+                if j < n {
+                    let tol = 4.0 * k as f64 * f32::EPSILON as f64 * mag[i * n + j];
+                    assert!((got as f64 - want[i * n + j]).abs() <= tol, "[{i},{j}]");
+                } else {
+                    assert_eq!(got, 7.0, "[{i},{j}] outside the block was written");
+                }
+            }
+        }
+    }
+
+    /// Against the exact f32 product of the unrounded activations, the error is the bf16
+    /// rounding of `a` (2⁻⁹ relative per element): bounded by 2⁻⁸ · Σ|a·w|, and well above
+    /// the f32 GEMM's — this is the documented numerics change of the bf16 path.
+    #[test]
+    fn activation_rounding_is_the_only_large_error() {
+        let mut rng = Rng::new(3);
+        let (m, n, k) = (8, 16, 256);
+        let a = randn(&mut rng, m * k);
+        let w: Vec<u16> = randn(&mut rng, n * k).iter().map(|&x| to_bf16(x)).collect();
+        let mut c = vec![0.0f32; m * n];
+        Bf16Gemm::new(m).unwrap().gemm(Par::seq(), m, n, k, &a, k, Bf16Rhs::T(&w, k), &mut c, n, false);
+        let mut worst = 0.0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut g) = (0.0f64, 0.0f64);
+                for kk in 0..k {
+                    let p = a[i * k + kk] as f64 * from_bf16(w[j * k + kk]) as f64;
+                    s += p;
+                    g += p.abs();
+                }
+                let err = (c[i * n + j] as f64 - s).abs();
+                assert!(err <= g / 256.0, "[{i},{j}] error {err} over 2^-8 of {g}");
+                worst = worst.max(err / g);
+            }
+        }
+        assert!(worst > 1e-6, "activations were not rounded to bf16 (relative error {worst})");
+    }
+
+    /// The portable kernel (what runs without AVX-512 BF16) computes the same tile as the
+    /// fast one, to f32 accumulation order.
+    #[test]
+    fn portable_kernel_matches_the_fast_one() {
+        let mut rng = Rng::new(9);
+        let kp = 37;
+        let ap: Vec<u32> = (0..kp * MR).map(|_| to_bf16(rng.normal() as f32) as u32 | ((to_bf16(rng.normal() as f32) as u32) << 16)).collect();
+        let bp: Vec<u32> = (0..kp * NR).map(|_| to_bf16(rng.normal() as f32) as u32 | ((to_bf16(rng.normal() as f32) as u32) << 16)).collect();
+        let mut slow = [0.0f32; MR * NR];
+        portable_kernel(kp, &ap, &bp, &mut slow);
+        assert!(slow.iter().any(|&x| x != 0.0));
+        if !available() {
+            eprintln!("no AVX-512 BF16 on this CPU: only the portable kernel ran");
+            return;
+        }
+        let mut c = vec![0.0f32; MR * NR];
+        tile(true, kp, &ap, &bp, &mut c, NR, MR, NR, false);
+        for (i, (f, s)) in c.iter().zip(&slow).enumerate() {
+            assert!((f - s).abs() <= 1e-4 * (1.0 + s.abs()), "[{i}] fast {f} portable {s}");
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷: ties to the even mantissa (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert_eq!(to_bf16(f32::MAX), 0x7f80, "rounds up to infinity, as RNE does");
+        let mut rng = Rng::new(1);
+        for _ in 0..10000 {
+            let x = (rng.normal() * 1e3) as f32;
+            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+    }
+}
+#[cfg(test)]
+mod scratch_speed {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn speed() {
+        let par = Par { threads: 2, ..Par::seq() };
+        for &(m, n, k, t) in &[(1024, 3072, 576, true), (1024, 576, 3072, false), (1024, 576, 1536, true), (1024, 1536, 576, false), (1024, 1024, 1024, true)] {
+            let a = vec![0.5f32; m * k];
+            let wf = vec![0.25f32; n * k];
+            let w = vec![0x3f80u16; n * k];
+            let mut c = vec![0f32; m * n];
+            let mut g = Bf16Gemm::new(m).unwrap();
+            let rhs = if t { Bf16Rhs::T(&w, k) } else { Bf16Rhs::N(&w, n) };
+            let reps = 20;
+            let mut best = f64::MAX; let mut bestf = f64::MAX;
+            for _ in 0..reps {
+                let s = std::time::Instant::now();
+                g.gemm(par, m, n, k, &a, k, rhs, &mut c, n, false);
+                best = best.min(s.elapsed().as_secs_f64());
+                let s = std::time::Instant::now();
+                let b = if t { crate::ops::matmul::Operand::t(&wf, k) } else { crate::ops::matmul::Operand::n(&wf, n) };
+                crate::ops::matmul::sgemm(par, m, n, k, crate::ops::matmul::Operand::n(&a, k), b, &mut c, n, false);
+                bestf = bestf.min(s.elapsed().as_secs_f64());
+            }
+            let fl = 2.0 * (m * n * k) as f64;
+            eprintln!("{m}x{n}x{k} t={t}: bf16 {:.1} GF/s  f32 {:.1} GF/s", fl / best / 1e9, fl / bestf / 1e9);
+        }
+        for &(m, n, k) in &[(1024, 16, 576), (1024, 576, 16), (576, 16, 1024), (16, 576, 1024), (1024, 48, 576), (1024, 16, 1536), (1024, 1536, 16), (1024, 32, 576)] {
+            let a = vec![0.5f32; m * k];
+            let b = vec![0.25f32; n * k];
+            let mut c = vec![0f32; m * n];
+            let mut bestf = f64::MAX;
+            for _ in 0..50 {
+                let s = std::time::Instant::now();
+                crate::ops::matmul::sgemm(par, m, n, k, crate::ops::matmul::Operand::n(&a, k), crate::ops::matmul::Operand::n(&b, n), &mut c, n, false);
+                bestf = bestf.min(s.elapsed().as_secs_f64());
+            }
+            let fl = 2.0 * (m * n * k) as f64;
+            eprintln!("thin {m}x{n}x{k}: f32 {:.1} GF/s {:.3} ms", fl / bestf / 1e9, bestf * 1e3);
+        }
+    }
+}

@@ -4,8 +4,8 @@ use super::qkv::qkv_backward;
 use super::{AdapterRef, Backend, LayerActs, LayerGrads, LowpWeights, QkNormGrads, Weights};
 use crate::config::ModelConfig;
 use crate::ops::Par;
-use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::attention::{AttnBackwardScratch, AttnDims, attention_backward, attention_forward};
+use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::matmul::{Operand, bias_forward, matmul_backward_dx, matmul_forward, sgemm};
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{RopeTable, rope_backward, rope_forward};
@@ -83,7 +83,6 @@ impl CpuBackend {
         Ok((self.bf16.as_mut().expect("made above"), &mut self.lora_u))
     }
 }
-
 
 /// `y` (leading dimension `ldy`, columns `0..oc`) = x `[N, IC]` · Wᵀ for the bf16 `w`
 /// `[OC, IC]`, plus, for each `(column, adapter)`, `s·(x·Aᵀ)·Bᵀ` into the adapter's column

@@ -251,7 +251,13 @@ pub trait Backend: Send {
     }
 
     /// `ffn_forward` with the projections of `lw`.
-    fn ffn_forward_lowp(&mut self, _out: &mut [f32], _acts: &mut LayerActs, _w: &Weights, _lw: &LowpWeights) -> Result<()> {
+    fn ffn_forward_lowp(
+        &mut self,
+        _out: &mut [f32],
+        _acts: &mut LayerActs,
+        _w: &Weights,
+        _lw: &LowpWeights,
+    ) -> Result<()> {
         anyhow::bail!("the {} backend has no bf16 GEMMs (--bf16-matmul runs on the cpu backend)", self.name())
     }
 

@@ -428,7 +428,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         let _ = (job, accum, mode);
         trainer.model.set_dw_overlap(dw_overlap)?;
         if args.bf16_matmul {
-            if trainer.model.set_lora_bf16_matmul()? {
+            if trainer.model.set_lora_bf16_matmul(false)? {
                 println!("bf16 matmul: the frozen layers' projections run as AVX-512 BF16 GEMMs");
             } else {
                 println!("bf16 matmul: this CPU has no AVX-512 BF16; the f32 GEMMs on the widened base run");

@@ -204,15 +204,16 @@ impl Model {
 
     /// `--bf16-matmul`: with a bf16 base (`set_lora_base_bf16`), run the layers' projections
     /// as bf16 GEMMs (activations rounded to bf16, f32 accumulation; `crate::ops::gemm_bf16`)
-    /// with the adapters applied beside them, on backends that have them. Returns whether the
-    /// fast path is on: false (and the f32 GEMMs on the widened base stay) on a CPU without
-    /// AVX-512 BF16, where the portable bf16 kernel would be slower than f32.
-    pub fn set_lora_bf16_matmul(&mut self) -> Result<bool> {
+    /// with the adapters applied beside them, on backends that have them. Returns whether
+    /// bf16 GEMMs are on: on a CPU without AVX-512 BF16 the portable bf16 kernel would be
+    /// slower than the f32 GEMMs, so they stay on (false) unless `portable` (the tests, which
+    /// check the numerics on every machine).
+    pub fn set_lora_bf16_matmul(&mut self, portable: bool) -> Result<bool> {
         let (has_lowp, name, n) = (self.backend.has_lowp(), self.backend.name(), self.n());
         let lora = self.lora.as_mut().context("--bf16-matmul needs --lora-rank")?;
         ensure!(lora.base_bf16.is_some(), "--bf16-matmul needs --base-dtype bf16 (the bf16 GEMMs read the bf16 base)");
         ensure!(has_lowp, "--bf16-matmul runs on the cpu backend only, not on {name}");
-        lora.lowp = crate::ops::gemm_bf16::available();
+        lora.lowp = portable || crate::ops::gemm_bf16::available();
         if lora.lowp && lora.gemm.is_none() {
             lora.gemm = Some(Bf16Gemm::new(n)?);
         }

@@ -477,8 +477,12 @@ mod tests {
     fn portable_kernel_matches_the_fast_one() {
         let mut rng = Rng::new(9);
         let kp = 37;
-        let ap: Vec<u32> = (0..kp * MR).map(|_| to_bf16(rng.normal() as f32) as u32 | ((to_bf16(rng.normal() as f32) as u32) << 16)).collect();
-        let bp: Vec<u32> = (0..kp * NR).map(|_| to_bf16(rng.normal() as f32) as u32 | ((to_bf16(rng.normal() as f32) as u32) << 16)).collect();
+        let ap: Vec<u32> = (0..kp * MR)
+            .map(|_| to_bf16(rng.normal() as f32) as u32 | ((to_bf16(rng.normal() as f32) as u32) << 16))
+            .collect();
+        let bp: Vec<u32> = (0..kp * NR)
+            .map(|_| to_bf16(rng.normal() as f32) as u32 | ((to_bf16(rng.normal() as f32) as u32) << 16))
+            .collect();
         let mut slow = [0.0f32; MR * NR];
         portable_kernel(kp, &ap, &bp, &mut slow);
         assert!(slow.iter().any(|&x| x != 0.0));
@@ -506,49 +510,6 @@ mod tests {
         for _ in 0..10000 {
             let x = (rng.normal() * 1e3) as f32;
             assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
-        }
-    }
-}
-#[cfg(test)]
-mod scratch_speed {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn speed() {
-        let par = Par { threads: 2, ..Par::seq() };
-        for &(m, n, k, t) in &[(1024, 3072, 576, true), (1024, 576, 3072, false), (1024, 576, 1536, true), (1024, 1536, 576, false), (1024, 1024, 1024, true)] {
-            let a = vec![0.5f32; m * k];
-            let wf = vec![0.25f32; n * k];
-            let w = vec![0x3f80u16; n * k];
-            let mut c = vec![0f32; m * n];
-            let mut g = Bf16Gemm::new(m).unwrap();
-            let rhs = if t { Bf16Rhs::T(&w, k) } else { Bf16Rhs::N(&w, n) };
-            let reps = 20;
-            let mut best = f64::MAX; let mut bestf = f64::MAX;
-            for _ in 0..reps {
-                let s = std::time::Instant::now();
-                g.gemm(par, m, n, k, &a, k, rhs, &mut c, n, false);
-                best = best.min(s.elapsed().as_secs_f64());
-                let s = std::time::Instant::now();
-                let b = if t { crate::ops::matmul::Operand::t(&wf, k) } else { crate::ops::matmul::Operand::n(&wf, n) };
-                crate::ops::matmul::sgemm(par, m, n, k, crate::ops::matmul::Operand::n(&a, k), b, &mut c, n, false);
-                bestf = bestf.min(s.elapsed().as_secs_f64());
-            }
-            let fl = 2.0 * (m * n * k) as f64;
-            eprintln!("{m}x{n}x{k} t={t}: bf16 {:.1} GF/s  f32 {:.1} GF/s", fl / best / 1e9, fl / bestf / 1e9);
-        }
-        for &(m, n, k) in &[(1024, 16, 576), (1024, 576, 16), (576, 16, 1024), (16, 576, 1024), (1024, 48, 576), (1024, 16, 1536), (1024, 1536, 16), (1024, 32, 576)] {
-            let a = vec![0.5f32; m * k];
-            let b = vec![0.25f32; n * k];
-            let mut c = vec![0f32; m * n];
-            let mut bestf = f64::MAX;
-            for _ in 0..50 {
-                let s = std::time::Instant::now();
-                crate::ops::matmul::sgemm(par, m, n, k, crate::ops::matmul::Operand::n(&a, k), crate::ops::matmul::Operand::n(&b, n), &mut c, n, false);
-                bestf = bestf.min(s.elapsed().as_secs_f64());
-            }
-            let fl = 2.0 * (m * n * k) as f64;
-            eprintln!("thin {m}x{n}x{k}: f32 {:.1} GF/s {:.3} ms", fl / bestf / 1e9, bestf * 1e3);
         }
     }
 }

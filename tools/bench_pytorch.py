@@ -300,6 +300,8 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    ap.add_argument("--bf16", action="store_true",
+                    help="run forward and backward under torch.autocast('cpu', dtype=torch.bfloat16)")
     ap.add_argument("--lora-rank", type=int, default=0, help="train PEFT LoRA adapters of this rank (0: full)")
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -366,7 +368,8 @@ def main():
     def micro_step():
         x, y = batch()
         t0 = time.perf_counter()
-        logits = forward_logits(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = forward_logits(x)
         loss = F.cross_entropy(logits.view(-1, V).float(), y.view(-1)) / K
         loss.backward()
         dt = time.perf_counter() - t0
@@ -417,6 +420,7 @@ def main():
         "attn": args.attn,
         "params": n_params,
         "lora_rank": args.lora_rank,
+        "bf16_autocast": args.bf16,
         "trainable_params": sum(x.numel() for x in trainable),
         "matmul_params": n_matmul,
         "train_flops_per_token": flops_tok,

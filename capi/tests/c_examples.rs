@@ -105,7 +105,11 @@ fn train_updates_lower_the_loss_and_the_checkpoint_loads() {
     // The CLI reads it: the checkpoint carries the model's tokenizer, so a text prompt works.
     // The binary is built by the workspace's `cargo test`; alone (`-p anetrain-capi`), the
     // library's loader (what the CLI calls) stands in, unless in CI.
-    let cli = lib_dir().join(format!("anetrain{}", std::env::consts::EXE_SUFFIX));
+    // Cargo puts binaries in the profile directory (target/release), the parent of the deps
+    // directory this test runs from, whichever of the two holds the library.
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let cli = profile.join(format!("anetrain{}", std::env::consts::EXE_SUFFIX));
     if cli.is_file() {
         let o = Command::new(&cli)
             .args(["generate", "--model"])

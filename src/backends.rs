@@ -4,11 +4,11 @@
 
 use crate::backend::{Backend, cpu::CpuBackend};
 use crate::config::ModelConfig;
-use crate::mil::KernelRunner;
 use crate::mil::backend::MilBackend;
-use crate::mil::dialect::{Dialect, DialectRunner};
-use crate::mil::dump::DumpRunner;
+use crate::mil::dialect::Dialect;
+use crate::mil::dump::MilDump;
 use crate::mil::emit::InputLayout;
+use crate::mil::{Hooked, KernelRunner};
 use crate::ops::Par;
 use anyhow::{Result, ensure};
 use std::path::PathBuf;
@@ -113,13 +113,13 @@ pub fn build_mil(
     let mil = |runner: Box<dyn KernelRunner>, dialect: Dialect| -> Result<Box<dyn Backend>> {
         // The dump sits below the rewrite, so it records what the device receives.
         let runner = match &opts.dump {
-            Some(dir) => Box::new(DumpRunner::new(runner, dir)?),
+            Some(dir) => Box::new(Hooked::new(runner, MilDump::new(dir)?)),
             None => runner,
         };
         // ios18 is the emitter's own dialect: loading it needs no rewrite.
         let runner = match dialect {
             Dialect::Ios18 => runner,
-            d => Box::new(DialectRunner::new(runner, d)),
+            d => Box::new(Hooked::new(runner, d)),
         };
         Ok(match opts.mode {
             AneMode::Dynamic => Box::new(MilBackend::new(cfg, b, t, opts.layout, runner)?),

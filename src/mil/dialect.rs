@@ -19,12 +19,11 @@
 //! `matmul`; in the ios16 dialect they parse, type-check and simulate, but may not compile on
 //! those chips. The benchmark programs (`ane bench`) use `conv` with constant weights.
 
+use super::KernelProgram;
 use super::ast::Program;
 use super::parse::parse;
 use super::types::min_opset;
-use super::{KernelProgram, KernelRunner};
 use anyhow::{Context, Result, bail, ensure};
-use half::f16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -112,52 +111,13 @@ pub fn convert(k: &KernelProgram, d: Dialect) -> Result<KernelProgram> {
     Ok(KernelProgram { mil: text, ..k.clone() })
 }
 
-/// A runner that loads every program in dialect `d`: the training kernels (written in ios18)
-/// reach the device, or the simulator, in the dialect the chip takes.
-pub struct DialectRunner {
-    inner: Box<dyn KernelRunner>,
-    dialect: Dialect,
-}
-
-impl DialectRunner {
-    pub fn new(inner: Box<dyn KernelRunner>, dialect: Dialect) -> Self {
-        DialectRunner { inner, dialect }
+/// Rewrites every program a [`super::Hooked`] runner loads into dialect `d`: the training
+/// kernels (written in ios18) reach the device, or the simulator, in the dialect the chip takes.
+impl super::LoadHook for Dialect {
+    fn before_load(&mut self, program: &KernelProgram) -> Result<Option<KernelProgram>> {
+        convert(program, *self).map(Some)
     }
 }
 
-impl KernelRunner for DialectRunner {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize> {
-        let p = convert(program, self.dialect)?;
-        self.inner.load(&p, slots)
-    }
-
-    fn write_input(
-        &mut self,
-        kernel: usize,
-        slot: usize,
-        input: usize,
-        fill: &mut dyn FnMut(&mut [f16]),
-    ) -> Result<()> {
-        self.inner.write_input(kernel, slot, input, fill)
-    }
-
-    fn eval(&mut self, kernel: usize, slot: usize) -> Result<()> {
-        self.inner.eval(kernel, slot)
-    }
-
-    fn read_output(&mut self, kernel: usize, output: usize, read: &mut dyn FnMut(&[f16])) -> Result<()> {
-        self.inner.read_output(kernel, output, read)
-    }
-
-    fn compiles(&self) -> usize {
-        self.inner.compiles()
-    }
-
-    fn unload(&mut self, kernel: usize) -> Result<()> {
-        self.inner.unload(kernel)
-    }
-}
+/// A runner that loads every program in a given dialect.
+pub type DialectRunner = super::Hooked<Dialect>;

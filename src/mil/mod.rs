@@ -73,6 +73,64 @@ pub trait KernelRunner: Send {
     fn unload(&mut self, kernel: usize) -> Result<()>;
 }
 
+/// What a [`Hooked`] runner does to each program before its inner runner loads it: return
+/// the program to load instead (`None`: load the original).
+pub trait LoadHook: Send {
+    fn before_load(&mut self, program: &KernelProgram) -> Result<Option<KernelProgram>>;
+}
+
+/// A runner that passes every program through `hook` on its way to `inner` (the dialect
+/// rewrite, `--mil-dump`) and forwards every other call unchanged.
+pub struct Hooked<H> {
+    inner: Box<dyn KernelRunner>,
+    hook: H,
+}
+
+impl<H: LoadHook> Hooked<H> {
+    pub fn new(inner: Box<dyn KernelRunner>, hook: H) -> Self {
+        Hooked { inner, hook }
+    }
+}
+
+impl<H: LoadHook> KernelRunner for Hooked<H> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn load(&mut self, program: &KernelProgram, slots: usize) -> Result<usize> {
+        match self.hook.before_load(program)? {
+            Some(p) => self.inner.load(&p, slots),
+            None => self.inner.load(program, slots),
+        }
+    }
+
+    fn write_input(
+        &mut self,
+        kernel: usize,
+        slot: usize,
+        input: usize,
+        fill: &mut dyn FnMut(&mut [f16]),
+    ) -> Result<()> {
+        self.inner.write_input(kernel, slot, input, fill)
+    }
+
+    fn eval(&mut self, kernel: usize, slot: usize) -> Result<()> {
+        self.inner.eval(kernel, slot)
+    }
+
+    fn read_output(&mut self, kernel: usize, output: usize, read: &mut dyn FnMut(&[f16])) -> Result<()> {
+        self.inner.read_output(kernel, output, read)
+    }
+
+    fn compiles(&self) -> usize {
+        self.inner.compiles()
+    }
+
+    fn unload(&mut self, kernel: usize) -> Result<()> {
+        self.inner.unload(kernel)
+    }
+}
+
 pub mod ast;
 pub mod backend;
 pub mod bake;

@@ -184,19 +184,19 @@ struct HfRope {
 #[test]
 fn llama3_rope_freqs_match_transformers_and_round_trip() {
     use anetrain::checkpoint::safetensors::SafeTensors;
-    use anetrain::config::RopeScaling;
+    use anetrain::config::{Llama3Scaling, RopeScaling};
     let dir = root().join("tests/fixtures/gguf");
     let golden: RopeGolden =
         serde_json::from_str(&std::fs::read_to_string(dir.join("llama3_rope.json")).unwrap()).unwrap();
     let path = dir.join("llama3_rope.gguf");
     let m = anetrain::checkpoint::gguf::load(&path).unwrap();
     let h = &golden.rope_scaling;
-    let want_scaling = RopeScaling {
+    let want_scaling = RopeScaling::Llama3(Llama3Scaling {
         factor: h.factor,
         low_freq_factor: h.low_freq_factor,
         high_freq_factor: h.high_freq_factor,
         original_max_position_embeddings: h.original_max_position_embeddings,
-    };
+    });
     assert_eq!(m.cfg.rope_scaling, Some(want_scaling));
     assert_eq!(m.cfg.rope_theta, golden.rope_theta);
 
@@ -249,9 +249,113 @@ fn llama3_rope_freqs_match_transformers_and_round_trip() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+#[derive(Deserialize)]
+struct LinearGolden {
+    batch: usize,
+    seq: usize,
+    rope_theta: f64,
+    rope_scaling: LinearRope,
+}
+
+#[derive(Deserialize)]
+struct LinearRope {
+    rope_type: String,
+    factor: f64,
+}
+
+/// A tiny model with linear RoPE scaling as llama.cpp's converter writes it
+/// (`llama.rope.scaling.type` "linear", `llama.rope.scaling.factor` 2.5, written by the `gguf`
+/// package): the factor is read, the logits equal HF transformers' for the same weights and
+/// `rope_type: linear` config (the fixture asserts the scaling moves them by 0.6, far beyond
+/// the 5e-6 here), and `convert` GGUF → HF → GGUF keeps config and weights bit for bit. The
+/// HF golden fixture `llama-linear-rope` goes the other way: HF → GGUF → HF, bit for bit, with
+/// the same logits.
+#[test]
+fn linear_rope_matches_transformers_and_round_trips_through_hf() {
+    use anetrain::checkpoint::safetensors::SafeTensors;
+    use anetrain::config::RopeScaling;
+    let dir = root().join("tests/fixtures/gguf");
+    let golden: LinearGolden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("linear_rope.json")).unwrap()).unwrap();
+    assert_eq!(golden.rope_scaling.rope_type, "linear");
+    let path = dir.join("linear_rope.gguf");
+    let m = anetrain::checkpoint::gguf::load(&path).unwrap();
+    assert_eq!(m.cfg.rope_scaling, Some(RopeScaling::Linear { factor: golden.rope_scaling.factor }));
+    assert_eq!(m.cfg.rope_theta, golden.rope_theta);
+
+    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+    let logits = |cfg: &anetrain::config::ModelConfig, params: &[f32], tokens: &[u32], b: usize, t: usize| {
+        let mut model = Model::cpu(cfg, b, t, par).unwrap();
+        model.forward(params, tokens, tokens).unwrap();
+        model.logits().to_vec()
+    };
+    let batch = SafeTensors::open(&dir.join("linear_rope.safetensors")).unwrap();
+    let tokens: Vec<u32> = batch.read_i64("tokens").unwrap().iter().map(|&x| x as u32).collect();
+    let got = logits(&m.cfg, &m.params, &tokens, golden.batch, golden.seq);
+    let mut want = vec![0.0f32; got.len()];
+    batch.read_f32("logits", &mut want).unwrap();
+    let scale = want.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+    let err = got.iter().zip(&want).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+    eprintln!("linear RoPE GGUF: logits max error {err:.2e} of max |logit| {scale:.3}");
+    assert!(err <= 5e-6 * scale, "logits max error {err:.3e} vs 5e-6 × {scale:.3}");
+
+    let tmp = std::env::temp_dir().join(format!("anetrain-gguf-linear-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let convert = |from: &Path, to: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_anetrain"))
+            .args(["convert", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f32"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "convert {from:?} → {to:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let same = |a: &anetrain::config::ModelConfig, b: &anetrain::config::ModelConfig| {
+        let unnamed =
+            |c: &anetrain::config::ModelConfig| anetrain::config::ModelConfig { name: String::new(), ..c.clone() };
+        assert_eq!(unnamed(a), unnamed(b));
+    };
+    // GGUF → HF → GGUF.
+    let (hf_dir, back) = (tmp.join("hf"), tmp.join("back.gguf"));
+    convert(&path, &hf_dir);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["rope_scaling"], serde_json::json!({"rope_type": "linear", "factor": 2.5}), "{config}");
+    let (hf_cfg, hf_params) = anetrain::checkpoint::hf::load(&hf_dir).unwrap();
+    same(&hf_cfg, &m.cfg);
+    assert_eq!(hf_params, m.params);
+    convert(&hf_dir, &back);
+    let f = GgufFile::open(&back).unwrap();
+    assert_eq!(f.meta("llama.rope.scaling.type").and_then(|v| v.as_str()), Some("linear"));
+    assert_eq!(f.meta("llama.rope.scaling.factor").and_then(|v| v.as_f64()), Some(2.5));
+    let b = f.load().unwrap();
+    same(&b.cfg, &m.cfg);
+    assert_eq!(b.params, m.params);
+
+    // The HF golden fixture: HF → GGUF → HF, and the GGUF's logits are the HF directory's.
+    let hf_fixture = root().join("tests/fixtures/llama-linear-rope");
+    let (gguf_out, hf_back) = (tmp.join("fixture.gguf"), tmp.join("fixture-hf"));
+    convert(&hf_fixture, &gguf_out);
+    convert(&gguf_out, &hf_back);
+    let (cfg0, p0) = anetrain::checkpoint::hf::load(&hf_fixture).unwrap();
+    assert_eq!(cfg0.rope_scaling, Some(RopeScaling::Linear { factor: 2.5 }));
+    let g = anetrain::checkpoint::gguf::load(&gguf_out).unwrap();
+    let (cfg2, p2) = anetrain::checkpoint::hf::load(&hf_back).unwrap();
+    // GGUF holds eps as f32 (llama.cpp's type); nothing else of the config changes.
+    let cfg0_f32 = anetrain::config::ModelConfig { norm_eps: cfg0.norm_eps as f32 as f64, ..cfg0.clone() };
+    for (cfg, p) in [(&g.cfg, &g.params), (&cfg2, &p2)] {
+        same(cfg, &cfg0_f32);
+        assert_eq!(p, &p0);
+    }
+    let toks: Vec<u32> = (0..16).map(|i| (i * 7 % cfg0.vocab_size) as u32).collect();
+    let a = logits(&cfg0, &p0, &toks, 1, 16);
+    assert_eq!(logits(&g.cfg, &g.params, &toks, 1, 16), a);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// A `rope_freqs.weight` of the wrong length, with a NaN, or one no Llama 3 parameters
-/// produce, and linear or YaRN scaling metadata: one sentence each, nothing loaded (linear
-/// scaling has no field in this crate's config, so it stays refused).
+/// produce, YaRN scaling metadata, a bad or missing linear factor, and linear scaling on top of
+/// Llama 3's: one sentence each, nothing loaded. A factor without a type is linear scaling (as
+/// llama.cpp reads it); type "none" switches a factor off.
 #[test]
 fn bad_rope_scaling_in_gguf_gets_one_sentence_errors() {
     let good = std::fs::read(root().join("tests/fixtures/gguf/llama3_rope.gguf")).unwrap();
@@ -297,11 +401,7 @@ fn bad_rope_scaling_in_gguf_gets_one_sentence_errors() {
         ty: f.tensor("token_embd.weight").unwrap().ty,
         data: &embd,
     }];
-    for (key, value, says) in [
-        ("llama.rope.scaling.type", Value::Str("linear".into()), "'llama.rope.scaling.type' = 'linear'"),
-        ("llama.rope.scaling.type", Value::Str("yarn".into()), "'llama.rope.scaling.type' = 'yarn'"),
-        ("llama.rope.scaling.factor", Value::F32(4.0), "'llama.rope.scaling.factor' = 4 (linear RoPE scaling)"),
-    ] {
+    let with_meta = |extra: Vec<(&str, Value)>, tensors: &[writer::TensorOut]| {
         let mut md: Vec<(String, Value)> = f
             .header
             .metadata
@@ -309,9 +409,46 @@ fn bad_rope_scaling_in_gguf_gets_one_sentence_errors() {
             .filter(|(k, _)| *k != "general.alignment")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        md.push((key.into(), value));
-        let bytes = writer::to_bytes(&md, &t).unwrap();
-        let e = format!("{:#}", GgufFile::from_bytes(bytes, "x.gguf").unwrap().config().unwrap_err());
-        assert!(e.contains(says) && e.contains("not supported"), "{e}");
+        md.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+        GgufFile::from_bytes(writer::to_bytes(&md, tensors).unwrap(), "x.gguf").unwrap().config()
+    };
+    let (ty, factor) = ("llama.rope.scaling.type", "llama.rope.scaling.factor");
+    let linear = || Value::Str("linear".into());
+    for (extra, says) in [
+        (vec![(ty, Value::Str("yarn".into()))], "'llama.rope.scaling.type' = 'yarn'"),
+        (vec![(ty, linear())], "'llama.rope.scaling.factor' is missing"),
+        (
+            vec![(ty, linear()), (factor, Value::F32(0.5))],
+            "'llama.rope.scaling.factor' (0.5) must be a finite number >= 1",
+        ),
+        (vec![(factor, Value::F32(f32::NAN))], "'llama.rope.scaling.factor' (NaN) must be"),
+        (vec![(factor, Value::F32(-3.0))], "'llama.rope.scaling.factor' (-3) must be"),
+        (vec![(factor, Value::Str("4".into()))], "'llama.rope.scaling.factor' is not a number"),
+    ] {
+        let e = format!("{:#}", with_meta(extra, &t).unwrap_err());
+        assert!(e.contains(says), "{e}");
+        assert!(!e.trim_end_matches('.').contains(". "), "more than one sentence: {e}");
+    }
+    let e = format!("{:#}", with_meta(vec![(ty, Value::Str("yarn".into()))], &t).unwrap_err());
+    assert!(e.contains("only 'none', 'linear', and Llama 3's"), "{e}");
+    // Linear scaling together with Llama 3's divisors.
+    let r = &golden.rope_freqs;
+    let f32_ty = anetrain::quant::GgmlType::F32;
+    let both = [
+        writer::TensorOut { name: "rope_freqs.weight".into(), shape: vec![r.len()], ty: f32_ty, data: r },
+        writer::TensorOut { name: t[0].name.clone(), shape: t[0].shape.clone(), ty: t[0].ty, data: &embd },
+    ];
+    let e = format!("{:#}", with_meta(vec![(ty, linear()), (factor, Value::F32(2.0))], &both).unwrap_err());
+    assert!(e.contains("linear RoPE scaling metadata together with Llama 3's"), "{e}");
+    // Accepted: a factor alone, the old key name, type none, a factor of 0 or 1 alone.
+    use anetrain::config::RopeScaling::Linear;
+    for (extra, want) in [
+        (vec![(factor, Value::F32(4.0))], Some(Linear { factor: 4.0 })),
+        (vec![("llama.rope.scale_linear", Value::F32(2.5))], Some(Linear { factor: 2.5 })),
+        (vec![(ty, Value::Str("none".into())), (factor, Value::F32(4.0))], None),
+        (vec![(factor, Value::F32(1.0))], None),
+        (vec![(factor, Value::F32(0.0))], None),
+    ] {
+        assert_eq!(with_meta(extra, &t).unwrap().rope_scaling, want);
     }
 }

@@ -1,5 +1,5 @@
 //! Golden fixtures from HF transformers (made by `python3 tools/make_fixtures.py`, committed in
-//! tests/fixtures/): tiny Llama (plain, Llama 3 RoPE scaling, SmolLM2 and TinyLlama shapes),
+//! tests/fixtures/): tiny Llama (plain, Llama 3 and linear RoPE scaling, SmolLM2 and TinyLlama shapes),
 //! Qwen2 (q/k/v biases) and Qwen3 models with random weights, one batch with ignored
 //! targets, and what PyTorch computed — logits, loss, every parameter gradient, and the losses
 //! of 10 AdamW updates with weight decay and clipping engaged.
@@ -20,6 +20,7 @@ const FIXTURES: &[&str] = &[
     "qwen3-gqa-qknorm",
     "llama-untied",
     "llama3-rope-scaling",
+    "llama-linear-rope",
     "qwen2-qkv-bias",
     "smollm2-tiny",
     "tinyllama-tiny",

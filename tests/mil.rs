@@ -55,6 +55,13 @@ fn kernels_match_cpu_gqa_qknorm_separate() {
     kernels_match_cpu("gqa-qknorm", InputLayout::Separate);
 }
 
+/// Linear RoPE scaling reaches the programs: the cpu backend rotates by the scaled table, so
+/// kernels built from the unscaled one miss by far more than the fp16 tolerance.
+#[test]
+fn kernels_match_cpu_with_linear_rope_scaling() {
+    kernels_match_cpu("mha-linear-rope", InputLayout::Packed);
+}
+
 fn every_program() -> Vec<(String, anetrain::mil::KernelProgram)> {
     let mut all = Vec::new();
     for name in ["mha", "gqa-qknorm"] {
@@ -184,6 +191,34 @@ fn emitted_blobs_hold_the_documented_tables() {
             assert_eq!(&bytes[64..68], &[0xEF, 0xBE, 0xAD, 0xDE]);
         }
     }
+}
+
+/// The forward and backward attention programs ship the scaled RoPE tables: for linear
+/// scaling by 2.5 they are the config's table (`RopeTable::for_config`), not θ's alone.
+#[test]
+fn emitted_rope_tables_carry_the_scaling() {
+    use anetrain::mil::blob::read_blob;
+    use anetrain::ops::rope::RopeTable;
+    let cfg = tiny("mha-linear-rope");
+    let set = KernelSet::new(&cfg, 20, InputLayout::Packed).unwrap();
+    let (s, d, half) = (set.dims.s, cfg.head_dim, cfg.head_dim / 2);
+    let scaled = RopeTable::for_config(s, &cfg);
+    let plain = RopeTable::new(s, d, cfg.rope_theta);
+    let mut programs = 0;
+    for k in set.all() {
+        let Some((_, bytes)) = k.program.blobs.iter().find(|(p, _)| p == "weights/rope_cos.bin") else { continue };
+        programs += 1;
+        let cos = read_blob(bytes, 64, s * d, "cos").unwrap();
+        let mut differs = false;
+        for p in 0..s {
+            for i in 0..d {
+                assert_eq!(cos[p * d + i], half::f16::from_f32(scaled.cos[p * half + i % half]), "cos[{p}][{i}]");
+                differs |= cos[p * d + i] != half::f16::from_f32(plain.cos[p * half + i % half]);
+            }
+        }
+        assert!(differs, "the scaled table equals the unscaled one");
+    }
+    assert!(programs >= 2, "attention forward and backward both rotate");
 }
 
 #[test]

@@ -60,13 +60,18 @@ fn tiny(name: &str) -> ModelConfig {
         // Llama 3 RoPE scaling: at D=4 the wavelengths 6.3 and 628 fall in the interpolated and
         // the slowed band (the kept band is covered by the op test).
         "llama3-scaled" => ModelConfig {
-            rope_scaling: Some(anetrain::config::RopeScaling {
+            rope_scaling: Some(anetrain::config::RopeScaling::Llama3(anetrain::config::Llama3Scaling {
                 factor: 4.0,
                 low_freq_factor: 1.0,
                 high_freq_factor: 4.0,
                 original_max_position_embeddings: 16,
-            }),
+            })),
             ..tiny("mha-tied")
+        },
+        // Linear RoPE scaling (position interpolation), GQA.
+        "linear-scaled" => ModelConfig {
+            rope_scaling: Some(anetrain::config::RopeScaling::Linear { factor: 2.5 }),
+            ..tiny("gqa-tied")
         },
         _ => unreachable!(),
     }
@@ -94,7 +99,7 @@ fn rough_params(model: &Model, seed: u64) -> Vec<f32> {
 
 #[test]
 fn gradients_match_finite_differences_of_f64_reference() {
-    for name in ["mha-tied", "gqa-qknorm-untied", "gqa-tied", "qwen2-bias", "llama3-scaled"] {
+    for name in ["mha-tied", "gqa-qknorm-untied", "gqa-tied", "qwen2-bias", "llama3-scaled", "linear-scaled"] {
         let cfg = tiny(name);
         let (b, t) = (2, 5);
         let par = Par { threads: 2, gemm: GemmImpl::Gemm };

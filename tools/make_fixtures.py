@@ -24,6 +24,9 @@ Tiny random-weight models, each in ``tests/fixtures/<name>/``:
                        low/high frequency factors 1/4, original max positions 64),
                        C=48, F=64, L=2, H=4, KV=2, Dh=12, V=96, tied; the script
                        checks that the scaling changes the logits.
+* ``llama-linear-rope`` LlamaForCausalLM with ``rope_type: linear`` (factor 2.5),
+                       C=32, F=48, L=2, H=4, KV=2, Dh=8, V=64, untied; checked like
+                       the Llama 3 one.
 * ``qwen2-qkv-bias``   Qwen2ForCausalLM (q/k/v biases), C=32, F=64, L=2, H=4, KV=2,
                        Dh=8, V=96, theta 1e6, eps 1e-6, untied.
 * ``smollm2-tiny``     SmolLM2's family in small: Llama, C=48, H=3, KV=1, Dh=16,
@@ -31,7 +34,7 @@ Tiny random-weight models, each in ``tests/fixtures/<name>/``:
 * ``tinyllama-tiny``   TinyLlama's family in small: Llama, C=32, H=8, KV=1, Dh=4,
                        F=48, V=64, theta 1e4, untied.
 
-The first three were made with transformers 5.24.0, the last four with 5.25.0
+The first three were made with transformers 5.24.0, the others with 5.25.0
 (``fixture.json`` records each one's versions).
 
 After construction every 2-D weight (embedding included) is re-drawn from
@@ -205,6 +208,31 @@ FIXTURES = [
             rope_theta=10000.0,
             rms_norm_eps=1e-5,
             tie_word_embeddings=True,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+        ),
+    },
+    # Linear RoPE scaling (position interpolation): every frequency divided by 2.5, a
+    # factor that is not a power of two, so the f32 division's rounding is exercised.
+    {
+        "name": "llama-linear-rope",
+        "seed": 1008,
+        "cls": LlamaForCausalLM,
+        "config": LlamaConfig,
+        "rope": dict(rope_type="linear", factor=2.5),
+        "kwargs": dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=64,
+            max_position_embeddings=128,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
             attention_bias=False,
             mlp_bias=False,
             hidden_act="silu",

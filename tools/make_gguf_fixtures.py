@@ -14,8 +14,14 @@
    per-frequency divisors, no rope.scaling.* metadata), and HF transformers' logits for the
    same weights and HF config.
 
+4. tests/fixtures/gguf/linear_rope.gguf (+ linear_rope.safetensors, linear_rope.json): a tiny
+   random Llama with linear RoPE scaling, as llama.cpp's converter writes it
+   (`llama.rope.scaling.type` = "linear", `llama.rope.scaling.factor`), and HF transformers'
+   logits for the same weights and HF config (`rope_type: linear`).
+
 Run with the project venv: /work/venv/bin/python tools/make_gguf_fixtures.py
-(--skip-model to skip 2., which needs ../shared).
+(--skip-model to skip 2., which needs ../shared; --only PART to write only some of
+dequant, llama3_rope, linear_rope, model).
 """
 
 import argparse
@@ -251,13 +257,116 @@ def llama3_rope_fixture(seed=1205):
           f"logits move by {gap:.3f} without the scaling")
 
 
+# The tiny model of 4.: linear scaling by 2.5 (not a power of two, so the f32 division
+# rounds), GQA 2/1, D=16, untied; T=24.
+LINEAR_ROPE = dict(rope_type="linear", factor=2.5)
+LINEAR_KW = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, vocab_size=80, max_position_embeddings=128,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 attention_bias=False, mlp_bias=False, hidden_act="silu")
+
+
+def linear_rope_fixture(seed=1206):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw, rope = LINEAR_KW, LINEAR_ROPE
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    config = LlamaConfig(**kw, rope_parameters=dict(rope, rope_theta=kw["rope_theta"]))
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    assert model.config.rope_parameters["rope_type"] == "linear", model.config.rope_parameters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.copy_(0.1 * noise if p.dim() >= 2 else 1.0 + 0.1 * noise)
+    B, T, V = 2, 24, kw["vocab_size"]
+    tokens = torch.randint(0, V, (B, T), generator=gen, dtype=torch.int64)
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits.contiguous()
+        plain = LlamaConfig(**kw)
+        plain._attn_implementation = "eager"
+        other = LlamaForCausalLM(plain).to(torch.float32).eval()
+        other.load_state_dict(model.state_dict())
+        gap = (other(input_ids=tokens).logits - logits).abs().max().item()
+    assert gap > 1e-2 * logits.abs().max().item(), gap
+
+    H, KV = kw["num_attention_heads"], kw["num_key_value_heads"]
+    path = os.path.join(OUT, "gguf", "linear_rope.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("linear-rope-tiny")
+    w.add_context_length(kw["max_position_embeddings"])
+    w.add_embedding_length(kw["hidden_size"])
+    w.add_block_count(kw["num_hidden_layers"])
+    w.add_feed_forward_length(kw["intermediate_size"])
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(kw["head_dim"])
+    w.add_rope_freq_base(kw["rope_theta"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_layer_norm_rms_eps(kw["rms_norm_eps"])
+    w.add_vocab_size(V)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(kw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for g, h in [("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"),
+                     ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                     ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
+                     ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+            t = sd[p + h + ".weight"]
+            if g == "attn_q":
+                t = meta_order(t, H)
+            elif g == "attn_k":
+                t = meta_order(t, KV)
+            w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(t))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # Read back with the package's reader: the scaling is where llama.cpp looks for it.
+    r = gguf.GGUFReader(path)
+    assert bytes(r.fields["llama.rope.scaling.type"].parts[-1]).decode() == "linear"
+    assert float(r.fields["llama.rope.scaling.factor"].parts[-1][0]) == rope["factor"]
+    save_file({"tokens": tokens.contiguous(), "logits": logits},
+              os.path.join(OUT, "gguf", "linear_rope.safetensors"))
+    meta = {
+        "source": "tools/make_gguf_fixtures.py: HF transformers LlamaForCausalLM, eager attention",
+        "batch": B,
+        "seq": T,
+        "rope_theta": kw["rope_theta"],
+        "rope_scaling": rope,
+        "logit_gap_without_scaling": gap,
+    }
+    with open(os.path.join(OUT, "gguf", "linear_rope.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{path}: {os.path.getsize(path)} bytes; logits move by {gap:.3f} without the scaling")
+
+
+PARTS = ["dequant", "llama3_rope", "linear_rope", "model"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--only", choices=PARTS, action="append",
+                    help="write only these fixtures (repeatable); default: all")
     args = ap.parse_args()
-    dequant_files(np.random.default_rng(20261204))
-    llama3_rope_fixture()
-    if not args.skip_model:
+    parts = set(args.only or PARTS)
+    if args.skip_model:
+        parts.discard("model")
+    if "dequant" in parts:
+        dequant_files(np.random.default_rng(20261204))
+    if "llama3_rope" in parts:
+        llama3_rope_fixture()
+    if "linear_rope" in parts:
+        linear_rope_fixture()
+    if "model" in parts:
         model_fixture()
 
 

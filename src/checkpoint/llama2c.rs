@@ -190,7 +190,8 @@ pub fn to_bytes(model: &Llama2c) -> Result<Vec<u8>> {
     ensure!((cfg.rope_theta - 10000.0).abs() < 1e-9, "llama2.c uses RoPE θ = 10000; this model has {}", cfg.rope_theta);
     ensure!(
         cfg.rope_scaling.is_none(),
-        "llama2.c files cannot express Llama 3 RoPE scaling; export to an HF directory"
+        "llama2.c files cannot express RoPE scaling ({}); export to an HF directory or a GGUF file instead",
+        cfg.rope_scaling.map_or("", |s| s.kind())
     );
     ensure!(!cfg.qkv_bias, "llama2.c files cannot hold q/k/v biases (Qwen2); export to an HF directory instead");
     ensure!(cfg.sliding_window.is_none(), "llama2.c files cannot express a sliding window; export to an HF directory");
@@ -281,6 +282,10 @@ mod tests {
             (ModelConfig { norm_eps: 1e-6, ..base.clone() }, "eps"),
             (ModelConfig { rope_theta: 1e6, ..base.clone() }, "θ"),
             (ModelConfig { qk_norm: true, ..base.clone() }, "QK-norm"),
+            (
+                ModelConfig { rope_scaling: Some(crate::config::RopeScaling::Linear { factor: 2.0 }), ..base.clone() },
+                "cannot express RoPE scaling (linear)",
+            ),
         ] {
             let params = ParamLayout::new(&cfg).init(1);
             let err =

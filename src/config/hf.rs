@@ -4,7 +4,7 @@
 //! wrong type is reported with its path (`serde_path_to_error`), e.g. `field 'vocab_size':
 //! invalid type: string "big", expected usize`.
 
-use super::{ARCHITECTURES, ModelConfig, RopeScaling};
+use super::{ARCHITECTURES, Llama3Scaling, ModelConfig, ROPE_SCALING_KINDS, RopeScaling};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -76,50 +76,45 @@ struct HfRope {
 }
 
 impl HfRope {
-    /// `None` for the default RoPE, the Llama 3 parameters for `rope_type: llama3`; every
-    /// other kind is refused. `key` names the field in errors.
+    /// `None` for the default RoPE, the parameters for `rope_type` `linear` and `llama3`;
+    /// every other kind is refused. `key` names the field in errors.
     fn scaling(&self, key: &str) -> Result<Option<RopeScaling>> {
         let kind = self.rope_type.as_deref().or(self.kind.as_deref()).unwrap_or("default");
-        match kind {
-            "default" => return Ok(None),
-            "llama3" => {}
-            other => bail!("field '{key}.rope_type' = '{other}' is not supported (only 'default' and 'llama3')"),
-        }
         let need =
-            |v: Option<f64>, k: &str| v.with_context(|| format!("field '{key}.{k}' is missing (rope_type llama3)"));
-        let orig = self
-            .original_max_position_embeddings
-            .with_context(|| format!("field '{key}.original_max_position_embeddings' is missing (rope_type llama3)"))?;
-        let s = RopeScaling {
-            factor: need(self.factor, "factor")?,
-            low_freq_factor: need(self.low_freq_factor, "low_freq_factor")?,
-            high_freq_factor: need(self.high_freq_factor, "high_freq_factor")?,
-            original_max_position_embeddings: orig as usize,
+            |v: Option<f64>, k: &str| v.with_context(|| format!("field '{key}.{k}' is missing (rope_type {kind})"));
+        let s = match kind {
+            "default" => return Ok(None),
+            "linear" => RopeScaling::Linear { factor: need(self.factor, "factor")? },
+            "llama3" => {
+                let orig = self.original_max_position_embeddings.with_context(|| {
+                    format!("field '{key}.original_max_position_embeddings' is missing (rope_type llama3)")
+                })?;
+                RopeScaling::Llama3(Llama3Scaling {
+                    factor: need(self.factor, "factor")?,
+                    low_freq_factor: need(self.low_freq_factor, "low_freq_factor")?,
+                    high_freq_factor: need(self.high_freq_factor, "high_freq_factor")?,
+                    original_max_position_embeddings: usize::try_from(orig).unwrap_or(usize::MAX),
+                })
+            }
+            other => bail!("field '{key}.rope_type' = '{other}' is not supported (only {ROPE_SCALING_KINDS})"),
         };
-        if !(s.factor.is_finite() && s.factor >= 1.0) {
-            bail!("field '{key}.factor' ({}) must be a finite number >= 1", s.factor);
-        }
-        if !(s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.high_freq_factor.is_finite()) {
-            bail!(
-                "fields '{key}.low_freq_factor' ({}) and 'high_freq_factor' ({}) must satisfy 0 < low < high",
-                s.low_freq_factor,
-                s.high_freq_factor
-            );
-        }
-        if !(1..=1 << 24).contains(&orig) {
-            bail!("field '{key}.original_max_position_embeddings' ({orig}) must be a positive integer");
-        }
+        s.check(key)?;
         Ok(Some(s))
     }
 
-    fn llama3(s: &RopeScaling) -> Self {
-        HfRope {
-            rope_type: Some("llama3".into()),
-            factor: Some(s.factor),
-            low_freq_factor: Some(s.low_freq_factor),
-            high_freq_factor: Some(s.high_freq_factor),
-            original_max_position_embeddings: Some(s.original_max_position_embeddings as u64),
-            ..HfRope::default()
+    fn from_scaling(s: &RopeScaling) -> Self {
+        match s {
+            RopeScaling::Linear { factor } => {
+                HfRope { rope_type: Some("linear".into()), factor: Some(*factor), ..HfRope::default() }
+            }
+            RopeScaling::Llama3(s) => HfRope {
+                rope_type: Some("llama3".into()),
+                factor: Some(s.factor),
+                low_freq_factor: Some(s.low_freq_factor),
+                high_freq_factor: Some(s.high_freq_factor),
+                original_max_position_embeddings: Some(s.original_max_position_embeddings as u64),
+                ..HfRope::default()
+            },
         }
     }
 }
@@ -279,7 +274,7 @@ impl ModelConfig {
             max_position_embeddings: Some(self.max_seq_len),
             rope_theta: Some(self.rope_theta),
             rope_parameters: None,
-            rope_scaling: self.rope_scaling.as_ref().map(HfRope::llama3),
+            rope_scaling: self.rope_scaling.as_ref().map(HfRope::from_scaling),
             rms_norm_eps: Some(self.norm_eps),
             // Implied by model_type (QK-norm is written as Qwen3).
             qk_norm: None,

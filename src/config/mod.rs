@@ -39,7 +39,7 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Classifier shares the embedding matrix (`tie_word_embeddings`).
     pub tied_embeddings: bool,
-    /// Llama 3.x RoPE frequency scaling (`rope_scaling` with `rope_type: llama3`).
+    /// RoPE frequency scaling (`rope_scaling` with `rope_type` `llama3` or `linear`).
     pub rope_scaling: Option<RopeScaling>,
     /// Biases on the q, k and v projections (Qwen2 / Qwen2.5; never on o_proj).
     pub qkv_bias: bool,
@@ -49,14 +49,69 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
 }
 
-/// Llama 3.x `rope_scaling` (`rope_type: llama3`): long wavelengths are slowed by `factor`,
-/// short ones kept, the band between interpolated (see `ops::rope::inv_freq`).
+/// HF `rope_scaling` kinds this crate computes exactly (see `ops::rope::inv_freq`).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RopeScaling {
+pub enum RopeScaling {
+    /// `rope_type: llama3` (Llama 3.1 / 3.2).
+    Llama3(Llama3Scaling),
+    /// `rope_type: linear` (position interpolation): every frequency divided by `factor`,
+    /// i.e. every position read as `pos / factor`.
+    Linear { factor: f64 },
+}
+
+/// RoPE scaling kinds accepted, for errors that name them.
+pub const ROPE_SCALING_KINDS: &str = "'default', 'linear' and 'llama3'";
+
+/// Llama 3.x `rope_scaling` (`rope_type: llama3`): long wavelengths are slowed by `factor`,
+/// short ones kept, the band between interpolated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Scaling {
     pub factor: f64,
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
+}
+
+impl RopeScaling {
+    /// The HF `rope_type` name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RopeScaling::Llama3(_) => "llama3",
+            RopeScaling::Linear { .. } => "linear",
+        }
+    }
+
+    pub fn factor(&self) -> f64 {
+        match self {
+            RopeScaling::Llama3(s) => s.factor,
+            RopeScaling::Linear { factor } => *factor,
+        }
+    }
+
+    /// Refuses parameters transformers would refuse or compute nonsense with; `key` names
+    /// the config field (`rope_scaling` or `rope_parameters`) in errors.
+    pub fn check(&self, key: &str) -> Result<()> {
+        let factor = self.factor();
+        if !(factor.is_finite() && factor >= 1.0) {
+            bail!("field '{key}.factor' ({factor}) must be a finite number >= 1");
+        }
+        if let RopeScaling::Llama3(s) = self {
+            if !(s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.high_freq_factor.is_finite()) {
+                bail!(
+                    "fields '{key}.low_freq_factor' ({}) and 'high_freq_factor' ({}) must satisfy 0 < low < high",
+                    s.low_freq_factor,
+                    s.high_freq_factor
+                );
+            }
+            if !(1..=1 << 24).contains(&s.original_max_position_embeddings) {
+                bail!(
+                    "field '{key}.original_max_position_embeddings' ({}) must be a positive integer",
+                    s.original_max_position_embeddings
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// HF model classes this crate computes exactly.
@@ -237,6 +292,9 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             bail!("field 'rope_theta' ({}) must be a finite number > 1", self.rope_theta);
         }
+        if let Some(s) = &self.rope_scaling {
+            s.check("rope_scaling")?;
+        }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             bail!("field 'rms_norm_eps' ({}) must be in (0, 1)", self.norm_eps);
         }
@@ -399,12 +457,12 @@ mod tests {
         v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
         let cfg = ModelConfig::from_hf_json(&v).unwrap();
-        let want = RopeScaling {
+        let want = RopeScaling::Llama3(Llama3Scaling {
             factor: 8.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192,
-        };
+        });
         assert_eq!(cfg.rope_scaling, Some(want));
         // Written back and read again.
         assert_eq!(ModelConfig::from_hf_json(&cfg.to_hf_json()).unwrap().rope_scaling, Some(want));
@@ -418,6 +476,50 @@ mod tests {
         bad["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
         assert!(format!("{:#}", ModelConfig::from_hf_json(&bad).unwrap_err()).contains("disagree"));
+    }
+
+    /// `rope_type: linear` (and older files' `type: linear`, and transformers 5's
+    /// `rope_parameters`) read and written back; bad factors and unsupported kinds get one
+    /// sentence naming the field.
+    #[test]
+    fn linear_rope_scaling_is_read_and_bad_factors_refused() {
+        let base = ModelConfig::preset("stories260k").unwrap().to_hf_json();
+        let linear = Some(RopeScaling::Linear { factor: 2.5 });
+        for (field, scaling) in [
+            ("rope_scaling", serde_json::json!({"rope_type": "linear", "factor": 2.5})),
+            ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.5})),
+            ("rope_parameters", serde_json::json!({"rope_type": "linear", "factor": 2.5, "rope_theta": 10000.0})),
+        ] {
+            let mut v = base.clone();
+            v[field] = scaling;
+            let cfg = ModelConfig::from_hf_json(&v).unwrap();
+            assert_eq!(cfg.rope_scaling, linear, "{field}");
+            let back = cfg.to_hf_json();
+            assert_eq!(back["rope_scaling"], serde_json::json!({"rope_type": "linear", "factor": 2.5}));
+            assert_eq!(ModelConfig::from_hf_json(&back).unwrap().rope_scaling, linear);
+        }
+        let err = |scaling: Value| {
+            let mut v = base.clone();
+            v["rope_scaling"] = scaling;
+            let e = format!("{:#}", ModelConfig::from_hf_json(&v).unwrap_err());
+            assert!(!e.contains('\n') && !e.trim_end_matches('.').contains(". "), "not one sentence: {e}");
+            e
+        };
+        for f in [0.5, 0.0, -2.0] {
+            let e = err(serde_json::json!({"rope_type": "linear", "factor": f}));
+            assert!(e.contains("'rope_scaling.factor'") && e.contains("finite number >= 1"), "{e}");
+        }
+        assert!(err(serde_json::json!({"rope_type": "linear"})).contains("'rope_scaling.factor' is missing"));
+        for kind in ["dynamic", "yarn", "longrope"] {
+            let e = err(serde_json::json!({"rope_type": kind, "factor": 2.0}));
+            assert!(e.contains(kind) && e.contains("'default', 'linear' and 'llama3'"), "{e}");
+        }
+        // Built in code rather than read: `validate` applies the same check (NaN included).
+        let cfg = ModelConfig {
+            rope_scaling: Some(RopeScaling::Linear { factor: f64::NAN }),
+            ..ModelConfig::preset("stories260k").unwrap()
+        };
+        assert!(format!("{:#}", cfg.validate().unwrap_err()).contains("'rope_scaling.factor' (NaN)"));
     }
 
     #[test]

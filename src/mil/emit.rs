@@ -141,7 +141,7 @@ pub struct Dims {
     pub qk_norm: bool,
     pub eps: f64,
     pub theta: f64,
-    /// Llama 3 frequency scaling of RoPE, if any
+    /// RoPE frequency scaling (linear or Llama 3), if any
     pub rope_scaling: Option<crate::config::RopeScaling>,
     /// vocabulary size
     pub v: usize,

@@ -2,7 +2,7 @@
 //! with i + D/2 and rotates by angle `pos · θ^(−2i/D)`, i < D/2.
 //! (llama2.c's Meta layout pairs 2i with 2i+1; checkpoints are permuted on import instead.)
 
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{Llama3Scaling, ModelConfig, RopeScaling};
 use rayon::prelude::*;
 
 /// cos/sin of every (position, frequency) pair, `[T_max, D/2]` each, built once per model.
@@ -13,14 +13,23 @@ pub struct RopeTable {
     pub half: usize,
 }
 
-/// The `D/2` rotation frequencies in HF's f32 arithmetic: `1 / θ^(2i/D)`, then, with Llama 3
-/// scaling, wavelengths `λ = 2π/f` beyond `orig / low_freq_factor` slowed by `factor`, those
-/// below `orig / high_freq_factor` kept, and between them
-/// `(1 − s)·f/factor + s·f` with `s = (orig/λ − low) / (high − low)` (transformers'
-/// `_compute_llama3_parameters`, operation for operation in f32).
+/// The `D/2` rotation frequencies in HF's f32 arithmetic: `1 / θ^(2i/D)`, then
+/// - linear scaling: each divided by `factor` (f32 by f32, as `inv_freq /= factor` in
+///   transformers' `_compute_linear_scaling_rope_parameters`);
+/// - Llama 3 scaling: wavelengths `λ = 2π/f` beyond `orig / low_freq_factor` slowed by
+///   `factor`, those below `orig / high_freq_factor` kept, and between them
+///   `(1 − s)·f/factor + s·f` with `s = (orig/λ − low) / (high − low)` (transformers'
+///   `_compute_llama3_parameters`, operation for operation in f32).
 pub fn inv_freq(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
     let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32)).collect();
-    let Some(s) = scaling else { return base };
+    match scaling {
+        None => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|&f| f / *factor as f32).collect(),
+        Some(RopeScaling::Llama3(s)) => llama3(&base, s),
+    }
+}
+
+fn llama3(base: &[f32], s: &Llama3Scaling) -> Vec<f32> {
     let orig = s.original_max_position_embeddings as f64;
     let (low_wavelen, high_wavelen) = ((orig / s.low_freq_factor) as f32, (orig / s.high_freq_factor) as f32);
     let factor = s.factor as f32;
@@ -41,7 +50,11 @@ pub fn inv_freq(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32>
 /// `inv_freq` in f64 throughout, for the naive reference.
 pub fn inv_freq_f64(d: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
     let base = (0..d / 2).map(|i| theta.powf(-((2 * i) as f64) / d as f64));
-    let Some(s) = scaling else { return base.collect() };
+    let s = match scaling {
+        None => return base.collect(),
+        Some(RopeScaling::Linear { factor }) => return base.map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3(s)) => s,
+    };
     let orig = s.original_max_position_embeddings as f64;
     let (low_wavelen, high_wavelen) = (orig / s.low_freq_factor, orig / s.high_freq_factor);
     base.map(|f| {
@@ -64,7 +77,7 @@ impl RopeTable {
         Self::with_freqs(max_t, &inv_freq(d, theta, None))
     }
 
-    /// The table for a model's config (θ and any Llama 3 scaling).
+    /// The table for a model's config (θ and any scaling).
     pub fn for_config(max_t: usize, cfg: &ModelConfig) -> Self {
         Self::with_freqs(max_t, &inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref()))
     }
@@ -197,12 +210,12 @@ mod tests {
     #[test]
     fn llama3_scaling_f32_matches_f64_in_all_three_bands() {
         // Llama 3.1's published values: θ 5e5, D 128, factor 8, low 1, high 4, orig 8192.
-        let s = RopeScaling {
+        let s = RopeScaling::Llama3(Llama3Scaling {
             factor: 8.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192,
-        };
+        });
         let (d, theta) = (128, 5e5);
         let fast = inv_freq(d, theta, Some(&s));
         let slow = inv_freq_f64(d, theta, Some(&s));
@@ -221,5 +234,31 @@ mod tests {
             }
         }
         assert!(kept > 0 && slowed > 0 && between > 0, "bands {kept} {slowed} {between}");
+    }
+
+    /// Linear scaling: every frequency divided by the factor, in f32 by the f32 factor (as
+    /// PyTorch divides an f32 tensor by a Python float), so position `p` of the scaled table
+    /// is position `p / factor` of the plain one.
+    #[test]
+    fn linear_scaling_divides_every_frequency() {
+        let (d, theta) = (16, 1e4);
+        for factor in [2.0, 2.5, 1.1] {
+            let s = RopeScaling::Linear { factor };
+            let fast = inv_freq(d, theta, Some(&s));
+            let plain = inv_freq(d, theta, None);
+            for (f, p) in fast.iter().zip(&plain) {
+                assert_eq!(f.to_bits(), (p / factor as f32).to_bits());
+            }
+            let slow = inv_freq_f64(d, theta, Some(&s));
+            for (f, p) in slow.iter().zip(inv_freq_f64(d, theta, None)) {
+                assert!((f - p / factor).abs() <= 1e-15 * p);
+            }
+        }
+        // Integer factor: position 4 scaled by 2 is position 2 unscaled, exactly.
+        let scaled = RopeTable::with_freqs(5, &inv_freq(d, theta, Some(&RopeScaling::Linear { factor: 2.0 })));
+        let plain = RopeTable::new(5, d, theta);
+        let half = d / 2;
+        assert_eq!(scaled.cos[4 * half..5 * half], plain.cos[2 * half..3 * half]);
+        assert_eq!(scaled.sin[4 * half..5 * half], plain.sin[2 * half..3 * half]);
     }
 }

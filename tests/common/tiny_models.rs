@@ -5,6 +5,7 @@ use anetrain::config::ModelConfig;
 
 /// `"mha"`: MHA, head_dim 8 = 32 / 4. `"gqa-qknorm"`: GQA 4/2, QK-norm, head_dim 10 ≠ 24 / 4,
 /// Qwen3's θ and eps, untied classifier (every baked piece kind: WeightT, Weight, Column).
+/// `"mha-linear-rope"`: `"mha"` with linear RoPE scaling.
 pub fn tiny(name: &str) -> ModelConfig {
     let base = ModelConfig::preset("stories260k").unwrap();
     match name {
@@ -22,6 +23,10 @@ pub fn tiny(name: &str) -> ModelConfig {
             tied_embeddings: false,
             ..base
         },
+        // Linear RoPE scaling (factor 2.5) on the MHA shape.
+        "mha-linear-rope" => {
+            ModelConfig { rope_scaling: Some(anetrain::config::RopeScaling::Linear { factor: 2.5 }), ..tiny("mha") }
+        }
         other => panic!("no tiny model '{other}'"),
     }
 }

@@ -13,7 +13,7 @@ pub mod tokenizer;
 pub mod writer;
 
 use crate::checkpoint::safetensors::Bytes;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 use crate::params::ParamLayout;
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, bail, ensure};
@@ -122,20 +122,6 @@ impl GgufFile {
                 Some(v) => v.as_f64().map(Some).with_context(|| format!("metadata '{}' is not a number", key(k))),
             }
         };
-        if let Some(kind) = self.meta(&key("rope.scaling.type")) {
-            let kind = kind.as_str().unwrap_or("?");
-            ensure!(
-                kind == "none",
-                "metadata '{}' = '{kind}': this RoPE scaling is not supported (only Llama 3's, a 'rope_freqs.weight' tensor)",
-                key("rope.scaling.type")
-            );
-        } else if let Some(f) = float("rope.scaling.factor")?
-            && f != 0.0
-            && f != 1.0
-        {
-            // llama.cpp reads a factor without a type as linear scaling.
-            bail!("metadata '{}' = {f} (linear RoPE scaling) is not supported", key("rope.scaling.factor"));
-        }
         let dim = req("embedding_length")?;
         let n_heads = req("attention.head_count")?;
         ensure!(n_heads > 0, "metadata '{}' is 0", key("attention.head_count"));
@@ -153,8 +139,41 @@ impl GgufFile {
             None => embed.dims[1] as usize,
         };
         let rope_theta = float("rope.freq_base")?.unwrap_or(10000.0);
+        // llama.cpp's linear scaling: `rope.scaling.factor` (older files: `rope.scale_linear`)
+        // with `rope.scaling.type` "linear" or no type; 0 and 1 mean none, and type "none"
+        // switches it off whatever the factor.
+        let old_name =
+            self.meta(&key("rope.scaling.factor")).is_none() && self.meta(&key("rope.scale_linear")).is_some();
+        let factor_key = if old_name { "rope.scale_linear" } else { "rope.scaling.factor" };
+        let factor = float(factor_key)?;
+        let linear = match self.meta(&key("rope.scaling.type")) {
+            Some(kind) => match kind.as_str().unwrap_or("?") {
+                "none" => None,
+                "linear" => Some(factor.with_context(|| {
+                    format!("metadata '{}' is missing, but rope.scaling.type is 'linear'", key("rope.scaling.factor"))
+                })?),
+                other => bail!(
+                    "metadata '{}' = '{other}': this RoPE scaling is not supported (only 'none', 'linear', and Llama 3's \
+                     'rope_freqs.weight' tensor)",
+                    key("rope.scaling.type")
+                ),
+            },
+            None => factor.filter(|&f| f != 0.0 && f != 1.0),
+        };
+        if let Some(f) = linear {
+            ensure!(
+                f.is_finite() && f >= 1.0,
+                "metadata '{}' ({f}) must be a finite number >= 1 for linear RoPE scaling",
+                key(factor_key)
+            );
+        }
         let rope_scaling = match self.tensor(rope::TENSOR) {
-            None => None,
+            None => linear.map(|factor| RopeScaling::Linear { factor }),
+            Some(_) if linear.is_some() => bail!(
+                "{}: linear RoPE scaling metadata together with Llama 3's '{}' tensor is not supported",
+                self.name,
+                rope::TENSOR
+            ),
             Some(t) => {
                 ensure!(arch == "llama", "tensor '{}' in a '{arch}' file is not supported", rope::TENSOR);
                 ensure!(
@@ -167,7 +186,9 @@ impl GgufFile {
                 let mut r = vec![0.0f32; head_dim / 2];
                 self.read_f32(t, &mut r)?;
                 let orig = uint("rope.scaling.original_context_length")?;
-                rope::recover(&r, head_dim, rope_theta, orig).with_context(|| self.name.clone())?
+                rope::recover(&r, head_dim, rope_theta, orig)
+                    .with_context(|| self.name.clone())?
+                    .map(RopeScaling::Llama3)
             }
         };
         let cfg = ModelConfig {

@@ -3,13 +3,13 @@
 //! instead (1 for short wavelengths, `factor` for long ones, `1 / ((1 − s)/factor + s)` in the
 //! band between), which llama.cpp's `ggml_rope_ext` divides each rotation frequency by.
 //!
-//! This crate models the scaling by its HF parameters (`RopeScaling`), so that `convert` to HF
+//! This crate models the scaling by its HF parameters (`Llama3Scaling`), so that `convert` to HF
 //! writes `rope_scaling` and the forward pass computes transformers' frequencies. Import
 //! recovers the parameters from the divisors and accepts them only if recomputing the divisors
 //! from them reproduces the tensor bit for bit; export writes the divisors as the converter
 //! computes them (in its f32 arithmetic).
 
-use crate::config::RopeScaling;
+use crate::config::Llama3Scaling;
 use crate::ops::rope::inv_freq;
 use anyhow::{Result, bail, ensure};
 
@@ -20,7 +20,7 @@ pub const TENSOR: &str = "rope_freqs.weight";
 /// frequencies `1/θ^(2i/D)`, wavelengths `2π/f`, band edges `orig/high` and `orig/low`, and
 /// the interpolation `s = (orig/λ − low)/(high − low)`, every operation rounded to f32 as
 /// PyTorch rounds it (the fixture tests/fixtures/gguf/llama3_rope.gguf pins this bit for bit).
-pub fn divisors(d: usize, theta: f64, s: &RopeScaling) -> Vec<f32> {
+pub fn divisors(d: usize, theta: f64, s: &Llama3Scaling) -> Vec<f32> {
     let orig = s.original_max_position_embeddings as f64;
     let (low_wavelen, high_wavelen) = ((orig / s.low_freq_factor) as f32, (orig / s.high_freq_factor) as f32);
     let (two_pi, factor, low) = ((2.0 * std::f64::consts::PI) as f32, s.factor as f32, s.low_freq_factor as f32);
@@ -51,7 +51,7 @@ pub fn divisors(d: usize, theta: f64, s: &RopeScaling) -> Vec<f32> {
 /// with `orig` known they give `low` and `high`; without it `low = 1` (every published
 /// Llama 3.x) gives the rest. Candidates are tried rounded to a few grids (coarsest first) and as
 /// fitted; one must reproduce every divisor bit for bit.
-pub fn recover(r: &[f32], d: usize, theta: f64, orig_hint: Option<usize>) -> Result<Option<RopeScaling>> {
+pub fn recover(r: &[f32], d: usize, theta: f64, orig_hint: Option<usize>) -> Result<Option<Llama3Scaling>> {
     ensure!(
         r.len() == d / 2,
         "tensor '{TENSOR}' has {} entries, but head_dim {d} has {} RoPE frequencies",
@@ -100,7 +100,7 @@ pub fn recover(r: &[f32], d: usize, theta: f64, orig_hint: Option<usize>) -> Res
             if !(low.is_finite() && high.is_finite() && low > 0.0 && high > low && orig > 0) {
                 continue;
             }
-            let s = RopeScaling {
+            let s = Llama3Scaling {
                 factor,
                 low_freq_factor: low,
                 high_freq_factor: high,
@@ -121,8 +121,8 @@ pub fn recover(r: &[f32], d: usize, theta: f64, orig_hint: Option<usize>) -> Res
 mod tests {
     use super::*;
 
-    fn llama3(factor: f64, low: f64, high: f64, orig: usize) -> RopeScaling {
-        RopeScaling { factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: orig }
+    fn llama3(factor: f64, low: f64, high: f64, orig: usize) -> Llama3Scaling {
+        Llama3Scaling { factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: orig }
     }
 
     /// Published Llama 3.1 / 3.2 shapes and small ones round trip, with and without the hint.

@@ -4,7 +4,7 @@
 //! 3 RoPE scaling as llama.cpp's `rope_freqs.weight` (`super::rope`).
 
 use super::reader::Value;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 use crate::params::ParamLayout;
 use crate::quant::GgmlType;
 use crate::tokenizer::Tokenizer;
@@ -164,15 +164,19 @@ pub fn save_model(path: &Path, cfg: &ModelConfig, params: &[f32], dtype: GgmlTyp
     } else {
         params
     };
+    let llama3 = match &cfg.rope_scaling {
+        Some(RopeScaling::Llama3(s)) => Some(s),
+        _ => None,
+    };
     ensure!(
-        cfg.rope_scaling.is_none() || arch == "llama",
+        llama3.is_none() || arch == "llama",
         "GGUF export of Llama 3 RoPE scaling needs the llama architecture (no QK-norm, no q/k/v biases)"
     );
     let mut tensors = Vec::with_capacity(layout.tensors.len() + 1);
     // llama.cpp's form of Llama 3 scaling: per-frequency divisors, which the importer turns
     // back into these parameters (checked here, so every export reads back as this config).
-    let divisors = cfg.rope_scaling.as_ref().map(|s| super::rope::divisors(cfg.head_dim, cfg.rope_theta, s));
-    if let (Some(s), Some(r)) = (&cfg.rope_scaling, &divisors) {
+    let divisors = llama3.map(|s| super::rope::divisors(cfg.head_dim, cfg.rope_theta, s));
+    if let (Some(s), Some(r)) = (llama3, &divisors) {
         let back = super::rope::recover(
             r,
             cfg.head_dim,
@@ -229,10 +233,19 @@ fn model_metadata(cfg: &ModelConfig, arch: &str, dtype: GgmlType, extras: &Extra
         (k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.norm_eps as f32)),
         (k("vocab_size"), u(cfg.vocab_size)),
     ]);
-    if let Some(s) = &cfg.rope_scaling {
-        // llama.cpp's own key (used there only by YaRN); it pins the band when the divisors
-        // alone cannot (`rope::recover`).
-        md.push((k("rope.scaling.original_context_length"), u(s.original_max_position_embeddings)));
+    match &cfg.rope_scaling {
+        None => {}
+        Some(RopeScaling::Llama3(s)) => {
+            // llama.cpp's own key (used there only by YaRN); it pins the band when the divisors
+            // alone cannot (`rope::recover`).
+            md.push((k("rope.scaling.original_context_length"), u(s.original_max_position_embeddings)));
+        }
+        // GGUF holds the factor as f32, the type the forward pass divides by (`inv_freq`), so
+        // the tables read back bit for bit.
+        Some(RopeScaling::Linear { factor }) => md.extend([
+            (k("rope.scaling.type"), Value::Str("linear".into())),
+            (k("rope.scaling.factor"), Value::F32(*factor as f32)),
+        ]),
     }
     if let Some(tok) = extras.tokenizer {
         ensure!(

@@ -26,6 +26,7 @@ pub mod ops;
 pub mod params;
 pub mod plot;
 pub mod prepare;
+pub mod prof;
 pub mod quant;
 pub mod reference;
 pub mod rng;

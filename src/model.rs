@@ -32,6 +32,7 @@ use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::matmul::{bias_backward, matmul_backward_dw, matmul_backward_dx, matmul_forward};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::params::{LayerTensors, ParamLayout};
+use crate::prof;
 use anyhow::{Context, Result, anyhow, ensure};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -486,31 +487,40 @@ impl Model {
         let mut kernel_ms = 0.0;
         embedding_forward(&mut self.acts[0].x_in, tokens, layout.view(params, layout.embed), c);
         for l in 0..self.cfg.n_layers {
+            let merge = prof::op("layer weights for the kernels (LoRA merge / widen)");
             let (w, lw) = match (self.lora.as_mut(), adapters) {
                 (Some(lr), Some(ad)) => lr.merged_layer(par, layout, params, ad, l),
                 _ => (layout.layer(params, l), None),
             };
+            drop(merge);
             let (this, rest) = self.acts[l..].split_first_mut().expect("layer exists");
             let x_out = match rest.first_mut() {
                 Some(next) => &mut next.x_in,
                 None => &mut self.x_final,
             };
             let scratch = &mut self.dxn; // `[N, C]` block output before the residual add
+            let t = prof::op("rmsnorm fwd, residual add");
             rmsnorm_forward(&mut this.xn1, &mut this.rstd1, &this.x_in, w.attn_norm, n, c, eps);
+            drop(t);
             timed(&mut kernel_ms, || match &lw {
                 Some(lw) => self.backend.attention_forward_lowp(scratch, this, &w, lw),
                 None => self.backend.attention_forward(scratch, this, &w),
             })?;
+            let t = prof::op("rmsnorm fwd, residual add");
             add(&mut this.x_mid, &this.x_in, scratch);
             rmsnorm_forward(&mut this.xn2, &mut this.rstd2, &this.x_mid, w.ffn_norm, n, c, eps);
+            drop(t);
             timed(&mut kernel_ms, || match &lw {
                 Some(lw) => self.backend.ffn_forward_lowp(scratch, this, &w, lw),
                 None => self.backend.ffn_forward(scratch, this, &w),
             })?;
+            let _t = prof::op("rmsnorm fwd, residual add");
             add(x_out, &this.x_mid, scratch);
         }
         let final_norm = layout.view(params, layout.final_norm);
+        let t = prof::op("rmsnorm fwd, residual add");
         rmsnorm_forward(&mut self.xf, &mut self.rstd_final, &self.x_final, final_norm, n, c, eps);
+        drop(t);
         let mut e = layout.view(params, layout.classifier());
         let mut v = v;
         if let Some(cv) = self.compact.as_mut() {
@@ -521,6 +531,7 @@ impl Model {
         let mut classifier_ms = 0.0;
         let on_backend = timed(&mut classifier_ms, || self.backend.classifier_forward(logits, &self.xf, e))?;
         let lowp = self.lora.as_mut().and_then(|l| l.lowp_gemm()).filter(|_| adapters.is_some());
+        let _t = (!on_backend).then(|| prof::gemm("classifier fwd x·Eᵀ", n, v, c)).flatten();
         if on_backend {
             kernel_ms += classifier_ms;
         } else if let Some(g) = lowp {

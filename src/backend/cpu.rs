@@ -10,6 +10,7 @@ use crate::ops::matmul::{Operand, bias_forward, matmul_backward_dx, matmul_forwa
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{RopeTable, rope_backward, rope_forward};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use crate::prof;
 use anyhow::Result;
 
 pub struct CpuBackend {
@@ -102,14 +103,21 @@ fn lowp_forward(
     adapters: &[(usize, Option<AdapterRef>)],
     s: f32,
 ) {
-    gemm.gemm(par, n, oc, ic, x, ic, Bf16Rhs::T(w, ic), y, ldy, false);
+    {
+        let _t = prof::gemm("bf16 base fwd x·Wᵀ", n, oc, ic);
+        gemm.gemm(par, n, oc, ic, x, ic, Bf16Rhs::T(w, ic), y, ldy, false);
+    }
     for &(col, ad) in adapters {
         let Some(ad) = ad else { continue };
         let r = ad.a.len() / ic;
         let aoc = ad.b.len() / r;
         let u = &mut u[..n * r];
-        sgemm(par, n, r, ic, Operand::n(x, ic), Operand::t(ad.a, ic), u, r, false);
-        u.iter_mut().for_each(|v| *v *= s);
+        {
+            let _t = prof::gemm("lora fwd u = x·Aᵀ", n, r, ic);
+            sgemm(par, n, r, ic, Operand::n(x, ic), Operand::t(ad.a, ic), u, r, false);
+            u.iter_mut().for_each(|v| *v *= s);
+        }
+        let _t = prof::gemm("lora fwd y += u·Bᵀ", n, aoc, r);
         sgemm(par, n, aoc, r, Operand::n(u, r), Operand::t(ad.b, r), &mut y[col..], ldy, true);
     }
 }
@@ -131,14 +139,21 @@ fn lowp_dx(
     adapters: &[(usize, Option<AdapterRef>)],
     s: f32,
 ) {
-    gemm.gemm(par, n, ic, oc, dy, ldy, Bf16Rhs::N(w, ic), dx, ic, false);
+    {
+        let _t = prof::gemm("bf16 base dx dy·W", n, ic, oc);
+        gemm.gemm(par, n, ic, oc, dy, ldy, Bf16Rhs::N(w, ic), dx, ic, false);
+    }
     for &(col, ad) in adapters {
         let Some(ad) = ad else { continue };
         let r = ad.a.len() / ic;
         let aoc = ad.b.len() / r;
         let v = &mut v[..n * r];
-        sgemm(par, n, r, aoc, Operand::n(&dy[col..], ldy), Operand::n(ad.b, r), v, r, false);
-        v.iter_mut().for_each(|x| *x *= s);
+        {
+            let _t = prof::gemm("lora dx v = dy·B", n, r, aoc);
+            sgemm(par, n, r, aoc, Operand::n(&dy[col..], ldy), Operand::n(ad.b, r), v, r, false);
+            v.iter_mut().for_each(|x| *x *= s);
+        }
+        let _t = prof::gemm("lora dx dx += v·A", n, ic, r);
         sgemm(par, n, ic, r, Operand::n(v, r), Operand::n(ad.a, ic), dx, ic, true);
     }
 }
@@ -158,7 +173,10 @@ impl CpuBackend {
                 let (wq, rest) = w.wqkv.split_at(qd * c);
                 let (wk, wv) = rest.split_at(kd * c);
                 let xn1 = Operand::n(&acts.xn1, c);
+                let _t = prof::gemm("f32 base fwd x·Wᵀ (q)", n, qd, c);
                 sgemm(par, n, qd, c, xn1, Operand::t(wq, c), q_out, qd, false);
+                drop(_t);
+                let _t = prof::gemm("f32 base fwd x·Wᵀ (k, v)", n, kd, c);
                 sgemm(par, n, kd, c, xn1, Operand::t(wk, c), k_out, kd, false);
                 sgemm(par, n, kd, c, xn1, Operand::t(wv, c), &mut acts.v, kd, false);
             }
@@ -173,6 +191,7 @@ impl CpuBackend {
                 lowp_forward(g, u, par, &mut acts.v, kd, x, wv, n, c, kd, &[(0, ad[2])], s);
             }
         }
+        let _t = prof::op("qkv bias, qk-norm, rope fwd");
         let (q_out, k_out) =
             if norm.is_some() { (&mut acts.q_raw, &mut acts.k_raw) } else { (&mut acts.q, &mut acts.k) };
         if let Some(bias) = w.bqkv {
@@ -188,9 +207,15 @@ impl CpuBackend {
         }
         rope_forward(&mut acts.q, &self.rope, n, t, h);
         rope_forward(&mut acts.k, &self.rope, n, t, kv);
+        drop(_t);
+        let _t = prof::op("attention core fwd (QKᵀ, softmax, PV)");
         attention_forward(par, &mut acts.attn, &mut acts.probs, &mut self.hm_q, &acts.q, &acts.k, &acts.v, self.dims);
+        drop(_t);
         match p {
-            Proj::F32 => matmul_forward(par, o, &acts.attn, w.wo, n, qd, c),
+            Proj::F32 => {
+                let _t = prof::gemm("f32 base fwd x·Wᵀ", n, c, qd);
+                matmul_forward(par, o, &acts.attn, w.wo, n, qd, c)
+            }
             Proj::Lowp(lw) => {
                 let (g, u) = self.lowp_scratch(lw)?;
                 lowp_forward(g, u, par, o, c, &acts.attn, lw.wo, n, qd, c, &[(0, lw.adapters[3])], lw.scale);
@@ -202,16 +227,25 @@ impl CpuBackend {
     fn ffn_forward_with(&mut self, out: &mut [f32], acts: &mut LayerActs, w: &Weights, p: Proj) -> Result<()> {
         let (par, n, c, f) = (self.par, self.n, self.c, self.f);
         match p {
-            Proj::F32 => matmul_forward(par, &mut acts.h13, &acts.xn2, w.w13, n, c, 2 * f),
+            Proj::F32 => {
+                let _t = prof::gemm("f32 base fwd x·Wᵀ", n, 2 * f, c);
+                matmul_forward(par, &mut acts.h13, &acts.xn2, w.w13, n, c, 2 * f)
+            }
             Proj::Lowp(lw) => {
                 let (g, u) = self.lowp_scratch(lw)?;
                 let ad = [(0, lw.adapters[4]), (f, lw.adapters[5])];
                 lowp_forward(g, u, par, &mut acts.h13, 2 * f, &acts.xn2, lw.w13, n, c, 2 * f, &ad, lw.scale);
             }
         }
-        swiglu_forward(&mut acts.gate, &acts.h13, f);
+        {
+            let _t = prof::op("swiglu fwd");
+            swiglu_forward(&mut acts.gate, &acts.h13, f);
+        }
         match p {
-            Proj::F32 => matmul_forward(par, out, &acts.gate, w.w2, n, f, c),
+            Proj::F32 => {
+                let _t = prof::gemm("f32 base fwd x·Wᵀ", n, c, f);
+                matmul_forward(par, out, &acts.gate, w.w2, n, f, c)
+            }
             Proj::Lowp(lw) => {
                 let (g, u) = self.lowp_scratch(lw)?;
                 lowp_forward(g, u, par, out, c, &acts.gate, lw.w2, n, f, c, &[(0, lw.adapters[6])], lw.scale);
@@ -231,15 +265,24 @@ impl CpuBackend {
     ) -> Result<()> {
         let (par, n, c, f) = (self.par, self.n, self.c, self.f);
         match p {
-            Proj::F32 => matmul_backward_dx(par, &mut g.dgate, d_out, w.w2, n, f, c, false),
+            Proj::F32 => {
+                let _t = prof::gemm("f32 base dx dy·W", n, f, c);
+                matmul_backward_dx(par, &mut g.dgate, d_out, w.w2, n, f, c, false)
+            }
             Proj::Lowp(lw) => {
                 let (gm, v) = self.lowp_scratch(lw)?;
                 lowp_dx(gm, v, par, &mut g.dgate, d_out, c, lw.w2, n, f, c, &[(0, lw.adapters[6])], lw.scale);
             }
         }
-        swiglu_backward(&mut g.dh13, &g.dgate, &acts.h13, f);
+        {
+            let _t = prof::op("swiglu bwd");
+            swiglu_backward(&mut g.dh13, &g.dgate, &acts.h13, f);
+        }
         match p {
-            Proj::F32 => matmul_backward_dx(par, dxn, &g.dh13, w.w13, n, c, 2 * f, false),
+            Proj::F32 => {
+                let _t = prof::gemm("f32 base dx dy·W", n, c, 2 * f);
+                matmul_backward_dx(par, dxn, &g.dh13, w.w13, n, c, 2 * f, false)
+            }
             Proj::Lowp(lw) => {
                 let (gm, v) = self.lowp_scratch(lw)?;
                 let ad = [(0, lw.adapters[4]), (f, lw.adapters[5])];
@@ -264,7 +307,10 @@ impl CpuBackend {
         let AttnDims { t, h, kv, d, .. } = self.dims;
         let (qd, kd) = (h * d, kv * d);
         match p {
-            Proj::F32 => matmul_backward_dx(par, &mut g.dattn, d_o, w.wo, n, qd, c, false),
+            Proj::F32 => {
+                let _t = prof::gemm("f32 base dx dy·W", n, qd, c);
+                matmul_backward_dx(par, &mut g.dattn, d_o, w.wo, n, qd, c, false)
+            }
             Proj::Lowp(lw) => {
                 let (gm, v) = self.lowp_scratch(lw)?;
                 lowp_dx(gm, v, par, &mut g.dattn, d_o, c, lw.wo, n, qd, c, &[(0, lw.adapters[3])], lw.scale);
@@ -277,6 +323,7 @@ impl CpuBackend {
             dv_hm: &mut self.hm_v,
         };
         let (dq, dk) = (&mut self.dq, &mut self.dk);
+        let _t = prof::op("attention core bwd");
         attention_backward(
             par,
             dq,
@@ -290,12 +337,18 @@ impl CpuBackend {
             &acts.v,
             self.dims,
         );
+        drop(_t);
+        let _t = prof::op("rope, qk-norm, bias bwd");
         rope_backward(dq, &self.rope, n, t, h);
         rope_backward(dk, &self.rope, n, t, kv);
         qkv_backward(&mut g.dqkv, norm_grads, &self.dq, &self.dk, &self.dv, acts, w, n, h, kv, d);
+        drop(_t);
         let width = qd + 2 * kd;
         match p {
-            Proj::F32 => matmul_backward_dx(par, dxn, &g.dqkv, w.wqkv, n, c, width, false),
+            Proj::F32 => {
+                let _t = prof::gemm("f32 base dx dy·W", n, c, width);
+                matmul_backward_dx(par, dxn, &g.dqkv, w.wqkv, n, c, width, false)
+            }
             Proj::Lowp(lw) => {
                 let (gm, v) = self.lowp_scratch(lw)?;
                 let ad = [(0, lw.adapters[0]), (qd, lw.adapters[1]), (qd + kd, lw.adapters[2])];

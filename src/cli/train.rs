@@ -588,6 +588,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
         );
     }
     println!("peak RSS             {:.0} MB", bench::peak_rss_mb());
+    if anetrain::prof::enabled() {
+        match anetrain::prof::micro_steps() {
+            0 => println!(
+                "profile: {} is set but the run had one update (the first is not profiled)",
+                anetrain::prof::VAR
+            ),
+            _ => print!("{}", anetrain::prof::report()),
+        }
+    }
     if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
         println!("loss                 {first:.4} -> {last:.4}");
     }

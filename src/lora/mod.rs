@@ -19,6 +19,7 @@ use crate::config::ModelConfig;
 use crate::ops::Par;
 use crate::ops::matmul::{Operand, sgemm};
 use crate::params::{ParamLayout, TensorInfo, TensorKind};
+use crate::prof;
 use crate::rng::Rng;
 use anyhow::{Result, bail, ensure};
 use std::ops::Range;
@@ -291,10 +292,17 @@ pub fn lora_backward(
     let (oc, ic) = (ad.oc, ad.ic);
     let r = a.len() / ic;
     let (u, v) = (&mut scratch.u[..n * r], &mut scratch.v[..n * r]);
+    let t = prof::gemm("lora bwd u = x·Aᵀ", n, r, ic);
     sgemm(par, n, r, ic, Operand::n(x, ic), Operand::t(a, ic), u, r, false);
     u.iter_mut().for_each(|x| *x *= s);
+    drop(t);
+    let t = prof::gemm("lora bwd dB += dyᵀ·u", oc, r, n);
     sgemm(par, oc, r, n, Operand::t(dy, ld_dy), Operand::n(u, r), db, r, true);
+    drop(t);
+    let t = prof::gemm("lora bwd v = dy·B", n, r, oc);
     sgemm(par, n, r, oc, Operand::n(dy, ld_dy), Operand::n(b, r), v, r, false);
     v.iter_mut().for_each(|x| *x *= s);
+    drop(t);
+    let _t = prof::gemm("lora bwd dA += vᵀ·x", r, ic, n);
     sgemm(par, r, ic, n, Operand::t(v, r), Operand::n(x, ic), da, ic, true);
 }

@@ -11,6 +11,7 @@ use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::matmul::matmul_backward_dx;
 use crate::ops::rmsnorm::rmsnorm_backward;
 use crate::params::{LayerTensors, ParamLayout};
+use crate::prof;
 use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -265,8 +266,10 @@ impl Model {
         let (par, n, c, v) = (self.par, self.n(), self.cfg.dim, self.cfg.vocab_size);
         let count = targets.iter().filter(|&&t| t != IGNORE).count();
         let dscale = loss_scale / (count.max(1) * accum.max(1)) as f32;
+        let t = prof::op("cross-entropy fwd+bwd");
         cross_entropy_fused(&mut self.losses, &mut self.logits, targets, v, dscale);
         let (sum, count) = loss_sum(&self.losses, targets);
+        drop(t);
         let mid = Instant::now();
         let forward_ms = (mid - start).as_secs_f64() * 1e3;
 
@@ -274,21 +277,27 @@ impl Model {
         // Out of `self` while the layers run, so the loop can borrow the model's other fields.
         let mut lora = self.lora.take().expect("checked above");
         let e = layout.view(params, layout.classifier());
+        let t = prof::gemm("classifier dx dlogits·E", n, c, v);
         match lora.lowp_gemm() {
             Some(g) => g.gemm(par, n, c, v, &self.logits, v, Bf16Rhs::NF32(e, c), &mut self.dxn, c, false),
             None => matmul_backward_dx(par, &mut self.dxn, &self.logits, e, n, c, v, false),
         }
+        drop(t);
         let final_norm = layout.view(params, layout.final_norm);
         let dnorm = &mut lora.frozen[..c];
+        let t = prof::op("rmsnorm bwd");
         rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &self.rstd_final, &self.x_final, final_norm, n, c, false);
+        drop(t);
         let mut kernel_ms = 0.0;
         let result = (|| -> Result<()> {
             for l in (0..self.cfg.n_layers).rev() {
                 let LoraRun { layout: ll, merged, sb, scratch, frozen, base_bf16, lowp, .. } = &mut lora;
+                let t = prof::op("layer weights for the kernels (LoRA merge / widen)");
                 let (w, lw) = match (*lowp, base_bf16.as_deref()) {
                     (true, Some(bits)) => lowp_layer(merged, ll, bits, &self.layout, adapters, l),
                     (_, bf16) => (merge_layer(merged, sb, ll, bf16, par, &self.layout, params, adapters, l), None),
                 };
+                drop(t);
                 let (dnorm, dqk) = frozen.split_at_mut(c);
                 let (dqn, dkn) = dqk.split_at_mut(dqk.len() / 2);
                 let a = &self.acts[l];
@@ -298,7 +307,9 @@ impl Model {
                     None => self.backend.ffn_backward_dx(dxn, g, dx, a, &w),
                 })?;
                 self.adapters_backward(agrads, scratch, ll, adapters, l, |t| t >= Target::Gate);
+                let t = prof::op("rmsnorm bwd");
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
+                drop(t);
                 let norm_grads = QkNormGrads {
                     q_norm: w.q_norm.is_some().then_some(&mut dqn[..]),
                     k_norm: w.k_norm.is_some().then_some(&mut dkn[..]),
@@ -309,6 +320,7 @@ impl Model {
                     None => self.backend.attention_backward_dx(dxn, g, norm_grads, dx, a, &w),
                 })?;
                 self.adapters_backward(agrads, scratch, ll, adapters, l, |t| t <= Target::O);
+                let _t = prof::op("rmsnorm bwd");
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
             }
             Ok(())

@@ -509,6 +509,7 @@ impl Trainer {
         }
         let loss = self.all_losses.iter().fold(0.0, |sum, l| sum + l / accum as f64);
         let opt_start = Instant::now();
+        let opt_timer = crate::prof::op("grad norm, AdamW");
         let (trained, grads) = match &mut self.lora {
             None => (&mut self.params, &mut self.grads),
             Some(l) => (&mut l.adapters, &mut l.grads),
@@ -526,8 +527,10 @@ impl Trainer {
             self.params_changed();
         }
         self.scaler.update(!skipped);
+        drop(opt_timer);
         let ms_optimizer = opt_start.elapsed().as_secs_f64() * 1e3;
         let ms_step = start.elapsed().as_secs_f64() * 1e3;
+        crate::prof::end_update(accum.div_ceil(world), ms_step);
         let tokens = self.tokens.len() * accum;
         Ok(StepEvent {
             step: step + 1,

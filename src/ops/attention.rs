@@ -10,6 +10,7 @@
 //! results back into row-major `[N, ·]`.
 
 use super::Par;
+use super::exp::{exp, wide_fn};
 use super::matmul::{Operand, sgemm};
 use rayon::prelude::*;
 
@@ -75,23 +76,56 @@ pub fn attention_forward(
                 let rows = r1 - r0;
                 let p_blk = &mut p[r0 * t..r1 * t];
                 sgemm(seq, rows, r1, d, Operand::n(&qh[r0 * qw..], qw), Operand::t(kh, kw), p_blk, t, false);
-                for (i, row) in (r0..r1).zip(p_blk.chunks_exact_mut(t)) {
-                    let (live, masked) = row.split_at_mut(i + 1);
-                    let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                    let mut sum = 0.0f32;
-                    for s in live.iter_mut() {
-                        *s = ((*s - max) * scale).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    live.iter_mut().for_each(|s| *s *= inv);
-                    masked.fill(0.0);
-                }
+                softmax_block(p_blk, r0, r1, t, scale);
                 sgemm(seq, rows, d, r1, Operand::n(p_blk, t), Operand::n(vh, kw), &mut o[r0 * d..], d, false);
             }
         }
     });
     scatter_heads(out, out_hm, dims.b, t, h, d);
+}
+
+wide_fn! {
+    /// Rows `[r0, r1)` of a `[T, T]` score matrix `p` (the block `p[r0·T..r1·T]`) ←
+    /// causal softmax(scores·scale): row i keeps columns `0..=i`, the rest are zeroed.
+    fn softmax_block(p: &mut [f32], r0: usize, r1: usize, t: usize, scale: f32) {
+        for (i, row) in (r0..r1).zip(p.chunks_exact_mut(t)) {
+            let (live, masked) = row.split_at_mut(i + 1);
+            softmax_row(live, scale);
+            masked.fill(0.0);
+        }
+    }
+}
+
+/// `row` ← softmax(row·scale), in place. Max and sum in 8 lanes so the loops vectorise (fixed
+/// order: the same bits on every machine).
+#[inline(always)]
+fn softmax_row(row: &mut [f32], scale: f32) {
+    const L: usize = 8;
+    let mut m = [f32::NEG_INFINITY; L];
+    let chunks = row.chunks_exact(L);
+    let tail_max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    for c in chunks {
+        for i in 0..L {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    let max = m.iter().fold(tail_max, |a, &x| a.max(x));
+    let mut acc = [0.0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for i in 0..L {
+            c[i] = exp((c[i] - max) * scale);
+            acc[i] += c[i];
+        }
+    }
+    let mut tail = 0.0;
+    for s in chunks.into_remainder() {
+        *s = exp((*s - max) * scale);
+        tail += *s;
+    }
+    let sum = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail;
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|s| *s *= inv);
 }
 
 /// `[B, NH, T, D]` head-major → `[B·T, NH·D]` row-major.

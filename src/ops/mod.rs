@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod exp;
 pub mod gemm_bf16;
 pub mod matmul;
 pub mod matvec;

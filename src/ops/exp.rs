@@ -28,10 +28,9 @@ pub fn exp(x: f32) -> f32 {
     let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let z = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * z + r + 1.0;
     // 2ⁿ = 2^(n/2) · 2^(n − n/2), each a normal power of two for n ∈ [−150, 128].
     let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;

@@ -59,15 +59,21 @@ fn l2(x: &[f32]) -> f64 {
 #[test]
 fn bf16_matmul_step_matches_the_f32_gemms() {
     let (b, t) = (2, 16);
-    for (name, cfg) in configs() {
+    // All seven targets, and a subset whose stacks (`lora::apply`) are partial: k, v without
+    // q (the stack's first member is not the projection's first block), up without gate.
+    let cases = configs().into_iter().flat_map(|(name, cfg)| [(name, cfg.clone(), "all"), (name, cfg, "k,v,o,up")]);
+    for (name, cfg, spec) in cases {
         let layout = ParamLayout::new(&cfg);
         let params = layout.init(3);
-        let lc = LoraConfig { rank: 4, alpha: 8.0, targets: Target::ALL.to_vec() };
+        let lc = LoraConfig { rank: 4, alpha: 8.0, targets: Target::parse_list(spec).unwrap() };
         let ll = LoraLayout::new(&cfg, &layout, &lc).unwrap();
         let mut adapters = ll.init(5);
         let mut rng = Rng::new(7);
         for ad in &ll.adapters {
-            adapters[ad.b.clone()].iter_mut().for_each(|x| *x = rng.normal() as f32);
+            // Fewer adapters move the loss less: larger B's keep their effect well above the
+            // loss tolerance (checked below).
+            let b_scale = if spec == "all" { 1.0 } else { 2.0 };
+            adapters[ad.b.clone()].iter_mut().for_each(|x| *x = b_scale * rng.normal() as f32);
         }
         let mut tok_rng = Rng::new(9);
         let tokens: Vec<u32> = (0..b * t).map(|_| (tok_rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
@@ -93,13 +99,13 @@ fn bf16_matmul_step_matches_the_f32_gemms() {
         let grad_err = l2(&diff) / l2(&g32);
         let adapter_effect = ((l_none - l32) / l32).abs();
         eprintln!(
-            "{name}: loss {l32:.6} (f32 GEMMs) vs {l16:.6} (bf16): {loss_err:.2e}; adapter gradients {grad_err:.2e} \
+            "{name} ({spec}): loss {l32:.6} (f32 GEMMs) vs {l16:.6} (bf16): {loss_err:.2e}; adapter gradients {grad_err:.2e} \
              relative L2; adapters move the loss by {adapter_effect:.2e}"
         );
         assert!(loss_err > 0.0, "{name}: the bf16 GEMMs changed nothing");
         assert!(loss_err <= 2e-4, "{name}: loss {l16} vs {l32}");
         assert!(grad_err <= 2e-2, "{name}: adapter gradients differ by {grad_err:.2e}");
-        assert!(adapter_effect > 10.0 * 2e-4, "{name}: adapters too small to test ({adapter_effect:.2e})");
+        assert!(adapter_effect > 10.0 * 2e-4, "{name} ({spec}): adapters too small to test ({adapter_effect:.2e})");
         // Per adapter too: each one's gradient (including those of the first layer, which
         // see the input gradients through every later layer's adapters).
         for ad in &ll.adapters {

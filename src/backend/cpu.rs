@@ -1,8 +1,9 @@
 //! The `cpu` backend: the kernel set on the crate's own ops and a real GEMM, in f32.
 
 use super::qkv::qkv_backward;
-use super::{AdapterRef, Backend, LayerActs, LayerGrads, LowpWeights, QkNormGrads, Weights};
+use super::{Backend, LayerActs, LayerGrads, LowpWeights, QkNormGrads, Weights};
 use crate::config::ModelConfig;
+use crate::lora::apply::{Stack, adapter_down, adapter_dx, adapter_dy_b, adapter_up};
 use crate::ops::Par;
 use crate::ops::attention::{AttnBackwardScratch, AttnDims, attention_backward, attention_forward};
 use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
@@ -36,8 +37,6 @@ pub struct CpuBackend {
     dv: Vec<f32>,
     /// The bf16 GEMM's packing scratch, made by the first `*_lowp` call.
     bf16: Option<Bf16Gemm>,
-    /// `[N, r]`: an adapter's x·Aᵀ or dy·B in the `*_lowp` kernels (sized by their first call).
-    lora_u: Vec<f32>,
 }
 
 /// The projections a kernel multiplies by: the f32 weights, or a bf16 base with adapters.
@@ -68,30 +67,22 @@ impl CpuBackend {
             dk: vec![0.0; n * cfg.kv_dim()],
             dv: vec![0.0; n * cfg.kv_dim()],
             bf16: None,
-            lora_u: Vec::new(),
         }
     }
 
-    /// Makes the `*_lowp` scratch on first use (fallible), sized for the widest rank of `lw`.
-    fn lowp_scratch(&mut self, lw: &LowpWeights) -> Result<(&mut Bf16Gemm, &mut Vec<f32>)> {
+    /// Makes the bf16 GEMM's scratch on first use (fallible).
+    fn lowp_gemm(&mut self) -> Result<&mut Bf16Gemm> {
         if self.bf16.is_none() {
             self.bf16 = Some(Bf16Gemm::new(self.n)?);
         }
-        let need = self.n * lw.rank;
-        if self.lora_u.len() < need {
-            self.lora_u = crate::memory::try_vec_f32(need, "the LoRA adapter scratch")?;
-        }
-        Ok((self.bf16.as_mut().expect("made above"), &mut self.lora_u))
+        Ok(self.bf16.as_mut().expect("made above"))
     }
 }
 
-/// `y` (leading dimension `ldy`, columns `0..oc`) = x `[N, IC]` · Wᵀ for the bf16 `w`
-/// `[OC, IC]`, plus, for each `(column, adapter)`, `s·(x·Aᵀ)·Bᵀ` into the adapter's column
-/// block (a stacked projection's part). `u` is `[N, r]` scratch.
+/// y (leading dimension `ldy`, columns `0..oc`) = x `[N, IC]` · Wᵀ for the bf16 `w` `[OC, IC]`.
 #[allow(clippy::too_many_arguments)]
 fn lowp_forward(
     gemm: &mut Bf16Gemm,
-    u: &mut [f32],
     par: Par,
     y: &mut [f32],
     ldy: usize,
@@ -100,34 +91,16 @@ fn lowp_forward(
     n: usize,
     ic: usize,
     oc: usize,
-    adapters: &[(usize, Option<AdapterRef>)],
-    s: f32,
 ) {
-    {
-        let _t = prof::gemm("bf16 base fwd x·Wᵀ", n, oc, ic);
-        gemm.gemm(par, n, oc, ic, x, ic, Bf16Rhs::T(w, ic), y, ldy, false);
-    }
-    for &(col, ad) in adapters {
-        let Some(ad) = ad else { continue };
-        let r = ad.a.len() / ic;
-        let aoc = ad.b.len() / r;
-        let u = &mut u[..n * r];
-        {
-            let _t = prof::gemm("lora fwd u = x·Aᵀ", n, r, ic);
-            sgemm(par, n, r, ic, Operand::n(x, ic), Operand::t(ad.a, ic), u, r, false);
-            u.iter_mut().for_each(|v| *v *= s);
-        }
-        let _t = prof::gemm("lora fwd y += u·Bᵀ", n, aoc, r);
-        sgemm(par, n, aoc, r, Operand::n(u, r), Operand::t(ad.b, r), &mut y[col..], ldy, true);
-    }
+    let _t = prof::gemm("bf16 base fwd x·Wᵀ", n, oc, ic);
+    gemm.gemm(par, n, oc, ic, x, ic, Bf16Rhs::T(w, ic), y, ldy, false);
 }
 
-/// The input gradient of `lowp_forward`: dx `[N, IC]` = dy · W (dy of leading dimension
-/// `ldy`, columns `0..oc`) plus, per adapter, `s·(dy_block·B)·A`. `v` is `[N, r]` scratch.
+/// dx `[N, IC]` = dy · W for the bf16 `w` `[OC, IC]` (dy of leading dimension `ldy`, columns
+/// `0..oc`).
 #[allow(clippy::too_many_arguments)]
 fn lowp_dx(
     gemm: &mut Bf16Gemm,
-    v: &mut [f32],
     par: Par,
     dx: &mut [f32],
     dy: &[f32],
@@ -136,26 +109,31 @@ fn lowp_dx(
     n: usize,
     ic: usize,
     oc: usize,
-    adapters: &[(usize, Option<AdapterRef>)],
+) {
+    let _t = prof::gemm("bf16 base dx dy·W", n, ic, oc);
+    gemm.gemm(par, n, ic, oc, dy, ldy, Bf16Rhs::N(w, ic), dx, ic, false);
+}
+
+/// The input-gradient side of stack `st` beside a bf16 dx GEMM: v = s·dy_m·B_m for each
+/// member (its dy columns start at `col(slot)` of `dy`, row stride `ldy`), saved in `v_store`
+/// for the adapter backward, then dx += v·A.
+#[allow(clippy::too_many_arguments)]
+fn stack_dx(
+    par: Par,
+    dx: &mut [f32],
+    v_store: &mut [f32],
+    dy: &[f32],
+    ldy: usize,
+    st: &Stack,
+    col: impl Fn(usize) -> usize,
+    n: usize,
     s: f32,
 ) {
-    {
-        let _t = prof::gemm("bf16 base dx dy·W", n, ic, oc);
-        gemm.gemm(par, n, ic, oc, dy, ldy, Bf16Rhs::N(w, ic), dx, ic, false);
+    let v = &mut v_store[st.block(n)];
+    for m in st.iter() {
+        adapter_dy_b(par, v, &dy[col(m.slot)..], ldy, st, &m, n, s);
     }
-    for &(col, ad) in adapters {
-        let Some(ad) = ad else { continue };
-        let r = ad.a.len() / ic;
-        let aoc = ad.b.len() / r;
-        let v = &mut v[..n * r];
-        {
-            let _t = prof::gemm("lora dx v = dy·B", n, r, aoc);
-            sgemm(par, n, r, aoc, Operand::n(&dy[col..], ldy), Operand::n(ad.b, r), v, r, false);
-            v.iter_mut().for_each(|x| *x *= s);
-        }
-        let _t = prof::gemm("lora dx dx += v·A", n, ic, r);
-        sgemm(par, n, ic, r, Operand::n(v, r), Operand::n(ad.a, ic), dx, ic, true);
-    }
+    adapter_dx(par, dx, v, st, n);
 }
 
 impl CpuBackend {
@@ -183,12 +161,23 @@ impl CpuBackend {
             Proj::Lowp(lw) => {
                 let (wq, rest) = lw.wqkv.split_at(qd * c);
                 let (wk, wv) = rest.split_at(kd * c);
-                let (g, u) = self.lowp_scratch(lw)?;
-                let (s, ad) = (lw.scale, &lw.adapters);
+                let g = self.lowp_gemm()?;
                 let x = &acts.xn1;
-                lowp_forward(g, u, par, q_out, qd, x, wq, n, c, qd, &[(0, ad[0])], s);
-                lowp_forward(g, u, par, k_out, kd, x, wk, n, c, kd, &[(0, ad[1])], s);
-                lowp_forward(g, u, par, &mut acts.v, kd, x, wv, n, c, kd, &[(0, ad[2])], s);
+                lowp_forward(g, par, q_out, qd, x, wq, n, c, qd);
+                lowp_forward(g, par, k_out, kd, x, wk, n, c, kd);
+                lowp_forward(g, par, &mut acts.v, kd, x, wv, n, c, kd);
+                if let Some(st) = &lw.stacks[0] {
+                    let u = &mut acts.lora_u[st.block(n)];
+                    adapter_down(par, u, x, st, n, lw.scale);
+                    for m in st.iter() {
+                        let (y, ld) = match m.slot {
+                            0 => (&mut *q_out, qd),
+                            1 => (&mut *k_out, kd),
+                            _ => (&mut acts.v, kd),
+                        };
+                        adapter_up(par, y, ld, u, st, &m, n);
+                    }
+                }
             }
         }
         let _t = prof::op("qkv bias, qk-norm, rope fwd");
@@ -217,8 +206,12 @@ impl CpuBackend {
                 matmul_forward(par, o, &acts.attn, w.wo, n, qd, c)
             }
             Proj::Lowp(lw) => {
-                let (g, u) = self.lowp_scratch(lw)?;
-                lowp_forward(g, u, par, o, c, &acts.attn, lw.wo, n, qd, c, &[(0, lw.adapters[3])], lw.scale);
+                lowp_forward(self.lowp_gemm()?, par, o, c, &acts.attn, lw.wo, n, qd, c);
+                if let Some(st) = &lw.stacks[1] {
+                    let u = &mut acts.lora_u[st.block(n)];
+                    adapter_down(par, u, &acts.attn, st, n, lw.scale);
+                    st.iter().for_each(|m| adapter_up(par, o, c, u, st, &m, n));
+                }
             }
         }
         Ok(())
@@ -232,9 +225,15 @@ impl CpuBackend {
                 matmul_forward(par, &mut acts.h13, &acts.xn2, w.w13, n, c, 2 * f)
             }
             Proj::Lowp(lw) => {
-                let (g, u) = self.lowp_scratch(lw)?;
-                let ad = [(0, lw.adapters[4]), (f, lw.adapters[5])];
-                lowp_forward(g, u, par, &mut acts.h13, 2 * f, &acts.xn2, lw.w13, n, c, 2 * f, &ad, lw.scale);
+                lowp_forward(self.lowp_gemm()?, par, &mut acts.h13, 2 * f, &acts.xn2, lw.w13, n, c, 2 * f);
+                if let Some(st) = &lw.stacks[2] {
+                    let u = &mut acts.lora_u[st.block(n)];
+                    adapter_down(par, u, &acts.xn2, st, n, lw.scale);
+                    for m in st.iter() {
+                        let col = if m.slot == 4 { 0 } else { f };
+                        adapter_up(par, &mut acts.h13[col..], 2 * f, u, st, &m, n);
+                    }
+                }
             }
         }
         {
@@ -247,8 +246,12 @@ impl CpuBackend {
                 matmul_forward(par, out, &acts.gate, w.w2, n, f, c)
             }
             Proj::Lowp(lw) => {
-                let (g, u) = self.lowp_scratch(lw)?;
-                lowp_forward(g, u, par, out, c, &acts.gate, lw.w2, n, f, c, &[(0, lw.adapters[6])], lw.scale);
+                lowp_forward(self.lowp_gemm()?, par, out, c, &acts.gate, lw.w2, n, f, c);
+                if let Some(st) = &lw.stacks[3] {
+                    let u = &mut acts.lora_u[st.block(n)];
+                    adapter_down(par, u, &acts.gate, st, n, lw.scale);
+                    st.iter().for_each(|m| adapter_up(par, out, c, u, st, &m, n));
+                }
             }
         }
         Ok(())
@@ -270,8 +273,10 @@ impl CpuBackend {
                 matmul_backward_dx(par, &mut g.dgate, d_out, w.w2, n, f, c, false)
             }
             Proj::Lowp(lw) => {
-                let (gm, v) = self.lowp_scratch(lw)?;
-                lowp_dx(gm, v, par, &mut g.dgate, d_out, c, lw.w2, n, f, c, &[(0, lw.adapters[6])], lw.scale);
+                lowp_dx(self.lowp_gemm()?, par, &mut g.dgate, d_out, c, lw.w2, n, f, c);
+                if let Some(st) = &lw.stacks[3] {
+                    stack_dx(par, &mut g.dgate, &mut g.lora_v, d_out, c, st, |_| 0, n, lw.scale);
+                }
             }
         }
         {
@@ -284,9 +289,11 @@ impl CpuBackend {
                 matmul_backward_dx(par, dxn, &g.dh13, w.w13, n, c, 2 * f, false)
             }
             Proj::Lowp(lw) => {
-                let (gm, v) = self.lowp_scratch(lw)?;
-                let ad = [(0, lw.adapters[4]), (f, lw.adapters[5])];
-                lowp_dx(gm, v, par, dxn, &g.dh13, 2 * f, lw.w13, n, c, 2 * f, &ad, lw.scale);
+                lowp_dx(self.lowp_gemm()?, par, dxn, &g.dh13, 2 * f, lw.w13, n, c, 2 * f);
+                if let Some(st) = &lw.stacks[2] {
+                    let col = |slot| if slot == 4 { 0 } else { f };
+                    stack_dx(par, dxn, &mut g.lora_v, &g.dh13, 2 * f, st, col, n, lw.scale);
+                }
             }
         }
         Ok(())
@@ -312,8 +319,10 @@ impl CpuBackend {
                 matmul_backward_dx(par, &mut g.dattn, d_o, w.wo, n, qd, c, false)
             }
             Proj::Lowp(lw) => {
-                let (gm, v) = self.lowp_scratch(lw)?;
-                lowp_dx(gm, v, par, &mut g.dattn, d_o, c, lw.wo, n, qd, c, &[(0, lw.adapters[3])], lw.scale);
+                lowp_dx(self.lowp_gemm()?, par, &mut g.dattn, d_o, c, lw.wo, n, qd, c);
+                if let Some(st) = &lw.stacks[1] {
+                    stack_dx(par, &mut g.dattn, &mut g.lora_v, d_o, c, st, |_| 0, n, lw.scale);
+                }
             }
         }
         let scratch = AttnBackwardScratch {
@@ -350,9 +359,11 @@ impl CpuBackend {
                 matmul_backward_dx(par, dxn, &g.dqkv, w.wqkv, n, c, width, false)
             }
             Proj::Lowp(lw) => {
-                let (gm, v) = self.lowp_scratch(lw)?;
-                let ad = [(0, lw.adapters[0]), (qd, lw.adapters[1]), (qd + kd, lw.adapters[2])];
-                lowp_dx(gm, v, par, dxn, &g.dqkv, width, lw.wqkv, n, c, width, &ad, lw.scale);
+                lowp_dx(self.lowp_gemm()?, par, dxn, &g.dqkv, width, lw.wqkv, n, c, width);
+                if let Some(st) = &lw.stacks[0] {
+                    let col = |slot| [0, qd, qd + kd][slot];
+                    stack_dx(par, dxn, &mut g.lora_v, &g.dqkv, width, st, col, n, lw.scale);
+                }
             }
         }
         Ok(())

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod qkv;
 
 use crate::config::ModelConfig;
+use crate::lora::apply::Stack;
 use crate::params::LayerTensors;
 use anyhow::Result;
 
@@ -55,6 +56,9 @@ pub struct LayerActs {
     pub h13: Vec<f32>,
     /// `[N, F]` silu(h1) ⊙ h3 (input of W2)
     pub gate: Vec<f32>,
+    /// LoRA with `--bf16-matmul` only (else empty): u = s·x·Aᵀ of every adapter, `[N, R]`
+    /// per stack, stacks in order (`crate::lora::apply::Stack::block`)
+    pub lora_u: Vec<f32>,
 }
 
 impl LayerActs {
@@ -85,6 +89,7 @@ impl LayerActs {
             xn2: z(n * c)?,
             h13: z(n * 2 * f)?,
             gate: z(n * f)?,
+            lora_u: Vec::new(),
         })
     }
 }
@@ -94,7 +99,13 @@ impl LayerGrads {
         let n = b * t;
         let (f, qd, kd) = (cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
         let z = |len: usize| crate::memory::try_vec_f32(len, "the layer gradient buffers");
-        Ok(LayerGrads { dattn: z(n * qd)?, dqkv: z(n * (qd + 2 * kd))?, dgate: z(n * f)?, dh13: z(n * 2 * f)? })
+        Ok(LayerGrads {
+            dattn: z(n * qd)?,
+            dqkv: z(n * (qd + 2 * kd))?,
+            dgate: z(n * f)?,
+            dh13: z(n * 2 * f)?,
+            lora_v: Vec::new(),
+        })
     }
 }
 
@@ -110,6 +121,9 @@ pub struct LayerGrads {
     pub dgate: Vec<f32>,
     /// `[N, 2·F]` ∂/∂h13, for dW13
     pub dh13: Vec<f32>,
+    /// LoRA with `--bf16-matmul` only (else empty): v = s·dy·B of the current layer's
+    /// adapters, laid out like `LayerActs::lora_u`
+    pub lora_v: Vec<f32>,
 }
 
 /// Weight-gradient slices that live inside attention kernels (QK-norm gains).
@@ -120,18 +134,13 @@ pub struct QkNormGrads<'a> {
 
 pub type Weights<'a> = LayerTensors<&'a [f32]>;
 
-/// One projection's LoRA adapter: `a` `[r, IC]`, `b` `[OC, r]`.
-#[derive(Clone, Copy)]
-pub struct AdapterRef<'a> {
-    pub a: &'a [f32],
-    pub b: &'a [f32],
-}
-
 /// A layer's projections for LoRA over a bf16 base with bf16 GEMMs (`train --bf16-matmul`):
 /// the frozen matrices as bf16 bits, stacked as in the arena (`LayerTensors`), and the
 /// adapters, which are applied beside the base GEMM (`y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `dx = dy·W +
-/// s·(dy·B)·A`) instead of being merged into it. The `Weights` passed with it supply the
-/// (widened) norm gains and biases; its matrices are empty.
+/// s·(dy·B)·A`, through `crate::lora::apply`) instead of being merged into it. The `Weights`
+/// passed with it supply the (widened) norm gains and biases; its matrices are empty.
+/// The forward saves u = s·x·Aᵀ in `LayerActs::lora_u` and the input gradient leaves
+/// v = s·dy·B in `LayerGrads::lora_v`, for the adapter backward.
 #[derive(Clone, Copy)]
 pub struct LowpWeights<'a> {
     /// `[(H + 2·KV)·D, C]`
@@ -142,11 +151,9 @@ pub struct LowpWeights<'a> {
     pub w13: &'a [u16],
     /// `[C, F]`
     pub w2: &'a [u16],
-    /// Per target in `crate::lora::Target` order (q, k, v, o, gate, up, down); `None`: not
-    /// adapted.
-    pub adapters: [Option<AdapterRef<'a>>; 7],
-    /// r, the adapters' rank
-    pub rank: usize,
+    /// The adapters by input (`crate::lora::apply::GROUPS`: q k v, o, gate up, down); `None`:
+    /// none of that group adapted.
+    pub stacks: [Option<Stack<'a>>; 4],
     /// alpha / r
     pub scale: f32,
 }

@@ -8,8 +8,10 @@
 //! 2·OC·IC·r per target, small next to the 2·N·OC·IC of the projection itself for r ≪ N).
 //! Forward and dx kernels on every backend are unchanged (weights are kernel inputs), so the
 //! MIL kernels take adapters without recompiling. The frozen base gets no gradient: the
-//! classifier, norm and base dW GEMMs are skipped and `lora_backward` computes only
-//! `dB += s·dyᵀ·(x·Aᵀ)` and `dA += s·(dy·B)ᵀ·x` from the saved activations (low-rank GEMMs).
+//! classifier, norm and base dW GEMMs are skipped and the adapter backward (`apply`) computes
+//! only `dB += s·dyᵀ·(x·Aᵀ)` and `dA += s·(dy·B)ᵀ·x` from the saved activations (low-rank
+//! GEMMs, the adapters that share an input stacked). With `--bf16-matmul` the adapters are
+//! applied beside the bf16 GEMMs instead of merged (`apply`).
 //!
 //! Adapter tensors are named with PEFT's safetensors keys
 //! (`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`), in one arena whose
@@ -19,12 +21,14 @@ use crate::config::ModelConfig;
 use crate::ops::Par;
 use crate::ops::matmul::{Operand, sgemm};
 use crate::params::{ParamLayout, TensorInfo, TensorKind};
-use crate::prof;
 use crate::rng::Rng;
 use anyhow::{Result, bail, ensure};
 use std::ops::Range;
 
+pub mod apply;
 pub mod peft;
+
+use apply::{GROUPS, Member, Stack};
 
 /// A projection LoRA can adapt (`--lora-targets`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -132,7 +136,9 @@ impl LoraConfig {
 /// Adds a LoRA run's own memory to `est` (which already counts activations and scratch):
 /// the frozen base (f32, or with `base_bf16` its layers at 2 bytes), the adapters with
 /// gradients and AdamW moments (4 arenas), and the merge scratch (one layer's weights, s·B,
-/// two `[N, r]`).
+/// the stacked A's, u and v `[N, R]` with R = r · targets, dA `[3r, IC]`); with `--bf16-matmul`
+/// also each layer's saved u and one v (`[N, R]` each), always counted (an upper bound: the
+/// estimate is made before `--bf16-matmul` is known to be available).
 pub fn memory_estimate(
     cfg: &ModelConfig,
     lora: &LoraConfig,
@@ -142,6 +148,9 @@ pub fn memory_estimate(
 ) {
     use crate::memory::{bytes, f32_bytes};
     let max_oc = lora.targets.iter().map(|t| t.dims(cfg).0).max().unwrap_or(0);
+    let max_ic = lora.targets.iter().map(|t| t.dims(cfg).1).max().unwrap_or(0);
+    let a_stack: usize = lora.targets.iter().map(|t| lora.rank * t.dims(cfg).1).sum();
+    let (rows, da) = (lora.rank * lora.targets.len(), 3 * lora.rank * max_ic);
     let base = ParamLayout::new(cfg);
     let layer = (0..cfg.n_layers).map(|l| base.layer_range(l).len()).max().unwrap_or(0);
     let layers = base.layer_span().len();
@@ -152,7 +161,8 @@ pub fn memory_estimate(
     };
     est.add(if base_bf16 { "frozen weights (layers in bf16)" } else { "frozen weights" }, frozen)
         .add("LoRA adapters, gradients and AdamW state", f32_bytes(&[4, lora.adapter_count(cfg)]))
-        .add("LoRA merge scratch", f32_bytes(&[layer + max_oc * lora.rank + 2 * n * lora.rank]));
+        .add("LoRA merge scratch", f32_bytes(&[layer + max_oc * lora.rank + a_stack + 2 * n * rows + da]))
+        .add("LoRA saved u, v (--bf16-matmul)", f32_bytes(&[(cfg.n_layers + 1) * n * rows]));
 }
 
 /// One adapted projection of one layer.
@@ -237,6 +247,48 @@ impl LoraLayout {
         &self.adapters[l * per..(l + 1) * per]
     }
 
+    /// Values of layer `l`'s stacked A's (`layer_stacks`).
+    pub fn stack_len(&self, l: usize) -> usize {
+        self.layer(l).iter().map(|ad| ad.a.len()).sum()
+    }
+
+    /// Stacked A rows of a layer (r · targets): the width of its u and v stores.
+    pub fn stacked_rows(&self) -> usize {
+        self.cfg.rank * self.cfg.targets.len()
+    }
+
+    /// Layer `l`'s adapters as stacks by input (`apply::GROUPS`), their A's copied in slot
+    /// order into `a_stack` (`stack_len(l)` values; the caller sizes it once).
+    pub fn layer_stacks<'a>(&self, a_stack: &'a mut [f32], adapters: &'a [f32], l: usize) -> [Option<Stack<'a>>; 4] {
+        let r = self.cfg.rank;
+        let mut at = 0;
+        for ad in self.layer(l) {
+            a_stack[at..at + ad.a.len()].copy_from_slice(&adapters[ad.a.clone()]);
+            at += ad.a.len();
+        }
+        let a_all: &'a [f32] = a_stack;
+        let mut stacks = [None; 4];
+        let (mut row, mut at) = (0, 0);
+        for (g, slots) in GROUPS.iter().enumerate() {
+            let mut members = [None; 3];
+            let mut count = 0;
+            let mut ic = 0;
+            for ad in self.layer(l).iter().filter(|ad| slots.contains(&(ad.target as usize))) {
+                members[count] =
+                    Some(Member { slot: ad.target as usize, b: &adapters[ad.b.clone()], oc: ad.oc, col: count * r });
+                count += 1;
+                ic = ad.ic;
+            }
+            if count == 0 {
+                continue;
+            }
+            let rows = count * r;
+            stacks[g] = Some(Stack { a: &a_all[at..at + rows * ic], ic, r, rows, first: row, members });
+            (row, at) = (row + rows, at + rows * ic);
+        }
+        stacks
+    }
+
     pub fn find(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
@@ -264,45 +316,10 @@ pub fn merge_adapters(par: Par, layer: &[Adapter], s: f32, layer_w: &mut [f32], 
     }
 }
 
-/// Scratch of the adapter backward, `[N, r]` each.
+/// Scratch of the adapter backward when u and v were not saved (the merged-weights paths):
+/// u and v `[N, 3r]` (the widest stack), dA `[3r, IC]` for the widest IC.
 pub struct LoraScratch {
     pub u: Vec<f32>,
     pub v: Vec<f32>,
-}
-
-/// Gradients of one adapter of `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, accumulated:
-/// `u = x·Aᵀ`, `dB [OC, r] += s·dyᵀ·u`, `dA [r, IC] += s·(dy·B)ᵀ·x`.
-/// `dy` is `[N, OC]` with row stride `ld_dy` (a column block of a stacked projection's
-/// gradient), x `[N, IC]`, a `[r, IC]`, b `[OC, r]`.
-#[allow(clippy::too_many_arguments)]
-pub fn lora_backward(
-    par: Par,
-    da: &mut [f32],
-    db: &mut [f32],
-    scratch: &mut LoraScratch,
-    dy: &[f32],
-    ld_dy: usize,
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
-    n: usize,
-    ad: &Adapter,
-    s: f32,
-) {
-    let (oc, ic) = (ad.oc, ad.ic);
-    let r = a.len() / ic;
-    let (u, v) = (&mut scratch.u[..n * r], &mut scratch.v[..n * r]);
-    let t = prof::gemm("lora bwd u = x·Aᵀ", n, r, ic);
-    sgemm(par, n, r, ic, Operand::n(x, ic), Operand::t(a, ic), u, r, false);
-    u.iter_mut().for_each(|x| *x *= s);
-    drop(t);
-    let t = prof::gemm("lora bwd dB += dyᵀ·u", oc, r, n);
-    sgemm(par, oc, r, n, Operand::t(dy, ld_dy), Operand::n(u, r), db, r, true);
-    drop(t);
-    let t = prof::gemm("lora bwd v = dy·B", n, r, oc);
-    sgemm(par, n, r, oc, Operand::n(dy, ld_dy), Operand::n(b, r), v, r, false);
-    v.iter_mut().for_each(|x| *x *= s);
-    drop(t);
-    let _t = prof::gemm("lora bwd dA += vᵀ·x", r, ic, n);
-    sgemm(par, r, ic, n, Operand::t(v, r), Operand::n(x, ic), da, ic, true);
+    pub da: Vec<f32>,
 }

@@ -3,8 +3,9 @@
 //! from the projection-output gradient the dx kernels already produce and the saved inputs.
 
 use super::{LossSum, Model, PhaseTimes, ms_since, timed};
-use crate::backend::{AdapterRef, LowpWeights, QkNormGrads};
-use crate::lora::{Adapter, LoraLayout, LoraScratch, Target, lora_backward, merge_adapters};
+use crate::backend::{LowpWeights, QkNormGrads};
+use crate::lora::apply::{Stack, adapter_da, adapter_db, adapter_down, adapter_dy_b};
+use crate::lora::{Adapter, LoraLayout, LoraScratch, Target, merge_adapters};
 use crate::ops::Par;
 use crate::ops::cross_entropy::{IGNORE, cross_entropy_fused, loss_sum};
 use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
@@ -23,8 +24,11 @@ pub struct LoraRun {
     merged: Vec<f32>,
     /// s·B `[OC, r]` for the merge.
     sb: Vec<f32>,
-    /// `[N, r]` twice.
+    /// u, v `[N, R]` (R = `LoraLayout::stacked_rows`) and dA `[3r, IC]` of the adapter
+    /// backward (`adapters_backward`).
     scratch: LoraScratch,
+    /// `[stack_len]`: the current layer's A's stacked by input (`LoraLayout::layer_stacks`).
+    a_stack: Vec<f32>,
     /// `[C + 2·D]`: the frozen norm gains' gradients, computed by the fused norm backward and
     /// dropped.
     frozen: Vec<f32>,
@@ -62,7 +66,8 @@ impl LoraRun {
         let bf16 = self.base_bf16.as_deref();
         if self.lowp {
             let bits = bf16.expect("lowp is only set with a bf16 base");
-            return lowp_layer(&mut self.merged, &self.layout, bits, layout, adapters, l);
+            let stacks = self.layout.layer_stacks(&mut self.a_stack, adapters, l);
+            return lowp_layer(&mut self.merged, &self.layout, stacks, bits, layout, l);
         }
         (merge_layer(&mut self.merged, &mut self.sb, &self.layout, bf16, par, layout, params, adapters, l), None)
     }
@@ -70,13 +75,13 @@ impl LoraRun {
 
 /// Layer `l` for the bf16 GEMMs: its norm gains and biases widened into `merged` (returned
 /// as `Weights` with empty matrices, so an f32 kernel reading them fails loudly), and its
-/// bf16 matrices with their adapters.
+/// bf16 matrices with their adapters (`stacks`, from `LoraLayout::layer_stacks`).
 fn lowp_layer<'a>(
     merged: &'a mut [f32],
     lora: &LoraLayout,
+    stacks: [Option<Stack<'a>>; 4],
     base_bf16: &'a [u16],
     layout: &ParamLayout,
-    adapters: &'a [f32],
     l: usize,
 ) -> (LayerTensors<&'a [f32]>, Option<LowpWeights<'a>>) {
     let range = layout.layer_range(l);
@@ -95,19 +100,7 @@ fn lowp_layer<'a>(
     }
     let mut w = layout.layer_in(&merged[..range.len()], l);
     (w.wqkv, w.wo, w.w13, w.w2) = (&[], &[], &[], &[]);
-    let mut refs = [None; 7];
-    for ad in lora.layer(l) {
-        refs[ad.target as usize] = Some(AdapterRef { a: &adapters[ad.a.clone()], b: &adapters[ad.b.clone()] });
-    }
-    let lw = LowpWeights {
-        wqkv: bits.wqkv,
-        wo: bits.wo,
-        w13: bits.w13,
-        w2: bits.w2,
-        adapters: refs,
-        rank: lora.cfg.rank,
-        scale: lora.cfg.scale(),
-    };
+    let lw = LowpWeights { wqkv: bits.wqkv, wo: bits.wo, w13: bits.w13, w2: bits.w2, stacks, scale: lora.cfg.scale() };
     (w, Some(lw))
 }
 
@@ -177,14 +170,18 @@ impl Model {
         let r = layout.cfg.rank;
         let widest = (0..self.cfg.n_layers).map(|l| self.layout.layer_range(l).len()).max().unwrap_or(0);
         let max_oc = layout.adapters.iter().map(|a| a.oc).max().unwrap_or(0);
-        let floats = widest + max_oc * r + 2 * n * r + self.cfg.dim + 2 * self.cfg.head_dim;
+        let a_stack = (0..self.cfg.n_layers).map(|l| layout.stack_len(l)).max().unwrap_or(0);
+        let (rows, max_ic) = (layout.stacked_rows(), layout.adapters.iter().map(|a| a.ic).max().unwrap_or(0));
+        let da = 3 * r * max_ic;
+        let floats = widest + max_oc * r + a_stack + 2 * n * rows + da + self.cfg.dim + 2 * self.cfg.head_dim;
         crate::memory::ensure_fits("the LoRA scratch", crate::memory::bytes(4, &[floats]), "lower --lora-rank")?;
         self.dw = None;
         self.lora = Some(LoraRun {
             layout,
             merged: vec![0.0; widest],
             sb: Vec::with_capacity(max_oc * r),
-            scratch: LoraScratch { u: vec![0.0; n * r], v: vec![0.0; n * r] },
+            scratch: LoraScratch { u: vec![0.0; n * rows], v: vec![0.0; n * rows], da: vec![0.0; da] },
+            a_stack: vec![0.0; a_stack],
             frozen: vec![0.0; self.cfg.dim + 2 * self.cfg.head_dim],
             base_bf16: None,
             lowp: false,
@@ -217,6 +214,13 @@ impl Model {
         lora.lowp = portable || crate::ops::gemm_bf16::available();
         if lora.lowp && lora.gemm.is_none() {
             lora.gemm = Some(Bf16Gemm::new(n)?);
+            // The forward saves u and the input gradient v beside the bf16 GEMMs, per layer
+            // and once for the block being differentiated.
+            let store = n * lora.layout.stacked_rows();
+            for a in &mut self.acts {
+                a.lora_u = crate::memory::try_vec_f32(store, "the saved LoRA activations (u = s·x·Aᵀ)")?;
+            }
+            self.grads.lora_v = crate::memory::try_vec_f32(store, "the LoRA input-gradient store (v = s·dy·B)")?;
         }
         Ok(lora.lowp)
     }
@@ -291,12 +295,15 @@ impl Model {
         let mut kernel_ms = 0.0;
         let result = (|| -> Result<()> {
             for l in (0..self.cfg.n_layers).rev() {
-                let LoraRun { layout: ll, merged, sb, scratch, frozen, base_bf16, lowp, .. } = &mut lora;
+                let LoraRun { layout: ll, merged, sb, scratch, a_stack, frozen, base_bf16, lowp, .. } = &mut lora;
                 let t = prof::op("layer weights for the kernels (LoRA merge / widen)");
+                let stacks = ll.layer_stacks(a_stack, adapters, l);
                 let (w, lw) = match (*lowp, base_bf16.as_deref()) {
-                    (true, Some(bits)) => lowp_layer(merged, ll, bits, &self.layout, adapters, l),
+                    (true, Some(bits)) => lowp_layer(merged, ll, stacks, bits, &self.layout, l),
                     (_, bf16) => (merge_layer(merged, sb, ll, bf16, par, &self.layout, params, adapters, l), None),
                 };
+                // With bf16 GEMMs, u and v were saved beside them; else recomputed here.
+                let saved = lw.is_some();
                 drop(t);
                 let (dnorm, dqk) = frozen.split_at_mut(c);
                 let (dqn, dkn) = dqk.split_at_mut(dqk.len() / 2);
@@ -306,7 +313,7 @@ impl Model {
                     Some(lw) => self.backend.ffn_backward_dx_lowp(dxn, g, dx, a, &w, lw),
                     None => self.backend.ffn_backward_dx(dxn, g, dx, a, &w),
                 })?;
-                self.adapters_backward(agrads, scratch, ll, adapters, l, |t| t >= Target::Gate);
+                self.adapters_backward(agrads, scratch, ll, &stacks, l, 2..4, saved);
                 let t = prof::op("rmsnorm bwd");
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
                 drop(t);
@@ -319,7 +326,7 @@ impl Model {
                     Some(lw) => self.backend.attention_backward_dx_lowp(dxn, g, norm_grads, dx, a, &w, lw),
                     None => self.backend.attention_backward_dx(dxn, g, norm_grads, dx, a, &w),
                 })?;
-                self.adapters_backward(agrads, scratch, ll, adapters, l, |t| t <= Target::O);
+                self.adapters_backward(agrads, scratch, ll, &stacks, l, 0..2, saved);
                 let _t = prof::op("rmsnorm bwd");
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
             }
@@ -336,24 +343,52 @@ impl Model {
         Ok(LossSum { sum, count })
     }
 
-    /// dA, dB of layer `l`'s adapters whose target passes `which`, added into `agrads`, from
-    /// the projection-output gradients the last dx kernel left (`self.dx`, `grads.dqkv`,
-    /// `grads.dh13`) and the saved inputs.
+    /// dA, dB of layer `l`'s adapters in stacks `groups` (`apply::GROUPS`), added into
+    /// `agrads`, from the projection-output gradients the last dx kernel left (`self.dx`,
+    /// `grads.dqkv`, `grads.dh13`) and the saved inputs: dB_m += dy_mᵀ·u_m per member, dA =
+    /// vᵀ·x per stack. u = s·x·Aᵀ and v = s·dy·B are the ones the bf16 path saved when
+    /// `saved`, else computed into `scratch` (the merged-weights paths never form them).
+    #[allow(clippy::too_many_arguments)]
     fn adapters_backward(
         &self,
         agrads: &mut [f32],
         scratch: &mut LoraScratch,
         ll: &LoraLayout,
-        adapters: &[f32],
+        stacks: &[Option<Stack>; 4],
         l: usize,
-        which: impl Fn(Target) -> bool,
+        groups: std::ops::Range<usize>,
+        saved: bool,
     ) {
-        let s = ll.cfg.scale();
-        for ad in ll.layer(l).iter().filter(|ad| which(ad.target)) {
-            let (dy, ld, x) = operands(ad, self, l, &self.dx, &self.grads.dqkv, &self.grads.dh13);
-            let (da, db) = agrads[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
-            let (a, b) = (&adapters[ad.a.clone()], &adapters[ad.b.clone()]);
-            lora_backward(self.par, da, db, scratch, dy, ld, x, a, b, self.n(), ad, s);
+        let (par, n, s) = (self.par, self.n(), ll.cfg.scale());
+        let LoraScratch { u: u_tmp, v: v_tmp, da } = scratch;
+        let (dqkv, dh13) = (&self.grads.dqkv, &self.grads.dh13);
+        for st in stacks[groups].iter().flatten() {
+            let adapter = |slot: usize| ll.layer(l).iter().find(|ad| ad.target as usize == slot).expect("a member");
+            let first = st.iter().next().expect("a stack has members");
+            let x = operands(adapter(first.slot), self, l, &self.dx, dqkv, dh13).2;
+            let (u, v): (&[f32], &[f32]) = if saved {
+                (&self.acts[l].lora_u[st.block(n)], &self.grads.lora_v[st.block(n)])
+            } else {
+                let (u, v) = (&mut u_tmp[st.block(n)], &mut v_tmp[st.block(n)]);
+                adapter_down(par, u, x, st, n, s);
+                for m in st.iter() {
+                    let (dy, ld, _) = operands(adapter(m.slot), self, l, &self.dx, dqkv, dh13);
+                    adapter_dy_b(par, v, dy, ld, st, &m, n, s);
+                }
+                (u, v)
+            };
+            for m in st.iter() {
+                let ad = adapter(m.slot);
+                let (dy, ld, _) = operands(ad, self, l, &self.dx, dqkv, dh13);
+                adapter_db(par, &mut agrads[ad.b.clone()], dy, ld, u, st, &m, n);
+            }
+            adapter_da(par, da, v, x, st, n);
+            let t = prof::op("lora dA rows into the gradients");
+            for m in st.iter() {
+                let rows = &da[m.col * st.ic..(m.col + st.r) * st.ic];
+                agrads[adapter(m.slot).a.clone()].iter_mut().zip(rows).for_each(|(g, &d)| *g += d);
+            }
+            drop(t);
         }
     }
 }

@@ -101,6 +101,7 @@ pub fn adapter_dx(par: Par, dx: &mut [f32], v: &[f32], st: &Stack, n: usize) {
 }
 
 /// dB_m `[OC, r]` += dy_mᵀ·u_m.
+#[allow(clippy::too_many_arguments)]
 pub fn adapter_db(par: Par, db: &mut [f32], dy: &[f32], ldy: usize, u: &[f32], st: &Stack, m: &Member, n: usize) {
     let (r, rr) = (st.r, st.rows);
     let _t = prof::gemm("lora dB += dyᵀ·u", m.oc, r, n);

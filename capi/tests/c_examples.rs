@@ -9,16 +9,17 @@ use common::{lib_dir, root, scratch, tiny_model};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Compiles `examples/c/<name>.c` into `out` with warnings as errors.
+/// Compiles `examples/c/<name>.c` into `out` with warnings as errors, from the repository
+/// root with the README's relative `-Iinclude examples/c/<name>.c` (the examples' shared
+/// `common.h` is found next to them).
 fn compile(name: &str, out: &Path) -> PathBuf {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let src = root().join("examples/c").join(format!("{name}.c"));
+    let src = format!("examples/c/{name}.c");
     let exe = out.join(name);
     let lib = lib_dir();
     let o = Command::new(&cc)
-        .args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-pedantic"])
-        .arg("-I")
-        .arg(root().join("include"))
+        .current_dir(root())
+        .args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-pedantic", "-Iinclude"])
         .arg(&src)
         .arg("-o")
         .arg(&exe)
@@ -29,7 +30,7 @@ fn compile(name: &str, out: &Path) -> PathBuf {
         .arg("-lm")
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}` ({e}); install one (e.g. gcc) or set CC"));
-    assert!(o.status.success(), "{cc} failed on {}:\n{}", src.display(), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{cc} failed on {src}:\n{}", String::from_utf8_lossy(&o.stderr));
     exe
 }
 
@@ -49,6 +50,22 @@ fn every_c_example_is_tested() {
         .collect();
     names.sort();
     assert_eq!(names, ["bad_input", "bridge", "generate", "train"], "add a test for each new example");
+}
+
+/// One CHECK for all examples: `common.h` defines it, and every example that calls it includes
+/// `common.h` rather than defining its own copy.
+#[test]
+fn the_examples_share_one_check_macro() {
+    let dir = root().join("examples/c");
+    let common = std::fs::read_to_string(dir.join("common.h")).unwrap();
+    assert_eq!(common.matches("#define CHECK(").count(), 1);
+    for name in ["bad_input", "bridge", "generate", "train"] {
+        let src = std::fs::read_to_string(dir.join(format!("{name}.c"))).unwrap();
+        assert!(!src.contains("#define CHECK"), "{name}.c defines its own CHECK; include \"common.h\"");
+        if src.contains("CHECK(") {
+            assert!(src.contains("#include \"common.h\""), "{name}.c uses CHECK without common.h");
+        }
+    }
 }
 
 #[test]

@@ -6,21 +6,11 @@
  *                             1 simulator, 2 Neural Engine
  *
  * The program computes in fp16, so the comparison allows fp16 rounding. */
-#include "anetrain.h"
+#include "common.h" /* anetrain.h, CHECK */
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
-
-#define CHECK(call)                                                                          \
-    do {                                                                                     \
-        AnetrainStatus s_ = (call);                                                          \
-        if (s_ != ANETRAIN_STATUS_OK) {                                                      \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, anetrain_status_name(s_),          \
-                    anetrain_last_error());                                                  \
-            exit(1);                                                                         \
-        }                                                                                    \
-    } while (0)
 
 #define C 32 /* channels in and out */
 #define S 32 /* spatial positions */

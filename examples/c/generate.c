@@ -5,21 +5,11 @@
  *
  * Prints the model's shape, the streamed text, then `ids:` with the generated ids, and
  * checks that a callback returning non-zero stops generation after that token. */
-#include "anetrain.h"
+#include "common.h" /* anetrain.h, CHECK */
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define CHECK(call)                                                                          \
-    do {                                                                                     \
-        AnetrainStatus s_ = (call);                                                          \
-        if (s_ != ANETRAIN_STATUS_OK) {                                                      \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, anetrain_status_name(s_),          \
-                    anetrain_last_error());                                                  \
-            exit(1);                                                                         \
-        }                                                                                    \
-    } while (0)
 
 struct stream {
     uint32_t ids[4096];

@@ -6,21 +6,11 @@
  * MODEL must have a tokenizer (the tokens come from tokenizing a short text). Exits non-zero
  * unless the loss on the training batch falls and the saved checkpoint gives the trained
  * model's loss. */
-#include "anetrain.h"
+#include "common.h" /* anetrain.h, CHECK */
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
-
-#define CHECK(call)                                                                          \
-    do {                                                                                     \
-        AnetrainStatus s_ = (call);                                                          \
-        if (s_ != ANETRAIN_STATUS_OK) {                                                      \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, anetrain_status_name(s_),          \
-                    anetrain_last_error());                                                  \
-            exit(1);                                                                         \
-        }                                                                                    \
-    } while (0)
 
 #define B 2
 #define T 16

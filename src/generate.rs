@@ -8,14 +8,15 @@ use crate::model::Model;
 use crate::ops::Par;
 use crate::ops::cross_entropy::IGNORE;
 use crate::ops::matmul::bias_forward;
-use crate::ops::matvec::matvec_rows;
+use crate::ops::matvec::{Kernel, matvec_rows_on};
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{RopeTable, rope_forward_at};
+use crate::ops::team::Team;
 use crate::params::ParamLayout;
 use crate::quant::matvec::{QActs, QMatrix, qmatvec_rows};
 use crate::quant::weights::QuantWeights;
 use crate::rng::Rng;
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -119,6 +120,11 @@ pub struct BatchDecoder<'a> {
     scratch: Vec<f32>,
     /// `[R·H, positions]` attention scores, grown to the longest sequence seen
     scores: Vec<f32>,
+    /// The threads of the f32 matvecs and the attention (the rayon pool's size, made when
+    /// the decoder is): spinning between a step's ~5·L parallel regions instead of sleeping.
+    /// None with one thread, and with `quant` (whose matvecs run on rayon; a spinning team
+    /// beside busy rayon workers would oversubscribe the cores).
+    team: Option<Team>,
 }
 
 impl<'a> BatchDecoder<'a> {
@@ -153,7 +159,13 @@ impl<'a> BatchDecoder<'a> {
             Some(_) => Some(QActs::new(r, c.max(qd).max(f))?),
             None => None,
         };
+        let threads = rayon::current_num_threads();
+        let team = match quant {
+            None if threads > 1 => Some(Team::new(threads).context("cannot start the decoding threads")?),
+            _ => None,
+        };
         Ok(BatchDecoder {
+            team,
             quant,
             acts,
             rope: RopeTable::for_config(max_t, cfg),
@@ -216,7 +228,18 @@ impl<'a> BatchDecoder<'a> {
             rmsnorm_forward(xn, &mut self.rstd, x, w.attn_norm, r, c, eps);
             let qkv = &mut self.qkv[..r * (qd + 2 * kd)];
             let ql = self.quant.map(|q| &q.layers[l]);
-            linear(qkv, &mut self.scratch, &mut self.acts, xn, w.wqkv, ql.map(|q| &q.wqkv), r, c, qd + 2 * kd);
+            linear(
+                &mut self.team,
+                qkv,
+                &mut self.scratch,
+                &mut self.acts,
+                xn,
+                w.wqkv,
+                ql.map(|q| &q.wqkv),
+                r,
+                c,
+                qd + 2 * kd,
+            );
             if let Some(bias) = w.bqkv {
                 bias_forward(qkv, bias);
             }
@@ -243,7 +266,7 @@ impl<'a> BatchDecoder<'a> {
             let q = &self.q[..r * qd];
             let attn = &mut self.attn[..r * qd];
             let scores = &mut self.scores[..r * h * span];
-            attn.par_chunks_mut(d).zip(scores.par_chunks_mut(span)).enumerate().for_each(|(i, (out, scores))| {
+            let head_task = |i: usize, out: &mut [f32], scores: &mut [f32]| {
                 let (row, head) = (rows[i / h], i % h);
                 let (keys, values) = caches[row.seq].layer(l);
                 let kvh = head / group;
@@ -262,21 +285,55 @@ impl<'a> BatchDecoder<'a> {
                 for (j, &p) in scores.iter().enumerate() {
                     crate::ops::axpy(out, p / sum, &values[j * kd + kvh * d..][..d]);
                 }
-            });
-            linear(out, &mut self.scratch, &mut self.acts, attn, w.wo, ql.map(|q| &q.wo), r, qd, c);
+            };
+            match &mut self.team {
+                Some(team) => team.for_chunks2(attn, d, scores, span, 1, |t0, outs, scores| {
+                    for (t, (out, scores)) in outs.chunks_exact_mut(d).zip(scores.chunks_exact_mut(span)).enumerate() {
+                        head_task(t0 + t, out, scores);
+                    }
+                }),
+                None => attn
+                    .par_chunks_mut(d)
+                    .zip(scores.par_chunks_mut(span))
+                    .enumerate()
+                    .for_each(|(i, (out, scores))| head_task(i, out, scores)),
+            }
+            linear(&mut self.team, out, &mut self.scratch, &mut self.acts, attn, w.wo, ql.map(|q| &q.wo), r, qd, c);
             x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
             rmsnorm_forward(xn, &mut self.rstd, x, w.ffn_norm, r, c, eps);
             let h13 = &mut self.h13[..r * 2 * f];
-            linear(h13, &mut self.scratch, &mut self.acts, xn, w.w13, ql.map(|q| &q.w13), r, c, 2 * f);
+            linear(&mut self.team, h13, &mut self.scratch, &mut self.acts, xn, w.w13, ql.map(|q| &q.w13), r, c, 2 * f);
             crate::ops::swiglu::swiglu_forward(&mut self.gate[..r * f], h13, f);
-            linear(out, &mut self.scratch, &mut self.acts, &self.gate[..r * f], w.w2, ql.map(|q| &q.w2), r, f, c);
+            linear(
+                &mut self.team,
+                out,
+                &mut self.scratch,
+                &mut self.acts,
+                &self.gate[..r * f],
+                w.w2,
+                ql.map(|q| &q.w2),
+                r,
+                f,
+                c,
+            );
             x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
         }
         let final_norm = self.layout.view(self.params, self.layout.final_norm);
         rmsnorm_forward(xn, &mut self.rstd, x, final_norm, r, c, eps);
         let classifier = self.layout.view(self.params, self.layout.classifier());
         let qc = self.quant.map(|q| &q.classifier);
-        linear(&mut self.logits[..r * v], &mut self.scratch, &mut self.acts, xn, classifier, qc, r, c, v);
+        linear(
+            &mut self.team,
+            &mut self.logits[..r * v],
+            &mut self.scratch,
+            &mut self.acts,
+            xn,
+            classifier,
+            qc,
+            r,
+            c,
+            v,
+        );
         for row in rows {
             let cache = &mut caches[row.seq];
             cache.pos = cache.pos.max(row.pos + 1);
@@ -289,6 +346,7 @@ impl<'a> BatchDecoder<'a> {
 /// when `wq` is given, else the f32 one with `w` `[N, K]`.
 #[allow(clippy::too_many_arguments)]
 fn linear(
+    team: &mut Option<Team>,
     out: &mut [f32],
     scratch: &mut [f32],
     acts: &mut Option<QActs>,
@@ -304,7 +362,7 @@ fn linear(
             acts.quantize(x, r, k);
             qmatvec_rows(out, scratch, acts, wq);
         }
-        _ => matvec_rows(out, scratch, x, w, r, k, n),
+        _ => matvec_rows_on(Kernel::best(), team.as_mut(), out, scratch, x, w, r, k, n),
     }
 }
 

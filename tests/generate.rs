@@ -191,3 +191,34 @@ fn batched_decoding_is_bit_identical_to_one_sequence_at_a_time() {
         assert_eq!(cache.pos, all.len());
     });
 }
+
+/// The decoding team (2 and 3 threads) gives the bits of one thread (no team), for one
+/// sequence step by step and for a batch of rows: a reply does not depend on `--threads`.
+#[test]
+fn decoding_is_bit_identical_across_thread_counts() {
+    use anetrain::generate::{BatchDecoder, KvCache, Row};
+    let base = ModelConfig::preset("stories260k").unwrap();
+    let cfg = ModelConfig { n_layers: 2, qk_norm: true, tied_embeddings: false, head_dim: 12, ..base };
+    let p = params(&cfg, 11);
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % cfg.vocab_size as u32).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut one = BatchDecoder::new(&cfg, &p, 32, 1).unwrap();
+            let mut cache = KvCache::new(&cfg, 32).unwrap();
+            let mut out = Vec::new();
+            for (pos, &token) in tokens.iter().enumerate() {
+                out.extend_from_slice(one.forward(&mut [&mut cache], &[Row { seq: 0, token, pos }]).unwrap());
+            }
+            let mut wide = BatchDecoder::new(&cfg, &p, 32, tokens.len()).unwrap();
+            let mut cache = KvCache::new(&cfg, 32).unwrap();
+            let rows: Vec<Row> = tokens.iter().enumerate().map(|(pos, &token)| Row { seq: 0, token, pos }).collect();
+            out.extend_from_slice(wide.forward(&mut [&mut cache], &rows).unwrap());
+            out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        })
+    };
+    let want = run(1);
+    for threads in [2, 3] {
+        assert!(run(threads) == want, "{threads} threads differ from one");
+    }
+}

@@ -23,6 +23,7 @@
 //! of K terms (|err| ≤ ~K·ε·Σ|x_p·w_p| in the worst case, ~√K·ε for random signs); the tests
 //! check against an f64 reference with the crate's size-scaled tolerance.
 
+use super::team::Team;
 use rayon::prelude::*;
 
 /// Lanes of the canonical accumulator (module docs).
@@ -83,30 +84,38 @@ pub fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
 
 /// `o[t] = dot(s, v[t])` in the canonical order, for N vectors of `s.len()` values.
 fn dots_portable<const N: usize>(s: &[f32], v: [&[f32]; N]) -> [f32; N] {
-    let k = s.len();
     let mut acc = [[0.0f32; LANES]; N];
-    let full = k / LANES * LANES;
-    for p in (0..full).step_by(LANES) {
-        let sc: &[f32; LANES] = s[p..p + LANES].try_into().expect("32 lanes");
-        for (a, vt) in acc.iter_mut().zip(&v) {
-            let vc: &[f32; LANES] = vt[p..p + LANES].try_into().expect("32 lanes");
+    for_each_chunk(s, v, |sc, vc| {
+        for (a, vt) in acc.iter_mut().zip(vc) {
             for l in 0..LANES {
-                a[l] = sc[l].mul_add(vc[l], a[l]);
+                a[l] = sc[l].mul_add(vt[l], a[l]);
             }
         }
+    });
+    acc.map(|a| reduce32(&a))
+}
+
+/// Runs `step` on the 32-lane chunks of `s` and of every `v[t]` in increasing order, the last
+/// partial chunk zero-padded (module docs): the one loop of every kernel.
+#[inline(always)]
+fn for_each_chunk<const N: usize>(s: &[f32], v: [&[f32]; N], mut step: impl FnMut(&[f32; LANES], [&[f32; LANES]; N])) {
+    assert!(v.iter().all(|vt| vt.len() == s.len()), "dots: the vectors differ in length");
+    let (k, full) = (s.len(), s.len() / LANES * LANES);
+    // SAFETY: p + 32 ≤ full ≤ every slice's length (checked above), and [f32; 32] has the
+    // alignment of f32.
+    let at = |x: &[f32], p: usize| unsafe { &*(x.as_ptr().add(p) as *const [f32; LANES]) };
+    for p in (0..full).step_by(LANES) {
+        step(at(s, p), v.map(|vt| at(vt, p)));
     }
     if full < k {
-        let mut sc = [0.0f32; LANES];
-        sc[..k - full].copy_from_slice(&s[full..]);
-        for (a, vt) in acc.iter_mut().zip(&v) {
-            let mut vc = [0.0f32; LANES];
-            vc[..k - full].copy_from_slice(&vt[full..k]);
-            for l in 0..LANES {
-                a[l] = sc[l].mul_add(vc[l], a[l]);
-            }
-        }
+        let pad = |x: &[f32]| {
+            let mut c = [0.0f32; LANES];
+            c[..k - full].copy_from_slice(&x[full..k]);
+            c
+        };
+        let vc = v.map(pad);
+        step(&pad(s), std::array::from_fn(|t| &vc[t]));
     }
-    acc.map(|a| reduce32(&a))
 }
 
 /// The canonical reduction of 32 lanes.
@@ -162,27 +171,53 @@ fn cols_block(kernel: Kernel, o: &mut [f32], x: &[f32], w: &[f32], r: usize, k: 
     }
 }
 
-/// Rows per parallel task: one contiguous block per thread (each streams its part of `w`
-/// front to back), but never tasks of under 64K multiply-adds.
-fn block_rows(n: usize, work_per_row: usize) -> usize {
-    n.div_ceil(rayon::current_num_threads()).max(65536 / work_per_row.max(1)).max(1)
+/// Fewest multiply-adds worth a rayon task of their own: waking a sleeping worker costs
+/// tens of microseconds.
+const RAYON_MIN_WORK: usize = 65536;
+/// Fewest multiply-adds worth a team member of their own: a spinning helper starts within a
+/// microsecond or two, and 16K multiply-adds stream 64 KB of weights (several microseconds).
+const TEAM_MIN_WORK: usize = 16384;
+
+/// Fewest weight rows of `work_per_row` multiply-adds that make `work` multiply-adds.
+fn min_rows(work_per_row: usize, work: usize) -> usize {
+    (work / work_per_row.max(1)).max(1)
+}
+
+/// Runs `f(first weight row, its outputs)` over `out` split into contiguous blocks of whole
+/// weight rows (`per_row` outputs each), on `team` when given, else on the rayon pool.
+fn for_row_blocks(
+    team: Option<&mut Team>,
+    out: &mut [f32],
+    per_row: usize,
+    work_per_row: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    match team {
+        Some(team) => team.for_chunks(out, per_row, min_rows(work_per_row, TEAM_MIN_WORK), f),
+        None => {
+            // One contiguous block per thread (each streams its part of `w` front to back).
+            let n = out.len() / per_row;
+            let rows = n.div_ceil(rayon::current_num_threads()).max(min_rows(work_per_row, RAYON_MIN_WORK));
+            out.par_chunks_mut(rows * per_row).enumerate().for_each(|(blk, o)| f(blk * rows, o));
+        }
+    }
 }
 
 /// out `[N]` = w `[N, K]` · x `[K]`: one token's linear layer.
 pub fn matvec(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
-    matvec_with(Kernel::best(), out, x, w, k, n)
+    matvec_on(Kernel::best(), None, out, x, w, k, n)
 }
 
-/// `matvec` with a chosen kernel (tests and benchmarks).
-pub fn matvec_with(kernel: Kernel, out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
+/// `matvec` with a chosen kernel (tests and benchmarks pass one), on `team` when given (else
+/// the rayon pool).
+pub fn matvec_on(kernel: Kernel, team: Option<&mut Team>, out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
     assert!(x.len() >= k && w.len() >= n * k && out.len() >= n, "matvec: operand too short");
     if k == 0 {
         return out[..n].fill(0.0);
     }
-    let rows = block_rows(n, k);
-    // Dispatch inside each task, so the whole loop is compiled for the kernel's features.
-    out[..n].par_chunks_mut(rows).enumerate().for_each(|(blk, o)| {
-        let w = &w[blk * rows * k..][..o.len() * k];
+    // Dispatch inside each block, so the whole loop is compiled for the kernel's features.
+    for_row_blocks(team, &mut out[..n], 1, k, |j0, o| {
+        let w = &w[j0 * k..][..o.len() * k];
         match kernel {
             Kernel::Portable => rows_block(Kernel::Portable, o, &x[..k], w),
             // SAFETY (both): the kernel was offered by `Kernel::available`, so the CPU has
@@ -200,13 +235,15 @@ pub fn matvec_with(kernel: Kernel, out: &mut [f32], x: &[f32], w: &[f32], k: usi
 /// `matvec` forms (module docs), whatever R is and however the rows are split. `scratch`
 /// holds the transposed result `[N, R]` (at least N·R values).
 pub fn matvec_rows(out: &mut [f32], scratch: &mut [f32], x: &[f32], w: &[f32], r: usize, k: usize, n: usize) {
-    matvec_rows_with(Kernel::best(), out, scratch, x, w, r, k, n)
+    matvec_rows_on(Kernel::best(), None, out, scratch, x, w, r, k, n)
 }
 
-/// `matvec_rows` with a chosen kernel (tests and benchmarks).
+/// `matvec_rows` with a chosen kernel (tests and benchmarks pass one), on `team` when given
+/// (else the rayon pool); the bits are the same either way.
 #[allow(clippy::too_many_arguments)]
-pub fn matvec_rows_with(
+pub fn matvec_rows_on(
     kernel: Kernel,
+    team: Option<&mut Team>,
     out: &mut [f32],
     scratch: &mut [f32],
     x: &[f32],
@@ -218,7 +255,7 @@ pub fn matvec_rows_with(
     assert!(x.len() >= r * k && w.len() >= n * k && out.len() >= r * n, "matvec_rows: operand too short");
     assert!(r <= 1 || scratch.len() >= r * n, "matvec_rows: scratch too short");
     if r == 1 {
-        return matvec_with(kernel, out, x, w, k, n);
+        return matvec_on(kernel, team, out, x, w, k, n);
     }
     if r == 0 || n == 0 {
         return;
@@ -226,12 +263,11 @@ pub fn matvec_rows_with(
     if k == 0 {
         return out[..r * n].fill(0.0);
     }
-    let rows = block_rows(n, k * r);
-    scratch[..n * r].par_chunks_mut(rows * r).enumerate().for_each(|(blk, o)| {
-        let w = &w[blk * rows * k..][..o.len() / r * k];
+    for_row_blocks(team, &mut scratch[..n * r], r, k * r, |j0, o| {
+        let w = &w[j0 * k..][..o.len() / r * k];
         match kernel {
             Kernel::Portable => cols_block(Kernel::Portable, o, &x[..r * k], w, r, k),
-            // SAFETY (both): as in `matvec_with`.
+            // SAFETY (both): as in `matvec_on`.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { x86::cols_block_avx2(o, &x[..r * k], w, r, k) },
             #[cfg(target_arch = "x86_64")]
@@ -288,43 +324,18 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dots_avx2<const N: usize>(s: &[f32], v: [&[f32]; N]) -> [f32; N] {
-        let k = s.len();
-        let full = k / LANES * LANES;
-        let sp = s.as_ptr();
-        let mut vp = [sp; N];
-        for t in 0..N {
-            vp[t] = v[t].as_ptr();
-        }
         let mut acc = [[_mm256_setzero_ps(); 4]; N];
-        let mut p = 0;
-        // SAFETY: p + 32 ≤ k, so every load is inside the slices.
-        unsafe {
-            while p < full {
-                for q in 0..4 {
-                    let sv = _mm256_loadu_ps(sp.add(p + 8 * q));
+        super::for_each_chunk(s, v, |sc, vc| {
+            for q in 0..4 {
+                // SAFETY: 8·q + 8 ≤ 32, inside each chunk.
+                unsafe {
+                    let sv = _mm256_loadu_ps(sc.as_ptr().add(8 * q));
                     for t in 0..N {
-                        acc[t][q] = _mm256_fmadd_ps(sv, _mm256_loadu_ps(vp[t].add(p + 8 * q)), acc[t][q]);
-                    }
-                }
-                p += LANES;
-            }
-        }
-        if full < k {
-            // The zero-padded last chunk.
-            let mut sc = [0.0f32; LANES];
-            sc[..k - full].copy_from_slice(&s[full..]);
-            for t in 0..N {
-                let mut vc = [0.0f32; LANES];
-                vc[..k - full].copy_from_slice(&v[t][full..]);
-                for q in 0..4 {
-                    // SAFETY: the padded copies are 32 lanes long.
-                    unsafe {
-                        let (a, b) = (_mm256_loadu_ps(sc.as_ptr().add(8 * q)), _mm256_loadu_ps(vc.as_ptr().add(8 * q)));
-                        acc[t][q] = _mm256_fmadd_ps(a, b, acc[t][q]);
+                        acc[t][q] = _mm256_fmadd_ps(sv, _mm256_loadu_ps(vc[t].as_ptr().add(8 * q)), acc[t][q]);
                     }
                 }
             }
-        }
+        });
         let mut out = [0.0f32; N];
         for t in 0..N {
             // SAFETY: register-only.
@@ -337,40 +348,18 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn dots_avx512<const N: usize>(s: &[f32], v: [&[f32]; N]) -> [f32; N] {
-        let k = s.len();
-        let full = k / LANES * LANES;
-        let sp = s.as_ptr();
-        let mut vp = [sp; N];
-        for t in 0..N {
-            vp[t] = v[t].as_ptr();
-        }
         let mut lo = [_mm512_setzero_ps(); N];
         let mut hi = [_mm512_setzero_ps(); N];
-        let mut p = 0;
-        // SAFETY: p + 32 ≤ k in the loop; the masked loads of the tail read only lanes below
-        // k (masked-off lanes are zero and touch no memory).
-        unsafe {
-            while p < full {
-                let (s0, s1) = (_mm512_loadu_ps(sp.add(p)), _mm512_loadu_ps(sp.add(p + 16)));
+        super::for_each_chunk(s, v, |sc, vc| {
+            // SAFETY: both 16-lane halves lie inside each chunk.
+            unsafe {
+                let (s0, s1) = (_mm512_loadu_ps(sc.as_ptr()), _mm512_loadu_ps(sc.as_ptr().add(16)));
                 for t in 0..N {
-                    lo[t] = _mm512_fmadd_ps(s0, _mm512_loadu_ps(vp[t].add(p)), lo[t]);
-                    hi[t] = _mm512_fmadd_ps(s1, _mm512_loadu_ps(vp[t].add(p + 16)), hi[t]);
-                }
-                p += LANES;
-            }
-            if full < k {
-                let rem = k - full;
-                let m0: __mmask16 = if rem >= 16 { 0xffff } else { (1u16 << rem) - 1 };
-                let m1: __mmask16 = if rem > 16 { (1u16 << (rem - 16)) - 1 } else { 0 };
-                // wrapping_add: the second half's address may lie past the end (all masked).
-                let s0 = _mm512_maskz_loadu_ps(m0, sp.add(p));
-                let s1 = _mm512_maskz_loadu_ps(m1, sp.wrapping_add(p + 16));
-                for t in 0..N {
-                    lo[t] = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m0, vp[t].add(p)), lo[t]);
-                    hi[t] = _mm512_fmadd_ps(s1, _mm512_maskz_loadu_ps(m1, vp[t].wrapping_add(p + 16)), hi[t]);
+                    lo[t] = _mm512_fmadd_ps(s0, _mm512_loadu_ps(vc[t].as_ptr()), lo[t]);
+                    hi[t] = _mm512_fmadd_ps(s1, _mm512_loadu_ps(vc[t].as_ptr().add(16)), hi[t]);
                 }
             }
-        }
+        });
         let mut out = [0.0f32; N];
         for t in 0..N {
             // r16 = lo + hi; then its 8-lane halves, as reduce_ymm.
@@ -405,7 +394,7 @@ mod tests {
             matmul_forward_slow(&mut want, &f64s(&x), &f64s(&w), 1, k, n);
             for kernel in Kernel::available() {
                 let mut out = vec![f32::NAN; n];
-                matvec_with(kernel, &mut out, &x, &w, k, n);
+                matvec_on(kernel, None, &mut out, &x, &w, k, n);
                 assert_close(&out, &want, f32_tol(k), &format!("matvec {} k={k} n={n}", kernel.name()));
             }
         }
@@ -422,7 +411,7 @@ mod tests {
             let reference: Vec<f32> = w.chunks_exact(k).map(|row| dot_fma(&x, row)).collect();
             for kernel in Kernel::available() {
                 let mut out = vec![0.0; n];
-                matvec_with(kernel, &mut out, &x, &w, k, n);
+                matvec_on(kernel, None, &mut out, &x, &w, k, n);
                 for j in 0..n {
                     assert_eq!(out[j].to_bits(), reference[j].to_bits(), "{} k={k} row {j}", kernel.name());
                 }
@@ -464,7 +453,7 @@ mod tests {
                 let x = randn(&mut rng, r * k);
                 for kernel in Kernel::available() {
                     let (mut out, mut scratch) = (vec![0.0; r * n], vec![0.0; r * n]);
-                    matvec_rows_with(kernel, &mut out, &mut scratch, &x, &w, r, k, n);
+                    matvec_rows_on(kernel, None, &mut out, &mut scratch, &x, &w, r, k, n);
                     for i in 0..r {
                         let mut one = vec![0.0; n];
                         matvec(&mut one, &x[i * k..(i + 1) * k], &w, k, n);
@@ -476,6 +465,30 @@ mod tests {
                                 kernel.name()
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The decoding team's row split gives the rayon path's bits, for every kernel, team size
+    /// and row count (blocks of whole weight rows, tails included).
+    #[test]
+    fn a_team_gives_the_rayon_bits() {
+        let mut rng = crate::rng::Rng::new(23);
+        let mut teams: Vec<Team> = (1..=4).map(|t| Team::new(t).unwrap()).collect();
+        for &(k, n) in &[(13, 7), (64, 33), (577, 65), (96, 3000), (288, 1025)] {
+            let w = randn(&mut rng, n * k);
+            for r in [1, 3, 4, 5] {
+                let x = randn(&mut rng, r * k);
+                for kernel in Kernel::available() {
+                    let (mut want, mut scratch) = (vec![0.0; r * n], vec![0.0; r * n]);
+                    matvec_rows_on(kernel, None, &mut want, &mut scratch, &x, &w, r, k, n);
+                    for team in teams.iter_mut() {
+                        let mut got = vec![f32::NAN; r * n];
+                        matvec_rows_on(kernel, Some(&mut *team), &mut got, &mut scratch, &x, &w, r, k, n);
+                        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{} team of {} r={r} k={k} n={n}", kernel.name(), team.threads());
                     }
                 }
             }

@@ -16,6 +16,7 @@ pub mod matvec;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+pub mod team;
 
 pub use matmul::GemmImpl;
 

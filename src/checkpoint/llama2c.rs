@@ -140,6 +140,8 @@ pub fn parse(bytes: &[u8]) -> Result<Llama2c> {
         bytes[at..at + 4 * n].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     };
     let mut params = vec![0.0f32; layout.total];
+    // Before the first write, so the pages fault in 2 MB at a time (no later copy).
+    crate::memory::advise_huge_pages(&params);
     let mut at = data_start;
     let mut rope_tables = None;
     for (bi, block) in blocks(&layout, format, shared).iter().enumerate() {

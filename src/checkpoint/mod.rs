@@ -274,6 +274,8 @@ pub fn read_arena<'a>(
         );
     }
     let mut buf = vec![0.0f32; layout.total];
+    // Before the first write, so the pages fault in 2 MB at a time (no later copy).
+    crate::memory::advise_huge_pages(&buf);
     for t in &layout.tensors {
         file_of(&t.name).read_f32(&format!("{prefix}{}", t.name), &mut buf[t.range()])?;
     }

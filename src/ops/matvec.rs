@@ -284,7 +284,7 @@ pub fn matvec_rows_on(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // lane and row indices mirror the module docs
 mod x86 {
-    use super::{Kernel, LANES, cols_block, rows_block};
+    use super::{Kernel, cols_block, rows_block};
     use std::arch::x86_64::*;
 
     // The loops compiled with the kernel's features, so `dots` inlines into them.

@@ -163,7 +163,7 @@ impl Team {
         min: usize,
         f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
     ) {
-        let tasks = if ca == 0 { 0 } else { a.len() / ca };
+        let tasks = a.len().checked_div(ca).unwrap_or(0);
         assert!(b.len() >= tasks * cb, "for_chunks2: b holds fewer than {tasks} tasks of {cb}");
         let split = Split::new(tasks, self.threads(), min);
         if split.members <= 1 {

@@ -255,6 +255,8 @@ impl GgufFile {
             "use a smaller model or free memory",
         )?;
         let mut params: Vec<f32> = crate::memory::try_zeroed(layout.total, "the model's f32 weights")?;
+        // Before the first write, so the pages fault in 2 MB at a time (no later copy).
+        crate::memory::advise_huge_pages(&params);
         for t in &layout.tensors {
             let gname = gguf_name(&t.name).expect("layout names map to GGUF names");
             let entry = self.tensor(&gname).expect("checked above");

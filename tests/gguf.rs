@@ -2,6 +2,8 @@
 //! SmolLM2-135M-Instruct Q4_1 file against HF transformers (tools/make_gguf_fixtures.py).
 
 use anetrain::checkpoint::gguf::GgufFile;
+use anetrain::checkpoint::safetensors::SafeTensors;
+use anetrain::config::ModelConfig;
 use anetrain::generate::Sampling;
 use anetrain::model::Model;
 use anetrain::ops::{GemmImpl, Par};
@@ -159,6 +161,36 @@ fn train_init_from_gguf_on_raw_text() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs `anetrain convert --from FROM --to TO --dtype f32`.
+fn convert(from: &Path, to: &Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_anetrain"))
+        .args(["convert", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f32"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "convert {from:?} → {to:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The CPU model's logits `[b·t, V]` on `tokens` `[b·t]` (2 threads).
+fn logits(cfg: &ModelConfig, params: &[f32], tokens: &[u32], b: usize, t: usize) -> Vec<f32> {
+    let mut model = Model::cpu(cfg, b, t, Par { threads: 2, gemm: GemmImpl::Gemm }).unwrap();
+    model.forward(params, tokens, tokens).unwrap();
+    model.logits().to_vec()
+}
+
+/// The logits on a golden file's `tokens` `[b·t]` equal its HF transformers `logits`
+/// `[b·t, V]` within 5e-6 of the largest |logit| (f32 summation order).
+fn assert_golden_logits(what: &str, cfg: &ModelConfig, params: &[f32], golden: &Path, b: usize, t: usize) {
+    let batch = SafeTensors::open(golden).unwrap();
+    let tokens: Vec<u32> = batch.read_i64("tokens").unwrap().iter().map(|&x| x as u32).collect();
+    let got = logits(cfg, params, &tokens, b, t);
+    let mut want = vec![0.0f32; got.len()];
+    batch.read_f32("logits", &mut want).unwrap();
+    let scale = want.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+    let err = got.iter().zip(&want).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+    eprintln!("{what}: logits max error {err:.2e} of max |logit| {scale:.3}");
+    assert!(err <= 5e-6 * scale, "{what}: logits max error {err:.3e} vs 5e-6 × {scale:.3}");
+}
+
 #[derive(Deserialize)]
 struct RopeGolden {
     batch: usize,
@@ -183,7 +215,6 @@ struct HfRope {
 /// carries `rope_scaling` and the exported GGUF the same divisors, bit for bit.
 #[test]
 fn llama3_rope_freqs_match_transformers_and_round_trip() {
-    use anetrain::checkpoint::safetensors::SafeTensors;
     use anetrain::config::{Llama3Scaling, RopeScaling};
     let dir = root().join("tests/fixtures/gguf");
     let golden: RopeGolden =
@@ -200,29 +231,14 @@ fn llama3_rope_freqs_match_transformers_and_round_trip() {
     assert_eq!(m.cfg.rope_scaling, Some(want_scaling));
     assert_eq!(m.cfg.rope_theta, golden.rope_theta);
 
-    let batch = SafeTensors::open(&dir.join("llama3_rope.safetensors")).unwrap();
-    let tokens: Vec<u32> = batch.read_i64("tokens").unwrap().iter().map(|&x| x as u32).collect();
-    let mut model = Model::cpu(&m.cfg, golden.batch, golden.seq, Par { threads: 2, gemm: GemmImpl::Gemm }).unwrap();
-    model.forward(&m.params, &tokens, &tokens).unwrap();
-    let mut want = vec![0.0f32; model.logits().len()];
-    batch.read_f32("logits", &mut want).unwrap();
-    let scale = want.iter().fold(0.0f32, |a, x| a.max(x.abs()));
-    let err = model.logits().iter().zip(&want).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
-    eprintln!("llama3 rope_freqs GGUF: logits max error {err:.2e} of max |logit| {scale:.3}");
-    assert!(err <= 5e-6 * scale, "logits max error {err:.3e} vs 5e-6 × {scale:.3}");
+    let golden_logits = dir.join("llama3_rope.safetensors");
+    assert_golden_logits("llama3 rope_freqs GGUF", &m.cfg, &m.params, &golden_logits, golden.batch, golden.seq);
 
     // convert: GGUF → HF directory → GGUF, and GGUF → GGUF.
     let tmp = std::env::temp_dir().join(format!("anetrain-gguf-rope-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     let (hf_dir, from_hf, from_gguf) = (tmp.join("hf"), tmp.join("from-hf.gguf"), tmp.join("from-gguf.gguf"));
-    let convert = |from: &Path, to: &Path| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_anetrain"))
-            .args(["convert", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f32"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "convert {from:?} → {to:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
     convert(&path, &hf_dir);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hf_dir.join("config.json")).unwrap()).unwrap();
@@ -272,7 +288,6 @@ struct LinearRope {
 /// the same logits.
 #[test]
 fn linear_rope_matches_transformers_and_round_trips_through_hf() {
-    use anetrain::checkpoint::safetensors::SafeTensors;
     use anetrain::config::RopeScaling;
     let dir = root().join("tests/fixtures/gguf");
     let golden: LinearGolden =
@@ -283,35 +298,14 @@ fn linear_rope_matches_transformers_and_round_trips_through_hf() {
     assert_eq!(m.cfg.rope_scaling, Some(RopeScaling::Linear { factor: golden.rope_scaling.factor }));
     assert_eq!(m.cfg.rope_theta, golden.rope_theta);
 
-    let par = Par { threads: 2, gemm: GemmImpl::Gemm };
-    let logits = |cfg: &anetrain::config::ModelConfig, params: &[f32], tokens: &[u32], b: usize, t: usize| {
-        let mut model = Model::cpu(cfg, b, t, par).unwrap();
-        model.forward(params, tokens, tokens).unwrap();
-        model.logits().to_vec()
-    };
-    let batch = SafeTensors::open(&dir.join("linear_rope.safetensors")).unwrap();
-    let tokens: Vec<u32> = batch.read_i64("tokens").unwrap().iter().map(|&x| x as u32).collect();
-    let got = logits(&m.cfg, &m.params, &tokens, golden.batch, golden.seq);
-    let mut want = vec![0.0f32; got.len()];
-    batch.read_f32("logits", &mut want).unwrap();
-    let scale = want.iter().fold(0.0f32, |a, x| a.max(x.abs()));
-    let err = got.iter().zip(&want).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
-    eprintln!("linear RoPE GGUF: logits max error {err:.2e} of max |logit| {scale:.3}");
-    assert!(err <= 5e-6 * scale, "logits max error {err:.3e} vs 5e-6 × {scale:.3}");
+    let golden_logits = dir.join("linear_rope.safetensors");
+    assert_golden_logits("linear RoPE GGUF", &m.cfg, &m.params, &golden_logits, golden.batch, golden.seq);
 
     let tmp = std::env::temp_dir().join(format!("anetrain-gguf-linear-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
-    let convert = |from: &Path, to: &Path| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_anetrain"))
-            .args(["convert", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f32"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "convert {from:?} → {to:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let same = |a: &anetrain::config::ModelConfig, b: &anetrain::config::ModelConfig| {
-        let unnamed =
-            |c: &anetrain::config::ModelConfig| anetrain::config::ModelConfig { name: String::new(), ..c.clone() };
+    let same = |a: &ModelConfig, b: &ModelConfig| {
+        let unnamed = |c: &ModelConfig| ModelConfig { name: String::new(), ..c.clone() };
         assert_eq!(unnamed(a), unnamed(b));
     };
     // GGUF → HF → GGUF.
@@ -341,7 +335,7 @@ fn linear_rope_matches_transformers_and_round_trips_through_hf() {
     let g = anetrain::checkpoint::gguf::load(&gguf_out).unwrap();
     let (cfg2, p2) = anetrain::checkpoint::hf::load(&hf_back).unwrap();
     // GGUF holds eps as f32 (llama.cpp's type); nothing else of the config changes.
-    let cfg0_f32 = anetrain::config::ModelConfig { norm_eps: cfg0.norm_eps as f32 as f64, ..cfg0.clone() };
+    let cfg0_f32 = ModelConfig { norm_eps: cfg0.norm_eps as f32 as f64, ..cfg0.clone() };
     for (cfg, p) in [(&g.cfg, &g.params), (&cfg2, &p2)] {
         same(cfg, &cfg0_f32);
         assert_eq!(p, &p0);

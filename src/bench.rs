@@ -2,6 +2,8 @@
 //! GEMM throughput at a model's exact shapes per implementation, and the cost of a training
 //! micro-step split by phase.
 
+pub mod lora_gemm;
+
 use crate::config::ModelConfig;
 use crate::data::TokenData;
 use crate::ops::Par;

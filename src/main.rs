@@ -2,7 +2,9 @@
 
 mod cli;
 
-use cli::commands::{StepArgs, bench_gemm, bench_step, convert, eval, generate, info, prepare, prepare_chat};
+use cli::commands::{
+    StepArgs, bench_gemm, bench_lora_gemm, bench_step, convert, eval, generate, info, prepare, prepare_chat,
+};
 use cli::train::train;
 
 use anetrain::config::ModelConfig;
@@ -647,6 +649,36 @@ enum BenchCommand {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// GFLOP/s of every GEMM a LoRA micro-step with `--base-dtype bf16 --bf16-matmul`
+    /// issues: the base projections on the f32 GEMM and the bf16 GEMM (and its packing
+    /// share), the rank-r adapter products on the f32 GEMM and the thin kernels.
+    LoraGemm {
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Seconds of repetitions per product and kernel.
+        #[arg(long, default_value_t = 0.3)]
+        budget: f64,
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Measure only the base projections or only the adapter products.
+        #[arg(long, value_parser = ["base", "adapters"])]
+        only: Option<String>,
+        /// The bf16 GEMM's k-pairs per block (its default unless given).
+        #[arg(long)]
+        bf16_kcp: Option<usize>,
+        /// The bf16 GEMM's columns per block, a multiple of 32 (its default unless given).
+        #[arg(long)]
+        bf16_nc: Option<usize>,
+    },
     /// Median ms per training micro-step (forward/backward/optimizer split) and peak RSS.
     Step {
         #[command(flatten)]
@@ -725,6 +757,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { model, seq } => info(&model, seq),
         Command::Bench(BenchCommand::Gemm { shape, which, budget, threads }) => {
             bench_gemm(&shape.model, shape.batch * shape.seq, which.map(Into::into), budget, threads)
+        }
+        Command::Bench(BenchCommand::LoraGemm {
+            model,
+            batch,
+            seq,
+            rank,
+            budget,
+            threads,
+            json,
+            only,
+            bf16_kcp,
+            bf16_nc,
+        }) => {
+            let opts = anetrain::bench::lora_gemm::Options { only, bf16_kcp, bf16_nc };
+            bench_lora_gemm(&model, batch * seq, rank, budget, threads, json, opts)
         }
         Command::Bench(BenchCommand::Step {
             shape,

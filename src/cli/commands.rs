@@ -113,6 +113,35 @@ pub fn bench_gemm(model: &str, n: usize, which: Option<GemmImpl>, budget: f64, t
     Ok(())
 }
 
+/// `anetrain bench lora-gemm`: a table (or JSON) of `bench::lora_gemm` at `model`'s shapes,
+/// with the time each kernel family takes per micro-step and the machine's peaks.
+pub fn bench_lora_gemm(
+    model: &str,
+    n: usize,
+    rank: usize,
+    budget: f64,
+    threads: Option<usize>,
+    json: bool,
+    opts: anetrain::bench::lora_gemm::Options,
+) -> Result<()> {
+    use anetrain::bench::lora_gemm::{LoraGemmReport, bench_lora_gemm};
+    let cfg = ModelConfig::resolve(model)?;
+    if rank == 0 || n == 0 {
+        bail!("--rank and --batch·--seq must be at least 1");
+    }
+    let (par, pool) = Runtime { threads, gemm: super::choices::GemmArg::Gemm }.setup()?;
+    let rows = pool.install(|| bench_lora_gemm(&cfg, n, rank, budget, par, &opts))?;
+    let f32_peak = pool.install(|| bench::gemm_peak_gflops(par, budget));
+    let bf16_peak = pool.install(|| anetrain::ops::gemm_bf16::kernel_peak_gflops(par, budget));
+    let report = LoraGemmReport::new(&cfg.name, n, rank, par.threads, f32_peak, bf16_peak, rows);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print();
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 /// `bench step` options beyond the shape.
 pub struct StepArgs {

@@ -21,9 +21,9 @@ const MR: usize = 12;
 /// Columns of the register tile (two 16-lane vectors).
 const NR: usize = 32;
 /// k-pairs per block.
-const KCP: usize = 384;
+pub const KCP: usize = 384;
 /// Columns per block (a multiple of NR).
-const NC: usize = 2048;
+pub const NC: usize = 2048;
 
 /// Whether the fast (AVX-512 BF16) kernel runs on this machine.
 pub fn available() -> bool {
@@ -35,6 +35,30 @@ pub fn available() -> bool {
     {
         false
     }
+}
+
+/// GFLOP/s of the microkernel alone on panels that stay in L1 (kp = 64 pairs), run on every
+/// thread of `par` at once for ~`budget` seconds: the practical bf16 peak of this machine,
+/// the denominator of `anetrain bench lora-gemm`'s share of peak. 0 without AVX-512 BF16.
+pub fn kernel_peak_gflops(par: Par, budget: f64) -> f64 {
+    if !available() {
+        return 0.0;
+    }
+    const KP: usize = 64;
+    const REPS: usize = 2000;
+    let ap = vec![0x3f80_3f80u32; KP * MR];
+    let bp = vec![0x3f80_3f80u32; KP * NR];
+    let run = || {
+        let mut t = [0.0f32; MR * NR];
+        for _ in 0..REPS {
+            tile(true, KP, &ap, &bp, &mut t, NR, MR, NR, true);
+        }
+        std::hint::black_box(&t);
+    };
+    let secs = crate::bench::time_best(budget, || {
+        (0..par.threads.max(1)).into_par_iter().for_each(|_| run());
+    });
+    (par.threads.max(1) * REPS * MR * NR * 2 * KP * 2) as f64 / secs / 1e9
 }
 
 /// f32 → bf16 bits, round to nearest even (NaN stays a quiet NaN). Branch-free on finite
@@ -88,9 +112,13 @@ impl ToBits for f32 {
 /// Packed scratch for `gemm`, sized once for at most `max_m` rows.
 pub struct Bf16Gemm {
     max_m: usize,
-    /// `[⌈max_m/MR⌉·MR, KCP]` pairs (row-major: row i's pairs at `i·kp`)
+    /// k-pairs per block (`KCP` unless a benchmark chose otherwise)
+    kcp: usize,
+    /// columns per block, a multiple of NR (`NC` unless a benchmark chose otherwise)
+    nc: usize,
+    /// `[⌈max_m/MR⌉·MR, kcp]` pairs (row-major: row i's pairs at `i·kp`)
     a: Vec<u32>,
-    /// `[NC/NR, KCP, NR]` pairs
+    /// `[nc/NR, kcp, NR]` pairs
     b: Vec<u32>,
 }
 
@@ -98,11 +126,21 @@ impl Bf16Gemm {
     /// Scratch for products of up to `max_m` rows: (⌈max_m/12⌉·12 + 2048) · 384 · 4 bytes
     /// (about 4.7 MB at 1,024 rows), allocated fallibly.
     pub fn new(max_m: usize) -> anyhow::Result<Self> {
-        let a_len = max_m.div_ceil(MR) * MR * KCP;
+        Self::with_blocking(max_m, KCP, NC)
+    }
+
+    /// `new` with `kcp` k-pairs and `nc` columns per block instead of the defaults (for
+    /// benchmarks that tune the blocking; results are the same up to f32 summation order).
+    pub fn with_blocking(max_m: usize, kcp: usize, nc: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            kcp >= 1 && nc >= NR && nc % NR == 0,
+            "bf16 GEMM blocking: k-pairs {kcp} must be >= 1 and columns {nc} a positive multiple of {NR}"
+        );
+        let a_len = max_m.div_ceil(MR) * MR * kcp;
         let what = "the bf16 GEMM's packing scratch";
         let a = crate::memory::try_zeroed::<u32>(a_len, what)?;
-        let b = crate::memory::try_zeroed::<u32>(NC * KCP, what)?;
-        Ok(Bf16Gemm { max_m, a, b })
+        let b = crate::memory::try_zeroed::<u32>(nc * kcp, what)?;
+        Ok(Bf16Gemm { max_m, kcp, nc, a, b })
     }
 
     /// `c[m×n] (+)= round_bf16(a[m×k]) · op(W)` with `a` row-major of leading dimension
@@ -121,6 +159,42 @@ impl Bf16Gemm {
         c: &mut [f32],
         ldc: usize,
         accumulate: bool,
+    ) {
+        self.run(par, m, n, k, a, lda, w, c, ldc, accumulate, true);
+    }
+
+    /// Only the packing `gemm` does for this product (`c` is left alone): for benchmarks
+    /// that split a call's time into packing and the kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_only(
+        &mut self,
+        par: Par,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        w: Bf16Rhs,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        self.run(par, m, n, k, a, lda, w, c, ldc, true, false);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        par: Par,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        w: Bf16Rhs,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+        compute: bool,
     ) {
         assert!(m <= self.max_m, "bf16 gemm: {m} rows, scratch sized for {}", self.max_m);
         if m == 0 || n == 0 {
@@ -146,8 +220,9 @@ impl Bf16Gemm {
         let fast = available();
         let panels = m.div_ceil(MR);
         let kp_total = k.div_ceil(2);
-        for pc in (0..kp_total).step_by(KCP) {
-            let kp = KCP.min(kp_total - pc);
+        let (kcp, nc_max) = (self.kcp, self.nc);
+        for pc in (0..kp_total).step_by(kcp) {
+            let kp = kcp.min(kp_total - pc);
             let acc = accumulate || pc > 0;
             // A block: rows 0..m, k-pairs pc..pc+kp.
             let a_blk = &mut self.a[..panels * kp * MR];
@@ -157,8 +232,8 @@ impl Bf16Gemm {
             } else {
                 a_blk.chunks_mut(kp).enumerate().for_each(pack_a);
             }
-            for jc in (0..n).step_by(NC) {
-                let nc = NC.min(n - jc);
+            for jc in (0..n).step_by(nc_max) {
+                let nc = nc_max.min(n - jc);
                 let qn = nc.div_ceil(NR);
                 let b_blk = &mut self.b[..qn * kp * NR];
                 let pack_b = |(q, dst): (usize, &mut [u32])| pack_b_panel(dst, w, n, k, jc + q * NR, pc, kp);
@@ -166,6 +241,9 @@ impl Bf16Gemm {
                     b_blk.par_chunks_mut(kp * NR).enumerate().for_each(pack_b);
                 } else {
                     b_blk.chunks_mut(kp * NR).enumerate().for_each(pack_b);
+                }
+                if !compute {
+                    continue;
                 }
                 let (a_blk, b_blk) = (&self.a[..panels * kp * MR], &self.b[..qn * kp * NR]);
                 // Each task owns MR whole rows of c (columns jc..jc+nc of them).
@@ -414,6 +492,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Other blockings (several k and column blocks on small shapes) compute the same
+    /// products; `with_blocking` refuses column blocks that are not whole register tiles.
+    #[test]
+    fn other_blockings_match_f64_reference() {
+        let mut rng = Rng::new(12);
+        let (m, n, k) = (29, 150, 41);
+        let a = randn(&mut rng, m * k);
+        let w: Vec<u16> = randn(&mut rng, n * k).iter().map(|&x| to_bf16(x)).collect();
+        for rhs in [Bf16Rhs::T(&w, k), Bf16Rhs::N(&w, n)] {
+            let (want, mag) = reference(m, n, k, &a, rhs);
+            for (kcp, nc) in [(1, 32), (5, 64), (7, 96), (KCP, NC)] {
+                let mut c = vec![f32::NAN; m * n];
+                let mut g = Bf16Gemm::with_blocking(m, kcp, nc).unwrap();
+                g.gemm(Par { threads: 2, ..Par::seq() }, m, n, k, &a, k, rhs, &mut c, n, false);
+                for i in 0..m * n {
+                    let tol = 4.0 * k as f64 * f32::EPSILON as f64 * mag[i] + 1e-30;
+                    assert!((c[i] as f64 - want[i]).abs() <= tol, "kcp {kcp} nc {nc} [{i}]: {} vs {}", c[i], want[i]);
+                }
+            }
+        }
+        assert!(Bf16Gemm::with_blocking(4, 8, 48).is_err());
+        assert!(Bf16Gemm::with_blocking(4, 0, 64).is_err());
     }
 
     /// Strided operands and destination (a column block of a wider matrix), the way the

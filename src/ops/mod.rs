@@ -17,6 +17,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
 pub mod team;
+pub mod thin;
 
 pub use matmul::GemmImpl;
 

@@ -24,6 +24,9 @@ pub struct Options {
     pub bf16_nc: Option<usize>,
 }
 
+/// An adapter of a stack: (name, OC, how many members share the shape).
+type Member<'a> = (&'a str, usize, usize);
+
 /// One measured product.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoraGemmRow {
@@ -124,7 +127,7 @@ pub fn bench_lora_gemm(
     // Adapters, stacked as `crate::lora` runs them: the members of a stack read one input,
     // so x·Aᵀ, v·A and vᵀ·x are one product over R = r·members rows; the B-sided products
     // are per member (`dy` of row stride `ldy`: the fused q|k|v and gate|up gradients).
-    let stacks: [(&str, usize, usize, &[(&str, usize, usize)]); 4] = [
+    let stacks: [(&str, usize, usize, &[Member]); 4] = [
         ("qkv", c, qd + 2 * kd, &[("q", qd, 1), ("k,v", kd, 2)]),
         ("o", qd, c, &[("o", c, 1)]),
         ("gate,up", c, 2 * f, &[("gate,up", f, 2)]),

@@ -133,7 +133,7 @@ impl Bf16Gemm {
     /// benchmarks that tune the blocking; results are the same up to f32 summation order).
     pub fn with_blocking(max_m: usize, kcp: usize, nc: usize) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            kcp >= 1 && nc >= NR && nc % NR == 0,
+            kcp >= 1 && nc >= NR && nc.is_multiple_of(NR),
             "bf16 GEMM blocking: k-pairs {kcp} must be >= 1 and columns {nc} a positive multiple of {NR}"
         );
         let a_len = max_m.div_ceil(MR) * MR * kcp;

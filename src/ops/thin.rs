@@ -256,6 +256,15 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Element `i` (a method, so that closures capture the whole Send + Sync wrapper rather
+    /// than its raw-pointer field). Safety: `i` must be inside the output.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// `out (+)= alpha · X [M, K] · bt [K, r]` (bt row-major with row stride `ldb`): per tile of
 /// R rows × up to 48 columns, k streamed once.
 #[allow(clippy::too_many_arguments)]
@@ -281,12 +290,11 @@ fn skinny(par: Par, m: usize, r: usize, k: usize, alpha: f32, x: Lhs, bt: &[f32]
     let (ors, ocs) = (out.rs, out.cs);
     let ptr = OutPtr(out.data.as_mut_ptr());
     let task = |p: usize| {
-        let ptr = ptr;
         // SAFETY: (i, j) < (m, r) is inside the asserted span, and task p alone owns rows
         // [p·per·ti, (p+1)·per·ti), whose elements are disjoint from other rows' by the layout
         // assert.
         let put = |i: usize, j: usize, v: f32| unsafe {
-            let o = ptr.0.add(i * ors + j * ocs);
+            let o = ptr.at(i * ors + j * ocs);
             *o = if acc { alpha.mul_add(v, *o) } else { alpha * v };
         };
         for t in p * per..((p + 1) * per).min(tiles) {
@@ -331,7 +339,7 @@ fn skinny_t_tile(
     nr: usize,
     tile: &mut [[f32; L]; L],
 ) {
-    assert!(mr >= 1 && mr <= L && nr >= 1 && nr <= L);
+    assert!((1..=L).contains(&mr) && (1..=L).contains(&nr));
     assert!(k == 0 || (i0 + (k - 1) * xcs + mr <= x.len() && (k - 1) * ldb + nr <= bt.len()));
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -529,7 +537,7 @@ fn wide_tile(
     nr: usize,
     zero: bool,
 ) {
-    assert!(mr >= 1 && mr <= WR && nr >= 1 && nr <= WC);
+    assert!((1..=WR).contains(&mr) && (1..=WC).contains(&nr));
     assert!((mr - 1) * ldu + r <= u.len() && (mr - 1) * ldy + nr <= y.len());
     assert!(r == 0 || (r - 1) * ldw + WC <= w.len());
     match isa {

@@ -1,4 +1,6 @@
 //! The AVX-512 kernels of `super`: the same fused chains as the portable twins, bit for bit.
+//! Register tiles are arrays of vectors indexed by row and column, which is how they read.
+#![allow(clippy::needless_range_loop)]
 
 use super::{L, R, SW, WC, WR};
 use std::arch::x86_64::*;
@@ -24,7 +26,7 @@ pub unsafe fn skinny_tile(
     tile: &mut [[f32; SW]; R],
 ) {
     debug_assert!(k == 0 || rows.iter().all(|&r| r + (k - 1) * xcs < x.len()));
-    debug_assert!(nr >= 1 && nr <= SW && (k == 0 || (k - 1) * ldb + nr <= bt.len()));
+    debug_assert!((1..=SW).contains(&nr) && (k == 0 || (k - 1) * ldb + nr <= bt.len()));
     // SAFETY: forwarded from the caller (AVX-512F present, indices in range).
     unsafe {
         match nr.div_ceil(L) {
@@ -151,7 +153,7 @@ pub unsafe fn wide_tile(
     zero: bool,
 ) {
     const NV: usize = WC / L;
-    debug_assert!(mr >= 1 && mr <= WR && nr >= 1 && nr <= WC);
+    debug_assert!((1..=WR).contains(&mr) && (1..=WC).contains(&nr));
     let mask: [__mmask16; NV] = std::array::from_fn(|v| lanes(nr.saturating_sub(v * L)));
     let up: [*const f32; WR] = std::array::from_fn(|ii| u.as_ptr().wrapping_add(ii.min(mr - 1) * ldu));
     let (wp, yp) = (w.as_ptr(), y.as_mut_ptr());

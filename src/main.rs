@@ -644,7 +644,7 @@ enum BenchCommand {
         #[arg(long = "impl", value_enum)]
         which: Option<GemmArg>,
         /// Seconds of repetitions per shape and implementation.
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = 0.5, value_parser = parse_budget)]
         budget: f64,
         #[arg(long)]
         threads: Option<usize>,
@@ -662,7 +662,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         rank: usize,
         /// Seconds of repetitions per product and kernel.
-        #[arg(long, default_value_t = 0.3)]
+        #[arg(long, default_value_t = 0.3, value_parser = parse_budget)]
         budget: f64,
         #[arg(long)]
         threads: Option<usize>,
@@ -891,4 +891,12 @@ fn group_digits(n: usize) -> String {
         out.push(ch);
     }
     out
+}
+
+/// A benchmark's time budget (`--budget`): finite and non-negative seconds.
+fn parse_budget(arg: &str) -> std::result::Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Ok(s),
+        _ => Err(format!("'{arg}' is not a time budget: give finite, non-negative seconds (e.g. 0.3)")),
+    }
 }

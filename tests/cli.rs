@@ -107,6 +107,9 @@ fn bad_input_fails_with_one_clear_message() {
         (vec!["train".into(), "--ckpt-dir".into(), "/proc/anetrain-nope".into()], "checkpoint directory"),
         (vec!["train".into(), "--resume".into(), "latest".into()], "--resume latest needs --ckpt-dir"),
         (vec!["train".into(), "--resume".into(), p(&dir)], "is not a checkpoint"),
+        (vec!["bench".into(), "gemm".into(), "--budget".into(), "nan".into()], "is not a time budget"),
+        (vec!["bench".into(), "lora-gemm".into(), "--budget=-1".into()], "is not a time budget"),
+        (vec!["bench".into(), "lora-gemm".into(), "--bf16-nc".into(), "0".into()], "a positive multiple of 32"),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

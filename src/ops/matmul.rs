@@ -57,6 +57,13 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// Output rows from which the `gemm` crate's AVX-512 kernels (0.19, `x86-v4`) run; below it,
+/// its previous release's AVX2 kernels (`gemm_avx2`, 0.18, whose stable build has no AVX-512).
+/// Why two: on Zen 4 (AVX-512 on 256-bit units) the AVX-512 kernels are ~1.2× faster at a
+/// training step's M = B·T ≥ 256 but 1.3–8× slower at the M ≤ 64 of a short prompt's prefill
+/// (2 threads; docs/BENCHMARKS.md §13). On CPUs without AVX-512 both run the same AVX2 kernels.
+const AVX512_MIN_ROWS: usize = 128;
+
 /// `c[m×n] (+)= a[m×k] · b[k×n]`, with `c` row-major of leading dimension `ldc`; adds into `c`
 /// when `accumulate`, overwrites it otherwise. Panics if a slice is too short for its shape.
 #[allow(clippy::too_many_arguments)]
@@ -87,33 +94,28 @@ pub fn sgemm(
     let (brs, bcs) = b.strides();
     match par.gemm {
         GemmImpl::Gemm => {
-            let parallelism =
-                if par.threads > 1 { gemm::Parallelism::Rayon(par.threads) } else { gemm::Parallelism::None };
-            // SAFETY: the asserts above bound every access of the strided views; `c` is
+            let (c, ldc, a, b) = (c.as_mut_ptr(), ldc as isize, a.data.as_ptr(), b.data.as_ptr());
+            // SAFETY (both): the asserts above bound every access of the strided views; `c` is
             // exclusively borrowed and cannot alias the shared inputs.
             // gemm computes dst = alpha·dst + beta·lhs·rhs (alpha and beta swapped vs BLAS).
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    ldc as isize,
-                    accumulate,
-                    a.data.as_ptr(),
-                    acs,
-                    ars,
-                    b.data.as_ptr(),
-                    bcs,
-                    brs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                )
+            if m < AVX512_MIN_ROWS {
+                let par = if par.threads > 1 {
+                    gemm_avx2::Parallelism::Rayon(par.threads)
+                } else {
+                    gemm_avx2::Parallelism::None
+                };
+                unsafe {
+                    gemm_avx2::gemm(
+                        m, n, k, c, 1, ldc, accumulate, a, acs, ars, b, bcs, brs, 1.0, 1.0, false, false, false, par,
+                    )
+                }
+            } else {
+                let par = if par.threads > 1 { gemm::Parallelism::Rayon(par.threads) } else { gemm::Parallelism::None };
+                unsafe {
+                    gemm::gemm(
+                        m, n, k, c, 1, ldc, accumulate, a, acs, ars, b, bcs, brs, 1.0, 1.0, false, false, false, par,
+                    )
+                }
             }
         }
         GemmImpl::Matrixmultiply => {
@@ -309,7 +311,8 @@ mod tests {
         for gemm in impls() {
             for threads in [1, 2] {
                 let par = Par { threads, gemm };
-                for &(m, k, n) in &[(1, 1, 1), (7, 13, 33), (33, 7, 13), (64, 96, 80), (13, 130, 5)] {
+                // m = 160 ≥ AVX512_MIN_ROWS: the `gemm` crate's AVX-512 release runs too.
+                for &(m, k, n) in &[(1, 1, 1), (7, 13, 33), (33, 7, 13), (64, 96, 80), (13, 130, 5), (160, 37, 45)] {
                     let inp = randn(&mut rng, m * k);
                     let w = randn(&mut rng, n * k);
                     let dout = randn(&mut rng, m * n);

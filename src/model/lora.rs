@@ -5,7 +5,7 @@
 use super::{LossSum, Model, PhaseTimes, ms_since, timed};
 use crate::backend::{LowpWeights, QkNormGrads};
 use crate::lora::apply::{Stack, adapter_da, adapter_db, adapter_down, adapter_dy_b};
-use crate::lora::{Adapter, LoraLayout, LoraScratch, Target, merge_adapters};
+use crate::lora::{Adapter, LoraLayout, LoraScratch, Target, merge_layer_from};
 use crate::ops::Par;
 use crate::ops::cross_entropy::{IGNORE, cross_entropy_fused, loss_sum};
 use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
@@ -118,15 +118,22 @@ fn merge_layer<'a>(
 ) -> LayerTensors<&'a [f32]> {
     let range = layout.layer_range(l);
     let merged = &mut merged[..range.len()];
+    let (layer, s) = (lora.layer(l), lora.cfg.scale());
     match base_bf16 {
-        None => merged.copy_from_slice(&params[range]),
+        None => {
+            let src = &params[range];
+            let copy = |at: usize, dst: &mut [f32]| dst.copy_from_slice(&src[at..at + dst.len()]);
+            merge_layer_from(par, layer, s, merged, copy, adapters, sb);
+        }
         Some(bits) => {
             let first = layout.layer_range(0).start;
             let src = &bits[range.start - first..range.end - first];
-            merged.iter_mut().zip(src).for_each(|(m, &b)| *m = half::bf16::from_bits(b).to_f32());
+            let widen = |at: usize, dst: &mut [f32]| {
+                dst.iter_mut().zip(&src[at..]).for_each(|(m, &b)| *m = half::bf16::from_bits(b).to_f32())
+            };
+            merge_layer_from(par, layer, s, merged, widen, adapters, sb);
         }
     }
-    merge_adapters(par, lora.layer(l), lora.cfg.scale(), merged, adapters, sb);
     layout.layer_in(merged, l)
 }
 

@@ -11,8 +11,10 @@
 
 use super::Par;
 use super::exp::{exp, wide_fn};
-use super::matmul::{Operand, sgemm};
+use super::matmul::Operand;
+use super::small;
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
@@ -47,6 +49,27 @@ fn inner(par: Par) -> Par {
     Par { threads: 1, gemm: par.gemm }
 }
 
+/// Calls `f` with one head's `[T, D]` rows of `src` (row stride `ld`) transposed to `[D, T]`, so
+/// that products with it (q·kᵀ, dout·vᵀ) read contiguous rows (`ops::small`). The scratch is
+/// per thread and grows once to the largest head; `f` must not re-enter.
+fn with_transposed<R>(src: &[f32], ld: usize, t: usize, d: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.len() < t * d {
+            buf.resize(t * d, 0.0);
+        }
+        let tr = &mut buf[..t * d];
+        for j in 0..t {
+            for (c, &x) in src[j * ld..j * ld + d].iter().enumerate() {
+                tr[c * t + j] = x;
+            }
+        }
+        f(tr)
+    })
+}
+
 /// out `[N, H·D]` = softmax(q·kᵀ/√D + causal mask) · v, probs `[B, H, T, T]` saved,
 /// out_hm `[B, H, T, D]` head-major scratch.
 #[allow(clippy::too_many_arguments)]
@@ -69,17 +92,19 @@ pub fn attention_forward(
         let (bi, kvh) = (task / kv, task % kv);
         let kh = &k[bi * t * kw + kvh * d..];
         let vh = &v[bi * t * kw + kvh * d..];
-        for (gi, (p, o)) in p.chunks_exact_mut(t * t).zip(o.chunks_exact_mut(t * d)).enumerate() {
-            let qh = &q[bi * t * qw + (kvh * g + gi) * d..];
-            // Causal: query block [r0, r1) sees keys [0, r1) only; nothing above is computed.
-            for (r0, r1) in blocks(t) {
-                let rows = r1 - r0;
-                let p_blk = &mut p[r0 * t..r1 * t];
-                sgemm(seq, rows, r1, d, Operand::n(&qh[r0 * qw..], qw), Operand::t(kh, kw), p_blk, t, false);
-                softmax_block(p_blk, r0, r1, t, scale);
-                sgemm(seq, rows, d, r1, Operand::n(p_blk, t), Operand::n(vh, kw), &mut o[r0 * d..], d, false);
+        with_transposed(kh, kw, t, d, |kt| {
+            for (gi, (p, o)) in p.chunks_exact_mut(t * t).zip(o.chunks_exact_mut(t * d)).enumerate() {
+                let qh = &q[bi * t * qw + (kvh * g + gi) * d..];
+                // Causal: query block [r0, r1) sees keys [0, r1) only; nothing above is computed.
+                for (r0, r1) in blocks(t) {
+                    let rows = r1 - r0;
+                    let p_blk = &mut p[r0 * t..r1 * t];
+                    small::gemm(seq, rows, r1, d, Operand::n(&qh[r0 * qw..], qw), Operand::n(kt, t), p_blk, t, false);
+                    softmax_block(p_blk, r0, r1, t, scale);
+                    small::gemm(seq, rows, d, r1, Operand::n(p_blk, t), Operand::n(vh, kw), &mut o[r0 * d..], d, false);
+                }
             }
-        }
+        });
     });
     scatter_heads(out, out_hm, dims.b, t, h, d);
 }
@@ -181,39 +206,41 @@ pub fn attention_backward(
         let (bi, kvh) = (task / kv, task % kv);
         let kh = &k[bi * t * kw + kvh * d..];
         let vh = &v[bi * t * kw + kvh * d..];
-        for gi in 0..g {
-            let head = kvh * g + gi;
-            let qh = &q[bi * t * qw + head * d..];
-            let doh = &dout[bi * t * qw + head * d..];
-            let p = &probs[((bi * h + head) * t) * t..][..t * t];
-            let ds = &mut ds[gi * t * t..(gi + 1) * t * t];
-            let first = gi == 0;
-            // Row block [r0, r1) of P, dP and dS is only live in columns [0, r1); column block
-            // [c0, c1) is only live in rows [c0, T). Entries outside are never read.
-            for (r0, r1) in blocks(t) {
-                let rows = r1 - r0;
-                let ds_blk = &mut ds[r0 * t..r1 * t];
-                sgemm(seq, rows, r1, d, Operand::n(&doh[r0 * qw..], qw), Operand::t(vh, kw), ds_blk, t, false);
-                for (prow, srow) in p[r0 * t..r1 * t].chunks_exact(t).zip(ds_blk.chunks_exact_mut(t)) {
-                    let (prow, srow) = (&prow[..r1], &mut srow[..r1]);
-                    let rowsum = super::dot(prow, srow);
-                    for (s, &pv) in srow.iter_mut().zip(prow) {
-                        *s = pv * (*s - rowsum) * scale;
+        with_transposed(vh, kw, t, d, |vt| {
+            for gi in 0..g {
+                let head = kvh * g + gi;
+                let qh = &q[bi * t * qw + head * d..];
+                let doh = &dout[bi * t * qw + head * d..];
+                let p = &probs[((bi * h + head) * t) * t..][..t * t];
+                let ds = &mut ds[gi * t * t..(gi + 1) * t * t];
+                let first = gi == 0;
+                // Row block [r0, r1) of P, dP and dS is only live in columns [0, r1); column
+                // block [c0, c1) is only live in rows [c0, T). Entries outside are never read.
+                for (r0, r1) in blocks(t) {
+                    let rows = r1 - r0;
+                    let ds_blk = &mut ds[r0 * t..r1 * t];
+                    small::gemm(seq, rows, r1, d, Operand::n(&doh[r0 * qw..], qw), Operand::n(vt, t), ds_blk, t, false);
+                    for (prow, srow) in p[r0 * t..r1 * t].chunks_exact(t).zip(ds_blk.chunks_exact_mut(t)) {
+                        let (prow, srow) = (&prow[..r1], &mut srow[..r1]);
+                        let rowsum = super::dot(prow, srow);
+                        for (s, &pv) in srow.iter_mut().zip(prow) {
+                            *s = pv * (*s - rowsum) * scale;
+                        }
                     }
+                    let dq_blk = &mut dqh[gi * t * d + r0 * d..];
+                    small::gemm(seq, rows, d, r1, Operand::n(ds_blk, t), Operand::n(kh, kw), dq_blk, d, false);
                 }
-                let dq_blk = &mut dqh[gi * t * d + r0 * d..];
-                sgemm(seq, rows, d, r1, Operand::n(ds_blk, t), Operand::n(kh, kw), dq_blk, d, false);
+                for (c0, c1) in blocks(t) {
+                    let (cols, rows) = (c1 - c0, t - c0);
+                    let p_cols = Operand::t(&p[c0 * t + c0..], t);
+                    let ds_cols = Operand::t(&ds[c0 * t + c0..], t);
+                    let dv_blk = &mut dvh[c0 * d..];
+                    small::gemm(seq, cols, d, rows, p_cols, Operand::n(&doh[c0 * qw..], qw), dv_blk, d, !first);
+                    let dk_blk = &mut dkh[c0 * d..];
+                    small::gemm(seq, cols, d, rows, ds_cols, Operand::n(&qh[c0 * qw..], qw), dk_blk, d, !first);
+                }
             }
-            for (c0, c1) in blocks(t) {
-                let (cols, rows) = (c1 - c0, t - c0);
-                let p_cols = Operand::t(&p[c0 * t + c0..], t);
-                let ds_cols = Operand::t(&ds[c0 * t + c0..], t);
-                let dv_blk = &mut dvh[c0 * d..];
-                sgemm(seq, cols, d, rows, p_cols, Operand::n(&doh[c0 * qw..], qw), dv_blk, d, !first);
-                let dk_blk = &mut dkh[c0 * d..];
-                sgemm(seq, cols, d, rows, ds_cols, Operand::n(&qh[c0 * qw..], qw), dk_blk, d, !first);
-            }
-        }
+        });
     });
     scatter_heads(dq, dq_hm, b, t, h, d);
     scatter_heads(dk, dk_hm, b, t, kv, d);

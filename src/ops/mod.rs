@@ -15,6 +15,7 @@ pub mod matmul;
 pub mod matvec;
 pub mod rmsnorm;
 pub mod rope;
+pub mod small;
 pub mod swiglu;
 pub mod team;
 pub mod thin;

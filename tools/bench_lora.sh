@@ -24,7 +24,9 @@ THREADS=${THREADS:-2}
 run_anetrain() {
     local label=$1; shift
     local out
-    out=$("$BIN" train --model "$MODEL" --data synthetic --batch "$B" --seq "$T" --steps "$STEPS" \
+    # STEPS + 1 updates: the first is a warm-up that the reported median leaves out, as
+    # bench_pytorch.py's --warmup 1 does on the PyTorch side.
+    out=$("$BIN" train --model "$MODEL" --data synthetic --batch "$B" --seq "$T" --steps "$((STEPS + 1))" \
         --warmup 0 --eval-every 0 --no-peak --threads "$THREADS" --print-every 1000 "$@")
     local micro rss
     micro=$(grep -o 'median micro-step *[0-9.]* ms' <<<"$out" | grep -o '[0-9.]* ms' | cut -d' ' -f1)

@@ -560,7 +560,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }))?;
     println!("--- efficiency ---");
     println!("wall time            {:.2} s", summary.wall_s);
-    println!("median micro-step    {:.1} ms (B·T = {} tokens)", summary.median_micro_ms, args.batch * args.seq);
+    println!(
+        "median micro-step    {:.1} ms (B·T = {} tokens; after the first update when there are more)",
+        summary.median_micro_ms,
+        args.batch * args.seq
+    );
     println!("throughput           {:.0} tokens/s", summary.tokens_per_s);
     println!(
         "kernels / dW         kernels {:.1} ms, dW {:.1} ms ({}), dW wait {:.1} ms per update",

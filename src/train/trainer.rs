@@ -150,7 +150,8 @@ pub struct TrainSummary {
     /// Mean loss of each update.
     pub losses: Vec<f64>,
     pub wall_s: f64,
-    /// Median wall time of one micro-batch forward + backward.
+    /// Median wall time of one micro-batch forward + backward, after the first update when
+    /// there were later ones (its micro-batches fault in buffers and pack weights once).
     pub median_micro_ms: f64,
     pub tokens: usize,
     pub tokens_per_s: f64,
@@ -690,7 +691,10 @@ impl Trainer {
             restart,
             losses,
             wall_s,
-            median_micro_ms: median(&mut self.micro_ms),
+            median_micro_ms: {
+                let warm = if self.micro_ms.len() > self.opts.accum { self.opts.accum } else { 0 };
+                median(&mut self.micro_ms[warm..])
+            },
             tokens,
             tokens_per_s: tokens as f64 / wall_s,
             gflops: flops / wall_s / 1e9,

@@ -41,13 +41,13 @@ impl<'a> Operand<'a> {
         Operand { data, trans: true, ld }
     }
     /// (row stride, column stride) of the logical matrix.
-    fn strides(&self) -> (isize, isize) {
+    pub(super) fn strides(&self) -> (isize, isize) {
         if self.trans { (1, self.ld as isize) } else { (self.ld as isize, 1) }
     }
     /// Elements the logical `rows × cols` matrix spans in storage. Panics if stored rows
     /// would overlap (`ld` shorter than a stored row): shared operands may alias themselves
     /// harmlessly, but the destination must not.
-    fn span(&self, rows: usize, cols: usize) -> usize {
+    pub(super) fn span(&self, rows: usize, cols: usize) -> usize {
         if rows == 0 || cols == 0 {
             return 0;
         }

@@ -34,20 +34,30 @@ pub fn gemm(
     accumulate: bool,
 ) {
     assert!(!b.trans, "ops::small::gemm: b must be row-major");
+    assert!(a.data.len() >= a.span(m, k), "ops::small::gemm: a too short");
+    assert!(b.data.len() >= b.span(k, n), "ops::small::gemm: b too short");
+    assert!(c.len() >= Operand::n(c, ldc).span(m, n), "ops::small::gemm: c too short");
     let seq = Par { threads: 1, gemm: par.gemm };
     #[cfg(target_arch = "x86_64")]
     if super::exp::has_avx512() && m > 0 && n > 0 {
-        let (ars, acs) = if a.trans { (1, a.ld) } else { (a.ld, 1) };
-        if k > 0 {
-            assert!(a.data.len() > (m - 1) * ars + (k - 1) * acs, "ops::small::gemm: a too short");
-            assert!(b.data.len() >= (k - 1) * b.ld + n, "ops::small::gemm: b too short");
-        }
-        assert!(c.len() >= (m - 1) * ldc + n && ldc >= n, "ops::small::gemm: c too short");
+        let (ars, acs) = a.strides();
         // SAFETY: the CPU has AVX-512F (checked above); the asserts bound every index the
         // kernel forms: rows < m of `a` (with column < k), rows < k of `b` (columns < n,
         // masked), rows < m of `c` (columns < n, masked).
         unsafe {
-            x86::gemm(m, n, k, a.data.as_ptr(), ars, acs, b.data.as_ptr(), b.ld, c.as_mut_ptr(), ldc, accumulate)
+            x86::gemm(
+                m,
+                n,
+                k,
+                a.data.as_ptr(),
+                ars as usize,
+                acs as usize,
+                b.data.as_ptr(),
+                b.ld,
+                c.as_mut_ptr(),
+                ldc,
+                accumulate,
+            )
         };
         return;
     }

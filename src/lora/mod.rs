@@ -300,20 +300,9 @@ impl LoraLayout {
         let mut sb = Vec::new();
         for l in 0..base.n_layers() {
             let range = base.layer_range(l);
-            merge_adapters(par, self.layer(l), self.cfg.scale(), &mut params[range], adapters, &mut sb);
+            // In place: the base values are already where the merge writes.
+            merge_layer_from(par, self.layer(l), self.cfg.scale(), &mut params[range], |_, _| {}, adapters, &mut sb);
         }
-    }
-}
-
-/// `layer_w` (one layer's range of the base arena) `+= s·B·A` for each adapter of that layer.
-/// `sb` is scratch for s·B (grown once to the largest OC·r).
-pub fn merge_adapters(par: Par, layer: &[Adapter], s: f32, layer_w: &mut [f32], adapters: &[f32], sb: &mut Vec<f32>) {
-    for ad in layer {
-        let r = ad.a.len() / ad.ic;
-        sb.clear();
-        sb.extend(adapters[ad.b.clone()].iter().map(|&x| s * x));
-        let w = &mut layer_w[ad.w_offset..ad.w_offset + ad.oc * ad.ic];
-        sgemm(par, ad.oc, ad.ic, r, Operand::n(sb, r), Operand::n(&adapters[ad.a.clone()], ad.ic), w, ad.ic, true);
     }
 }
 
@@ -326,8 +315,8 @@ const MERGE_ROWS: usize = 64;
 /// `base(at, dst)` writes the base values of the layer-relative range `[at, at + dst.len())`
 /// into `dst` (a copy of the f32 arena, or the bf16 base widened).
 ///
-/// Why blocks: a copy of the whole layer followed by `merge_adapters` streams every targeted
-/// matrix through memory twice (read and write each time); here each block of `MERGE_ROWS`
+/// Why blocks: a copy of the whole layer followed by one K = r GEMM per matrix streams every
+/// targeted matrix through memory twice (read and write each time); here each block of `MERGE_ROWS`
 /// rows is written from the base and gets its rank-r update while still in cache, one pass,
 /// with the blocks spread over the rayon pool. `sb` is scratch for s·B.
 pub fn merge_layer_from(
@@ -378,10 +367,11 @@ mod tests {
     use super::*;
     use crate::ops::matmul::GemmImpl;
 
-    /// The blocked one-pass merge equals a copy of the layer followed by `merge_adapters`
-    /// (blocks taller and shorter than `MERGE_ROWS`, targets with gaps between them, nonzero B).
+    /// The blocked one-pass merge equals W + s·B·A formed in f64 (blocks taller and shorter
+    /// than `MERGE_ROWS`, targets with gaps between them, nonzero B), from a copied base and in
+    /// place.
     #[test]
-    fn blocked_merge_matches_copy_then_merge() {
+    fn blocked_merge_matches_naive() {
         let base_cfg = ModelConfig::preset("stories260k").unwrap();
         let cfg = ModelConfig { dim: 72, ffn_dim: 200, n_heads: 6, n_kv_heads: 2, ..base_cfg };
         let layout = ParamLayout::new(&cfg);
@@ -391,16 +381,27 @@ mod tests {
         let params: Vec<f32> = (0..layout.total).map(|_| rng.normal() as f32).collect();
         let adapters: Vec<f32> = (0..ll.total).map(|_| rng.normal() as f32).collect();
         let par = Par { threads: 2, gemm: GemmImpl::Gemm };
+        let mut in_place = params.clone();
+        ll.merge_into(par, &layout, &mut in_place, &adapters);
         for l in 0..cfg.n_layers {
             let range = layout.layer_range(l);
-            let mut want = params[range.clone()].to_vec();
-            merge_adapters(par, ll.layer(l), lora.scale(), &mut want, &adapters, &mut Vec::new());
+            let mut want: Vec<f64> = params[range.clone()].iter().map(|&x| x as f64).collect();
+            for ad in ll.layer(l) {
+                let (a, b, r) = (&adapters[ad.a.clone()], &adapters[ad.b.clone()], ad.a.len() / ad.ic);
+                for o in 0..ad.oc {
+                    for i in 0..ad.ic {
+                        let sba: f64 = (0..r).map(|j| b[o * r + j] as f64 * a[j * ad.ic + i] as f64).sum();
+                        want[ad.w_offset + o * ad.ic + i] += lora.scale() as f64 * sba;
+                    }
+                }
+            }
             let mut got = vec![f32::NAN; range.len()];
-            let src = &params[range];
+            let src = &params[range.clone()];
             let copy = |at: usize, dst: &mut [f32]| dst.copy_from_slice(&src[at..at + dst.len()]);
             merge_layer_from(par, ll.layer(l), lora.scale(), &mut got, copy, &adapters, &mut Vec::new());
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "layer {l} value {i}: {g} vs {w}");
+            for (i, ((g, p), w)) in got.iter().zip(&in_place[range.clone()]).zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "layer {l} value {i}: {g} vs {w}");
+                assert!((*p as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "layer {l} value {i} in place: {p} vs {w}");
             }
         }
     }

@@ -13,7 +13,10 @@
 //! accumulated across blocks) and n in blocks of `NC` columns, so the packed scratch is a
 //! fixed size set once (`Bf16Gemm::new`); a call never allocates.
 
+mod pack;
+
 use super::Par;
+use pack::{pack_a_row, pack_b_panel};
 use rayon::prelude::*;
 
 /// Rows of the register tile.
@@ -88,25 +91,6 @@ pub enum Bf16Rhs<'a> {
     TF32(&'a [f32], usize),
     /// `N` with f32 storage.
     NF32(&'a [f32], usize),
-}
-
-/// An element the packing turns into bf16 bits.
-trait ToBits: Copy + Send + Sync {
-    fn bits(self) -> u32;
-}
-
-impl ToBits for u16 {
-    #[inline]
-    fn bits(self) -> u32 {
-        self as u32
-    }
-}
-
-impl ToBits for f32 {
-    #[inline]
-    fn bits(self) -> u32 {
-        to_bf16(self) as u32
-    }
 }
 
 /// Packed scratch for `gemm`, sized once for at most `max_m` rows.
@@ -220,7 +204,10 @@ impl Bf16Gemm {
         let fast = available();
         let panels = m.div_ceil(MR);
         let kp_total = k.div_ceil(2);
-        let (kcp, nc_max) = (self.kcp, self.nc);
+        // Equal k blocks of at most `self.kcp` pairs: a short last block (480 pairs as
+        // 384 + 96) would pass over c once more for little work.
+        let kcp = kp_total.div_ceil(kp_total.div_ceil(self.kcp));
+        let nc_max = self.nc;
         for pc in (0..kp_total).step_by(kcp) {
             let kp = kcp.min(kp_total - pc);
             let acc = accumulate || pc > 0;
@@ -236,7 +223,15 @@ impl Bf16Gemm {
                 let nc = nc_max.min(n - jc);
                 let qn = nc.div_ceil(NR);
                 let b_blk = &mut self.b[..qn * kp * NR];
-                let pack_b = |(q, dst): (usize, &mut [u32])| pack_b_panel(dst, w, n, k, jc + q * NR, pc, kp);
+                let pack_b = |(q, dst): (usize, &mut [u32])| {
+                    let j0 = jc + q * NR;
+                    match w {
+                        Bf16Rhs::T(w, ld) => pack_b_panel(dst, w, ld, true, n, k, j0, pc, kp),
+                        Bf16Rhs::N(w, ld) => pack_b_panel(dst, w, ld, false, n, k, j0, pc, kp),
+                        Bf16Rhs::TF32(w, ld) => pack_b_panel(dst, w, ld, true, n, k, j0, pc, kp),
+                        Bf16Rhs::NF32(w, ld) => pack_b_panel(dst, w, ld, false, n, k, j0, pc, kp),
+                    }
+                };
                 if par.threads > 1 {
                     b_blk.par_chunks_mut(kp * NR).enumerate().for_each(pack_b);
                 } else {
@@ -267,78 +262,6 @@ impl Bf16Gemm {
                 }
             }
         }
-    }
-}
-
-/// Packs row `i` of `a` (zeros past m), k-pairs `pc..pc + dst.len()` (a zero past k).
-fn pack_a_row(dst: &mut [u32], a: &[f32], lda: usize, m: usize, k: usize, i: usize, pc: usize) {
-    if i >= m {
-        dst.fill(0);
-        return;
-    }
-    let (k0, k1) = (2 * pc, (2 * (pc + dst.len())).min(k));
-    let row = &a[i * lda + k0..i * lda + k1];
-    let pairs = row.chunks_exact(2);
-    let tail = pairs.remainder();
-    let full = row.len() / 2;
-    for (d, x) in dst[..full].iter_mut().zip(pairs) {
-        *d = to_bf16(x[0]) as u32 | ((to_bf16(x[1]) as u32) << 16);
-    }
-    if let Some(&x) = tail.first() {
-        dst[full] = to_bf16(x) as u32;
-    }
-}
-
-/// Packs columns `j0..j0+NR` (zeros past n) and k-pairs `pc..pc+kp` of `op(W)`.
-fn pack_b_panel(dst: &mut [u32], w: Bf16Rhs, n: usize, k: usize, j0: usize, pc: usize, kp: usize) {
-    match w {
-        Bf16Rhs::T(w, ld) => pack_t(dst, w, ld, n, k, j0, pc, kp),
-        Bf16Rhs::TF32(w, ld) => pack_t(dst, w, ld, n, k, j0, pc, kp),
-        Bf16Rhs::N(w, ld) => pack_n(dst, w, ld, n, k, j0, pc, kp),
-        Bf16Rhs::NF32(w, ld) => pack_n(dst, w, ld, n, k, j0, pc, kp),
-    }
-}
-
-/// `pack_b_panel` for `W` `[n, k]`: each column's pairs are adjacent in a row of `W`.
-#[allow(clippy::too_many_arguments)]
-fn pack_t<E: ToBits>(dst: &mut [u32], w: &[E], ld: usize, n: usize, k: usize, j0: usize, pc: usize, kp: usize) {
-    let cols = NR.min(n - j0);
-    let (k0, k1) = (2 * pc, (2 * (pc + kp)).min(k));
-    for j in 0..NR {
-        if j >= cols {
-            (0..kp).for_each(|p| dst[p * NR + j] = 0);
-            continue;
-        }
-        let row = &w[(j0 + j) * ld + k0..(j0 + j) * ld + k1];
-        let pairs = row.chunks_exact(2);
-        let tail = pairs.remainder().first().map(|&x| x.bits());
-        let full = row.len() / 2;
-        for (p, x) in pairs.enumerate() {
-            dst[p * NR + j] = x[0].bits() | (x[1].bits() << 16);
-        }
-        if let Some(x) = tail {
-            dst[full * NR + j] = x;
-        }
-    }
-}
-
-/// `pack_b_panel` for `W` `[k, n]`: a pair interleaves two rows of `W`.
-#[allow(clippy::too_many_arguments)]
-fn pack_n<E: ToBits>(dst: &mut [u32], w: &[E], ld: usize, n: usize, k: usize, j0: usize, pc: usize, kp: usize) {
-    let cols = NR.min(n - j0);
-    for p in 0..kp {
-        let kk = 2 * (pc + p);
-        let out = &mut dst[p * NR..(p + 1) * NR];
-        let lo = &w[kk * ld + j0..kk * ld + j0 + cols];
-        if kk + 1 < k {
-            let hi = &w[(kk + 1) * ld + j0..(kk + 1) * ld + j0 + cols];
-            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                *o = l.bits() | (h.bits() << 16);
-            }
-        } else {
-            out.iter_mut().zip(lo).for_each(|(o, &l)| *o = l.bits());
-        }
-        out[cols..].fill(0);
     }
 }
 

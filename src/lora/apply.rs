@@ -15,18 +15,8 @@
 //! gradient vᵀ·x are one GEMM each over the stack (three thin GEMMs with N or K = r become one
 //! with 3r, reading and writing the `[N, IC]` side once instead of three times); only the
 //! B-sided products stay per member.
-//!
-//! **Precision.** With `--bf16-matmul` the adapter backward passes the bf16 GEMM (`lowp`) and
-//! the weight gradients dA, dB run on it: their operands rounded to bf16, f32 accumulation, as
-//! PyTorch's bf16 autocast computes a LoRA layer's weight gradients. u, v and the products
-//! that feed the forward and the input gradient stay f32: rounding u or v moves the layer's
-//! output by 2⁻⁹ of the adapter's contribution, which once B has grown is no longer small
-//! next to the base's (measured in tests/lora_bf16.rs: 0.3% → 54% gradient error on the
-//! SmolLM2-shaped model with B ~ N(0, 1)); rounding the inputs of dA, dB costs 2⁻⁸ of each
-//! gradient alone.
 
 use crate::ops::Par;
-use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::matmul::{Operand, sgemm};
 use crate::prof;
 use std::ops::Range;
@@ -110,54 +100,20 @@ pub fn adapter_dx(par: Par, dx: &mut [f32], v: &[f32], st: &Stack, n: usize) {
     sgemm(par, n, ic, rr, Operand::n(v, rr), Operand::n(st.a, ic), dx, ic, true);
 }
 
-/// dB_m `[OC, r]` += dy_mᵀ·u_m. With `lowp` = (the bf16 GEMM, a scratch of at least r·OC),
-/// the bf16 GEMM forms dB_mᵀ = u_mᵀ·dy_m `[r, OC]` in the scratch (r rows of its tall output
-/// instead of r columns of its 32-wide tiles) and it is added in transposed.
+/// dB_m `[OC, r]` += dy_mᵀ·u_m.
 #[allow(clippy::too_many_arguments)]
-pub fn adapter_db(
-    par: Par,
-    lowp: Option<(&mut Bf16Gemm, &mut [f32])>,
-    db: &mut [f32],
-    dy: &[f32],
-    ldy: usize,
-    u: &[f32],
-    st: &Stack,
-    m: &Member,
-    n: usize,
-) {
-    let (r, rr, oc) = (st.r, st.rows, m.oc);
-    match lowp {
-        Some((g, dbt)) => {
-            let _t = prof::gemm("lora dBᵀ = uᵀ·dy (bf16)", r, oc, n);
-            let dbt = &mut dbt[..r * oc];
-            g.gemm_at(par, r, oc, n, &u[m.col..], rr, Bf16Rhs::NF32(dy, ldy), dbt, oc, false);
-            for (o, row) in db[..oc * r].chunks_exact_mut(r).enumerate() {
-                row.iter_mut().enumerate().for_each(|(j, d)| *d += dbt[j * oc + o]);
-            }
-        }
-        None => {
-            let _t = prof::gemm("lora dB += dyᵀ·u", oc, r, n);
-            sgemm(par, oc, r, n, Operand::t(dy, ldy), Operand::n(&u[m.col..], rr), db, r, true);
-        }
-    }
+pub fn adapter_db(par: Par, db: &mut [f32], dy: &[f32], ldy: usize, u: &[f32], st: &Stack, m: &Member, n: usize) {
+    let (r, rr) = (st.r, st.rows);
+    let _t = prof::gemm("lora dB += dyᵀ·u", m.oc, r, n);
+    sgemm(par, m.oc, r, n, Operand::t(dy, ldy), Operand::n(&u[m.col..], rr), db, r, true);
 }
 
 /// dA `[R, IC]` = vᵀ·x for the whole stack (overwritten: the caller adds each member's rows
 /// into its gradient).
-/// With `lowp`, on the bf16 GEMM.
-pub fn adapter_da(par: Par, lowp: Option<&mut Bf16Gemm>, da: &mut [f32], v: &[f32], x: &[f32], st: &Stack, n: usize) {
+pub fn adapter_da(par: Par, da: &mut [f32], v: &[f32], x: &[f32], st: &Stack, n: usize) {
     let (ic, rr) = (st.ic, st.rows);
-    let da = &mut da[..rr * ic];
-    match lowp {
-        Some(g) => {
-            let _t = prof::gemm("lora dA = vᵀ·x (stacked, bf16)", rr, ic, n);
-            g.gemm_at(par, rr, ic, n, v, rr, Bf16Rhs::NF32(x, ic), da, ic, false);
-        }
-        None => {
-            let _t = prof::gemm("lora dA = vᵀ·x (stacked)", rr, ic, n);
-            sgemm(par, rr, ic, n, Operand::t(v, rr), Operand::n(x, ic), da, ic, false);
-        }
-    }
+    let _t = prof::gemm("lora dA = vᵀ·x (stacked)", rr, ic, n);
+    sgemm(par, rr, ic, n, Operand::t(v, rr), Operand::n(x, ic), &mut da[..rr * ic], ic, false);
 }
 
 #[cfg(test)]
@@ -179,8 +135,7 @@ mod tests {
 
     /// Every stacked adapter GEMM against per-member f64 products, for a stack of three
     /// members with different OC whose outputs and gradients live in column blocks of a wider
-    /// matrix (as q, k, v do in the fused projection), at two threads (the GEMMs split work);
-    /// the weight gradients also on the bf16 GEMM.
+    /// matrix (as q, k, v do in the fused projection), at two threads (the GEMMs split work).
     #[test]
     fn stacked_gemms_match_per_member_reference() {
         let mut rng = Rng::new(5);
@@ -239,27 +194,20 @@ mod tests {
             let p = mm(n, ic, rows, |i, q| v[i * rows + q] as f64, |q, j| a[q * ic + j] as f64);
             let dx_ref: Vec<f64> = dx0.iter().zip(&p).map(|(&d, &p)| d as f64 + p).collect();
             assert_close(&dx, &dx_ref, f32_tol(rows + 1), "dx");
-            // weight gradients: dB_m += dy_mᵀ·u_m, dA = vᵀ·x; in f32, and on the bf16 GEMM,
-            // whose reference forms the products from the same bf16-rounded operands (so the
-            // tolerance stays that of f32 accumulation)
-            let mut gemm = Bf16Gemm::new(rows).unwrap();
-            let mut dbt = vec![f32::NAN; r * 11];
-            for lowp in [false, true] {
-                let q = |v: f32| if lowp { half::bf16::from_f32(v).to_f32() as f64 } else { v as f64 };
-                for m in st.iter() {
-                    let db0 = randn(&mut rng, m.oc * r);
-                    let mut db = db0.clone();
-                    let lowp_db = lowp.then_some((&mut gemm, &mut dbt[..]));
-                    adapter_db(par, lowp_db, &mut db, &dy[cols[m.slot]..], ld, u, &st, &m, n);
-                    let p = mm(m.oc, r, n, |i, k| q(dy[k * ld + cols[m.slot] + i]), |k, j| q(u[k * rows + m.col + j]));
-                    let db_ref: Vec<f64> = db0.iter().zip(&p).map(|(&d, &p)| d as f64 + p).collect();
-                    assert_close(&db, &db_ref, f32_tol(n + 1), "dB");
-                }
-                let mut da = vec![f32::NAN; rows * ic + 3];
-                adapter_da(par, lowp.then_some(&mut gemm), &mut da, v, &x, &st, n);
-                let da_ref = mm(rows, ic, n, |i, k| q(v[k * rows + i]), |k, j| q(x[k * ic + j]));
-                assert_close(&da[..rows * ic], &da_ref, f32_tol(n), "dA");
+            // weight gradients: dB_m += dy_mᵀ·u_m, dA = vᵀ·x
+            for m in st.iter() {
+                let db0 = randn(&mut rng, m.oc * r);
+                let mut db = db0.clone();
+                adapter_db(par, &mut db, &dy[cols[m.slot]..], ld, u, &st, &m, n);
+                let p =
+                    mm(m.oc, r, n, |i, q| dy[q * ld + cols[m.slot] + i] as f64, |q, j| u[q * rows + m.col + j] as f64);
+                let db_ref: Vec<f64> = db0.iter().zip(&p).map(|(&d, &p)| d as f64 + p).collect();
+                assert_close(&db, &db_ref, f32_tol(n + 1), "dB");
             }
+            let mut da = vec![f32::NAN; rows * ic + 3];
+            adapter_da(par, &mut da, v, &x, &st, n);
+            let da_ref = mm(rows, ic, n, |i, q| v[q * rows + i] as f64, |q, j| x[q * ic + j] as f64);
+            assert_close(&da[..rows * ic], &da_ref, f32_tol(n), "dA");
         }
     }
 }

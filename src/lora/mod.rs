@@ -355,14 +355,11 @@ pub fn merge_layer_from(
 }
 
 /// Scratch of the adapter backward when u and v were not saved (the merged-weights paths):
-/// u and v `[N, 3r]` (the widest stack), dA `[3r, IC]` for the widest IC; also the bf16
-/// path's dBᵀ.
+/// u and v `[N, 3r]` (the widest stack), dA `[3r, IC]` for the widest IC.
 pub struct LoraScratch {
     pub u: Vec<f32>,
     pub v: Vec<f32>,
     pub da: Vec<f32>,
-    /// `[r, OC]`: dBᵀ of one adapter, when the bf16 GEMM forms it (`apply::adapter_db`).
-    pub dbt: Vec<f32>,
 }
 
 #[cfg(test)]

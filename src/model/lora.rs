@@ -180,19 +180,14 @@ impl Model {
         let a_stack = (0..self.cfg.n_layers).map(|l| layout.stack_len(l)).max().unwrap_or(0);
         let (rows, max_ic) = (layout.stacked_rows(), layout.adapters.iter().map(|a| a.ic).max().unwrap_or(0));
         let da = 3 * r * max_ic;
-        let floats = widest + 2 * max_oc * r + a_stack + 2 * n * rows + da + self.cfg.dim + 2 * self.cfg.head_dim;
+        let floats = widest + max_oc * r + a_stack + 2 * n * rows + da + self.cfg.dim + 2 * self.cfg.head_dim;
         crate::memory::ensure_fits("the LoRA scratch", crate::memory::bytes(4, &[floats]), "lower --lora-rank")?;
         self.dw = None;
         self.lora = Some(LoraRun {
             layout,
             merged: vec![0.0; widest],
             sb: Vec::with_capacity(max_oc * r),
-            scratch: LoraScratch {
-                u: vec![0.0; n * rows],
-                v: vec![0.0; n * rows],
-                da: vec![0.0; da],
-                dbt: vec![0.0; max_oc * r],
-            },
+            scratch: LoraScratch { u: vec![0.0; n * rows], v: vec![0.0; n * rows], da: vec![0.0; da] },
             a_stack: vec![0.0; a_stack],
             frozen: vec![0.0; self.cfg.dim + 2 * self.cfg.head_dim],
             base_bf16: None,
@@ -307,7 +302,7 @@ impl Model {
         let mut kernel_ms = 0.0;
         let result = (|| -> Result<()> {
             for l in (0..self.cfg.n_layers).rev() {
-                let LoraRun { layout: ll, merged, sb, scratch, a_stack, frozen, base_bf16, lowp, gemm } = &mut lora;
+                let LoraRun { layout: ll, merged, sb, scratch, a_stack, frozen, base_bf16, lowp, .. } = &mut lora;
                 let t = prof::op("layer weights for the kernels (LoRA merge / widen)");
                 let stacks = ll.layer_stacks(a_stack, adapters, l);
                 let (w, lw) = match (*lowp, base_bf16.as_deref()) {
@@ -325,8 +320,7 @@ impl Model {
                     Some(lw) => self.backend.ffn_backward_dx_lowp(dxn, g, dx, a, &w, lw),
                     None => self.backend.ffn_backward_dx(dxn, g, dx, a, &w),
                 })?;
-                let lowp_gemm = gemm.as_mut().filter(|_| saved);
-                self.adapters_backward(agrads, scratch, lowp_gemm, ll, &stacks, l, 2..4);
+                self.adapters_backward(agrads, scratch, ll, &stacks, l, 2..4, saved);
                 let t = prof::op("rmsnorm bwd");
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
                 drop(t);
@@ -339,8 +333,7 @@ impl Model {
                     Some(lw) => self.backend.attention_backward_dx_lowp(dxn, g, norm_grads, dx, a, &w, lw),
                     None => self.backend.attention_backward_dx(dxn, g, norm_grads, dx, a, &w),
                 })?;
-                let lowp_gemm = gemm.as_mut().filter(|_| saved);
-                self.adapters_backward(agrads, scratch, lowp_gemm, ll, &stacks, l, 0..2);
+                self.adapters_backward(agrads, scratch, ll, &stacks, l, 0..2, saved);
                 let _t = prof::op("rmsnorm bwd");
                 rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
             }
@@ -360,23 +353,21 @@ impl Model {
     /// dA, dB of layer `l`'s adapters in stacks `groups` (`apply::GROUPS`), added into
     /// `agrads`, from the projection-output gradients the last dx kernel left (`self.dx`,
     /// `grads.dqkv`, `grads.dh13`) and the saved inputs: dB_m += dy_mᵀ·u_m per member, dA =
-    /// vᵀ·x per stack. With the bf16 GEMMs on (`lowp`: `--bf16-matmul`) both run on it and
-    /// u = s·x·Aᵀ, v = s·dy·B are the ones saved beside the bf16 GEMMs; else they are f32 and
-    /// u, v are computed into `scratch` (the merged-weights paths never form them).
+    /// vᵀ·x per stack. u = s·x·Aᵀ and v = s·dy·B are the ones the bf16 path saved when
+    /// `saved`, else computed into `scratch` (the merged-weights paths never form them).
     #[allow(clippy::too_many_arguments)]
     fn adapters_backward(
         &self,
         agrads: &mut [f32],
         scratch: &mut LoraScratch,
-        mut lowp: Option<&mut Bf16Gemm>,
         ll: &LoraLayout,
         stacks: &[Option<Stack>; 4],
         l: usize,
         groups: std::ops::Range<usize>,
+        saved: bool,
     ) {
         let (par, n, s) = (self.par, self.n(), ll.cfg.scale());
-        let saved = lowp.is_some();
-        let LoraScratch { u: u_tmp, v: v_tmp, da, dbt } = scratch;
+        let LoraScratch { u: u_tmp, v: v_tmp, da } = scratch;
         let (dqkv, dh13) = (&self.grads.dqkv, &self.grads.dh13);
         for st in stacks[groups].iter().flatten() {
             let adapter = |slot: usize| ll.layer(l).iter().find(|ad| ad.target as usize == slot).expect("a member");
@@ -396,10 +387,9 @@ impl Model {
             for m in st.iter() {
                 let ad = adapter(m.slot);
                 let (dy, ld, _) = operands(ad, self, l, &self.dx, dqkv, dh13);
-                let lowp_db = lowp.as_deref_mut().map(|g| (g, &mut dbt[..]));
-                adapter_db(par, lowp_db, &mut agrads[ad.b.clone()], dy, ld, u, st, &m, n);
+                adapter_db(par, &mut agrads[ad.b.clone()], dy, ld, u, st, &m, n);
             }
-            adapter_da(par, lowp.as_deref_mut(), da, v, x, st, n);
+            adapter_da(par, da, v, x, st, n);
             let t = prof::op("lora dA rows into the gradients");
             for m in st.iter() {
                 let rows = &da[m.col * st.ic..(m.col + st.r) * st.ic];

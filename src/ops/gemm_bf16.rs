@@ -16,7 +16,7 @@
 mod pack;
 
 use super::Par;
-use pack::{pack_a_col, pack_a_row, pack_b_panels};
+use pack::{pack_a_row, pack_b_panel};
 use rayon::prelude::*;
 
 /// Rows of the register tile.
@@ -93,14 +93,6 @@ pub enum Bf16Rhs<'a> {
     NF32(&'a [f32], usize),
 }
 
-/// The left operand `a` of `c = a · op(W)` with its leading dimension: row-major `[m, k]`
-/// (`N`) or stored transposed, `[k, m]` (`T`).
-#[derive(Clone, Copy)]
-enum Lhs<'a> {
-    N(&'a [f32], usize),
-    T(&'a [f32], usize),
-}
-
 /// Packed scratch for `gemm`, sized once for at most `max_m` rows.
 pub struct Bf16Gemm {
     max_m: usize,
@@ -152,28 +144,7 @@ impl Bf16Gemm {
         ldc: usize,
         accumulate: bool,
     ) {
-        self.run(par, m, n, k, Lhs::N(a, lda), w, c, ldc, accumulate, true);
-    }
-
-    /// `gemm` with the left operand stored transposed: `c[m×n] (+)= round_bf16(aᵀ) · op(W)`
-    /// for `a` `[k, m]` row-major of leading dimension `lda` (a LoRA weight gradient
-    /// `vᵀ·x` with v `[N, r]` stored by token). Its packing reads `a` one element at a time:
-    /// meant for a small m (rank-sized), where that is a sliver of the call.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_at(
-        &mut self,
-        par: Par,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        lda: usize,
-        w: Bf16Rhs,
-        c: &mut [f32],
-        ldc: usize,
-        accumulate: bool,
-    ) {
-        self.run(par, m, n, k, Lhs::T(a, lda), w, c, ldc, accumulate, true);
+        self.run(par, m, n, k, a, lda, w, c, ldc, accumulate, true);
     }
 
     /// Only the packing `gemm` does for this product (`c` is left alone): for benchmarks
@@ -191,7 +162,7 @@ impl Bf16Gemm {
         c: &mut [f32],
         ldc: usize,
     ) {
-        self.run(par, m, n, k, Lhs::N(a, lda), w, c, ldc, true, false);
+        self.run(par, m, n, k, a, lda, w, c, ldc, true, false);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -201,7 +172,8 @@ impl Bf16Gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Lhs,
+        a: &[f32],
+        lda: usize,
         w: Bf16Rhs,
         c: &mut [f32],
         ldc: usize,
@@ -212,11 +184,7 @@ impl Bf16Gemm {
         if m == 0 || n == 0 {
             return;
         }
-        let a_ok = match a {
-            Lhs::N(a, lda) => lda >= k && a.len() >= (m - 1) * lda + k,
-            Lhs::T(a, lda) => k == 0 || (lda >= m && a.len() >= (k - 1) * lda + m),
-        };
-        assert!(a_ok, "bf16 gemm: lhs too short");
+        assert!(lda >= k && a.len() >= (m - 1) * lda + k, "bf16 gemm: lhs too short");
         assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "bf16 gemm: dst too short");
         let t_ok = |len: usize, ld: usize| ld >= k && len >= (n - 1) * ld + k;
         let n_ok = |len: usize, ld: usize| k == 0 || (ld >= n && len >= (k - 1) * ld + n);
@@ -245,10 +213,7 @@ impl Bf16Gemm {
             let acc = accumulate || pc > 0;
             // A block: rows 0..m, k-pairs pc..pc+kp.
             let a_blk = &mut self.a[..panels * kp * MR];
-            let pack_a = |(i, dst): (usize, &mut [u32])| match a {
-                Lhs::N(a, lda) => pack_a_row(dst, a, lda, m, k, i, pc),
-                Lhs::T(a, lda) => pack_a_col(dst, a, lda, m, k, i, pc),
-            };
+            let pack_a = |(i, dst): (usize, &mut [u32])| pack_a_row(dst, a, lda, m, k, i, pc);
             if par.threads > 1 {
                 a_blk.par_chunks_mut(kp).enumerate().with_min_len(64).for_each(pack_a);
             } else {
@@ -258,21 +223,19 @@ impl Bf16Gemm {
                 let nc = nc_max.min(n - jc);
                 let qn = nc.div_ceil(NR);
                 let b_blk = &mut self.b[..qn * kp * NR];
-                // One run of panels per thread: W [k, n] is then read along its rows.
-                let per_task = qn.div_ceil(par.threads.max(1));
-                let pack_b = |(t, dst): (usize, &mut [u32])| {
-                    let j0 = jc + t * per_task * NR;
+                let pack_b = |(q, dst): (usize, &mut [u32])| {
+                    let j0 = jc + q * NR;
                     match w {
-                        Bf16Rhs::T(w, ld) => pack_b_panels(dst, w, ld, true, n, k, j0, pc, kp),
-                        Bf16Rhs::N(w, ld) => pack_b_panels(dst, w, ld, false, n, k, j0, pc, kp),
-                        Bf16Rhs::TF32(w, ld) => pack_b_panels(dst, w, ld, true, n, k, j0, pc, kp),
-                        Bf16Rhs::NF32(w, ld) => pack_b_panels(dst, w, ld, false, n, k, j0, pc, kp),
+                        Bf16Rhs::T(w, ld) => pack_b_panel(dst, w, ld, true, n, k, j0, pc, kp),
+                        Bf16Rhs::N(w, ld) => pack_b_panel(dst, w, ld, false, n, k, j0, pc, kp),
+                        Bf16Rhs::TF32(w, ld) => pack_b_panel(dst, w, ld, true, n, k, j0, pc, kp),
+                        Bf16Rhs::NF32(w, ld) => pack_b_panel(dst, w, ld, false, n, k, j0, pc, kp),
                     }
                 };
                 if par.threads > 1 {
-                    b_blk.par_chunks_mut(per_task * kp * NR).enumerate().for_each(pack_b);
+                    b_blk.par_chunks_mut(kp * NR).enumerate().for_each(pack_b);
                 } else {
-                    b_blk.chunks_mut(per_task * kp * NR).enumerate().for_each(pack_b);
+                    b_blk.chunks_mut(kp * NR).enumerate().for_each(pack_b);
                 }
                 if !compute {
                     continue;
@@ -449,32 +412,6 @@ mod tests {
                         let tol = 4.0 * k as f64 * f32::EPSILON as f64 * mag[i] + 1e-30;
                         assert!((c[i] as f64 - want[i]).abs() <= tol, "overwrite [{i}]: {} vs {}", c[i], want[i]);
                     }
-                }
-            }
-        }
-    }
-
-    /// `gemm_at` on `a` stored transposed gives the same bits as `gemm` on the same values
-    /// stored row-major (the packed panels are equal), for both operand forms of `W`, with a
-    /// leading dimension wider than m, k odd and past a k block, accumulating and not.
-    #[test]
-    fn transposed_lhs_matches_row_major() {
-        let mut rng = Rng::new(13);
-        for &(m, n, k) in &[(16, 40, 37), (48, 70, 129), (5, 33, 2 * KCP + 3)] {
-            let lda = m + 2;
-            let at = randn(&mut rng, k * lda);
-            let dense: Vec<f32> =
-                (0..m).flat_map(|i| (0..k).map(move |kk| (i, kk))).map(|(i, kk)| at[kk * lda + i]).collect();
-            let w: Vec<u16> = randn(&mut rng, n * k).iter().map(|&x| to_bf16(x)).collect();
-            for rhs in [Bf16Rhs::T(&w, k), Bf16Rhs::N(&w, n)] {
-                for acc in [false, true] {
-                    let par = Par { threads: 2, ..Par::seq() };
-                    let mut g = Bf16Gemm::new(m).unwrap();
-                    let (mut want, mut got) = (vec![0.25f32; m * n], vec![0.25f32; m * n]);
-                    g.gemm(par, m, n, k, &dense, k, rhs, &mut want, n, acc);
-                    g.gemm_at(par, m, n, k, &at, lda, rhs, &mut got, n, acc);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "m{m} n{n} k{k} acc {acc}");
                 }
             }
         }

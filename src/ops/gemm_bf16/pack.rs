@@ -67,21 +67,6 @@ pub(super) fn pack_a_row_slow(dst: &mut [u32], a: &[f32], lda: usize, m: usize, 
     dst[full + tail.len()..].fill(0);
 }
 
-/// `pack_a_row` for `a` stored transposed (`[k, m]`, leading dimension `lda`): row i of the
-/// product's left operand is column i of `a`. One element at a time (rank-sized m only).
-pub(super) fn pack_a_col(dst: &mut [u32], a: &[f32], lda: usize, m: usize, k: usize, i: usize, pc: usize) {
-    if i >= m {
-        dst.fill(0);
-        return;
-    }
-    for (p, d) in dst.iter_mut().enumerate() {
-        let kk = 2 * (pc + p);
-        let lo = if kk < k { to_bf16(a[kk * lda + i]) as u32 } else { 0 };
-        let hi = if kk + 1 < k { to_bf16(a[(kk + 1) * lda + i]) as u32 } else { 0 };
-        *d = lo | (hi << 16);
-    }
-}
-
 /// Packs columns `j0..j0+NR` (zeros past n) and k-pairs `pc..pc+kp` of `op(W)` for a `W`
 /// `[n, k]` (`trans`: the product is `a · Wᵀ`) or `[k, n]` of leading dimension `ld`.
 #[allow(clippy::too_many_arguments)]
@@ -98,59 +83,6 @@ pub(super) fn pack_b_panel<E: ToBits + 'static>(
 ) {
     let done = if n - j0 >= NR { pack_b_panel_fast(dst, w, ld, trans, k, j0, pc, kp) } else { 0 };
     pack_b_panel_slow(dst, w, ld, trans, n, k, j0, pc, kp, done);
-}
-
-/// `pack_b_panel` for the consecutive panels in `dst` (each `kp·NR` pairs), the first at
-/// column j0. For `W` `[k, n]` on AVX-512F the full panels are packed together, pair by pair
-/// (`x86::pack_n`), so W's rows are read in long runs; otherwise panel by panel.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pack_b_panels<E: ToBits + 'static>(
-    dst: &mut [u32],
-    w: &[E],
-    ld: usize,
-    trans: bool,
-    n: usize,
-    k: usize,
-    j0: usize,
-    pc: usize,
-    kp: usize,
-) {
-    let panels = dst.len() / (kp * NR);
-    let done = if trans { 0 } else { pack_n_panels_fast(dst, w, ld, n, k, j0, pc, kp, panels) };
-    for q in done..panels {
-        let panel = &mut dst[q * kp * NR..(q + 1) * kp * NR];
-        pack_b_panel(panel, w, ld, trans, n, k, j0 + q * NR, pc, kp);
-    }
-}
-
-/// The full panels of `pack_b_panels` for `W` `[k, n]`, together (`x86::pack_n`), the pairs
-/// past its reach one by one: how many panels it packed (none without AVX-512F).
-#[allow(clippy::too_many_arguments)]
-fn pack_n_panels_fast<E: ToBits + 'static>(
-    dst: &mut [u32],
-    w: &[E],
-    ld: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    pc: usize,
-    kp: usize,
-    panels: usize,
-) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if fast() {
-        let full = ((n - j0) / NR).min(panels);
-        // SAFETY: AVX-512F was checked by `fast()`; the kernel asserts that it indexes
-        // inside `dst` and `w` (full panels only).
-        let pairs = unsafe { x86::pack_n(dst, w, ld, k, j0, pc, kp, full) };
-        for q in 0..full {
-            let panel = &mut dst[q * kp * NR..(q + 1) * kp * NR];
-            pack_b_panel_slow(panel, w, ld, false, n, k, j0 + q * NR, pc, kp, pairs);
-        }
-        return full;
-    }
-    let _ = (dst, w, ld, n, k, j0, pc, kp, panels);
-    0
 }
 
 /// The fast kernels' part of a full panel (NR columns from j0): how many of its pairs they
@@ -171,7 +103,7 @@ fn pack_b_panel_fast<E: ToBits + 'static>(
         // SAFETY: AVX-512F was checked by `fast()`; the kernels assert that they index
         // inside `dst` and `w`.
         return unsafe {
-            if trans { x86::pack_t(dst, w, ld, k, j0, pc, kp) } else { x86::pack_n(dst, w, ld, k, j0, pc, kp, 1) }
+            if trans { x86::pack_t(dst, w, ld, k, j0, pc, kp) } else { x86::pack_n(dst, w, ld, k, j0, pc, kp) }
         };
     }
     let _ = (dst, w, ld, trans, k, j0, pc, kp);
@@ -332,11 +264,8 @@ mod x86 {
         16 * groups
     }
 
-    /// `pack_b_panel` for `W` `[k, n]` and `panels` consecutive full panels (NR columns each
-    /// from j0, each `kp·NR` pairs of `dst`): the pairs whose both k lie below `k`, pair by
-    /// pair across all the panels, so each of W's rows is read as one run of `panels·NR`
-    /// values rather than a 32-column strip per panel. Returns how many pairs of each panel
-    /// it packed.
+    /// `pack_b_panel` for `W` `[k, n]` and a full panel: the pairs whose both k lie below `k`,
+    /// interleaving two rows 16 columns at a time. Returns how many pairs it packed.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn pack_n<E: ToBits + 'static>(
@@ -347,25 +276,19 @@ mod x86 {
         j0: usize,
         pc: usize,
         kp: usize,
-        panels: usize,
     ) -> usize {
         let full_pairs = (k.saturating_sub(2 * pc) / 2).min(kp);
-        let cols = panels * NR;
-        assert!(dst.len() >= panels * kp * NR);
-        assert!(full_pairs == 0 || w.len() >= (2 * (pc + full_pairs) - 1) * ld + j0 + cols);
+        assert!(dst.len() >= kp * NR && (full_pairs == 0 || w.len() >= (2 * (pc + full_pairs) - 1) * ld + j0 + NR));
         for p in 0..full_pairs {
             let kk = 2 * (pc + p);
-            for q in 0..panels {
-                for half in 0..NR / 16 {
-                    let col = j0 + q * NR + 16 * half;
-                    // SAFETY: rows kk, kk + 1 < k and columns col..col + 16 ≤ j0 + cols exist
-                    // (asserted above); pair p < kp of panel q < panels of `dst`.
-                    unsafe {
-                        let lo = widen16(w.as_ptr().add(kk * ld + col));
-                        let hi = widen16(w.as_ptr().add((kk + 1) * ld + col));
-                        let v = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
-                        _mm512_storeu_si512(dst.as_mut_ptr().add((q * kp + p) * NR + 16 * half) as *mut _, v);
-                    }
+            for half in 0..NR / 16 {
+                // SAFETY: rows kk, kk + 1 < k and columns j0 + 16·half..+16 < j0 + NR exist
+                // (asserted above); pair p < kp of `dst`.
+                unsafe {
+                    let lo = widen16(w.as_ptr().add(kk * ld + j0 + 16 * half));
+                    let hi = widen16(w.as_ptr().add((kk + 1) * ld + j0 + 16 * half));
+                    let v = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                    _mm512_storeu_si512(dst.as_mut_ptr().add(p * NR + 16 * half) as *mut _, v);
                 }
             }
         }
@@ -423,15 +346,6 @@ mod tests {
                     pack_b_panel_slow(&mut slow_b, &wb, ld, trans, n, k, j0, pc, kp, 0);
                     assert_eq!(fast_b, slow_b, "bf16 n{n} k{k} pc{pc} trans {trans} j0 {j0}");
                     assert_eq!(fast_b, fast_f, "f32 rounded while packing equals the bf16 copy");
-                }
-                // All panels at once (the multi-panel walk) against panel by panel.
-                let qn = n.div_ceil(NR);
-                let mut all = vec![5u32; qn * kp * NR];
-                pack_b_panels(&mut all, &wf, ld, trans, n, k, 0, pc, kp);
-                for (q, panel) in all.chunks(kp * NR).enumerate() {
-                    let mut one = vec![9u32; kp * NR];
-                    pack_b_panel_slow(&mut one, &wf, ld, trans, n, k, q * NR, pc, kp, 0);
-                    assert_eq!(panel, &one[..], "all panels: n{n} k{k} pc{pc} trans {trans} panel {q}");
                 }
             }
             let (m, lda) = (3, k + 5);

@@ -2,14 +2,13 @@
 //! frozen base in bf16 (`--base-dtype bf16 --bf16-matmul`), at the model's exact shapes: the
 //! base projections' forward `x·Wᵀ` and input gradient `dy·W` on the f32 `sgemm` and on the
 //! bf16 GEMM (with the bf16 GEMM's packing time measured alone beside it), and the rank-r
-//! adapter products on `sgemm` and on the thin kernels of `crate::ops::thin`.
+//! adapter products on `sgemm`, where every path runs them (`crate::lora::apply`).
 
 use super::time_median;
 use crate::config::ModelConfig;
 use crate::ops::Par;
 use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs, KCP, NC, to_bf16};
 use crate::ops::matmul::{Operand, sgemm};
-use crate::ops::thin::{self, Thin};
 use crate::rng::Rng;
 use anyhow::Result;
 use serde::Serialize;
@@ -38,8 +37,8 @@ pub struct LoraGemmRow {
     pub per_step: usize,
     /// GFLOP/s of the f32 `sgemm` as the step called it before the bf16 path.
     pub f32_gflops: f64,
-    /// GFLOP/s of the fast path the step uses now (bf16 GEMM for base rows, thin kernel for
-    /// adapter rows), packing included.
+    /// GFLOP/s of the path the bf16 step uses, packing included: the bf16 GEMM for the base
+    /// rows; for the adapter rows `sgemm`, the same measurement as `f32_gflops`.
     pub fast_gflops: f64,
     /// Share of the fast path's time spent packing (base rows only; NaN otherwise).
     pub pack_share: f64,
@@ -57,8 +56,8 @@ fn rand(rng: &mut Rng, len: usize) -> Vec<f32> {
 
 /// Every base and adapter GEMM of one LoRA micro-step at N = `n` rows and rank `r` (adapters
 /// on all seven projections, stacked per input as `crate::lora` runs them), measured for
-/// ~`budget` seconds each, inside the caller's pool. Each product runs on `sgemm` and on its
-/// fast path back to back, so the two columns of a row see the same machine load.
+/// ~`budget` seconds each, inside the caller's pool. Each base product runs on `sgemm` and on
+/// the bf16 GEMM back to back, so the two columns of a row see the same machine load.
 pub fn bench_lora_gemm(
     cfg: &ModelConfig,
     n: usize,
@@ -136,8 +135,6 @@ pub fn bench_lora_gemm(
     let s = 2.0f32; // alpha/r
     for (sname, ic, ldy, members) in stacks.into_iter().filter(|_| do_adapters) {
         let rr = r * members.iter().map(|m| m.2).sum::<usize>();
-        let wmax = ic.max(members.iter().map(|m| m.1).max().unwrap_or(0));
-        let mut thin = Thin::new(wmax, rr)?;
         let x = rand(&mut rng, n * ic);
         let dy = rand(&mut rng, n * ldy);
         let a = rand(&mut rng, rr * ic);
@@ -156,23 +153,20 @@ pub fn bench_lora_gemm(
                 pack_share: f64::NAN,
             });
         };
-        // u [N, R] = s·x·Aᵀ (sgemm, then the scaling pass the sgemm path needs)
+        // u [N, R] = s·x·Aᵀ (sgemm, then the scaling pass)
         let t = time_median(budget, || {
             sgemm(par, n, rr, ic, Operand::n(&x, ic), Operand::t(&a, ic), &mut uo, rr, false);
             uo.iter_mut().for_each(|v| *v *= s);
         });
-        let tf = time_median(budget, || thin.x_at(par, &mut uo, rr, &x, ic, &a, n, ic, rr, s));
-        row(format!("{sname} u=s·x·Aᵀ"), n, rr, ic, 1, t, tf);
+        row(format!("{sname} u=s·x·Aᵀ"), n, rr, ic, 1, t, t);
         // dx [N, IC] += v·A
         let t =
             time_median(budget, || sgemm(par, n, ic, rr, Operand::n(&u, rr), Operand::n(&a, ic), &mut dx, ic, true));
-        let tf = time_median(budget, || thin.v_a(par, &mut dx, ic, &u, rr, &a, n, ic, rr, 1.0, true));
-        row(format!("{sname} dx+=v·A"), n, ic, rr, 1, t, tf);
+        row(format!("{sname} dx+=v·A"), n, ic, rr, 1, t, t);
         // dA [R, IC] = vᵀ·x
         let t =
             time_median(budget, || sgemm(par, rr, ic, n, Operand::t(&u, rr), Operand::n(&x, ic), &mut da, ic, false));
-        let tf = time_median(budget, || thin::vt_x(par, &mut da, &u, rr, &x, ic, n, ic, rr, 1.0, false));
-        row(format!("{sname} dA=vᵀ·x"), rr, ic, n, 1, t, tf);
+        row(format!("{sname} dA=vᵀ·x"), rr, ic, n, 1, t, t);
         for &(mname, oc, count) in members {
             let b = rand(&mut rng, oc * r);
             let mut y = rand(&mut rng, n * oc);
@@ -180,21 +174,18 @@ pub fn bench_lora_gemm(
             // y [N, OC] += u_m·B_mᵀ (u_m: r columns of the stack's u)
             let t =
                 time_median(budget, || sgemm(par, n, oc, r, Operand::n(&u, rr), Operand::t(&b, r), &mut y, oc, true));
-            let tf = time_median(budget, || thin.u_bt(par, &mut y, oc, &u, rr, &b, n, oc, r, 1.0, true));
-            row(format!("{mname} y+=u·Bᵀ"), n, oc, r, count, t, tf);
+            row(format!("{mname} y+=u·Bᵀ"), n, oc, r, count, t, t);
             // v_m [N, r] (of the stack's v) = s·dy_m·B_m
             let t = time_median(budget, || {
                 sgemm(par, n, r, oc, Operand::n(&dy, ldy), Operand::n(&b, r), &mut uo, rr, false);
                 uo.chunks_mut(rr).for_each(|v| v[..r].iter_mut().for_each(|x| *x *= s));
             });
-            let tf = time_median(budget, || thin::dy_b(par, &mut uo, rr, &dy, ldy, &b, n, oc, r, s));
-            row(format!("{mname} v=s·dy·B"), n, r, oc, count, t, tf);
+            row(format!("{mname} v=s·dy·B"), n, r, oc, count, t, t);
             // dB_m [OC, r] += dy_mᵀ·u_m
             let t = time_median(budget, || {
                 sgemm(par, oc, r, n, Operand::t(&dy, ldy), Operand::n(&u, rr), &mut db, r, true)
             });
-            let tf = time_median(budget, || thin::dyt_u(par, &mut db, &dy, ldy, &u, rr, n, oc, r, 1.0, true));
-            row(format!("{mname} dB+=dyᵀ·u"), oc, r, n, count, t, tf);
+            row(format!("{mname} dB+=dyᵀ·u"), oc, r, n, count, t, t);
         }
     }
     Ok(rows)
@@ -215,7 +206,7 @@ pub struct LoraGemmReport {
     /// ms per micro-step of the base GEMMs on f32 `sgemm` and on the bf16 GEMM.
     pub base_f32_ms: f64,
     pub base_bf16_ms: f64,
-    /// ms per micro-step of the adapter GEMMs on `sgemm` and on the thin kernels.
+    /// ms per micro-step of the adapter GEMMs (`sgemm` in both).
     pub adapter_f32_ms: f64,
     pub adapter_fast_ms: f64,
 }

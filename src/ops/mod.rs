@@ -18,7 +18,6 @@ pub mod rope;
 pub mod small;
 pub mod swiglu;
 pub mod team;
-pub mod thin;
 
 pub use matmul::GemmImpl;
 

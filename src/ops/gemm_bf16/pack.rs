@@ -81,33 +81,19 @@ pub(super) fn pack_b_panel<E: ToBits + 'static>(
     pc: usize,
     kp: usize,
 ) {
-    let done = if n - j0 >= NR { pack_b_panel_fast(dst, w, ld, trans, k, j0, pc, kp) } else { 0 };
-    pack_b_panel_slow(dst, w, ld, trans, n, k, j0, pc, kp, done);
-}
-
-/// The fast kernels' part of a full panel (NR columns from j0): how many of its pairs they
-/// packed (none without AVX-512F).
-#[allow(clippy::too_many_arguments)]
-fn pack_b_panel_fast<E: ToBits + 'static>(
-    dst: &mut [u32],
-    w: &[E],
-    ld: usize,
-    trans: bool,
-    k: usize,
-    j0: usize,
-    pc: usize,
-    kp: usize,
-) -> usize {
+    // The fast kernels take whole panels (NR columns from j0) and return how many of its
+    // pairs they packed; the slow loop does the rest.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if fast() {
+    if n - j0 >= NR && fast() {
         // SAFETY: AVX-512F was checked by `fast()`; the kernels assert that they index
         // inside `dst` and `w`.
-        return unsafe {
+        done = unsafe {
             if trans { x86::pack_t(dst, w, ld, k, j0, pc, kp) } else { x86::pack_n(dst, w, ld, k, j0, pc, kp) }
         };
     }
-    let _ = (dst, w, ld, trans, k, j0, pc, kp);
-    0
+    pack_b_panel_slow(dst, w, ld, trans, n, k, j0, pc, kp, done);
 }
 
 /// `pack_b_panel` one pair at a time, for pairs `from..kp` of the panel (the fast kernels

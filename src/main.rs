@@ -651,7 +651,7 @@ enum BenchCommand {
     },
     /// GFLOP/s of every GEMM a LoRA micro-step with `--base-dtype bf16 --bf16-matmul`
     /// issues: the base projections on the f32 GEMM and the bf16 GEMM (and its packing
-    /// share), the rank-r adapter products on the f32 GEMM and the thin kernels.
+    /// share), and the rank-r adapter products on the f32 GEMM.
     LoraGemm {
         #[arg(long, default_value = "smollm2-135m")]
         model: String,

@@ -16,7 +16,7 @@
 mod pack;
 
 use super::Par;
-use pack::{pack_a_row, pack_b_panel};
+use pack::{RhsBlock, pack_a_row, pack_b_panel};
 use rayon::prelude::*;
 
 /// Rows of the register tile.
@@ -226,10 +226,10 @@ impl Bf16Gemm {
                 let pack_b = |(q, dst): (usize, &mut [u32])| {
                     let j0 = jc + q * NR;
                     match w {
-                        Bf16Rhs::T(w, ld) => pack_b_panel(dst, w, ld, true, n, k, j0, pc, kp),
-                        Bf16Rhs::N(w, ld) => pack_b_panel(dst, w, ld, false, n, k, j0, pc, kp),
-                        Bf16Rhs::TF32(w, ld) => pack_b_panel(dst, w, ld, true, n, k, j0, pc, kp),
-                        Bf16Rhs::NF32(w, ld) => pack_b_panel(dst, w, ld, false, n, k, j0, pc, kp),
+                        Bf16Rhs::T(w, ld) => pack_b_panel(dst, &RhsBlock { w, ld, trans: true, n, k, pc, kp }, j0),
+                        Bf16Rhs::N(w, ld) => pack_b_panel(dst, &RhsBlock { w, ld, trans: false, n, k, pc, kp }, j0),
+                        Bf16Rhs::TF32(w, ld) => pack_b_panel(dst, &RhsBlock { w, ld, trans: true, n, k, pc, kp }, j0),
+                        Bf16Rhs::NF32(w, ld) => pack_b_panel(dst, &RhsBlock { w, ld, trans: false, n, k, pc, kp }, j0),
                     }
                 };
                 if par.threads > 1 {

@@ -67,50 +67,37 @@ pub(super) fn pack_a_row_slow(dst: &mut [u32], a: &[f32], lda: usize, m: usize, 
     dst[full + tail.len()..].fill(0);
 }
 
-/// Packs columns `j0..j0+NR` (zeros past n) and k-pairs `pc..pc+kp` of `op(W)` for a `W`
-/// `[n, k]` (`trans`: the product is `a · Wᵀ`) or `[k, n]` of leading dimension `ld`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pack_b_panel<E: ToBits + 'static>(
-    dst: &mut [u32],
-    w: &[E],
-    ld: usize,
-    trans: bool,
-    n: usize,
-    k: usize,
-    j0: usize,
-    pc: usize,
-    kp: usize,
-) {
+/// One k block of the right-hand operand `op(W)` being packed: `W` `[n, k]` (`trans`: the
+/// product is `a · Wᵀ`) or `[k, n]`, of leading dimension `ld`; k-pairs `pc..pc + kp`.
+pub(super) struct RhsBlock<'a, E> {
+    pub w: &'a [E],
+    pub ld: usize,
+    pub trans: bool,
+    pub n: usize,
+    pub k: usize,
+    pub pc: usize,
+    pub kp: usize,
+}
+
+/// Packs columns `j0..j0+NR` (zeros past n) of block `b` into `dst` (`kp·NR` pairs).
+pub(super) fn pack_b_panel<E: ToBits + 'static>(dst: &mut [u32], b: &RhsBlock<E>, j0: usize) {
     // The fast kernels take whole panels (NR columns from j0) and return how many of its
     // pairs they packed; the slow loop does the rest.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if n - j0 >= NR && fast() {
+    if b.n - j0 >= NR && fast() {
         // SAFETY: AVX-512F was checked by `fast()`; the kernels assert that they index
         // inside `dst` and `w`.
-        done = unsafe {
-            if trans { x86::pack_t(dst, w, ld, k, j0, pc, kp) } else { x86::pack_n(dst, w, ld, k, j0, pc, kp) }
-        };
+        done = unsafe { if b.trans { x86::pack_t(dst, b, j0) } else { x86::pack_n(dst, b, j0) } };
     }
-    pack_b_panel_slow(dst, w, ld, trans, n, k, j0, pc, kp, done);
+    pack_b_panel_slow(dst, b, j0, done);
 }
 
 /// `pack_b_panel` one pair at a time, for pairs `from..kp` of the panel (the fast kernels
 /// leave the tail of a panel to it).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pack_b_panel_slow<E: ToBits + 'static>(
-    dst: &mut [u32],
-    w: &[E],
-    ld: usize,
-    trans: bool,
-    n: usize,
-    k: usize,
-    j0: usize,
-    pc: usize,
-    kp: usize,
-    from: usize,
-) {
+pub(super) fn pack_b_panel_slow<E: ToBits + 'static>(dst: &mut [u32], b: &RhsBlock<E>, j0: usize, from: usize) {
+    let RhsBlock { w, ld, trans, n, k, pc, kp } = *b;
     let cols = NR.min(n - j0);
     for p in from..kp {
         let kk = 2 * (pc + p);
@@ -128,7 +115,7 @@ pub(super) fn pack_b_panel_slow<E: ToBits + 'static>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::NR;
-    use super::ToBits;
+    use super::{RhsBlock, ToBits};
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
@@ -218,17 +205,9 @@ mod x86 {
     /// `pack_b_panel` for `W` `[n, k]` and a full panel (NR columns from j0): the 16-pair
     /// groups whose 32 k all lie below `k`, 16 columns at a time through `transpose16`.
     /// Returns how many pairs of the panel it packed.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn pack_t<E: ToBits + 'static>(
-        dst: &mut [u32],
-        w: &[E],
-        ld: usize,
-        k: usize,
-        j0: usize,
-        pc: usize,
-        kp: usize,
-    ) -> usize {
+    pub unsafe fn pack_t<E: ToBits + 'static>(dst: &mut [u32], b: &RhsBlock<E>, j0: usize) -> usize {
+        let RhsBlock { w, ld, k, pc, kp, .. } = *b;
         let full_pairs = (k.saturating_sub(2 * pc) / 2).min(kp);
         let groups = full_pairs / 16;
         assert!(dst.len() >= kp * NR && w.len() >= (j0 + NR - 1) * ld + 2 * (pc + 16 * groups));
@@ -252,17 +231,9 @@ mod x86 {
 
     /// `pack_b_panel` for `W` `[k, n]` and a full panel: the pairs whose both k lie below `k`,
     /// interleaving two rows 16 columns at a time. Returns how many pairs it packed.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn pack_n<E: ToBits + 'static>(
-        dst: &mut [u32],
-        w: &[E],
-        ld: usize,
-        k: usize,
-        j0: usize,
-        pc: usize,
-        kp: usize,
-    ) -> usize {
+    pub unsafe fn pack_n<E: ToBits + 'static>(dst: &mut [u32], b: &RhsBlock<E>, j0: usize) -> usize {
+        let RhsBlock { w, ld, k, pc, kp, .. } = *b;
         let full_pairs = (k.saturating_sub(2 * pc) / 2).min(kp);
         assert!(dst.len() >= kp * NR && (full_pairs == 0 || w.len() >= (2 * (pc + full_pairs) - 1) * ld + j0 + NR));
         for p in 0..full_pairs {
@@ -324,12 +295,14 @@ mod tests {
                 let ld = if trans { k + 3 } else { n + 3 };
                 for j0 in (0..n).step_by(NR) {
                     let (mut fast_f, mut slow_f) = (vec![7u32; kp * NR], vec![9u32; kp * NR]);
-                    pack_b_panel(&mut fast_f, &wf, ld, trans, n, k, j0, pc, kp);
-                    pack_b_panel_slow(&mut slow_f, &wf, ld, trans, n, k, j0, pc, kp, 0);
+                    let bf = RhsBlock { w: &wf[..], ld, trans, n, k, pc, kp };
+                    pack_b_panel(&mut fast_f, &bf, j0);
+                    pack_b_panel_slow(&mut slow_f, &bf, j0, 0);
                     assert_eq!(fast_f, slow_f, "f32 n{n} k{k} pc{pc} trans {trans} j0 {j0}");
                     let (mut fast_b, mut slow_b) = (vec![7u32; kp * NR], vec![9u32; kp * NR]);
-                    pack_b_panel(&mut fast_b, &wb, ld, trans, n, k, j0, pc, kp);
-                    pack_b_panel_slow(&mut slow_b, &wb, ld, trans, n, k, j0, pc, kp, 0);
+                    let bb = RhsBlock { w: &wb[..], ld, trans, n, k, pc, kp };
+                    pack_b_panel(&mut fast_b, &bb, j0);
+                    pack_b_panel_slow(&mut slow_b, &bb, j0, 0);
                     assert_eq!(fast_b, slow_b, "bf16 n{n} k{k} pc{pc} trans {trans} j0 {j0}");
                     assert_eq!(fast_b, fast_f, "f32 rounded while packing equals the bf16 copy");
                 }
@@ -352,7 +325,7 @@ mod tests {
         let (n, k) = (2, 3);
         let w: Vec<u16> = (1..=6).collect(); // W [n, k] = [[1, 2, 3], [4, 5, 6]]
         let mut dst = vec![0xdead_beefu32; 2 * NR];
-        pack_b_panel(&mut dst, &w, k, true, n, k, 0, 0, 2);
+        pack_b_panel(&mut dst, &RhsBlock { w: &w[..], ld: k, trans: true, n, k, pc: 0, kp: 2 }, 0);
         assert_eq!(&dst[..3], &[1 | (2 << 16), 4 | (5 << 16), 0]);
         assert_eq!(&dst[NR..NR + 3], &[3, 6, 0]);
         assert!(dst[3..NR].iter().chain(&dst[NR + 3..]).all(|&x| x == 0));

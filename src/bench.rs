@@ -2,6 +2,7 @@
 //! GEMM throughput at a model's exact shapes per implementation, and the cost of a training
 //! micro-step split by phase.
 
+pub mod attention;
 pub mod lora_gemm;
 
 use crate::config::ModelConfig;

@@ -3,7 +3,8 @@
 mod cli;
 
 use cli::commands::{
-    StepArgs, bench_gemm, bench_lora_gemm, bench_step, convert, eval, generate, info, prepare, prepare_chat,
+    StepArgs, bench_attention, bench_gemm, bench_lora_gemm, bench_step, convert, eval, generate, info, prepare,
+    prepare_chat,
 };
 use cli::train::train;
 
@@ -541,6 +542,12 @@ struct TrainArgs {
     /// and the f32 GEMMs run. Changes the numerics (docs/BENCHMARKS.md §12); off by default.
     #[arg(long)]
     bf16_matmul: bool,
+    /// With --bf16-matmul: run the attention core's products (q·kᵀ, p·v and their backward)
+    /// on bf16 inputs too, as PyTorch's bf16 autocast does; the softmax and saved
+    /// probabilities stay f32. Faster, and less exact than --bf16-matmul alone when
+    /// attention scores are large (docs/BENCHMARKS.md §12); off by default.
+    #[arg(long)]
+    bf16_attention: bool,
     #[command(flatten)]
     rt: Runtime,
 }
@@ -679,6 +686,24 @@ enum BenchCommand {
         #[arg(long)]
         bf16_nc: Option<usize>,
     },
+    /// Median ms of the attention core (QKᵀ, causal softmax, PV, and their backward) at a
+    /// model's heads, on the f32 products and on the bf16 ones `--bf16-matmul` runs.
+    Attention {
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Seconds of repetitions per direction and path.
+        #[arg(long, default_value_t = 0.5, value_parser = parse_budget)]
+        budget: f64,
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Median ms per training micro-step (forward/backward/optimizer split) and peak RSS.
     Step {
         #[command(flatten)]
@@ -772,6 +797,9 @@ fn run(cli: Cli) -> Result<()> {
         }) => {
             let opts = anetrain::bench::lora_gemm::Options { only, bf16_kcp, bf16_nc };
             bench_lora_gemm(&model, batch * seq, rank, budget, threads, json, opts)
+        }
+        Command::Bench(BenchCommand::Attention { model, batch, seq, budget, threads, json }) => {
+            bench_attention(&model, batch, seq, budget, threads, json)
         }
         Command::Bench(BenchCommand::Step {
             shape,

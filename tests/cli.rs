@@ -65,6 +65,35 @@ fn info_reports_published_parameter_counts() {
     assert!(text(&out).contains("109,529,856"), "{}", text(&out));
 }
 
+/// `bench attention` runs both paths in both directions and reports positive rates; a shape
+/// whose probabilities cannot be held is an error, not an abort.
+#[test]
+fn bench_attention_reports_both_paths() {
+    let out = anetrain(&[
+        "bench",
+        "attention",
+        "--model",
+        "stories260k",
+        "--batch",
+        "1",
+        "--seq",
+        "40",
+        "--budget",
+        "0.01",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<String> = rows.iter().map(|r| format!("{} {}", r["path"], r["direction"])).collect();
+    assert_eq!(names, [r#""f32" "forward""#, r#""bf16" "forward""#, r#""f32" "backward""#, r#""bf16" "backward""#]);
+    assert!(rows.iter().all(|r| r["gflops"].as_f64().unwrap() > 0.0), "{report}");
+    let out = anetrain(&["bench", "attention", "--model", "stories260k", "--batch", "100000", "--seq", "100000"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("attention probabilities") && !err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn bad_input_fails_with_one_clear_message() {
     let tmp_dir = tempfile::Builder::new().prefix("anetrain-bad-").tempdir().unwrap();
@@ -110,6 +139,19 @@ fn bad_input_fails_with_one_clear_message() {
         (vec!["bench".into(), "gemm".into(), "--budget".into(), "nan".into()], "is not a time budget"),
         (vec!["bench".into(), "lora-gemm".into(), "--budget=-1".into()], "is not a time budget"),
         (vec!["bench".into(), "lora-gemm".into(), "--bf16-nc".into(), "0".into()], "a positive multiple of 32"),
+        (vec!["bench".into(), "attention".into(), "--seq".into(), "0".into()], "--batch and --seq must be at least 1"),
+        (vec!["train".into(), "--bf16-matmul".into()], "--bf16-matmul needs --lora-rank"),
+        (
+            vec![
+                "train".into(),
+                "--lora-rank".into(),
+                "2".into(),
+                "--base-dtype".into(),
+                "bf16".into(),
+                "--bf16-attention".into(),
+            ],
+            "--bf16-attention needs --bf16-matmul",
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

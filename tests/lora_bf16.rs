@@ -45,6 +45,26 @@ fn configs() -> Vec<(&'static str, ModelConfig)> {
     ]
 }
 
+/// Which products run on bf16.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// f32 GEMMs on the widened bf16 base (the reference).
+    F32,
+    /// `--bf16-matmul`
+    Bf16Gemm,
+    /// `--bf16-matmul --bf16-attention`
+    Bf16Attention,
+}
+
+impl Mode {
+    fn apply(self, model: &mut Model) {
+        if self != Mode::F32 {
+            assert!(model.set_lora_bf16_matmul(true).unwrap());
+        }
+        model.set_lora_bf16_attention(self == Mode::Bf16Attention).unwrap();
+    }
+}
+
 fn l2(x: &[f32]) -> f64 {
     x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt()
 }
@@ -56,6 +76,12 @@ fn l2(x: &[f32]) -> f64 {
 /// ≤ 1e-5 and ≤ 3e-3). The adapters move the loss by more than ten times the loss bound, and
 /// a bf16 path without the adapters' input-gradient term s·(dy·B)·A measured a 95% gradient
 /// difference, so dropping either term fails here.
+///
+/// With `--bf16-attention` as well the bounds are wider: loss within 3e-4, adapter gradients
+/// within 15% (measured ≤ 1.1e-4 and ≤ 9.3e-2, the worst on smollm2-tiny with all seven
+/// targets). B ~ N(0, 1) makes q and k, and so the attention scores, large, and a score's
+/// absolute error from bf16 inputs grows with its size. The attention core's own accuracy is
+/// checked in `ops::attention::bf16`; realistic training in the trajectory test below.
 #[test]
 fn bf16_matmul_step_matches_the_f32_gemms() {
     let (b, t) = (2, 16);
@@ -78,49 +104,56 @@ fn bf16_matmul_step_matches_the_f32_gemms() {
         let mut tok_rng = Rng::new(9);
         let tokens: Vec<u32> = (0..b * t).map(|_| (tok_rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
         let targets: Vec<u32> = tokens.iter().skip(1).chain([&0]).copied().collect();
-        let run = |bf16_gemm: bool, adapters: &[f32]| -> (f64, Vec<f32>) {
+        let run = |mode: Mode, adapters: &[f32]| -> (f64, Vec<f32>) {
             let mut model = Model::cpu(&cfg, b, t, PAR).unwrap();
             model.set_lora(ll.clone()).unwrap();
             model.set_lora_base_bf16(bf16_layers(&layout, &params).unwrap()).unwrap();
-            if bf16_gemm {
-                assert!(model.set_lora_bf16_matmul(true).unwrap());
-            }
+            mode.apply(&mut model);
             let mut g = vec![0.0; adapters.len()];
             let loss = pool()
                 .install(|| model.forward_backward_lora(&params, adapters, &mut g, &tokens, &targets, 1.0, 1))
                 .unwrap();
             (loss.mean(), g)
         };
-        let (l32, g32) = run(false, &adapters);
-        let (l16, g16) = run(true, &adapters);
-        let (l_none, _) = run(false, &ll.init(5));
-        let loss_err = ((l16 - l32) / l32).abs();
-        let diff: Vec<f32> = g16.iter().zip(&g32).map(|(a, b)| a - b).collect();
-        let grad_err = l2(&diff) / l2(&g32);
+        let (l32, g32) = run(Mode::F32, &adapters);
+        let (l_none, _) = run(Mode::F32, &ll.init(5));
         let adapter_effect = ((l_none - l32) / l32).abs();
-        eprintln!(
-            "{name} ({spec}): loss {l32:.6} (f32 GEMMs) vs {l16:.6} (bf16): {loss_err:.2e}; adapter gradients {grad_err:.2e} \
-             relative L2; adapters move the loss by {adapter_effect:.2e}"
-        );
-        assert!(loss_err > 0.0, "{name}: the bf16 GEMMs changed nothing");
-        assert!(loss_err <= 2e-4, "{name}: loss {l16} vs {l32}");
-        assert!(grad_err <= 2e-2, "{name}: adapter gradients differ by {grad_err:.2e}");
         assert!(adapter_effect > 10.0 * 2e-4, "{name} ({spec}): adapters too small to test ({adapter_effect:.2e})");
-        // Per adapter too: each one's gradient (including those of the first layer, which
-        // see the input gradients through every later layer's adapters).
-        for ad in &ll.adapters {
-            for r in [ad.a.clone(), ad.b.clone()] {
-                let d: Vec<f32> = r.clone().map(|i| g16[i] - g32[i]).collect();
-                let rel = l2(&d) / l2(&g32[r.clone()]).max(1e-12);
-                assert!(rel <= 8e-2, "{name}: layer {} {:?}: gradient differs by {rel:.2e}", ad.layer, ad.target);
+        let mut g_gemm_only = Vec::new();
+        for (mode, loss_bound, grad_bound) in [(Mode::Bf16Gemm, 2e-4, 2e-2), (Mode::Bf16Attention, 3e-4, 1.5e-1)] {
+            let (l16, g16) = run(mode, &adapters);
+            let loss_err = ((l16 - l32) / l32).abs();
+            let diff: Vec<f32> = g16.iter().zip(&g32).map(|(a, b)| a - b).collect();
+            let grad_err = l2(&diff) / l2(&g32);
+            eprintln!(
+                "{name} ({spec}) {mode:?}: loss {l32:.6} (f32 GEMMs) vs {l16:.6}: {loss_err:.2e}; adapter gradients \
+                 {grad_err:.2e} relative L2; adapters move the loss by {adapter_effect:.2e}"
+            );
+            assert!(loss_err > 0.0, "{name} {mode:?}: the bf16 GEMMs changed nothing");
+            assert!(loss_err <= loss_bound, "{name} {mode:?}: loss {l16} vs {l32}");
+            assert!(grad_err <= grad_bound, "{name} {mode:?}: adapter gradients differ by {grad_err:.2e}");
+            if mode == Mode::Bf16Attention {
+                assert_ne!(g16, g_gemm_only, "{name}: --bf16-attention changed nothing");
+                continue;
             }
+            // Per adapter too: each one's gradient (including those of the first layer, which
+            // see the input gradients through every later layer's adapters).
+            for ad in &ll.adapters {
+                for r in [ad.a.clone(), ad.b.clone()] {
+                    let d: Vec<f32> = r.clone().map(|i| g16[i] - g32[i]).collect();
+                    let rel = l2(&d) / l2(&g32[r.clone()]).max(1e-12);
+                    assert!(rel <= 8e-2, "{name}: layer {} {:?}: gradient differs by {rel:.2e}", ad.layer, ad.target);
+                }
+            }
+            g_gemm_only = g16;
         }
     }
 }
 
 /// The documented trajectory bound: 20 LoRA updates (r=4, lr 2e-3) on stories260k and on the
 /// SmolLM2-shaped tiny model track the f32 GEMMs on the same bf16 base within 1e-3 relative
-/// loss at every update (measured 8.5e-5 and 6.9e-5), and both learn.
+/// loss at every update, with bf16 GEMMs (measured 9.1e-5 and 6.9e-5) and with bf16 attention
+/// as well (measured 1.0e-4 and 4.8e-5), and all learn.
 #[test]
 fn bf16_matmul_tracks_the_f32_gemms_over_training() {
     let smol = configs().pop().unwrap().1;
@@ -129,7 +162,7 @@ fn bf16_matmul_tracks_the_f32_gemms_over_training() {
         let data =
             TokenData::from_vec(anetrain::data::synthetic_tokens(cfg.vocab_size, 4000, 5), cfg.vocab_size, "syn")
                 .unwrap();
-        let run = |bf16_gemm: bool| -> Vec<f64> {
+        let run = |mode: Mode| -> Vec<f64> {
             let opts = TrainOptions {
                 schedule_lr: 2e-3,
                 min_lr: 2e-3,
@@ -139,17 +172,21 @@ fn bf16_matmul_tracks_the_f32_gemms_over_training() {
             };
             let backend = Box::new(anetrain::backend::cpu::CpuBackend::new(&cfg, 2, 16, PAR));
             let mut trainer = pool().install(|| Trainer::new(&cfg, opts, PAR, backend)).unwrap();
-            if bf16_gemm {
-                assert!(trainer.model.set_lora_bf16_matmul(true).unwrap());
-            }
+            mode.apply(&mut trainer.model);
             (0..20).map(|s| pool().install(|| trainer.step(&data, s)).unwrap().loss).collect()
         };
-        let (f32_gemm, bf16_gemm) = (run(false), run(true));
-        let worst = f32_gemm.iter().zip(&bf16_gemm).map(|(a, b)| ((a - b) / a).abs()).fold(0.0, f64::max);
-        eprintln!("{name}: bf16 vs f32 GEMMs: worst relative loss difference over 20 updates {worst:.2e}");
-        assert!(worst > 0.0, "{name}: the bf16 GEMMs changed nothing");
-        assert!(worst <= 1e-3, "{name}: {worst:.2e}\n{f32_gemm:?}\n{bf16_gemm:?}");
-        assert!(bf16_gemm[19] < bf16_gemm[0], "{name}: {bf16_gemm:?}");
+        let f32_gemm = run(Mode::F32);
+        let mut gemm_only = Vec::new();
+        for mode in [Mode::Bf16Gemm, Mode::Bf16Attention] {
+            let bf16 = run(mode);
+            let worst = f32_gemm.iter().zip(&bf16).map(|(a, b)| ((a - b) / a).abs()).fold(0.0, f64::max);
+            eprintln!("{name} {mode:?} vs f32 GEMMs: worst relative loss difference over 20 updates {worst:.2e}");
+            assert!(worst > 0.0, "{name} {mode:?}: the bf16 GEMMs changed nothing");
+            assert!(worst <= 1e-3, "{name} {mode:?}: {worst:.2e}\n{f32_gemm:?}\n{bf16:?}");
+            assert!(bf16[19] < bf16[0], "{name} {mode:?}: {bf16:?}");
+            assert_ne!(bf16, gemm_only, "{name}: --bf16-attention changed nothing");
+            gemm_only = bf16;
+        }
     }
 }
 
@@ -165,4 +202,6 @@ fn bf16_matmul_refuses_what_it_cannot_run() {
     model.set_lora(LoraLayout::new(&cfg, &layout, &lc).unwrap()).unwrap();
     let err = model.set_lora_bf16_matmul(true).unwrap_err().to_string();
     assert!(err.contains("needs --base-dtype bf16"), "{err}");
+    let err = model.set_lora_bf16_attention(true).unwrap_err().to_string();
+    assert!(err.contains("needs --bf16-matmul"), "{err}");
 }

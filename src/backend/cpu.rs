@@ -5,6 +5,7 @@ use super::{Backend, LayerActs, LayerGrads, LowpWeights, QkNormGrads, Weights};
 use crate::config::ModelConfig;
 use crate::lora::apply::{Stack, adapter_down, adapter_dx, adapter_dy_b, adapter_up};
 use crate::ops::Par;
+use crate::ops::attention::bf16::{attention_backward_bf16, attention_forward_bf16};
 use crate::ops::attention::{AttnBackwardScratch, AttnDims, attention_backward, attention_forward};
 use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::matmul::{Operand, bias_forward, matmul_backward_dx, matmul_forward, sgemm};
@@ -197,8 +198,13 @@ impl CpuBackend {
         rope_forward(&mut acts.q, &self.rope, n, t, h);
         rope_forward(&mut acts.k, &self.rope, n, t, kv);
         drop(_t);
+        let (attn, probs, hm) = (&mut acts.attn, &mut acts.probs, &mut self.hm_q);
         let _t = prof::op("attention core fwd (QKᵀ, softmax, PV)");
-        attention_forward(par, &mut acts.attn, &mut acts.probs, &mut self.hm_q, &acts.q, &acts.k, &acts.v, self.dims);
+        if matches!(p, Proj::Lowp(lw) if lw.bf16_attention) {
+            attention_forward_bf16(attn, probs, hm, &acts.q, &acts.k, &acts.v, self.dims);
+        } else {
+            attention_forward(par, attn, probs, hm, &acts.q, &acts.k, &acts.v, self.dims);
+        }
         drop(_t);
         match p {
             Proj::F32 => {
@@ -332,20 +338,14 @@ impl CpuBackend {
             dv_hm: &mut self.hm_v,
         };
         let (dq, dk) = (&mut self.dq, &mut self.dk);
+        let (dv, d_attn) = (&mut self.dv, &g.dattn);
         let _t = prof::op("attention core bwd");
-        attention_backward(
-            par,
-            dq,
-            dk,
-            &mut self.dv,
-            scratch,
-            &g.dattn,
-            &acts.probs,
-            &acts.q,
-            &acts.k,
-            &acts.v,
-            self.dims,
-        );
+        let (probs, q, k, v) = (&acts.probs, &acts.q, &acts.k, &acts.v);
+        if matches!(p, Proj::Lowp(lw) if lw.bf16_attention) {
+            attention_backward_bf16(dq, dk, dv, scratch, d_attn, probs, q, k, v, self.dims);
+        } else {
+            attention_backward(par, dq, dk, dv, scratch, d_attn, probs, q, k, v, self.dims);
+        }
         drop(_t);
         let _t = prof::op("rope, qk-norm, bias bwd");
         rope_backward(dq, &self.rope, n, t, h);

@@ -156,6 +156,8 @@ pub struct LowpWeights<'a> {
     pub stacks: [Option<Stack<'a>>; 4],
     /// alpha / r
     pub scale: f32,
+    /// Run the attention core's products on bf16 as well (`--bf16-attention`).
+    pub bf16_attention: bool,
 }
 
 /// The per-layer kernel set. Every method sees one layer; weights are inputs on every call

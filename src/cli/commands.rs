@@ -142,6 +142,29 @@ pub fn bench_lora_gemm(
     Ok(())
 }
 
+/// `anetrain bench attention`: a table (or JSON) of `bench::attention` at `model`'s heads.
+pub fn bench_attention(
+    model: &str,
+    batch: usize,
+    seq: usize,
+    budget: f64,
+    threads: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let cfg = ModelConfig::resolve(model)?;
+    if batch == 0 || seq == 0 {
+        bail!("--batch and --seq must be at least 1");
+    }
+    let (par, pool) = Runtime { threads, gemm: super::choices::GemmArg::Gemm }.setup()?;
+    let report = pool.install(|| anetrain::bench::attention::bench_attention(&cfg, batch, seq, budget, par))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print();
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 /// `bench step` options beyond the shape.
 pub struct StepArgs {

@@ -131,6 +131,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         !args.bf16_matmul || (args.base_dtype == crate::BaseDtype::Bf16 && args.lora_rank.is_some()),
         "--bf16-matmul needs --lora-rank and --base-dtype bf16 (the bf16 GEMMs multiply the frozen bf16 base)"
     );
+    anyhow::ensure!(!args.bf16_attention || args.bf16_matmul, "--bf16-attention needs --bf16-matmul");
     let job = start_mpi(&args)?;
     #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     let (rank, ranks) = job.as_ref().map_or((0, 1), |j| {
@@ -430,6 +431,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         if args.bf16_matmul {
             if trainer.model.set_lora_bf16_matmul(false)? {
                 println!("bf16 matmul: the frozen layers' projections run as AVX-512 BF16 GEMMs");
+                if args.bf16_attention {
+                    trainer.model.set_lora_bf16_attention(true)?;
+                    println!("bf16 attention: q·kᵀ, p·v and their backward run on bf16 inputs");
+                }
             } else {
                 println!("bf16 matmul: this CPU has no AVX-512 BF16; the f32 GEMMs on the widened base run");
             }

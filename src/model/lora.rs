@@ -40,6 +40,8 @@ pub struct LoraRun {
     /// adapters applied beside them (`LowpWeights`) instead of f32 GEMMs on the widened,
     /// merged weights.
     lowp: bool,
+    /// `--bf16-attention` (with `lowp`): the attention core's products on bf16 too.
+    lowp_attention: bool,
     /// The bf16 GEMM's scratch for the classifier (its f32 embedding rounded while packing),
     /// made when `lowp` is switched on.
     gemm: Option<Bf16Gemm>,
@@ -67,7 +69,8 @@ impl LoraRun {
         if self.lowp {
             let bits = bf16.expect("lowp is only set with a bf16 base");
             let stacks = self.layout.layer_stacks(&mut self.a_stack, adapters, l);
-            return lowp_layer(&mut self.merged, &self.layout, stacks, bits, layout, l);
+            let (w, lw) = lowp_layer(&mut self.merged, &self.layout, stacks, bits, layout, l);
+            return (w, lw.map(|lw| LowpWeights { bf16_attention: self.lowp_attention, ..lw }));
         }
         (merge_layer(&mut self.merged, &mut self.sb, &self.layout, bf16, par, layout, params, adapters, l), None)
     }
@@ -100,7 +103,15 @@ fn lowp_layer<'a>(
     }
     let mut w = layout.layer_in(&merged[..range.len()], l);
     (w.wqkv, w.wo, w.w13, w.w2) = (&[], &[], &[], &[]);
-    let lw = LowpWeights { wqkv: bits.wqkv, wo: bits.wo, w13: bits.w13, w2: bits.w2, stacks, scale: lora.cfg.scale() };
+    let lw = LowpWeights {
+        wqkv: bits.wqkv,
+        wo: bits.wo,
+        w13: bits.w13,
+        w2: bits.w2,
+        stacks,
+        scale: lora.cfg.scale(),
+        bf16_attention: false,
+    };
     (w, Some(lw))
 }
 
@@ -192,6 +203,7 @@ impl Model {
             frozen: vec![0.0; self.cfg.dim + 2 * self.cfg.head_dim],
             base_bf16: None,
             lowp: false,
+            lowp_attention: false,
             gemm: None,
         });
         Ok(())
@@ -230,6 +242,17 @@ impl Model {
             self.grads.lora_v = crate::memory::try_vec_f32(store, "the LoRA input-gradient store (v = s·dy·B)")?;
         }
         Ok(lora.lowp)
+    }
+
+    /// `--bf16-attention`: with bf16 GEMMs on (`set_lora_bf16_matmul` returned true), run the
+    /// attention core's six products on bf16 inputs as well (`ops::attention::bf16`, as
+    /// PyTorch's bf16 autocast runs attention). Changes the numerics further
+    /// (docs/BENCHMARKS.md §12). Errors if bf16 GEMMs are not on.
+    pub fn set_lora_bf16_attention(&mut self, on: bool) -> Result<()> {
+        let lora = self.lora.as_mut().context("--bf16-attention needs --lora-rank")?;
+        ensure!(!on || lora.lowp, "--bf16-attention needs --bf16-matmul (bf16 GEMMs on)");
+        lora.lowp_attention = on;
+        Ok(())
     }
 
     /// The bf16 layer weights, when the base is held in bf16.

@@ -14,6 +14,7 @@
 //! fixed size set once (`Bf16Gemm::new`); a call never allocates.
 
 mod pack;
+pub mod pairs;
 
 use super::Par;
 use pack::{RhsBlock, pack_a_row, pack_b_panel};

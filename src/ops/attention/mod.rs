@@ -9,6 +9,8 @@
 //! and all writes are disjoint without locks or unsafe code. A final pass scatters head-major
 //! results back into row-major `[N, ·]`.
 
+pub mod bf16;
+
 use super::Par;
 use super::exp::{exp, wide_fn};
 use super::matmul::Operand;

@@ -10,7 +10,7 @@ use crate::ops::Par;
 use crate::ops::cross_entropy::{IGNORE, cross_entropy_fused, loss_sum};
 use crate::ops::gemm_bf16::{Bf16Gemm, Bf16Rhs};
 use crate::ops::matmul::matmul_backward_dx;
-use crate::ops::rmsnorm::rmsnorm_backward;
+use crate::ops::rmsnorm::rmsnorm_backward_dx;
 use crate::params::{LayerTensors, ParamLayout};
 use crate::prof;
 use anyhow::{Context, Result, ensure};
@@ -29,9 +29,6 @@ pub struct LoraRun {
     scratch: LoraScratch,
     /// `[stack_len]`: the current layer's A's stacked by input (`LoraLayout::layer_stacks`).
     a_stack: Vec<f32>,
-    /// `[C + 2·D]`: the frozen norm gains' gradients, computed by the fused norm backward and
-    /// dropped.
-    frozen: Vec<f32>,
     /// `--base-dtype bf16`: every layer's frozen weights as bf16 bits `[layer arena span]`,
     /// from the first layer's arena offset on; the f32 arena's layer ranges are then never
     /// read (`merge_layer` widens these into the scratch instead).
@@ -200,7 +197,6 @@ impl Model {
             sb: Vec::with_capacity(max_oc * r),
             scratch: LoraScratch { u: vec![0.0; n * rows], v: vec![0.0; n * rows], da: vec![0.0; da] },
             a_stack: vec![0.0; a_stack],
-            frozen: vec![0.0; self.cfg.dim + 2 * self.cfg.head_dim],
             base_bf16: None,
             lowp: false,
             lowp_attention: false,
@@ -318,14 +314,14 @@ impl Model {
         }
         drop(t);
         let final_norm = layout.view(params, layout.final_norm);
-        let dnorm = &mut lora.frozen[..c];
+        // The norm gains are frozen: their gradients are never formed.
         let t = prof::op("rmsnorm bwd");
-        rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &self.rstd_final, &self.x_final, final_norm, n, c, false);
+        rmsnorm_backward_dx(&mut self.dx, &self.dxn, &self.rstd_final, &self.x_final, final_norm, n, c, false);
         drop(t);
         let mut kernel_ms = 0.0;
         let result = (|| -> Result<()> {
             for l in (0..self.cfg.n_layers).rev() {
-                let LoraRun { layout: ll, merged, sb, scratch, a_stack, frozen, base_bf16, lowp, .. } = &mut lora;
+                let LoraRun { layout: ll, merged, sb, scratch, a_stack, base_bf16, lowp, .. } = &mut lora;
                 let t = prof::op("layer weights for the kernels (LoRA merge / widen)");
                 let stacks = ll.layer_stacks(a_stack, adapters, l);
                 let (w, lw) = match (*lowp, base_bf16.as_deref()) {
@@ -335,8 +331,6 @@ impl Model {
                 // With bf16 GEMMs, u and v were saved beside them; else recomputed here.
                 let saved = lw.is_some();
                 drop(t);
-                let (dnorm, dqk) = frozen.split_at_mut(c);
-                let (dqn, dkn) = dqk.split_at_mut(dqk.len() / 2);
                 let a = &self.acts[l];
                 let (dxn, g, dx) = (&mut self.dxn, &mut self.grads, &self.dx);
                 timed(&mut kernel_ms, || match &lw {
@@ -345,12 +339,9 @@ impl Model {
                 })?;
                 self.adapters_backward(agrads, scratch, ll, &stacks, l, 2..4, saved);
                 let t = prof::op("rmsnorm bwd");
-                rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
+                rmsnorm_backward_dx(&mut self.dx, &self.dxn, &a.rstd2, &a.x_mid, w.ffn_norm, n, c, true);
                 drop(t);
-                let norm_grads = QkNormGrads {
-                    q_norm: w.q_norm.is_some().then_some(&mut dqn[..]),
-                    k_norm: w.k_norm.is_some().then_some(&mut dkn[..]),
-                };
+                let norm_grads = QkNormGrads { q_norm: None, k_norm: None };
                 let (dxn, g, dx) = (&mut self.dxn, &mut self.grads, &self.dx);
                 timed(&mut kernel_ms, || match &lw {
                     Some(lw) => self.backend.attention_backward_dx_lowp(dxn, g, norm_grads, dx, a, &w, lw),
@@ -358,7 +349,7 @@ impl Model {
                 })?;
                 self.adapters_backward(agrads, scratch, ll, &stacks, l, 0..2, saved);
                 let _t = prof::op("rmsnorm bwd");
-                rmsnorm_backward(&mut self.dx, dnorm, &self.dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
+                rmsnorm_backward_dx(&mut self.dx, &self.dxn, &a.rstd1, &a.x_in, w.attn_norm, n, c, true);
             }
             Ok(())
         })();

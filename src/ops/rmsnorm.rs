@@ -39,6 +39,24 @@ pub fn rmsnorm_backward(
     c: usize,
     accumulate: bool,
 ) {
+    rmsnorm_backward_dx(dinp, dout, rstd, inp, w, n, c, accumulate);
+    rmsnorm_dw(dw, &dout[..n * c], &rstd[..n], &inp[..n * c], c);
+}
+
+/// `rmsnorm_backward` without the gain gradient, for a frozen gain (LoRA): dinp `[N, C]`
+/// overwritten (or added to when `accumulate`) from dout `[N, C]`, rstd `[N]`, inp `[N, C]`,
+/// w `[C]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward_dx(
+    dinp: &mut [f32],
+    dout: &[f32],
+    rstd: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+    accumulate: bool,
+) {
     let rows = rows_per_task(c);
     let (dinp, dout, rstd, inp) = (&mut dinp[..n * c], &dout[..n * c], &rstd[..n], &inp[..n * c]);
     type Rows<'a> = (((&'a mut [f32], &'a [f32]), &'a [f32]), &'a [f32]);
@@ -53,7 +71,6 @@ pub fn rmsnorm_backward(
         .zip(rstd.par_chunks(rows))
         .zip(inp.par_chunks(rows * c));
     chunks.for_each(body);
-    rmsnorm_dw(dw, dout, rstd, inp, c);
 }
 
 /// `rmsnorm_backward`'s dx for one row of C: dx `[C]` from dy, r (1/rms of the row), the

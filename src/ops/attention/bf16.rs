@@ -10,7 +10,10 @@
 //! per-thread scratch that grows once to the largest head, and reuses them across causal
 //! blocks and the query heads of the group.
 
-use super::{AttnBackwardScratch, AttnDims, blocks, scatter_heads, softmax_block};
+use super::{
+    AttnBackwardScratch, AttnDims, backward_tasks, blocks, scatter_backward, scatter_heads, softmax_backward_block,
+    softmax_block,
+};
 use crate::ops::gemm_bf16::pairs::{Pairs, gemm, pack_panels, pack_rows, panels_len};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -77,14 +80,14 @@ pub fn attention_forward_bf16(
         let (bi, kvh) = (task / kv, task % kv);
         PACKS.with_borrow_mut(|packs| {
             let Packs { kv: [kt, vn], a, .. } = packs;
-            let kh = &k[bi * t * kw + kvh * d..];
-            let vh = &v[bi * t * kw + kvh * d..];
+            let kh = dims.kv_rows(k, bi, kvh);
+            let vh = dims.kv_rows(v, bi, kvh);
             let kt_stride = pack_head(kt, kh, kw, t, d, true);
             let vn_stride = pack_head(vn, vh, kw, t, d, false);
             let (kt, vn) =
                 (Pairs::Panels { data: kt, stride: kt_stride }, Pairs::Panels { data: vn, stride: vn_stride });
             for (gi, (p, o)) in p.chunks_exact_mut(t * t).zip(o.chunks_exact_mut(t * d)).enumerate() {
-                let qh = &q[bi * t * qw + (kvh * g + gi) * d..];
+                let qh = dims.q_rows(q, bi, kvh * g + gi);
                 for (r0, r1) in blocks(t) {
                     let rows = r1 - r0;
                     let p_blk = &mut p[r0 * t..r1 * t];
@@ -110,7 +113,7 @@ pub fn attention_backward_bf16(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
-    scratch: AttnBackwardScratch,
+    mut scratch: AttnBackwardScratch,
     dout: &[f32],
     probs: &[f32],
     q: &[f32],
@@ -118,31 +121,25 @@ pub fn attention_backward_bf16(
     v: &[f32],
     dims: AttnDims,
 ) {
-    let AttnDims { b, t, h, kv, d } = dims;
+    let AttnDims { b: _, t, h, kv, d } = dims;
     let (g, qw, kw) = (dims.group(), h * d, kv * d);
     let scale = dims.scale();
     let kp_d = d.div_ceil(2);
-    let AttnBackwardScratch { ds, dq_hm, dk_hm, dv_hm } = scratch;
-    let tasks = ds[..dims.probs_len()]
-        .par_chunks_mut(g * t * t)
-        .zip(dq_hm.par_chunks_mut(g * t * d))
-        .zip(dk_hm.par_chunks_mut(t * d))
-        .zip(dv_hm.par_chunks_mut(t * d));
-    tasks.enumerate().for_each(|(task, (((ds, dqh), dkh), dvh))| {
+    backward_tasks(&mut scratch, dims).for_each(|(task, (((ds, dqh), dkh), dvh))| {
         let (bi, kvh) = (task / kv, task % kv);
         PACKS.with_borrow_mut(|packs| {
             let Packs { kv: [vt, kn], head: [don, qn], a } = packs;
-            let kh = &k[bi * t * kw + kvh * d..];
-            let vh = &v[bi * t * kw + kvh * d..];
+            let kh = dims.kv_rows(k, bi, kvh);
+            let vh = dims.kv_rows(v, bi, kvh);
             let vt_stride = pack_head(vt, vh, kw, t, d, true);
             let kn_stride = pack_head(kn, kh, kw, t, d, false);
             let (vt, kn) =
                 (Pairs::Panels { data: vt, stride: vt_stride }, Pairs::Panels { data: kn, stride: kn_stride });
             for gi in 0..g {
                 let head = kvh * g + gi;
-                let qh = &q[bi * t * qw + head * d..];
-                let doh = &dout[bi * t * qw + head * d..];
-                let p = &probs[((bi * h + head) * t) * t..][..t * t];
+                let qh = dims.q_rows(q, bi, head);
+                let doh = dims.q_rows(dout, bi, head);
+                let p = dims.head_probs(probs, bi, head);
                 let ds = &mut ds[gi * t * t..(gi + 1) * t * t];
                 let first = gi == 0;
                 // As in `attention_backward`: row block [r0, r1) is live in columns [0, r1),
@@ -153,13 +150,7 @@ pub fn attention_backward_bf16(
                     let da = grow(a, rows * kp_d);
                     pack_rows(da, kp_d, &doh[r0 * qw..], qw, rows, d);
                     gemm(rows, r1, kp_d, Pairs::Rows { data: da, ld: kp_d }, vt, ds_blk, t, false);
-                    for (prow, srow) in p[r0 * t..r1 * t].chunks_exact(t).zip(ds_blk.chunks_exact_mut(t)) {
-                        let (prow, srow) = (&prow[..r1], &mut srow[..r1]);
-                        let rowsum = crate::ops::dot(prow, srow);
-                        for (s, &pv) in srow.iter_mut().zip(prow) {
-                            *s = pv * (*s - rowsum) * scale;
-                        }
-                    }
+                    softmax_backward_block(ds_blk, &p[r0 * t..r1 * t], r1, t, scale);
                     let kp_r = r1.div_ceil(2);
                     let sa = grow(a, rows * kp_r);
                     pack_rows(sa, kp_r, ds_blk, t, rows, r1);
@@ -185,9 +176,7 @@ pub fn attention_backward_bf16(
             }
         });
     });
-    scatter_heads(dq, dq_hm, b, t, h, d);
-    scatter_heads(dk, dk_hm, b, t, kv, d);
-    scatter_heads(dv, dv_hm, b, t, kv, d);
+    scatter_backward(dq, dk, dv, &scratch, dims);
 }
 
 #[cfg(test)]

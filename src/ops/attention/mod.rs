@@ -38,6 +38,20 @@ impl AttnDims {
     pub fn probs_len(&self) -> usize {
         self.b * self.h * self.t * self.t
     }
+    /// Kv head `kvh`'s `[T, D]` rows of batch `bi` in k or v `[N, KV·D]` (row stride KV·D).
+    fn kv_rows<'a>(&self, x: &'a [f32], bi: usize, kvh: usize) -> &'a [f32] {
+        &x[bi * self.t * self.kv * self.d + kvh * self.d..]
+    }
+    /// Query head `head`'s `[T, D]` rows of batch `bi` in q, out or dout `[N, H·D]` (row stride
+    /// H·D).
+    fn q_rows<'a>(&self, x: &'a [f32], bi: usize, head: usize) -> &'a [f32] {
+        &x[bi * self.t * self.h * self.d + head * self.d..]
+    }
+    /// Query head `head`'s `[T, T]` probabilities of batch `bi`.
+    fn head_probs<'a>(&self, probs: &'a [f32], bi: usize, head: usize) -> &'a [f32] {
+        let tt = self.t * self.t;
+        &probs[(bi * self.h + head) * tt..][..tt]
+    }
 }
 
 /// Query/key blocks for causal skipping: `[r0, r1)` ranges of at most 64 positions.
@@ -92,11 +106,11 @@ pub fn attention_forward(
     let probs = &mut probs[..dims.probs_len()];
     probs.par_chunks_mut(g * t * t).zip(out_hm.par_chunks_mut(g * t * d)).enumerate().for_each(|(task, (p, o))| {
         let (bi, kvh) = (task / kv, task % kv);
-        let kh = &k[bi * t * kw + kvh * d..];
-        let vh = &v[bi * t * kw + kvh * d..];
+        let kh = dims.kv_rows(k, bi, kvh);
+        let vh = dims.kv_rows(v, bi, kvh);
         with_transposed(kh, kw, t, d, |kt| {
             for (gi, (p, o)) in p.chunks_exact_mut(t * t).zip(o.chunks_exact_mut(t * d)).enumerate() {
-                let qh = &q[bi * t * qw + (kvh * g + gi) * d..];
+                let qh = dims.q_rows(q, bi, kvh * g + gi);
                 // Causal: query block [r0, r1) sees keys [0, r1) only; nothing above is computed.
                 for (r0, r1) in blocks(t) {
                     let rows = r1 - r0;
@@ -176,6 +190,45 @@ pub struct AttnBackwardScratch<'a> {
     pub dv_hm: &'a mut [f32],
 }
 
+/// One backward task per (batch, kv head), in order: its query-head group's dS rows
+/// `[G, T, T]`, dq `[G, T, D]`, and its dk, dv `[T, D]` (head-major scratch).
+type BackwardTask<'a> = (usize, (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a mut [f32]));
+
+fn backward_tasks<'a>(
+    scratch: &'a mut AttnBackwardScratch,
+    dims: AttnDims,
+) -> impl IndexedParallelIterator<Item = BackwardTask<'a>> {
+    let AttnDims { t, d, .. } = dims;
+    let g = dims.group();
+    let AttnBackwardScratch { ds, dq_hm, dk_hm, dv_hm } = scratch;
+    ds[..dims.probs_len()]
+        .par_chunks_mut(g * t * t)
+        .zip(dq_hm.par_chunks_mut(g * t * d))
+        .zip(dk_hm.par_chunks_mut(t * d))
+        .zip(dv_hm.par_chunks_mut(t * d))
+        .enumerate()
+}
+
+/// dq `[N, H·D]`, dk and dv `[N, KV·D]` ← the tasks' head-major results.
+fn scatter_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], scratch: &AttnBackwardScratch, dims: AttnDims) {
+    let AttnDims { b, t, h, kv, d } = dims;
+    scatter_heads(dq, scratch.dq_hm, b, t, h, d);
+    scatter_heads(dk, scratch.dk_hm, b, t, kv, d);
+    scatter_heads(dv, scratch.dv_hm, b, t, kv, d);
+}
+
+/// Rows `[r0, r1)` of dS ← P ⊙ (dP − rowsum(P ⊙ dP)) · scale in place over dP, in their live
+/// columns `[0, r1)`: `ds` and `p` are the blocks' rows of T.
+fn softmax_backward_block(ds: &mut [f32], p: &[f32], r1: usize, t: usize, scale: f32) {
+    for (prow, srow) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
+        let (prow, srow) = (&prow[..r1], &mut srow[..r1]);
+        let rowsum = super::dot(prow, srow);
+        for (s, &pv) in srow.iter_mut().zip(prow) {
+            *s = pv * (*s - rowsum) * scale;
+        }
+    }
+}
+
 /// Backward of attention, with S = q·kᵀ/√D and P = softmax(S):
 /// `dv = Pᵀ·dout`, `dP = dout·vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`,
 /// `dq = dS·k/√D`, `dk = dSᵀ·q/√D`, summing dk and dv over the query heads of each kv group.
@@ -186,7 +239,7 @@ pub fn attention_backward(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
-    scratch: AttnBackwardScratch,
+    mut scratch: AttnBackwardScratch,
     dout: &[f32],
     probs: &[f32],
     q: &[f32],
@@ -194,26 +247,20 @@ pub fn attention_backward(
     v: &[f32],
     dims: AttnDims,
 ) {
-    let AttnDims { b, t, h, kv, d } = dims;
+    let AttnDims { b: _, t, h, kv, d } = dims;
     let (g, qw, kw) = (dims.group(), h * d, kv * d);
     let seq = inner(par);
     let scale = dims.scale();
-    let AttnBackwardScratch { ds, dq_hm, dk_hm, dv_hm } = scratch;
-    let tasks = ds[..dims.probs_len()]
-        .par_chunks_mut(g * t * t)
-        .zip(dq_hm.par_chunks_mut(g * t * d))
-        .zip(dk_hm.par_chunks_mut(t * d))
-        .zip(dv_hm.par_chunks_mut(t * d));
-    tasks.enumerate().for_each(|(task, (((ds, dqh), dkh), dvh))| {
+    backward_tasks(&mut scratch, dims).for_each(|(task, (((ds, dqh), dkh), dvh))| {
         let (bi, kvh) = (task / kv, task % kv);
-        let kh = &k[bi * t * kw + kvh * d..];
-        let vh = &v[bi * t * kw + kvh * d..];
+        let kh = dims.kv_rows(k, bi, kvh);
+        let vh = dims.kv_rows(v, bi, kvh);
         with_transposed(vh, kw, t, d, |vt| {
             for gi in 0..g {
                 let head = kvh * g + gi;
-                let qh = &q[bi * t * qw + head * d..];
-                let doh = &dout[bi * t * qw + head * d..];
-                let p = &probs[((bi * h + head) * t) * t..][..t * t];
+                let qh = dims.q_rows(q, bi, head);
+                let doh = dims.q_rows(dout, bi, head);
+                let p = dims.head_probs(probs, bi, head);
                 let ds = &mut ds[gi * t * t..(gi + 1) * t * t];
                 let first = gi == 0;
                 // Row block [r0, r1) of P, dP and dS is only live in columns [0, r1); column
@@ -222,13 +269,7 @@ pub fn attention_backward(
                     let rows = r1 - r0;
                     let ds_blk = &mut ds[r0 * t..r1 * t];
                     small::gemm(seq, rows, r1, d, Operand::n(&doh[r0 * qw..], qw), Operand::n(vt, t), ds_blk, t, false);
-                    for (prow, srow) in p[r0 * t..r1 * t].chunks_exact(t).zip(ds_blk.chunks_exact_mut(t)) {
-                        let (prow, srow) = (&prow[..r1], &mut srow[..r1]);
-                        let rowsum = super::dot(prow, srow);
-                        for (s, &pv) in srow.iter_mut().zip(prow) {
-                            *s = pv * (*s - rowsum) * scale;
-                        }
-                    }
+                    softmax_backward_block(ds_blk, &p[r0 * t..r1 * t], r1, t, scale);
                     let dq_blk = &mut dqh[gi * t * d + r0 * d..];
                     small::gemm(seq, rows, d, r1, Operand::n(ds_blk, t), Operand::n(kh, kw), dq_blk, d, false);
                 }
@@ -244,9 +285,7 @@ pub fn attention_backward(
             }
         });
     });
-    scatter_heads(dq, dq_hm, b, t, h, d);
-    scatter_heads(dk, dk_hm, b, t, kv, d);
-    scatter_heads(dv, dv_hm, b, t, kv, d);
+    scatter_backward(dq, dk, dv, &scratch, dims);
 }
 
 /// f64 reference forward; returns nothing saved (the reference recomputes everything).

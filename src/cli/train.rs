@@ -436,7 +436,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
                     println!("bf16 attention: q·kᵀ, p·v and their backward run on bf16 inputs");
                 }
             } else {
-                println!("bf16 matmul: this CPU has no AVX-512 BF16; the f32 GEMMs on the widened base run");
+                let attention = if args.bf16_attention { " (and attention stays f32)" } else { "" };
+                println!("bf16 matmul: this CPU has no AVX-512 BF16; the f32 GEMMs on the widened base run{attention}");
             }
         }
         trainer.compile_budget = compile_budget;

@@ -185,7 +185,13 @@ fn chat_command_under_tmux() {
     let result = std::panic::catch_unwind(|| {
         wait_for(&session, |p| p.contains("chatting with") && p.trim_end().ends_with('>'), "the banner");
         keys(&session, &["/system You are terse.", "Enter"]);
-        wait_for(&session, |p| p.contains("[system prompt set; conversation reset]"), "/system");
+        // Type only once the next prompt is out: keys sent earlier echo before the "> " and
+        // the reply would not follow "> hello" in the pane (a race seen under load).
+        wait_for(
+            &session,
+            |p| p.contains("[system prompt set; conversation reset]") && p.trim_end().ends_with('>'),
+            "/system and the prompt after it",
+        );
         keys(&session, &["hello", "Enter"]);
         // Wait for streamed text after the prompt line, then interrupt.
         wait_for(
@@ -198,7 +204,7 @@ fn chat_command_under_tmux() {
         assert!(!pane.contains("[reply cut"), "the reply ran to its end before Ctrl-C:\n{pane}");
         wait_for(&session, |p| p.trim_end().ends_with('>'), "the prompt after Ctrl-C");
         keys(&session, &["/reset", "Enter"]);
-        wait_for(&session, |p| p.contains("[conversation reset]"), "/reset");
+        wait_for(&session, |p| p.contains("[conversation reset]") && p.trim_end().ends_with('>'), "/reset");
         keys(&session, &["/quit", "Enter"]);
         // The program exits (the pane's shell then sleeps): no prompt comes back.
         std::thread::sleep(Duration::from_millis(500));

@@ -45,9 +45,7 @@ wide_fn! {
 
 /// Fused forward and backward, overwriting `logits` with `dlogits` to save a `[N, V]` buffer.
 /// For the mean over `count` non-ignored rows, `∂loss/∂logits = (softmax − onehot(target)) /
-/// count`; `dscale` is `loss_scale / count`. Ignored rows get zero gradient. Each row's
-/// exponentials are computed once: written in place while they are summed (as
-/// `log_sum_exp` sums them), then scaled by `dscale / sum`.
+/// count`; `dscale` is `loss_scale / count`. Ignored rows get zero gradient.
 pub fn cross_entropy_fused(losses: &mut [f32], logits: &mut [f32], targets: &[u32], v: usize, dscale: f32) {
     losses.par_iter_mut().zip(logits.par_chunks_mut(v)).zip(targets).for_each(|((loss, row), &tgt)| {
         if tgt == IGNORE {
@@ -55,48 +53,18 @@ pub fn cross_entropy_fused(losses: &mut [f32], logits: &mut [f32], targets: &[u3
             row.fill(0.0);
             return;
         }
-        let target_logit = row[tgt as usize] as f64;
-        let (max, sum) = exp_in_place(row);
-        *loss = (max as f64 + sum.ln() - target_logit) as f32;
-        scale(row, (dscale as f64 / sum) as f32);
+        let lse64 = log_sum_exp(row);
+        *loss = (lse64 - row[tgt as usize] as f64) as f32;
+        let lse = lse64 as f32;
+        softmax_scaled(row, lse, dscale);
         row[tgt as usize] -= dscale;
     });
 }
 
 wide_fn! {
-    /// `row` ← e^(row − max) with max the row's maximum; returns (max, Σ e^(row − max)), the
-    /// sum as in `log_sum_exp` (f32 terms in `LANES` f64 partial sums, the same order).
-    fn exp_in_place(row: &mut [f32]) -> (f32, f64) {
-        let mut m = [f32::NEG_INFINITY; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let tail_max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        for c in chunks {
-            for i in 0..LANES {
-                m[i] = m[i].max(c[i]);
-            }
-        }
-        let max = m.iter().fold(tail_max, |a, &x| a.max(x));
-        let mut acc = [0.0f64; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                c[i] = exp(c[i] - max);
-                acc[i] += c[i] as f64;
-            }
-        }
-        let mut tail = 0.0f64;
-        for x in chunks.into_remainder() {
-            *x = exp(*x - max);
-            tail += *x as f64;
-        }
-        (max, acc.iter().sum::<f64>() + tail)
-    }
-}
-
-wide_fn! {
-    /// `row` ← row·k.
-    fn scale(row: &mut [f32], k: f32) {
-        row.iter_mut().for_each(|x| *x *= k);
+    /// `row` ← e^(row − lse)·dscale.
+    fn softmax_scaled(row: &mut [f32], lse: f32, dscale: f32) {
+        row.iter_mut().for_each(|x| *x = exp(*x - lse) * dscale);
     }
 }
 

@@ -1,12 +1,13 @@
 //! A small sequential bf16 GEMM over operands packed once by the caller, for the attention
-//! core under `--bf16-matmul` (`ops::attention::bf16`): `c[m×n] (+)= A·B` with both
+//! core under `--bf16-attention` (`ops::attention::bf16`): `c[m×n] (+)= A·B` with both
 //! operands already rounded to bf16 and held as k-pairs (one u32 per (row or column, k-pair),
 //! the even k in the low half: the operand shape of `vdpbf16ps`), accumulated in f32.
 //!
-//! Why not `Bf16Gemm`: it packs both operands on every call, which at attention's sizes
-//! (blocks of 64 rows, k = D or a causal block) costs as much as the arithmetic. Here each
-//! head's K, V, Q and dO is packed once and serves every causal block and every query head
-//! of its group, so a call is all `vdpbf16ps`.
+//! Why not `Bf16Gemm`: it packs both operands on every call and parallelises inside it,
+//! while attention issues thousands of small products (blocks of 64 rows, k = D or a causal
+//! block) from tasks that are already parallel. Here each head's K, V, Q and dO is packed
+//! once and serves every causal block and every query head of its group, and a call runs on
+//! the calling thread.
 //!
 //! Layouts (`Pairs`), for an operand with `x` rows (A) or columns (B) and kp pairs:
 //! - `Rows { ld }`: pair p of row i at `i·ld + p` (an f32 `[x, k]` rounded row by row,

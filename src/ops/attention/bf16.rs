@@ -199,7 +199,7 @@ mod tests {
     /// within bf16's rounding (relative L2 ≤ 1e-2; measured 1.3e-3 to 4.1e-3: each rounded
     /// input carries up to 2⁻⁹ relative error) but not equal to it (the products did run on
     /// bf16). Shapes cover partial causal blocks, odd T and odd D (the
-    /// zero-padded last pair), group sizes 1 to 4, and one and two threads.
+    /// zero-padded last pair), D = 64 and 128, group sizes 1 to 4, and one and two threads.
     #[test]
     fn matches_f32_core_within_bf16_rounding() {
         let mut rng = Rng::new(77);
@@ -209,6 +209,7 @@ mod tests {
             AttnDims { b: 1, t: 13, h: 3, kv: 3, d: 7 },
             AttnDims { b: 2, t: 65, h: 6, kv: 2, d: 10 },
             AttnDims { b: 1, t: 150, h: 4, kv: 1, d: 64 },
+            AttnDims { b: 1, t: 70, h: 4, kv: 2, d: 128 }, // Qwen3's head width
         ];
         for dims in shapes {
             let AttnDims { b, t, h, kv, d } = dims;

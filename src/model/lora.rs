@@ -66,8 +66,8 @@ impl LoraRun {
         if self.lowp {
             let bits = bf16.expect("lowp is only set with a bf16 base");
             let stacks = self.layout.layer_stacks(&mut self.a_stack, adapters, l);
-            let (w, lw) = lowp_layer(&mut self.merged, &self.layout, stacks, bits, layout, l);
-            return (w, lw.map(|lw| LowpWeights { bf16_attention: self.lowp_attention, ..lw }));
+            let bf16_attention = self.lowp_attention;
+            return lowp_layer(&mut self.merged, &self.layout, stacks, bits, bf16_attention, layout, l);
         }
         (merge_layer(&mut self.merged, &mut self.sb, &self.layout, bf16, par, layout, params, adapters, l), None)
     }
@@ -75,12 +75,16 @@ impl LoraRun {
 
 /// Layer `l` for the bf16 GEMMs: its norm gains and biases widened into `merged` (returned
 /// as `Weights` with empty matrices, so an f32 kernel reading them fails loudly), and its
-/// bf16 matrices with their adapters (`stacks`, from `LoraLayout::layer_stacks`).
+/// bf16 matrices with their adapters (`stacks`, from `LoraLayout::layer_stacks`), and
+/// whether attention runs on bf16 too (`--bf16-attention`). The forward and the backward both
+/// take their layers from here, so the two always agree.
+#[allow(clippy::too_many_arguments)]
 fn lowp_layer<'a>(
     merged: &'a mut [f32],
     lora: &LoraLayout,
     stacks: [Option<Stack<'a>>; 4],
     base_bf16: &'a [u16],
+    bf16_attention: bool,
     layout: &ParamLayout,
     l: usize,
 ) -> (LayerTensors<&'a [f32]>, Option<LowpWeights<'a>>) {
@@ -107,7 +111,7 @@ fn lowp_layer<'a>(
         w2: bits.w2,
         stacks,
         scale: lora.cfg.scale(),
-        bf16_attention: false,
+        bf16_attention,
     };
     (w, Some(lw))
 }
@@ -321,11 +325,12 @@ impl Model {
         let mut kernel_ms = 0.0;
         let result = (|| -> Result<()> {
             for l in (0..self.cfg.n_layers).rev() {
-                let LoraRun { layout: ll, merged, sb, scratch, a_stack, base_bf16, lowp, .. } = &mut lora;
+                let LoraRun { layout: ll, merged, sb, scratch, a_stack, base_bf16, lowp, lowp_attention, .. } =
+                    &mut lora;
                 let t = prof::op("layer weights for the kernels (LoRA merge / widen)");
                 let stacks = ll.layer_stacks(a_stack, adapters, l);
                 let (w, lw) = match (*lowp, base_bf16.as_deref()) {
-                    (true, Some(bits)) => lowp_layer(merged, ll, stacks, bits, &self.layout, l),
+                    (true, Some(bits)) => lowp_layer(merged, ll, stacks, bits, *lowp_attention, &self.layout, l),
                     (_, bf16) => (merge_layer(merged, sb, ll, bf16, par, &self.layout, params, adapters, l), None),
                 };
                 // With bf16 GEMMs, u and v were saved beside them; else recomputed here.
